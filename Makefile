@@ -1,0 +1,39 @@
+# The README's two commands: `make test` and `make bench`. Each creates what it needs.
+#
+# PYTHON: the interpreter to use. Default: .venv/bin/python, created on first use, with the CPU
+# wheel torch==2.13.0 installed only when no torch is importable there. To keep an existing
+# (CUDA) torch, point PYTHON at that environment: `make test PYTHON=python`.
+PYTHON ?= .venv/bin/python
+STAMP := $(dir $(PYTHON)).pyssl-installed
+SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) setup.py pyproject.toml
+
+.PHONY: test bench bench-full install env clean
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PYTHON) -m bench
+
+bench-full: $(STAMP)
+	$(PYTHON) -m bench --full
+
+install env: $(STAMP)
+
+.venv/bin/python:
+	python3 -m venv .venv
+
+$(STAMP): $(if $(filter .venv/bin/python,$(PYTHON)),.venv/bin/python) $(SOURCES)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install -q triton==3.7.1
+	$(PYTHON) -m pip install -q numpy scipy tqdm pytest pytest-timeout ninja setuptools wheel
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+clean:
+	rm -rf build *.egg-info pyssl/_C*.so $(STAMP)
+
+# Wheels of the GPU peers for bench/gpu_check.sh (the GPU machine has no network).
+gpu-wheels:
+	mkdir -p bench/.wheels
+	$(PYTHON) -m pip download --no-deps -d bench/.wheels liger-kernel cut-cross-entropy

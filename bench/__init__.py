@@ -1,0 +1,1 @@
+"""pyssl microbenchmark suite: `python -m bench` (see bench/harness.py)."""

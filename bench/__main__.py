@@ -1,0 +1,72 @@
+"""Run the microbenchmark suite on the device present: `python -m bench` (= `make bench`).
+
+Every case of the device runs at its stated size; cases of a device that is absent are
+dry-run at tiny sizes on the CPU (to keep them working) and not recorded. Options:
+  --full          also run cases marked full-size-only at their full size (none yet skip by default)
+  --quick         run every case at tiny size and write nothing (a smoke test of the suite)
+  --cases a,b     only these cases
+  --no-memory     skip the per-impl memory subprocesses
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import pkgutil
+import sys
+
+import torch
+from tqdm import tqdm
+
+from bench import harness
+
+
+def modules():
+    here = os.path.dirname(os.path.abspath(__file__))
+    return sorted(f"bench.{m.name}" for m in pkgutil.iter_modules([here]) if m.name.startswith("bench_"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--cases", default="")
+    p.add_argument("--no-memory", action="store_true")
+    args = p.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    wanted = set(filter(None, args.cases.split(",")))
+    plan = []
+    for name in modules():
+        mod = importlib.import_module(name)
+        for case in mod.CASES:
+            if wanted and case.name not in wanted:
+                continue
+            present = case.device == "cpu" or gpu
+            size = "tiny" if (args.quick or not present) else "full"
+            if not present:  # dry-run a GPU case on the CPU at tiny size (CUDA-only peers note a skip)
+                case = dataclasses.replace(case, device="cpu", repeats=1, warmup=0)
+            plan.append((name, case, size, present and not args.quick))
+    if not plan:
+        sys.exit(f"no benchmark case matches {args.cases!r}")
+    results = {}
+    total = sum(len(c.impls) for _, c, _, _ in plan)
+    with tqdm(total=total, desc="bench", unit="impl") as bar:
+        for module, case, size, record in plan:
+            res = harness.run_case(module, case, size, memory=record and not args.no_memory, progress=bar)
+            if record:
+                results.setdefault(case.device, {})[case.name] = (res, case.notes)
+            else:
+                failed = {k: v["note"] for k, v in res.items() if v["note"].startswith("failed")}
+                status = "ok" if not failed else f"FAILED {failed}"
+                tqdm.write(f"dry-run {case.name} (tiny, not recorded): {status}")
+    for device, cases in results.items():
+        path = harness.save(device, {k: v[0] for k, v in cases.items()}, {k: v[1] for k, v in cases.items()})
+        print(f"wrote {path}")
+        with open(path.replace(".json", ".md")) as f:
+            print(f.read())
+
+
+if __name__ == "__main__":
+    main()

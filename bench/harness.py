@@ -1,0 +1,235 @@
+"""The benchmark harness: every impl of a case in one run, side by side.
+
+A bench module (bench/bench_<op>.py) defines CASES, a list of Case. For each case the harness
+builds the inputs once, then for every impl: warm-up, then the median of `repeats` timed runs
+(synchronizing the device around each); peak memory is measured in a fresh subprocess per
+(case, impl) so one impl's high-water mark never leaks into another's:
+    CPU: ru_maxrss after the step minus ru_maxrss after building the inputs,
+    CUDA: torch.cuda.max_memory_allocated minus the allocation after building the inputs.
+Results go to bench/results/<device>.json (the shape of DESIGN.md) and a markdown table
+bench/results/<device>.md, with every time also given as a ratio to the "naive" impl.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+class Skip(Exception):
+    """Raised by an impl's setup when it cannot run the case (not installed, too large)."""
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    device: str                                   # "cpu" or "cuda"
+    make_inputs: Callable[[str, str], dict]       # (size "full"|"tiny", device) -> inputs
+    impls: Dict[str, Callable[[dict], Callable[[], None]]]   # impl -> setup(inputs) -> step
+    flops: Optional[Callable[[dict], float]] = None          # useful FLOPs of one step
+    bytes: Optional[Callable[[dict], float]] = None          # bytes moved by one step
+    repeats: int = 5
+    warmup: int = 1
+    notes: str = ""
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(step: Callable[[], None], device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def measure_memory_here(case: Case, impl: str, size: str) -> float:
+    """Run in the child process: peak memory of one step beyond the inputs, in MB."""
+    inputs = case.make_inputs(size, case.device)
+    step = case.impls[impl](inputs)
+    gc.collect()
+    if case.device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _maxrss_mb()
+    step()
+    return _maxrss_mb() - base
+
+
+def measure_memory(module: str, case: Case, impl: str, size: str) -> tuple[Optional[float], str]:
+    """Peak memory of one step in a fresh subprocess (so each impl starts from a clean slate)."""
+    cmd = [sys.executable, "-m", "bench.harness", "--memory", module, case.name, impl, size, case.device]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return None, "memory subprocess timed out"
+    for line in out.stdout.splitlines()[::-1]:
+        if line.startswith("PEAK_MB "):
+            return float(line.split()[1]), ""
+        if line.startswith("SKIP "):
+            return None, line[5:]
+    tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
+    return None, f"memory subprocess failed: {tail[0][:200]}"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        name = torch.cuda.get_device_name().lower()
+        for key in ("h200", "h100", "a100", "l40", "a10"):
+            if key in name:
+                return key
+        return name.replace(" ", "_")
+    return "cpu"
+
+
+def machine_description(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} ({platform.node()})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def run_case(module: str, case: Case, size: str, memory: bool, progress) -> Dict[str, dict]:
+    results: Dict[str, dict] = {}
+    inputs = case.make_inputs(size, case.device)
+    for impl, setup in case.impls.items():
+        progress.set_postfix_str(f"{case.name}/{impl}")
+        entry = {"time_ms": None, "peak_mem_mb": None, "tflops": None, "gbps": None, "note": ""}
+        try:
+            step = setup(inputs)
+            t = time_step(step, case.device, case.warmup, case.repeats)
+            entry["time_ms"] = round(t, 3)
+            if case.flops:
+                entry["tflops"] = round(case.flops(inputs) / (t * 1e-3) / 1e12, 3)
+            if case.bytes:
+                entry["gbps"] = round(case.bytes(inputs) / (t * 1e-3) / 1e9, 2)
+            del step
+        except Skip as e:
+            entry["note"] = str(e)
+        except torch.OutOfMemoryError:
+            entry["note"] = "out of memory"
+        except Exception as e:  # a broken impl is reported, not hidden, and the run goes on
+            entry["note"] = f"failed: {e.__class__.__name__}: {str(e)[:200]}"
+        gc.collect()
+        if case.device == "cuda":
+            torch.cuda.empty_cache()
+        if memory and entry["time_ms"] is not None:
+            mem, note = measure_memory(module, case, impl, size)
+            entry["peak_mem_mb"] = None if mem is None else round(mem, 1)
+            if note:
+                entry["note"] = (entry["note"] + "; " + note).strip("; ")
+        results[impl] = entry
+        progress.update(1)
+    return results
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        import importlib.metadata as md
+        return md.version("triton")
+    except Exception:
+        return None
+
+
+def save(device: str, cases: Dict[str, Dict[str, dict]], notes: Dict[str, str], out_dir: str = RESULTS) -> str:
+    """Merge this run's cases into bench/results/<device>.json and rewrite the markdown table."""
+    os.makedirs(out_dir, exist_ok=True)
+    name = device_name(device)
+    path = os.path.join(out_dir, f"{name}.json")
+    doc = {"cases": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            doc = json.load(f)
+    doc.update({"machine": machine_description(device), "date": datetime.date.today().isoformat(),
+                "commit": git_commit(), "torch": torch.__version__, "triton": _triton_version()})
+    doc.setdefault("cases", {}).update(cases)
+    doc.setdefault("notes", {}).update(notes)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=False)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(markdown(doc))
+    return path
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"Measured {doc['date']} on {doc['machine']} (commit {doc['commit']}, torch {doc['torch']}, "
+             f"triton {doc['triton']}). Ratios are to the naive dense PyTorch version of each case.", ""]
+    for case, impls in doc["cases"].items():
+        naive = (impls.get("naive") or {}).get("time_ms")
+        naive_mem = (impls.get("naive") or {}).get("peak_mem_mb")
+        lines += [f"### {case}", "", doc.get("notes", {}).get(case, ""), "",
+                  "| impl | time (ms) | × naive time | peak mem (MB) | × naive mem | TFLOP/s | GB/s | note |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for impl, e in impls.items():
+            t, m = e.get("time_ms"), e.get("peak_mem_mb")
+            rt = f"{t / naive:.3f}" if t and naive else ""
+            rm = f"{m / naive_mem:.3f}" if m is not None and naive_mem else ""
+            lines.append(f"| {impl} | {'' if t is None else t} | {rt} | {'' if m is None else m} | {rm} | "
+                         f"{e.get('tflops') or ''} | {e.get('gbps') or ''} | {e.get('note', '')} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _memory_child(argv: List[str]) -> None:
+    module, case_name, impl, size, device = argv
+    import importlib
+    mod = importlib.import_module(module)
+    case = dataclasses.replace(next(c for c in mod.CASES if c.name == case_name), device=device)
+    try:
+        print(f"PEAK_MB {measure_memory_here(case, impl, size):.3f}", flush=True)
+    except Skip as e:
+        print(f"SKIP {e}", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 7 and sys.argv[1] == "--memory":
+        _memory_child(sys.argv[2:])
+    else:
+        sys.exit("usage: python -m bench.harness --memory MODULE CASE IMPL SIZE DEVICE (internal)")

@@ -1,0 +1,13 @@
+"""pyssl: fused kernels for visual representation learning, as drop-in torch autograd ops.
+
+    import pyssl
+    loss = pyssl.mlcd_loss(x, weight, positives, classes=pyssl.sample_classes(positives, C))
+
+See README.md for the API of every op and ../SPEC for the exact math.
+"""
+from pyssl.ops.mlcd_loss import margin_softmax_loss, mlcd_loss, sample_classes
+from pyssl import nn, reference
+
+__version__ = "0.1.0"
+
+__all__ = ["mlcd_loss", "sample_classes", "margin_softmax_loss", "nn", "reference"]

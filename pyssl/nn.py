@@ -1,0 +1,64 @@
+"""Modules that own their parameters, built on the functional ops."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pyssl.ops.mlcd_loss import _MARGIN_GRADS, mlcd_loss, sample_classes
+
+
+class MLCDLoss(torch.nn.Module):
+    """MLCD multi-label margin loss with its class centers as a Parameter.
+
+    In training mode every call draws a candidate set S = the batch's positives plus
+    sample_ratio·(C − |P|) other classes; in eval mode all classes are used.
+
+        crit = pyssl.nn.MLCDLoss(1_000_000, 512).cuda()
+        loss = crit(features, positives)      # positives (N, l) int64, -1 = padding
+    """
+
+    def __init__(self, num_classes: int, dim: int, *, scale: float = 64.0, margin: float = 0.3,
+                 sample_ratio: float = 0.1, margin_grad: str = "straight_through",
+                 process_group=None, device=None, dtype=None, backend: str = "auto",
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"MLCDLoss: num_classes must be a positive int, got {num_classes!r}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"MLCDLoss: dim must be a positive int, got {dim!r}")
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"MLCDLoss: scale must be a finite positive number, got {scale!r}")
+        if not isinstance(sample_ratio, (int, float)) or not 0.0 <= sample_ratio <= 1.0:
+            raise ValueError(f"MLCDLoss: sample_ratio must be in [0, 1], got {sample_ratio!r}")
+        if margin_grad not in _MARGIN_GRADS:
+            raise ValueError(f"MLCDLoss: margin_grad must be one of {_MARGIN_GRADS}, got {margin_grad!r}")
+        if process_group is not None:
+            raise NotImplementedError("MLCDLoss: the model-parallel form (process_group) is not "
+                                      "implemented yet; use process_group=None")
+        self.num_classes = num_classes
+        self.dim = dim
+        self.scale = float(scale)
+        self.margin = float(margin)
+        self.sample_ratio = float(sample_ratio)
+        self.margin_grad = margin_grad
+        self.backend = backend
+        self.generator = generator
+        self.weight = torch.nn.Parameter(torch.empty(num_classes, dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, x: Tensor, positives: Tensor) -> Tensor:
+        classes = None
+        if self.training and self.sample_ratio < 1.0:
+            classes = sample_classes(positives, self.num_classes, self.sample_ratio, generator=self.generator)
+        return mlcd_loss(x, self.weight, positives, scale=self.scale, margin=self.margin, classes=classes,
+                         margin_grad=self.margin_grad, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, dim={self.dim}, scale={self.scale}, margin={self.margin}, "
+                f"sample_ratio={self.sample_ratio}, margin_grad={self.margin_grad!r}")

@@ -1,0 +1,1 @@
+"""One module per op: argument checks, torch.library registration, autograd, backend choice."""

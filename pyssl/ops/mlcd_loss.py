@@ -1,0 +1,549 @@
+"""MLCD multi-label margin loss and the ArcFace/CosFace margin softmax, on one engine.
+
+The engine (pyssl/ops/_margin_engine_contract.md) gives, per row, the log-sum-exp of the
+scaled cosines over the candidate classes S minus the row's own positives, and the positives'
+cosines; and, given per-row gradient weights, dX and dW. Everything loss-specific (the margin,
+the extra zero logit of MLCD, the softmax of margin CE) is per-row math on (N,) and (N, l)
+tensors done here, once, for every backend.
+
+Backends: "triton" (fused kernels, kernels/mlcd_loss.py), "cpu" (C++/OpenMP epilogues around
+MKL GEMMs on row chunks, csrc/mlcd_loss_cpu.cpp) and "torch" (the same row-chunked scheme in
+plain PyTorch). No backend allocates an N×C' tensor: chunked backends use an R×C' buffer with
+R·C' bounded by CHUNK_ELEMS (or C'·D, whichever is larger), Triton keeps tiles on chip.
+
+With reduction "mean" or "sum" the chunked backends compute dX and dW during the forward (the
+three GEMMs of the problem, no recompute, as Liger-Kernel's fused linear cross entropy does) and
+the backward only scales them by the incoming gradient. With reduction "none", or on Triton,
+the backward recomputes the logits tile by tile.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pyssl import _dispatch
+from pyssl.reference import NORM_EPS, SIN_EPS
+
+# loss kinds understood by the op
+MLCD = 0
+SOFTMAX = 1
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_MARGIN_GRADS = ("straight_through", "exact")
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+# Chunked backends: the R×C' float32 buffer holds at most max(CHUNK_ELEMS, C'·D / 2) elements.
+CHUNK_ELEMS = 1 << 24
+
+_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks (shapes and types here, data-dependent checks inside the op)
+# --------------------------------------------------------------------------------------------
+
+def _check_float_tensor(name, t, ndim):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16 (float64 for the torch "
+                         f"backend), got {t.dtype}")
+
+
+def _check_common(fn, x, weight, classes, scale, reduction, margin_grad):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{fn}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: x must be (N, D), got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: weight must be (C, D), got shape {tuple(weight.shape)}")
+    if x.dtype not in _FLOATS + (torch.float64,):
+        raise ValueError(f"{fn}: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"{fn}: weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{fn}: weight is on {weight.device} but x is on {x.device}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{fn}: x is empty (N = 0)")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{fn}: weight is empty (C = 0)")
+    if x.shape[1] == 0 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{fn}: x has D={x.shape[1]} but weight has D={weight.shape[1]}")
+    if classes is not None:
+        if not isinstance(classes, Tensor):
+            raise TypeError(f"{fn}: classes must be None or a torch.Tensor, got {type(classes).__name__}")
+        if classes.dim() != 1 or classes.numel() == 0:
+            raise ValueError(f"{fn}: classes must be a non-empty 1-D tensor, got shape {tuple(classes.shape)}")
+        if classes.dtype != torch.int64:
+            raise ValueError(f"{fn}: classes must be int64, got {classes.dtype}")
+        if classes.device != x.device:
+            raise ValueError(f"{fn}: classes is on {classes.device} but x is on {x.device}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{fn}: scale must be a finite positive number, got {scale!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if margin_grad not in _MARGIN_GRADS:
+        raise ValueError(f"{fn}: margin_grad must be one of {_MARGIN_GRADS}, got {margin_grad!r}")
+
+
+def _check_ids(fn, name, ids, x, ndim):
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype != torch.int64:
+        raise ValueError(f"{fn}: {name} must be int64, got {ids.dtype}")
+    if ids.dim() != ndim or ids.shape[0] != x.shape[0]:
+        want = "(N, l)" if ndim == 2 else "(N,)"
+        raise ValueError(f"{fn}: {name} must be {want} with N={x.shape[0]}, got shape {tuple(ids.shape)}")
+    if ndim == 2 and ids.shape[1] == 0:
+        raise ValueError(f"{fn}: {name} must have at least one column")
+    if ids.device != x.device:
+        raise ValueError(f"{fn}: {name} is on {ids.device} but x is on {x.device}")
+
+
+def _validate_data(pos_ids: Tensor, classes: Optional[Tensor], num_classes: int, fn: str) -> None:
+    """Data-dependent checks: one host sync, done inside the op so torch.compile sees no break."""
+    valid = pos_ids >= 0
+    bad = (pos_ids < -1) | (pos_ids >= num_classes)
+    if bool(bad.any()):
+        v = pos_ids[bad][0].item()
+        raise ValueError(f"{fn}: positive/label id {v} out of range [0, {num_classes}) (-1 is padding)")
+    if not bool(valid.any(1).all()):
+        row = int((~valid.any(1)).nonzero()[0].item())
+        raise ValueError(f"{fn}: row {row} of positives has no positive (all -1)")
+    if pos_ids.shape[1] > 1:
+        srt = pos_ids.sort(1).values
+        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+        if bool(dup.any()):
+            row = int(dup.any(1).nonzero()[0].item())
+            raise ValueError(f"{fn}: positives of row {row} contain a duplicated class id")
+    if classes is not None:
+        if bool(((classes < 0) | (classes >= num_classes)).any()):
+            raise ValueError(f"{fn}: classes holds ids outside [0, {num_classes})")
+        srt = classes.sort().values
+        if bool((srt[1:] == srt[:-1]).any()):
+            raise ValueError(f"{fn}: classes holds duplicated ids")
+
+
+def _positive_columns(pos_ids: Tensor, classes: Optional[Tensor], fn: str) -> Tensor:
+    """Column index in S of every positive (-1 stays padding); raises if one is not in S."""
+    if classes is None:
+        return pos_ids
+    srt, perm = classes.sort()
+    valid = pos_ids >= 0
+    idx = torch.searchsorted(srt, pos_ids.clamp_min(0)).clamp_max(srt.numel() - 1)
+    found = srt[idx] == pos_ids
+    if not bool((found | ~valid).all()):
+        missing = pos_ids[valid & ~found][0].item()
+        raise ValueError(f"{fn}: classes does not contain positive/label id {missing}; "
+                         "the candidate set must hold every positive of the batch")
+    return torch.where(valid, perm[idx], torch.full_like(pos_ids, -1))
+
+
+# --------------------------------------------------------------------------------------------
+# per-row loss math, shared by every backend
+# --------------------------------------------------------------------------------------------
+
+def _row_terms(kind: int, lse_neg: Tensor, pos_cos: Tensor, valid: Tensor, scale: float,
+               m1: float, m2: float, m3: float, exact: bool):
+    """From the engine's (lse_neg, pos_cos) give (loss_rows, lse_total, gpos_unit).
+
+    lse_total is what the engine subtracts to turn a negative logit into its probability;
+    gpos_unit is ∂loss_n/∂cos of each positive for a unit upstream gradient (0 at padding).
+    """
+    c = pos_cos.clamp(-1.0, 1.0)
+    theta = torch.acos(c)
+    t = scale * (torch.cos(m1 * theta + m2) - m3)              # positive (target) logits
+    if exact:
+        dt = scale * m1 * torch.sin(m1 * theta + m2) / torch.sin(theta).clamp_min(SIN_EPS)
+    else:
+        dt = torch.full_like(t, scale)
+    ninf = torch.full_like(t, float("-inf"))
+    if kind == MLCD:
+        zero = torch.zeros_like(lse_neg)
+        lse_total = torch.logaddexp(zero, lse_neg)             # log(1 + Σ_j exp b_j)
+        neg_a = torch.where(valid, -t, ninf)
+        lse_pos = torch.logsumexp(torch.cat([zero[:, None], neg_a], 1), 1)  # log(1 + Σ_i exp −a_i)
+        rows = lse_pos + lse_total
+        p_pos = torch.exp(neg_a - lse_pos[:, None])
+        gpos = -p_pos * dt
+    else:
+        t = torch.where(valid, t, ninf)
+        tgt = t.max(1).values                                  # the single label's logit
+        lse_total = torch.logaddexp(lse_neg, tgt)
+        rows = lse_total - tgt
+        p_t = torch.exp(t - lse_total[:, None])
+        gpos = torch.where(valid, (p_t - 1.0) * dt, torch.zeros_like(t))
+    return rows, lse_total, gpos
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """Accumulation dtype: float64 inputs (torch backend only) keep float64, all else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _row_weights(reduction: int, n: int, device) -> float:
+    return 1.0 / n if reduction == 1 else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# chunked backends (torch and cpu): row chunks × all candidate columns
+# --------------------------------------------------------------------------------------------
+
+def _torch_chunk_lse(xhat, w_eff, rw, pos_col, scale, buf):
+    torch.mm(xhat, w_eff.t(), out=buf)
+    buf.mul_(rw).clamp_(-1.0, 1.0)
+    valid = pos_col >= 0
+    col = pos_col.clamp_min(0)
+    pos_cos = torch.where(valid, buf.gather(1, col), torch.zeros((), dtype=buf.dtype, device=buf.device))
+    buf.mul_(scale)
+    # padding points at the row's first valid positive, so its -inf lands on a positive too
+    first = pos_col.gather(1, valid.to(torch.int8).argmax(1, keepdim=True))
+    buf.scatter_(1, torch.where(valid, pos_col, first), float("-inf"))
+    return torch.logsumexp(buf, 1), pos_cos
+
+
+def _torch_chunk_grad(buf, xhat, w_eff, rw, pos_col, scale, lse_total, gneg, gpos, dxhat_out, dw_acc):
+    buf.sub_(lse_total[:, None]).exp_().mul_((gneg * scale)[:, None])
+    valid = pos_col >= 0
+    first_i = valid.to(torch.int8).argmax(1, keepdim=True)
+    col = torch.where(valid, pos_col, pos_col.gather(1, first_i))
+    val = torch.where(valid, gpos, gpos.gather(1, first_i))
+    buf.scatter_(1, col, val)
+    buf.mul_(rw)
+    torch.mm(buf, w_eff, out=dxhat_out)
+    dw_acc.addmm_(buf.t(), xhat)
+
+
+def _chunk_kernels(backend):
+    if backend == "cpu":
+        ext = _dispatch.extension()
+        return ext.mlcd_chunk_lse, ext.mlcd_chunk_grad
+    return _torch_chunk_lse, _torch_chunk_grad
+
+
+def _chunk_rows(n, cp, d):
+    budget = max(CHUNK_ELEMS, cp * d // 2)
+    return max(1, min(n, budget // max(cp, 1)))
+
+
+class _Chunked:
+    """Shared state of one chunked call: normalized x, the float32 class matrix, its norms."""
+
+    def __init__(self, x, weight, classes, backend):
+        self.backend = backend
+        acc = _acc_dtype(x)
+        self.xf = x.to(acc)
+        self.rx = 1.0 / torch.linalg.vector_norm(self.xf, dim=1).clamp_min(NORM_EPS)
+        self.xhat = (self.xf * self.rx[:, None]).contiguous()
+        w = weight if classes is None else weight.index_select(0, classes)
+        self.w_eff = w.to(acc).contiguous()
+        self.rw = 1.0 / torch.linalg.vector_norm(self.w_eff, dim=1).clamp_min(NORM_EPS)
+        n, d = x.shape
+        self.cp = self.w_eff.shape[0]
+        self.rows = _chunk_rows(n, self.cp, d)
+        self.buf = torch.empty(self.rows, self.cp, dtype=acc, device=x.device)
+        self.lse_fn, self.grad_fn = _chunk_kernels(backend)
+
+    def chunks(self, n):
+        for r0 in range(0, n, self.rows):
+            r1 = min(n, r0 + self.rows)
+            yield r0, r1, self.buf[: r1 - r0]
+
+    def finish(self, dxhat, dw_acc, x, weight, classes):
+        """Normalization backwards; dw_acc holds rw ⊙ dŴ (see the engine contract)."""
+        dx = (dxhat - self.xhat * (self.xhat * dxhat).sum(1, keepdim=True)) * self.rx[:, None]
+        # dW_c = rw_c (dŵ_c − ŵ_c (ŵ_c·dŵ_c)) = acc_c − w_c rw_c² (w_c·acc_c)
+        dw_acc.sub_(self.w_eff * ((self.w_eff * dw_acc).sum(1) * self.rw * self.rw)[:, None])
+        if classes is None:
+            dw = dw_acc.to(weight.dtype)
+        else:
+            dw = torch.zeros_like(weight)
+            dw.index_copy_(0, classes, dw_acc.to(weight.dtype))
+        return dx.to(x.dtype), dw
+
+
+def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact,
+                     row_weight: Optional[float], backend):
+    """Loss rows, lse_total, gpos_unit; and dX, dW for upstream weight row_weight if given."""
+    st = _Chunked(x, weight, classes, backend)
+    n, d = x.shape
+    valid = pos_col >= 0
+    lse_neg = torch.empty(n, dtype=st.xhat.dtype, device=x.device)
+    pos_cos = torch.empty(pos_col.shape, dtype=st.xhat.dtype, device=x.device)
+    rows_out = torch.empty_like(lse_neg)
+    lse_total = torch.empty_like(lse_neg)
+    gpos_unit = torch.empty_like(pos_cos)
+    want_grad = row_weight is not None
+    if want_grad:
+        dxhat = torch.empty_like(st.xhat)
+        dw_acc = torch.zeros_like(st.w_eff)
+    for r0, r1, buf in st.chunks(n):
+        pc = pos_col[r0:r1].contiguous()
+        ln, pcs = st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), buf)
+        lse_neg[r0:r1], pos_cos[r0:r1] = ln, pcs
+        rows, lt, gp = _row_terms(kind, ln, pcs, valid[r0:r1], scale, m1, m2, m3, exact)
+        rows_out[r0:r1], lse_total[r0:r1], gpos_unit[r0:r1] = rows, lt, gp
+        if want_grad:
+            g = torch.full_like(lt, row_weight)
+            st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), lt.contiguous(),
+                       g, (gp * row_weight).contiguous(), dxhat[r0:r1], dw_acc)
+    if want_grad:
+        dx, dw = st.finish(dxhat, dw_acc, x, weight, classes)
+    else:
+        dx = dw = None
+    return rows_out, lse_total, gpos_unit, dx, dw
+
+
+def _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend):
+    st = _Chunked(x, weight, classes, backend)
+    n = x.shape[0]
+    dxhat = torch.empty_like(st.xhat)
+    dw_acc = torch.zeros_like(st.w_eff)
+    lse_total = lse_total.to(st.xhat.dtype)
+    gneg = gneg.to(st.xhat.dtype)
+    gpos = gpos.to(st.xhat.dtype)
+    for r0, r1, buf in st.chunks(n):
+        pc = pos_col[r0:r1].contiguous()
+        st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), buf)
+        st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale),
+                   lse_total[r0:r1].contiguous(), gneg[r0:r1].contiguous(),
+                   gpos[r0:r1].contiguous(), dxhat[r0:r1], dw_acc)
+    return st.finish(dxhat, dw_acc, x, weight, classes)
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+def _triton_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact):
+    from pyssl.kernels import mlcd_loss as K
+    lse_neg, pos_cos = K.mlcd_lse(x, weight, classes, pos_col, float(scale))
+    return _row_terms(kind, lse_neg, pos_cos, pos_col >= 0, scale, m1, m2, m3, exact)
+
+
+def _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos):
+    from pyssl.kernels import mlcd_loss as K
+    return K.mlcd_grad(x, weight, classes, pos_col, float(scale), lse_total.float().contiguous(),
+                       gneg.float().contiguous(), gpos.float().contiguous())
+
+
+# --------------------------------------------------------------------------------------------
+# backend choice
+# --------------------------------------------------------------------------------------------
+
+def _backend_checks(x: Tensor, l: int):
+    def triton_reasons() -> List[str]:
+        r = []
+        if x.dtype == torch.float64:
+            r.append("triton kernels take float32/bfloat16/float16, not float64")
+        if l > 64:
+            r.append(f"triton masks at most 64 positives per row, got l={l}")
+        return r
+
+    def cpu_reasons() -> List[str]:
+        return ["cpu kernels take float32/bfloat16/float16, not float64"] if x.dtype == torch.float64 else []
+
+    return {"triton": triton_reasons, "cpu": cpu_reasons, "torch": lambda: []}
+
+
+def not_supported_reasons(x: Tensor, positives: Tensor) -> dict:
+    """Why each backend cannot serve these inputs (empty list: it can)."""
+    return _dispatch.not_supported_reasons(_backend_checks(x, positives.shape[1]), x.device)
+
+
+def _choose_backend(fn, backend, x, l):
+    return _dispatch.choose(fn, backend, x.device, _PREFERENCE, _backend_checks(x, l))
+
+
+# --------------------------------------------------------------------------------------------
+# the custom op: forward gives (loss, lse_total, gpos_unit, pos_col, dx, dw)
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("pyssl::margin_loss", mutates_args=())
+def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optional[Tensor],
+                    kind: int, scale: float, m1: float, m2: float, m3: float, exact: bool,
+                    reduction: int, backend: str, grad_in_forward: bool
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    fn = "mlcd_loss" if kind == MLCD else "margin_softmax_loss"
+    _validate_data(pos_ids, classes, weight.shape[0], fn)
+    pos_col = _positive_columns(pos_ids, classes, fn)
+    n = x.shape[0]
+    dx = dw = None
+    if backend == "triton":
+        rows, lse_total, gpos_unit = _triton_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact)
+        if grad_in_forward:
+            w_row = _row_weights(reduction, n, x.device)
+            g = torch.full_like(lse_total, w_row)
+            dx, dw = _triton_backward(x, weight, classes, pos_col, scale, lse_total, g, gpos_unit * w_row)
+    else:
+        w_row = _row_weights(reduction, n, x.device) if grad_in_forward else None
+        rows, lse_total, gpos_unit, dx, dw = _chunked_forward(
+            x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact, w_row, backend)
+    if reduction == 1:
+        loss = rows.mean()
+    elif reduction == 2:
+        loss = rows.sum()
+    else:
+        loss = rows
+    loss = loss.to(x.dtype)
+    if dx is None:
+        dx, dw = x.new_empty(0), weight.new_empty(0)
+    acc = _acc_dtype(x)
+    return loss, lse_total.to(acc), gpos_unit.to(acc), pos_col.clone(), dx, dw
+
+
+@_margin_loss_op.register_fake
+def _(x, weight, pos_ids, classes, kind, scale, m1, m2, m3, exact, reduction, backend, grad_in_forward):
+    n = x.shape[0]
+    loss = x.new_empty(()) if reduction else x.new_empty((n,))
+    stats = x.new_empty((n,), dtype=_acc_dtype(x))
+    gpos = x.new_empty(pos_ids.shape, dtype=_acc_dtype(x))
+    pos_col = torch.empty_like(pos_ids)
+    if grad_in_forward:
+        dx, dw = torch.empty_like(x), torch.empty_like(weight)
+    else:
+        dx, dw = x.new_empty(0), weight.new_empty(0)
+    return loss, stats, gpos, pos_col, dx, dw
+
+
+@torch.library.custom_op("pyssl::margin_loss_backward", mutates_args=())
+def _margin_loss_backward_op(x: Tensor, weight: Tensor, classes: Optional[Tensor], pos_col: Tensor,
+                             scale: float, lse_total: Tensor, gneg: Tensor, gpos: Tensor,
+                             backend: str) -> Tuple[Tensor, Tensor]:
+    if backend == "triton":
+        return _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos)
+    return _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend)
+
+
+@_margin_loss_backward_op.register_fake
+def _(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, pos_ids, classes, kind, scale, m1, m2, m3, exact, reduction, backend, gif = inputs
+    loss, lse_total, gpos_unit, pos_col, dx, dw = output
+    ctx.grad_in_forward = gif
+    ctx.reduction = reduction
+    ctx.scale = scale
+    ctx.backend = backend
+    if gif:
+        ctx.save_for_backward(dx, dw)
+    else:
+        ctx.save_for_backward(x, weight, classes, pos_col, lse_total, gpos_unit)
+
+
+def _backward(ctx, grad_loss, *unused):
+    if ctx.grad_in_forward:
+        dx, dw = ctx.saved_tensors
+        g = grad_loss.to(torch.float32)
+        return (dx * g).to(dx.dtype), (dw * g).to(dw.dtype), None, None, None, None, None, None, None, None, None, None, None
+    x, weight, classes, pos_col, lse_total, gpos_unit = ctx.saved_tensors
+    n = x.shape[0]
+    g = grad_loss.to(lse_total.dtype)
+    if ctx.reduction == 1:
+        gneg = (g / n).expand(n)
+    elif ctx.reduction == 2:
+        gneg = g.expand(n)
+    else:
+        gneg = g
+    gneg = gneg.contiguous()
+    gpos = gpos_unit * gneg[:, None]
+    dx, dw = _margin_loss_backward_op(x, weight, classes, pos_col, ctx.scale, lse_total, gneg, gpos, ctx.backend)
+    return dx, dw, None, None, None, None, None, None, None, None, None, None, None
+
+
+_margin_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _run(fn, kind, x, weight, pos_ids, classes, scale, m1, m2, m3, margin_grad, reduction, backend):
+    chosen = _choose_backend(fn, backend, x, pos_ids.shape[1])
+    red = _REDUCTIONS[reduction]
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    # Gradients during the forward pay off where no recompute is needed (chunked backends);
+    # they require a scalar loss, whose upstream gradient is one number.
+    gif = needs_grad and red != 0 and chosen in ("cpu", "torch")
+    out = _margin_loss_op(x, weight, pos_ids, classes, kind, float(scale), float(m1), float(m2), float(m3),
+                          margin_grad == "exact", red, chosen, gif)
+    return out[0]
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+
+def mlcd_loss(x: Tensor, weight: Tensor, positives: Tensor, *, scale: float = 64.0, margin: float = 0.3,
+              classes: Optional[Tensor] = None, margin_grad: str = "straight_through",
+              reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """MLCD multi-label margin loss (SPEC §1), never materializing the N×C' logits.
+
+    x (N, D) and weight (C, D) share a float dtype; positives (N, l) int64 class ids with -1 as
+    padding (at least one per row, unique within a row); classes None (all C classes) or the
+    unique candidate ids S holding every positive of the batch (see sample_classes).
+    """
+    fn = "mlcd_loss"
+    _check_common(fn, x, weight, classes, scale, reduction, margin_grad)
+    _check_ids(fn, "positives", positives, x, 2)
+    if not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise ValueError(f"{fn}: margin must be a finite number, got {margin!r}")
+    return _run(fn, MLCD, x, weight, positives, classes, scale, 1.0, margin, 0.0, margin_grad,
+                reduction, backend)
+
+
+def margin_softmax_loss(x: Tensor, weight: Tensor, labels: Tensor, *, scale: float = 64.0, m1: float = 1.0,
+                        m2: float = 0.5, m3: float = 0.0, classes: Optional[Tensor] = None,
+                        margin_grad: str = "straight_through", reduction: str = "mean",
+                        backend: str = "auto") -> Tensor:
+    """Single-label margin softmax (ArcFace m2, CosFace m3, SphereFace m1) over S.
+
+    Target logit s·(cos(m1·θ + m2) − m3), other logits s·cos θ, cross-entropy over the
+    candidate classes; labels (N,) int64.
+    """
+    fn = "margin_softmax_loss"
+    _check_common(fn, x, weight, classes, scale, reduction, margin_grad)
+    _check_ids(fn, "labels", labels, x, 1)
+    for name, v in (("m1", m1), ("m2", m2), ("m3", m3)):
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{fn}: {name} must be a finite number, got {v!r}")
+    return _run(fn, SOFTMAX, x, weight, labels[:, None], classes, scale, m1, m2, m3, margin_grad,
+                reduction, backend)
+
+
+def sample_classes(positives: Tensor, num_classes: int, ratio: float = 0.1, *,
+                   generator: Optional[torch.Generator] = None) -> Tensor:
+    """S = every positive of the batch ∪ round(ratio·(C − |P|)) other classes drawn uniformly
+    without replacement; sorted, unique, int64, on positives' device."""
+    fn = "sample_classes"
+    if not isinstance(positives, Tensor):
+        raise TypeError(f"{fn}: positives must be a torch.Tensor, got {type(positives).__name__}")
+    if positives.dtype != torch.int64:
+        raise ValueError(f"{fn}: positives must be int64, got {positives.dtype}")
+    if positives.numel() == 0:
+        raise ValueError(f"{fn}: positives is empty")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{fn}: num_classes must be a positive int, got {num_classes!r}")
+    if not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{fn}: ratio must be in [0, 1], got {ratio!r}")
+    flat = positives.reshape(-1)
+    flat = flat[flat >= 0]
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_classes):
+        raise ValueError(f"{fn}: positives hold ids outside [0, {num_classes})")
+    if bool((positives < -1).any()):
+        raise ValueError(f"{fn}: positives hold negative ids other than -1 (padding)")
+    pos = torch.unique(flat)
+    k = int(round(ratio * (num_classes - pos.numel())))
+    if k == 0:
+        return pos
+    gen_device = generator.device if generator is not None else positives.device
+    # uniform without replacement over the complement: rank random keys, positives excluded
+    keys = torch.rand(num_classes, generator=generator, device=gen_device).to(positives.device)
+    keys[pos] = 2.0
+    others = torch.topk(keys, k, largest=False, sorted=False).indices
+    return torch.cat([pos, others]).sort().values

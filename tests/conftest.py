@@ -1,0 +1,29 @@
+"""Test session set-up.
+
+Without a GPU, Triton kernels run in the interpreter: TRITON_INTERPRET must be set before any
+kernel module is imported, so it is set here, at collection time.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+GPU = torch.cuda.is_available()
+# Every backend is tested on every machine: cpu on CPU tensors, triton on CUDA tensors where a
+# GPU is present and in the interpreter on CPU tensors otherwise, torch on the best device.
+BACKENDS = ["cpu", "torch", "triton"]
+
+
+def device_for(backend: str) -> str:
+    if backend == "cpu":
+        return "cpu"
+    return "cuda" if GPU else "cpu"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param

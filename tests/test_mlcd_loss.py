@@ -1,0 +1,342 @@
+"""MLCD loss and margin softmax: every backend against pyssl.reference, gradients, bad input."""
+import pytest
+import torch
+
+import pyssl
+from pyssl import reference as R
+from pyssl.ops import mlcd_loss as M
+from conftest import BACKENDS, device_for
+
+# fp32 tolerances: the backends reorder fp32 sums (GEMM blocking, online log-sum-exp), and the
+# scale s multiplies cosine errors, so losses agree to ~1e-5 relative and gradients to ~1e-4.
+F32 = dict(rtol=2e-4, atol=2e-5)
+
+
+def make_problem(n=23, c=97, d=16, l=4, device="cpu", dtype=torch.float32, seed=0, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    pos = torch.stack([torch.randperm(c, generator=g)[:l] for _ in range(n)])
+    if pad:  # rows with 1..l positives, padding anywhere in the row
+        for i in range(n):
+            k = i % l
+            if k:
+                drop = torch.randperm(l, generator=g)[:k]
+                pos[i, drop] = -1
+    return x.to(device, dtype), w.to(device, dtype), pos.to(device)
+
+
+def grads(fn, x, w):
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    out = fn(x, w)
+    g = torch.randn_like(out) if out.dim() else torch.ones_like(out)
+    out.backward(g)
+    return out.detach(), x.grad, w.grad, g
+
+
+def check_against_reference(loss_fn, ref_fn, x, w, tol):
+    out, dx, dw, g = grads(loss_fn, x, w)
+    torch.manual_seed(0)
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = ref_fn(x64, w64)
+    ref.backward(g.double())
+    torch.testing.assert_close(out.double(), ref.detach(), **tol)
+    torch.testing.assert_close(dx.double(), x64.grad, **tol)
+    torch.testing.assert_close(dw.double(), w64.grad, **tol)
+    return dw
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("margin_grad", ["straight_through", "exact"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_mlcd_matches_reference(backend, reduction, margin_grad, sampled):
+    dev = device_for(backend)
+    x, w, pos = make_problem(device=dev)
+    classes = pyssl.sample_classes(pos, w.shape[0], 0.2, generator=torch.Generator(dev).manual_seed(1)) if sampled else None
+    kw = dict(scale=16.0, margin=0.3, classes=classes, margin_grad=margin_grad, reduction=reduction)
+    dw = check_against_reference(lambda a, b: pyssl.mlcd_loss(a, b, pos, backend=backend, **kw),
+                                 lambda a, b: R.mlcd_loss(a, b, pos, **kw), x, w, F32)
+    if sampled:  # rows of W outside S get exactly zero gradient
+        outside = torch.ones(w.shape[0], dtype=torch.bool, device=dev)
+        outside[classes] = False
+        assert outside.any() and (dw[outside] == 0).all()
+
+
+@pytest.mark.parametrize("margins", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.35), (1.0, 0.3, 0.2), (1.35, 0.0, 0.0)],
+                         ids=["arcface", "cosface", "combined", "sphereface"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_margin_softmax_matches_reference(backend, margins, sampled):
+    dev = device_for(backend)
+    x, w, pos = make_problem(device=dev, pad=False, seed=3)
+    labels = pos[:, 0].contiguous()
+    classes = pyssl.sample_classes(pos, w.shape[0], 0.1) if sampled else None
+    m1, m2, m3 = margins
+    for mg, red in (("straight_through", "mean"), ("exact", "none")):
+        kw = dict(scale=32.0, m1=m1, m2=m2, m3=m3, classes=classes, margin_grad=mg, reduction=red)
+        check_against_reference(lambda a, b: pyssl.margin_softmax_loss(a, b, labels, backend=backend, **kw),
+                                lambda a, b: R.margin_softmax_loss(a, b, labels, **kw), x, w, F32)
+
+
+def test_margin_softmax_is_cross_entropy_without_margin(backend):
+    dev = device_for(backend)
+    x, w, pos = make_problem(device=dev, pad=False, seed=5)
+    labels = pos[:, 0].contiguous()
+    out = pyssl.margin_softmax_loss(x, w, labels, scale=10.0, m1=1.0, m2=0.0, m3=0.0, backend=backend)
+    logits = 10.0 * torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(w, dim=1).t()
+    torch.testing.assert_close(out, torch.nn.functional.cross_entropy(logits, labels), **F32)
+
+
+def test_float64_gradcheck_torch_backend():
+    x, w, pos = make_problem(n=6, c=11, d=5, l=3, dtype=torch.float64)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    classes = torch.tensor(sorted(set(pos[pos >= 0].tolist()) | {0, 1}))
+    for mg in ("straight_through", "exact"):
+        # the straight-through margin is not the derivative of the value, so gradcheck only the
+        # exact mode against finite differences, and straight-through against the reference
+        if mg == "exact":
+            assert torch.autograd.gradcheck(
+                lambda a, b: pyssl.mlcd_loss(a, b, pos, scale=4.0, classes=classes, margin_grad=mg,
+                                             reduction="none", backend="torch"), (x, w))
+            assert torch.autograd.gradcheck(
+                lambda a, b: pyssl.margin_softmax_loss(a, b, pos[:, 0].clamp_min(0), scale=4.0, margin_grad=mg,
+                                                       backend="torch"), (x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(backend, dtype):
+    """bf16/fp16 inputs, fp32 accumulation: loss within 2% and gradients within a few % of the
+    fp64 reference on the same (rounded) inputs; bf16 has 8 mantissa bits, so the gradient
+    outputs themselves round at ~0.4%."""
+    dev = device_for(backend)
+    x, w, pos = make_problem(n=16, c=64, d=32, device=dev, dtype=dtype, seed=7)
+    out, dx, dw, g = grads(lambda a, b: pyssl.mlcd_loss(a, b, pos, scale=16.0, backend=backend), x, w)
+    assert out.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = R.mlcd_loss(x64, w64, pos, scale=16.0)
+    ref.backward()
+    tol = dict(rtol=2e-2, atol=2e-2 * x64.grad.abs().max().item())
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-2, atol=0)
+    torch.testing.assert_close(dx.double(), x64.grad, **tol)
+    torch.testing.assert_close(dw.double(), w64.grad, rtol=2e-2, atol=2e-2 * w64.grad.abs().max().item())
+
+
+def _hard_case(kind, dev):
+    """Scale 64 with features nearly parallel to their positives."""
+    g = torch.Generator().manual_seed(11)
+    n, c, d = 12, 80, 24
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    pos = torch.stack([torch.randperm(c, generator=g)[:3] for _ in range(n)])
+    if kind == "near_parallel":      # x ≈ its first positive center
+        x = w[pos[:, 0]] + 1e-3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    elif kind == "dominant":          # one positive dominates: cos ≈ 0.99, negatives random
+        x = w[pos[:, 0]] / w[pos[:, 0]].norm(dim=1, keepdim=True) * 10 + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    else:                             # all positives at cos ≈ 1: every positive center equal to x
+        x = torch.randn(n, d, generator=g, dtype=torch.float64)
+        pos = torch.arange(3 * n).view(n, 3)
+        for i in range(n):
+            w[pos[i]] = x[i] * (1 + 1e-7 * torch.randn(3, 1, generator=g, dtype=torch.float64))
+    return x.to(dev, torch.float32), w.to(dev, torch.float32), pos.to(dev)
+
+
+@pytest.mark.parametrize("kind", ["near_parallel", "dominant", "all_cos_one"])
+@pytest.mark.parametrize("margin_grad", ["straight_through", "exact"])
+def test_hard_numerics(backend, kind, margin_grad):
+    x, w, pos = _hard_case(kind, device_for(backend))
+    kw = dict(scale=64.0, margin=0.3, margin_grad=margin_grad, reduction="none")
+    out, dx, dw, _ = grads(lambda a, b: pyssl.mlcd_loss(a, b, pos, backend=backend, **kw), x, w)
+    assert torch.isfinite(out).all() and torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    # the reference on the float32 inputs, in float64; a cosine error of 1e-7 is 6.4e-6 in a logit
+    check_against_reference(lambda a, b: pyssl.mlcd_loss(a, b, pos, backend=backend, **kw),
+                            lambda a, b: R.mlcd_loss(a, b, pos, **kw), x, w,
+                            dict(rtol=1e-3, atol=1e-4))
+
+
+def test_negative_sum_is_not_a_difference(backend):
+    """With a positive at cos ≈ 1 and s = 64 the positive's exp(64) dwarfs the negatives'
+    exp(~0) sum; masking it inside the tile keeps that sum exact (a subtraction from the full sum
+    would leave rounding noise of order e^64·eps ≫ the true value)."""
+    dev = device_for(backend)
+    x, w, pos = _hard_case("near_parallel", dev)
+    pos = pos[:, :1].contiguous()
+    out = pyssl.mlcd_loss(x, w, pos, scale=64.0, reduction="none", backend=backend)
+    ref = R.mlcd_loss(x.double(), w.double(), pos, scale=64.0, reduction="none")
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sample_classes():
+    g = torch.Generator().manual_seed(0)
+    pos = torch.tensor([[3, 7, -1], [7, 9, 1]])
+    s = pyssl.sample_classes(pos, 1000, 0.1, generator=g)
+    assert s.dtype == torch.int64 and s.dim() == 1
+    assert torch.equal(s, s.unique())                    # sorted and unique
+    assert set([1, 3, 7, 9]) <= set(s.tolist())
+    assert s.numel() == 4 + round(0.1 * (1000 - 4))
+    s2 = pyssl.sample_classes(pos, 1000, 0.1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(s, s2)                             # reproducible with a generator
+    assert torch.equal(pyssl.sample_classes(pos, 12, 1.0), torch.arange(12))
+    assert torch.equal(pyssl.sample_classes(pos, 12, 0.0), torch.tensor([1, 3, 7, 9]))
+    # uniform over the non-positives: every class drawn about equally often
+    counts = torch.zeros(50)
+    for i in range(400):
+        counts[pyssl.sample_classes(pos, 50, 0.5, generator=torch.Generator().manual_seed(i))] += 1
+    others = torch.ones(50, dtype=torch.bool)
+    others[[1, 3, 7, 9]] = False
+    assert (counts[~others] == 400).all()
+    p = counts[others] / 400                              # expected 23/46 = 0.5 each, sd 0.025
+    assert (p - 0.5).abs().max() < 0.1
+
+
+def test_no_dense_logits_are_allocated(monkeypatch):
+    """No tensor of N×C' elements or more exists during forward or backward (torch backend,
+    with the chunk budget shrunk so the chunking is exercised)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    monkeypatch.setattr(M, "CHUNK_ELEMS", 256)
+    n, c, d = 64, 500, 4
+    x, w, pos = make_problem(n=n, c=c, d=d)
+    biggest = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    biggest.append(t.numel())
+            return out
+
+    for red in ("mean", "none"):
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with Watch():
+            pyssl.mlcd_loss(xr, wr, pos, reduction=red, backend="torch").sum().backward()
+        assert max(biggest) < n * c, max(biggest)
+        assert max(biggest) >= c * d                     # the watcher did see the big tensors
+
+
+def test_module_samples_in_training_and_uses_all_in_eval(backend):
+    dev = device_for(backend)
+    crit = pyssl.nn.MLCDLoss(200, 16, sample_ratio=0.1, backend=backend,
+                             generator=torch.Generator(dev).manual_seed(0), device=dev)
+    x, _, pos = make_problem(n=10, c=200, d=16, device=dev)
+    x.requires_grad_(True)
+    loss = crit(x, pos)
+    loss.backward()
+    touched = (crit.weight.grad != 0).any(1)
+    assert touched[pos[pos >= 0]].all()
+    assert 5 < int((~touched).sum()) < 200               # sampled: most rows untouched
+    crit.eval()
+    with torch.no_grad():
+        full = crit(x, pos)
+    ref = R.mlcd_loss(x.double(), crit.weight.double(), pos)
+    torch.testing.assert_close(full.double(), ref, **F32)
+
+
+def test_deterministic(backend):
+    dev = device_for(backend)
+    x, w, pos = make_problem(device=dev)
+    a = grads(lambda p, q: pyssl.mlcd_loss(p, q, pos, backend=backend), x, w)
+    b = grads(lambda p, q: pyssl.mlcd_loss(p, q, pos, backend=backend), x, w)
+    for u, v in zip(a[:3], b[:3]):
+        assert torch.equal(u, v)
+
+
+def test_inputs_not_modified(backend):
+    dev = device_for(backend)
+    x, w, pos = make_problem(device=dev)
+    classes = pyssl.sample_classes(pos, w.shape[0], 0.3)
+    copies = [t.clone() for t in (x, w, pos, classes)]
+    grads(lambda p, q: pyssl.mlcd_loss(p, q, pos, classes=classes, backend=backend), x, w)
+    for t, c in zip((x, w, pos, classes), copies):
+        assert torch.equal(t, c)
+
+
+def test_opcheck():
+    x, w, pos = make_problem(n=8, c=20, d=6, l=2)
+    for gif, red in ((True, 1), (False, 0), (False, 2)):
+        for backend in ("torch", "cpu"):
+            args = (x.clone().requires_grad_(True), w.clone().requires_grad_(True), pos, None,
+                    M.MLCD, 8.0, 1.0, 0.3, 0.0, False, red, backend, gif)
+            torch.library.opcheck(M._margin_loss_op, args)
+
+
+def test_torch_compile_fullgraph():
+    x, w, pos = make_problem(n=8, c=20, d=6, l=2)
+    for backend in ("torch", "cpu"):
+        f = torch.compile(lambda a, b: pyssl.mlcd_loss(a, b, pos, scale=8.0, backend=backend), fullgraph=True)
+        check_against_reference(f, lambda a, b: R.mlcd_loss(a, b, pos, scale=8.0), x, w, F32)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input (SPEC §5)
+# ---------------------------------------------------------------------------------------------
+
+def _bad_cases():
+    x, w, pos = make_problem(n=4, c=10, d=3, l=2, pad=False)
+    ok = dict(x=x, weight=w, positives=pos)
+    cases = [
+        ("x must have|x must be \\(N, D\\)", dict(ok, x=x[0])),
+        ("weight must be \\(C, D\\)", dict(ok, weight=w[0])),
+        ("D=", dict(ok, weight=torch.randn(10, 4))),
+        ("does not match x dtype", dict(ok, weight=w.double())),
+        ("x is empty", dict(ok, x=x[:0], positives=pos[:0])),
+        ("weight is empty", dict(ok, weight=w[:0])),
+        ("positives must be int64", dict(ok, positives=pos.int())),
+        ("positives must be \\(N, l\\)", dict(ok, positives=pos[:3])),
+        ("out of range", dict(ok, positives=torch.tensor([[0, 1], [2, 10], [3, 4], [5, 6]]))),
+        ("out of range", dict(ok, positives=torch.tensor([[0, 1], [2, -3], [3, 4], [5, 6]]))),
+        ("has no positive", dict(ok, positives=torch.tensor([[0, 1], [-1, -1], [3, 4], [5, 6]]))),
+        ("duplicated class id", dict(ok, positives=torch.tensor([[0, 0], [1, 2], [3, 4], [5, 6]]))),
+        ("does not contain positive", dict(ok, positives=torch.tensor([[0, 1], [1, 2], [3, 4], [5, 6]]),
+                                           classes=torch.tensor([0, 1, 2, 3, 4, 5]))),
+        ("classes holds duplicated", dict(ok, positives=torch.tensor([[0, 1], [1, 2], [0, 2], [1, 0]]),
+                                          classes=torch.tensor([0, 1, 2, 2]))),
+        ("classes holds ids outside", dict(ok, positives=torch.tensor([[0, 1], [1, 2], [0, 2], [1, 0]]),
+                                           classes=torch.tensor([0, 1, 2, 12]))),
+        ("classes must be int64", dict(ok, classes=torch.tensor([0.0, 1.0]))),
+        ("scale must be a finite", dict(ok, scale=float("nan"))),
+        ("scale must be a finite", dict(ok, scale=float("inf"))),
+        ("margin must be a finite", dict(ok, margin=float("nan"))),
+        ("reduction must be", dict(ok, reduction="avg")),
+        ("margin_grad must be", dict(ok, margin_grad="analytic")),
+        ("backend must be one of", dict(ok, backend="gpu")),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("match,kwargs", _bad_cases())
+def test_bad_input_mlcd(match, kwargs):
+    kwargs = dict(kwargs)
+    x, w, pos = kwargs.pop("x"), kwargs.pop("weight"), kwargs.pop("positives")
+    copies = [t.clone() for t in (x, w, pos)]
+    with pytest.raises(ValueError, match=match):
+        pyssl.mlcd_loss(x, w, pos, **kwargs)
+    for t, c in zip((x, w, pos), copies):
+        assert torch.equal(t, c)
+
+
+def test_bad_input_types_and_other_entry_points():
+    x, w, pos = make_problem(n=4, c=10, d=3, l=2, pad=False)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        pyssl.mlcd_loss(x.numpy(), w, pos)
+    with pytest.raises(ValueError, match="labels must be \\(N,\\)"):
+        pyssl.margin_softmax_loss(x, w, pos)
+    with pytest.raises(ValueError, match="out of range"):
+        pyssl.margin_softmax_loss(x, w, torch.tensor([0, 1, 2, 10]))
+    with pytest.raises(ValueError, match="m2 must be a finite"):
+        pyssl.margin_softmax_loss(x, w, pos[:, 0].contiguous(), m2=float("inf"))
+    with pytest.raises(ValueError, match="ratio must be in"):
+        pyssl.sample_classes(pos, 10, 1.5)
+    with pytest.raises(ValueError, match="outside"):
+        pyssl.sample_classes(pos, 3, 0.1)
+    with pytest.raises(ValueError, match="num_classes"):
+        pyssl.nn.MLCDLoss(0, 8)
+    with pytest.raises(ValueError, match="backend='cpu' cannot serve"):
+        pyssl.mlcd_loss(x.double(), w.double(), pos, backend="cpu")
+
+
+def test_reasons_name_every_backend():
+    x, w, pos = make_problem(n=4, c=10, d=3, l=2)
+    reasons = M.not_supported_reasons(x.double(), pos)
+    assert reasons["torch"] == []
+    assert any("float64" in r for r in reasons["cpu"])
+    assert any("float64" in r for r in reasons["triton"])
