@@ -1,0 +1,44 @@
+// The one Python module of the extension, pyssl._C. Every op file (csrc/<op>_cpu.cpp,
+// csrc/<op>_cuda.cu) defines plain functions; they are declared and bound here only, so the
+// extension has a single PYBIND11_MODULE and each op file stays free of pybind.
+#include <torch/extension.h>
+
+#include <tuple>
+
+// ---- mlcd_loss_cpu.cpp: the margin-loss engine's chunked CPU backend
+// (pyssl/ops/_margin_engine_contract.md, "chunked backends").
+std::tuple<at::Tensor, at::Tensor> mlcd_chunk_lse(at::Tensor xhat, at::Tensor w, at::Tensor rw,
+                                                  at::Tensor pos_col, double scale,
+                                                  at::Tensor buf);
+void mlcd_chunk_grad(at::Tensor buf, at::Tensor xhat, at::Tensor w, at::Tensor rw,
+                     at::Tensor pos_col, double scale, at::Tensor lse_total, at::Tensor gneg,
+                     at::Tensor gpos, at::Tensor dxhat_out, at::Tensor dw_acc);
+
+#define PYSSL_STR2(x) #x
+#define PYSSL_STR(x) PYSSL_STR2(x)
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pyssl compiled kernels (C++/OpenMP CPU kernels, and CUDA kernels where built)";
+  // setup.py passes the hash of csrc/ so a stale build is detected at import (pyssl/_srchash.py)
+#ifdef PYSSL_SOURCE_HASH
+  m.attr("source_hash") = PYSSL_STR(PYSSL_SOURCE_HASH);
+#else
+  m.attr("source_hash") = py::none();
+#endif
+#ifdef PYSSL_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+
+  m.def("mlcd_chunk_lse", &mlcd_chunk_lse,
+        "buf <- scale*clamp((xhat @ w.T) * rw, -1, 1) with positive columns = -inf (in place); "
+        "returns (lse_neg (R,), pos_cos (R, L)), float32",
+        py::arg("xhat"), py::arg("w"), py::arg("rw"), py::arg("pos_col"), py::arg("scale"),
+        py::arg("buf"));
+  m.def("mlcd_chunk_grad", &mlcd_chunk_grad,
+        "buf <- G' = rw * G in place from buf's logits; dxhat_out = G' @ w; dw_acc += G'.T @ xhat",
+        py::arg("buf"), py::arg("xhat"), py::arg("w"), py::arg("rw"), py::arg("pos_col"),
+        py::arg("scale"), py::arg("lse_total"), py::arg("gneg"), py::arg("gpos"),
+        py::arg("dxhat_out"), py::arg("dw_acc"));
+}
