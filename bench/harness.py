@@ -4,7 +4,8 @@ A bench module (bench/bench_<op>.py) defines CASES, a list of Case. For each cas
 builds the inputs once, then for every impl: warm-up, then the median of `repeats` timed runs
 (synchronizing the device around each); peak memory is measured in a fresh subprocess per
 (case, impl) so one impl's high-water mark never leaks into another's:
-    CPU: ru_maxrss after the step minus ru_maxrss after building the inputs,
+    CPU: the peak resident set (VmHWM, reset before the step) minus the resident set after
+         building the inputs,
     CUDA: torch.cuda.max_memory_allocated minus the allocation after building the inputs.
 Results go to bench/results/<device>.json (the shape of DESIGN.md) and a markdown table
 bench/results/<device>.md, with every time also given as a ratio to the "naive" impl.
@@ -65,14 +66,43 @@ def time_step(step: Callable[[], None], device: str, warmup: int, repeats: int) 
     return statistics.median(times) * 1e3
 
 
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _status_mb(field: str) -> Optional[float]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM (Linux ≥ 4.0). ru_maxrss cannot serve: Linux carries it across
+    exec from the parent, so a child started by a big parent would start at the parent's size."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cpu_peak(step) -> float:
+    if _reset_peak_rss() and _status_mb("VmHWM") is not None:
+        base = _status_mb("VmRSS")
+        step()
+        return _status_mb("VmHWM") - base
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - base
 
 
 def measure_memory_here(case: Case, impl: str, size: str) -> float:
     """Run in the child process: peak memory of one step beyond the inputs, in MB."""
     inputs = case.make_inputs(size, case.device)
     step = case.impls[impl](inputs)
+    step()  # warm-up: compilation, autotuning and lazy allocations are not the step's memory
     gc.collect()
     if case.device == "cuda":
         torch.cuda.synchronize()
@@ -81,9 +111,7 @@ def measure_memory_here(case: Case, impl: str, size: str) -> float:
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = _maxrss_mb()
-    step()
-    return _maxrss_mb() - base
+    return _cpu_peak(step)
 
 
 def measure_memory(module: str, case: Case, impl: str, size: str) -> tuple[Optional[float], str]:
@@ -129,9 +157,14 @@ def machine_description(device: str) -> str:
 
 
 def git_commit() -> str:
+    """Short sha of HEAD, with "-dirty" when the tree has uncommitted changes to tracked files."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=here).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
     except OSError:
         return "unknown"
 
@@ -191,6 +224,8 @@ def save(device: str, cases: Dict[str, Dict[str, dict]], notes: Dict[str, str], 
                 "commit": git_commit(), "torch": torch.__version__, "triton": _triton_version()})
     doc.setdefault("cases", {}).update(cases)
     doc.setdefault("notes", {}).update(notes)
+    # the top-level commit/date describe the latest run; each case keeps the run it came from
+    doc.setdefault("case_runs", {}).update({c: f"{doc['commit']} {doc['date']}" for c in cases})
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=False)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
@@ -204,7 +239,8 @@ def markdown(doc: dict) -> str:
     for case, impls in doc["cases"].items():
         naive = (impls.get("naive") or {}).get("time_ms")
         naive_mem = (impls.get("naive") or {}).get("peak_mem_mb")
-        lines += [f"### {case}", "", doc.get("notes", {}).get(case, ""), "",
+        run = doc.get("case_runs", {}).get(case, "")
+        lines += [f"### {case}", "", doc.get("notes", {}).get(case, "") + (f" (run: {run})" if run else ""), "",
                   "| impl | time (ms) | × naive time | peak mem (MB) | × naive mem | TFLOP/s | GB/s | note |",
                   "|---|---:|---:|---:|---:|---:|---:|---|"]
         for impl, e in impls.items():
@@ -218,6 +254,8 @@ def markdown(doc: dict) -> str:
 
 
 def _memory_child(argv: List[str]) -> None:
+    # run as __main__: take Skip and the measurement from the module the bench files import
+    from bench.harness import Skip, measure_memory_here
     module, case_name, impl, size, device = argv
     import importlib
     mod = importlib.import_module(module)

@@ -198,7 +198,8 @@ float lse_row(float* __restrict row, const float* __restrict rw, int64_t C, floa
     for (int64_t j = 0; j < n; ++j) bs += fast_exp(blk[j] - m);
     sum += bs;
   }
-  if (has_nan) return std::numeric_limits<float>::quiet_NaN();
+  // a NaN max (vectorized max may propagate it) leaves m = -inf but poisons sum
+  if (has_nan || std::isnan(sum)) return std::numeric_limits<float>::quiet_NaN();
   return m == -kInf ? -kInf : m + static_cast<float>(std::log(sum));
 }
 

@@ -37,3 +37,10 @@ def test_cuda_source_compiles_for_sm90(path, tmp_path):
            "-DPYSSL_WITH_CUDA", "-DPYSSL_SOURCE_HASH=check"] + inc
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_cli_info_reports_backends(capsys):
+    from pyssl.cli import main
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "extension pyssl._C: ok" in out and "cpu  cpu   : ok" in out

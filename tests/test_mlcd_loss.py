@@ -87,21 +87,22 @@ def test_margin_softmax_is_cross_entropy_without_margin(backend):
     torch.testing.assert_close(out, torch.nn.functional.cross_entropy(logits, labels), **F32)
 
 
-def test_float64_gradcheck_torch_backend():
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_float64_gradcheck_torch_backend(reduction):
+    """Finite differences in float64 (the torch backend serves float64). Only the exact margin
+    gradient is the derivative of the loss's value; straight-through is checked against the
+    reference in test_mlcd_matches_reference."""
     x, w, pos = make_problem(n=6, c=11, d=5, l=3, dtype=torch.float64)
     x.requires_grad_(True)
     w.requires_grad_(True)
     classes = torch.tensor(sorted(set(pos[pos >= 0].tolist()) | {0, 1}))
-    for mg in ("straight_through", "exact"):
-        # the straight-through margin is not the derivative of the value, so gradcheck only the
-        # exact mode against finite differences, and straight-through against the reference
-        if mg == "exact":
-            assert torch.autograd.gradcheck(
-                lambda a, b: pyssl.mlcd_loss(a, b, pos, scale=4.0, classes=classes, margin_grad=mg,
-                                             reduction="none", backend="torch"), (x, w))
-            assert torch.autograd.gradcheck(
-                lambda a, b: pyssl.margin_softmax_loss(a, b, pos[:, 0].clamp_min(0), scale=4.0, margin_grad=mg,
-                                                       backend="torch"), (x, w))
+    labels = pos.max(1).values.contiguous()
+    assert torch.autograd.gradcheck(
+        lambda a, b: pyssl.mlcd_loss(a, b, pos, scale=4.0, classes=classes, margin_grad="exact",
+                                     reduction=reduction, backend="torch"), (x, w))
+    assert torch.autograd.gradcheck(
+        lambda a, b: pyssl.margin_softmax_loss(a, b, labels, scale=4.0, m2=0.2, m3=0.1, margin_grad="exact",
+                                               reduction=reduction, backend="torch"), (x, w))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -165,6 +166,56 @@ def test_negative_sum_is_not_a_difference(backend):
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["mlcd", "softmax"])
+def test_many_tiles_chunks_and_splits(backend, kind, monkeypatch):
+    """Shapes that span several tiles on every backend: several row chunks (torch, cpu), more
+    than one 1024-column block of the C++ row pass with positives in later blocks, and on Triton
+    small tiles so the online log-sum-exp rescales across tiles, the column splits combine, and
+    dx/dw accumulate over many tiles and D slices."""
+    dev = device_for(backend)
+    monkeypatch.setattr(M, "CHUNK_ELEMS", 3000)
+    if backend == "triton":
+        from pyssl.kernels import mlcd_loss as K
+        real = K._config
+
+        def small(*a, **k):
+            cfg = dict(real(*a, **k))
+            cfg.update(BLOCK_N=16, BLOCK_C=32, BLOCK_D=16, BLOCK_DO=16)
+            return cfg
+        monkeypatch.setattr(K, "_config", small)
+        n, c, d = 40, 300, 40
+    else:
+        n, c, d = 50, 2600, 24
+    x, w, pos = make_problem(n=n, c=c, d=d, l=3, device=dev, seed=13)
+    pos[:, 0] = (torch.arange(n, device=dev) * (c // n) + c // 2) % c   # positives in late blocks too
+    pos[:, 1] = torch.where(pos[:, 1] == pos[:, 0], -1, pos[:, 1])
+    pos[:, 2] = torch.where((pos[:, 2] == pos[:, 0]) | (pos[:, 2] == pos[:, 1]), -1, pos[:, 2])
+    if kind == "mlcd":
+        kw = dict(scale=32.0, reduction="none")
+        check_against_reference(lambda a, b: pyssl.mlcd_loss(a, b, pos, backend=backend, **kw),
+                                lambda a, b: R.mlcd_loss(a, b, pos, **kw), x, w, F32)
+    else:
+        labels = pos[:, 0].contiguous()
+        kw = dict(scale=32.0, m2=0.4, reduction="mean")
+        check_against_reference(lambda a, b: pyssl.margin_softmax_loss(a, b, labels, backend=backend, **kw),
+                                lambda a, b: R.margin_softmax_loss(a, b, labels, **kw), x, w, F32)
+
+
+def test_triton_split_statistics_combine():
+    """The per-row (max, sum) statistics of column splits (the form a model-parallel shard
+    all-reduces) combine to the same log-sum-exp for any number of splits."""
+    from pyssl.kernels import mlcd_loss as K
+    x, w, pos = make_problem(n=20, c=400, d=16, seed=17, pad=False)
+    base, pc = K.mlcd_lse(x, w, None, pos, 16.0, splits=1)
+    for splits in (2, 3, 5):
+        lse, pc2 = K.mlcd_lse(x, w, None, pos, 16.0, splits=splits)
+        torch.testing.assert_close(lse, base, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(pc2, pc)
+    logits = 16.0 * torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(w.double(), dim=1).t()
+    logits = logits.scatter(1, pos, float("-inf"))
+    torch.testing.assert_close(base.double(), torch.logsumexp(logits, 1), rtol=1e-5, atol=1e-5)
+
+
 def test_sample_classes():
     g = torch.Generator().manual_seed(0)
     pos = torch.tensor([[3, 7, -1], [7, 9, 1]])
@@ -188,29 +239,35 @@ def test_sample_classes():
     assert (p - 0.5).abs().max() < 0.1
 
 
-def test_no_dense_logits_are_allocated(monkeypatch):
-    """No tensor of N×C' elements or more exists during forward or backward (torch backend,
-    with the chunk budget shrunk so the chunking is exercised)."""
+@pytest.mark.parametrize("chunk_elems", [256, 1 << 24])
+def test_no_dense_logits_are_allocated(monkeypatch, chunk_elems):
+    """No tensor of N×C' elements or more is created by the chunked engine, forward (with and
+    without gradients) or backward, whether the row chunk is budget-bound or N-bound. The engine
+    functions are watched directly: a dispatch mode does not see inside a custom op."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    monkeypatch.setattr(M, "CHUNK_ELEMS", 256)
+    monkeypatch.setattr(M, "CHUNK_ELEMS", chunk_elems)
     n, c, d = 64, 500, 4
     x, w, pos = make_problem(n=n, c=c, d=d)
-    biggest = []
+    sizes = []
 
     class Watch(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(t, torch.Tensor):
-                    biggest.append(t.numel())
+                    sizes.append(t.numel())
             return out
 
-    for red in ("mean", "none"):
-        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ones = torch.ones(n)
+    runs = [lambda: M._chunked_forward(x, w, None, pos, M.MLCD, 8.0, 1.0, 0.3, 0.0, False, None, "torch"),
+            lambda: M._chunked_forward(x, w, None, pos, M.MLCD, 8.0, 1.0, 0.3, 0.0, False, 1.0 / n, "torch"),
+            lambda: M._chunked_backward(x, w, None, pos, 8.0, ones, ones, torch.zeros(pos.shape), "torch")]
+    for run in runs:
+        sizes.clear()
         with Watch():
-            pyssl.mlcd_loss(xr, wr, pos, reduction=red, backend="torch").sum().backward()
-        assert max(biggest) < n * c, max(biggest)
-        assert max(biggest) >= c * d                     # the watcher did see the big tensors
+            run()
+        assert max(sizes) < n * c, max(sizes)
+        assert max(sizes) >= M._chunk_rows(n, c, d) * c     # the watcher did see the row buffer
 
 
 def test_module_samples_in_training_and_uses_all_in_eval(backend):
@@ -326,6 +383,24 @@ def test_bad_input_types_and_other_entry_points():
         pyssl.margin_softmax_loss(x, w, pos[:, 0].contiguous(), m2=float("inf"))
     with pytest.raises(ValueError, match="ratio must be in"):
         pyssl.sample_classes(pos, 10, 1.5)
+    with pytest.raises(ValueError, match="positives must be \\(N, l\\)"):
+        pyssl.sample_classes(pos[:, 0], 10, 0.5)
+    with pytest.raises(TypeError, match="num_classes must be an int"):
+        pyssl.sample_classes(pos, 10.0, 0.5)
+    with pytest.raises(TypeError, match="scale must be a number"):
+        pyssl.mlcd_loss(x, w, pos, scale="64")
+    with pytest.raises(TypeError, match="margin must be a number"):
+        pyssl.mlcd_loss(x, w, pos, margin=True)
+    with pytest.raises(ValueError, match="scale must be a finite positive"):
+        pyssl.mlcd_loss(x, w, pos, scale=0.0)
+    with pytest.raises(ValueError, match="labels holds class id -1"):
+        pyssl.margin_softmax_loss(x, w, torch.tensor([0, -1, 2, 3]))
+    with pytest.raises(ValueError, match="classes must be a non-empty 1-D"):
+        pyssl.mlcd_loss(x, w, pos, classes=torch.arange(10).view(2, 5))
+    with pytest.raises(ValueError, match="positives must have at least one column"):
+        pyssl.mlcd_loss(x, w, pos[:, :0])
+    with pytest.raises(ValueError, match="classes is on meta"):
+        pyssl.mlcd_loss(x, w, pos, classes=torch.arange(10, device="meta"))
     with pytest.raises(ValueError, match="outside"):
         pyssl.sample_classes(pos, 3, 0.1)
     with pytest.raises(ValueError, match="num_classes"):

@@ -35,7 +35,9 @@ _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _MARGIN_GRADS = ("straight_through", "exact")
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
-# Chunked backends: the R×C' float32 buffer holds at most max(CHUNK_ELEMS, C'·D / 2) elements.
+# Chunked backends: the R×C' float32 buffer holds at most max(CHUNK_ELEMS, 2·C'·D) elements (at
+# most twice the class matrix in float32: O(C'·D) memory), and R < N whenever N > 1, so no N×C'
+# tensor exists. Larger R means fewer passes of the C'×D gradient accumulator through memory.
 CHUNK_ELEMS = 1 << 24
 
 _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
@@ -53,6 +55,13 @@ def _check_float_tensor(name, t, ndim):
     if t.dtype not in _FLOATS:
         raise ValueError(f"{name} must be float32, bfloat16 or float16 (float64 for the torch "
                          f"backend), got {t.dtype}")
+
+
+def _check_number(fn, name, v, positive=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a number, got {type(v).__name__}")
+    if not math.isfinite(v) or (positive and v <= 0):
+        raise ValueError(f"{fn}: {name} must be a finite{' positive' if positive else ''} number, got {v!r}")
 
 
 def _check_common(fn, x, weight, classes, scale, reduction, margin_grad):
@@ -85,8 +94,7 @@ def _check_common(fn, x, weight, classes, scale, reduction, margin_grad):
             raise ValueError(f"{fn}: classes must be int64, got {classes.dtype}")
         if classes.device != x.device:
             raise ValueError(f"{fn}: classes is on {classes.device} but x is on {x.device}")
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{fn}: scale must be a finite positive number, got {scale!r}")
+    _check_number(fn, "scale", scale, positive=True)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if margin_grad not in _MARGIN_GRADS:
@@ -107,13 +115,15 @@ def _check_ids(fn, name, ids, x, ndim):
         raise ValueError(f"{fn}: {name} is on {ids.device} but x is on {x.device}")
 
 
-def _validate_data(pos_ids: Tensor, classes: Optional[Tensor], num_classes: int, fn: str) -> None:
+def _validate_data(pos_ids: Tensor, classes: Optional[Tensor], num_classes: int, kind: int) -> None:
     """Data-dependent checks: one host sync, done inside the op so torch.compile sees no break."""
+    fn, arg = ("mlcd_loss", "positives") if kind == MLCD else ("margin_softmax_loss", "labels")
     valid = pos_ids >= 0
-    bad = (pos_ids < -1) | (pos_ids >= num_classes)
+    bad = (pos_ids < (-1 if kind == MLCD else 0)) | (pos_ids >= num_classes)
     if bool(bad.any()):
         v = pos_ids[bad][0].item()
-        raise ValueError(f"{fn}: positive/label id {v} out of range [0, {num_classes}) (-1 is padding)")
+        pad = " (-1 is padding)" if kind == MLCD else ""
+        raise ValueError(f"{fn}: {arg} holds class id {v}, out of range [0, {num_classes}){pad}")
     if not bool(valid.any(1).all()):
         row = int((~valid.any(1)).nonzero()[0].item())
         raise ValueError(f"{fn}: row {row} of positives has no positive (all -1)")
@@ -229,8 +239,8 @@ def _chunk_kernels(backend):
 
 
 def _chunk_rows(n, cp, d):
-    budget = max(CHUNK_ELEMS, cp * d // 2)
-    return max(1, min(n, budget // max(cp, 1)))
+    budget = max(CHUNK_ELEMS, 2 * cp * d)
+    return max(1, min((n + 1) // 2, budget // max(cp, 1)))
 
 
 class _Chunked:
@@ -259,12 +269,14 @@ class _Chunked:
     def finish(self, dxhat, dw_acc, x, weight, classes):
         """Normalization backwards; dw_acc holds rw ⊙ dŴ (see the engine contract)."""
         dx = (dxhat - self.xhat * (self.xhat * dxhat).sum(1, keepdim=True)) * self.rx[:, None]
-        # dW_c = rw_c (dŵ_c − ŵ_c (ŵ_c·dŵ_c)) = acc_c − w_c rw_c² (w_c·acc_c)
-        dw_acc.sub_(self.w_eff * ((self.w_eff * dw_acc).sum(1) * self.rw * self.rw)[:, None])
+        # dW_c = rw_c (dŵ_c − ŵ_c (ŵ_c·dŵ_c)) = acc_c − w_c rw_c² (w_c·acc_c), with no C'×D
+        # temporary: the row dots by a batched GEMV, the update in place
+        dots = torch.bmm(self.w_eff.unsqueeze(1), dw_acc.unsqueeze(2)).view(-1)
+        dw_acc.addcmul_(self.w_eff, (dots * self.rw * self.rw)[:, None], value=-1.0)
         if classes is None:
             dw = dw_acc.to(weight.dtype)
         else:
-            dw = torch.zeros_like(weight)
+            dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
             dw.index_copy_(0, classes, dw_acc.to(weight.dtype))
         return dx.to(x.dtype), dw
 
@@ -372,7 +384,7 @@ def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optiona
                     reduction: int, backend: str, grad_in_forward: bool
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn = "mlcd_loss" if kind == MLCD else "margin_softmax_loss"
-    _validate_data(pos_ids, classes, weight.shape[0], fn)
+    _validate_data(pos_ids, classes, weight.shape[0], kind)
     pos_col = _positive_columns(pos_ids, classes, fn)
     n = x.shape[0]
     dx = dw = None
@@ -396,7 +408,7 @@ def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optiona
     if dx is None:
         dx, dw = x.new_empty(0), weight.new_empty(0)
     acc = _acc_dtype(x)
-    return loss, lse_total.to(acc), gpos_unit.to(acc), pos_col.clone(), dx, dw
+    return loss, lse_total.to(acc), gpos_unit.to(acc), pos_col.clone(memory_format=torch.contiguous_format), dx, dw
 
 
 @_margin_loss_op.register_fake
@@ -405,9 +417,9 @@ def _(x, weight, pos_ids, classes, kind, scale, m1, m2, m3, exact, reduction, ba
     loss = x.new_empty(()) if reduction else x.new_empty((n,))
     stats = x.new_empty((n,), dtype=_acc_dtype(x))
     gpos = x.new_empty(pos_ids.shape, dtype=_acc_dtype(x))
-    pos_col = torch.empty_like(pos_ids)
+    pos_col = pos_ids.new_empty(pos_ids.shape)
     if grad_in_forward:
-        dx, dw = torch.empty_like(x), torch.empty_like(weight)
+        dx, dw = x.new_empty(x.shape), weight.new_empty(weight.shape)
     else:
         dx, dw = x.new_empty(0), weight.new_empty(0)
     return loss, stats, gpos, pos_col, dx, dw
@@ -424,7 +436,7 @@ def _margin_loss_backward_op(x: Tensor, weight: Tensor, classes: Optional[Tensor
 
 @_margin_loss_backward_op.register_fake
 def _(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend):
-    return torch.empty_like(x), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -434,6 +446,7 @@ def _setup_context(ctx, inputs, output):
     ctx.reduction = reduction
     ctx.scale = scale
     ctx.backend = backend
+    ctx.mark_non_differentiable(lse_total, gpos_unit, pos_col, dx, dw)
     if gif:
         ctx.save_for_backward(dx, dw)
     else:
@@ -443,7 +456,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *unused):
     if ctx.grad_in_forward:
         dx, dw = ctx.saved_tensors
-        g = grad_loss.to(torch.float32)
+        g = grad_loss.to(_acc_dtype(dx))
         return (dx * g).to(dx.dtype), (dw * g).to(dw.dtype), None, None, None, None, None, None, None, None, None, None, None
     x, weight, classes, pos_col, lse_total, gpos_unit = ctx.saved_tensors
     n = x.shape[0]
@@ -491,8 +504,7 @@ def mlcd_loss(x: Tensor, weight: Tensor, positives: Tensor, *, scale: float = 64
     fn = "mlcd_loss"
     _check_common(fn, x, weight, classes, scale, reduction, margin_grad)
     _check_ids(fn, "positives", positives, x, 2)
-    if not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        raise ValueError(f"{fn}: margin must be a finite number, got {margin!r}")
+    _check_number(fn, "margin", margin)
     return _run(fn, MLCD, x, weight, positives, classes, scale, 1.0, margin, 0.0, margin_grad,
                 reduction, backend)
 
@@ -510,8 +522,7 @@ def margin_softmax_loss(x: Tensor, weight: Tensor, labels: Tensor, *, scale: flo
     _check_common(fn, x, weight, classes, scale, reduction, margin_grad)
     _check_ids(fn, "labels", labels, x, 1)
     for name, v in (("m1", m1), ("m2", m2), ("m3", m3)):
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{fn}: {name} must be a finite number, got {v!r}")
+        _check_number(fn, name, v)
     return _run(fn, SOFTMAX, x, weight, labels[:, None], classes, scale, m1, m2, m3, margin_grad,
                 reduction, backend)
 
@@ -525,11 +536,16 @@ def sample_classes(positives: Tensor, num_classes: int, ratio: float = 0.1, *,
         raise TypeError(f"{fn}: positives must be a torch.Tensor, got {type(positives).__name__}")
     if positives.dtype != torch.int64:
         raise ValueError(f"{fn}: positives must be int64, got {positives.dtype}")
+    if positives.dim() != 2:
+        raise ValueError(f"{fn}: positives must be (N, l), got shape {tuple(positives.shape)}")
     if positives.numel() == 0:
         raise ValueError(f"{fn}: positives is empty")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"{fn}: num_classes must be a positive int, got {num_classes!r}")
-    if not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0.0 <= ratio <= 1.0:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"{fn}: num_classes must be an int, got {type(num_classes).__name__}")
+    if num_classes < 1:
+        raise ValueError(f"{fn}: num_classes must be positive, got {num_classes}")
+    _check_number(fn, "ratio", ratio)
+    if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"{fn}: ratio must be in [0, 1], got {ratio!r}")
     flat = positives.reshape(-1)
     flat = flat[flat >= 0]

@@ -1,0 +1,45 @@
+"""The benchmark suite itself: its naive baselines compute the op, and the harness measures."""
+import dataclasses
+import json
+
+import torch
+from tqdm import tqdm
+
+import pyssl
+from pyssl import reference as R
+from bench import harness
+from bench import bench_mlcd_loss as B
+
+
+def test_dense_baseline_is_the_mlcd_loss():
+    for ratio in (None, 0.3):
+        inp = B._problem(16, 300, 12, torch.float64, "cpu", ratio=ratio)
+        got = B.dense_mlcd(inp["x"], inp["w"], B._pos_col(inp), inp["classes"])
+        want = R.mlcd_loss(inp["x"], inp["w"], inp["pos"], classes=inp["classes"])
+        torch.testing.assert_close(got, want)
+        gx, = torch.autograd.grad(got, inp["x"])
+        wx, = torch.autograd.grad(want, inp["x"])
+        torch.testing.assert_close(gx, wx)
+
+
+def test_problem_positives_are_unique_per_row():
+    inp = B._problem(64, 100, 8, torch.float32, "cpu")
+    srt = inp["pos"].sort(1).values
+    assert (srt[:, 1:] != srt[:, :-1]).all()
+
+
+def test_harness_times_and_measures_memory(tmp_path):
+    case = dataclasses.replace(next(c for c in B.CASES if c.name == "mlcd_cpu"), repeats=1)
+    case.impls = {k: case.impls[k] for k in ("naive", "pyssl-cpu")}
+    with tqdm(total=2, disable=True) as bar:
+        res = harness.run_case("bench.bench_mlcd_loss", case, "tiny", memory=True, progress=bar)
+    for impl, e in res.items():
+        assert set(e) == {"time_ms", "peak_mem_mb", "tflops", "gbps", "note"}
+        assert e["time_ms"] > 0 and e["note"] == "", (impl, e)
+        assert e["peak_mem_mb"] is not None and e["peak_mem_mb"] >= 0
+    # the naive step materializes 64×2000 logits several times: its peak is visibly above zero
+    assert res["naive"]["peak_mem_mb"] > 0.5
+    path = harness.save("cpu", {"mlcd_cpu": res}, {"mlcd_cpu": "test"}, out_dir=str(tmp_path))
+    doc = json.load(open(path))
+    assert {"machine", "date", "commit", "torch", "triton", "cases"} <= set(doc)
+    assert "| naive |" in open(path.replace(".json", ".md")).read()
