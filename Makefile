@@ -7,16 +7,13 @@ PYTHON ?= .venv/bin/python
 STAMP := $(dir $(PYTHON)).pyssl-installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) setup.py pyproject.toml
 
-.PHONY: test bench bench-full install env clean gpu-wheels
+.PHONY: test bench install env clean gpu-wheels
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q --timeout 900 tests
 
 bench: $(STAMP)
 	$(PYTHON) -m bench
-
-bench-full: $(STAMP)
-	$(PYTHON) -m bench --full
 
 install env: $(STAMP)
 

@@ -1,8 +1,8 @@
 """Run the microbenchmark suite on the device present: `python -m bench` (= `make bench`).
 
-Every case of the device runs at its stated size; cases of a device that is absent are
-dry-run at tiny sizes on the CPU (to keep them working) and not recorded. Options:
-  --full          also run cases marked full-size-only at their full size (none yet skip by default)
+Every case of the device runs at its stated (full) size — each fits the default run's 10-minute
+budget on a 2-core machine; cases of a device that is absent are dry-run at tiny sizes on the CPU
+(to keep them working) and not recorded. Options:
   --quick         run every case at tiny size and write nothing (a smoke test of the suite)
   --cases a,b     only these cases
   --no-memory     skip the per-impl memory subprocesses
@@ -30,7 +30,6 @@ def modules():
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--full", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--cases", default="")
     p.add_argument("--no-memory", action="store_true")

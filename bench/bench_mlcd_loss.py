@@ -39,9 +39,11 @@ def _step(fn, inp):
     x, w = inp["x"], inp["w"]
 
     def step():
+        fn().backward()
+        # drop the gradients after the step (not before it), so a memory baseline taken
+        # between steps holds no stale gradient and the step's peak includes its own
         x.grad = None
         w.grad = None
-        fn().backward()
     return step
 
 

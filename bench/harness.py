@@ -118,8 +118,11 @@ def measure_memory(module: str, case: Case, impl: str, size: str) -> tuple[Optio
     """Peak memory of one step in a fresh subprocess (so each impl starts from a clean slate)."""
     cmd = [sys.executable, "-m", "bench.harness", "--memory", module, case.name, impl, size, case.device]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # A fixed mmap threshold turns off glibc's adaptive one, so every large block is returned to
+    # the OS on free: memory freed by the warm-up step cannot hide the next step's allocations.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     try:
-        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1800)
+        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1800, env=env)
     except subprocess.TimeoutExpired:
         return None, "memory subprocess timed out"
     for line in out.stdout.splitlines()[::-1]:

@@ -12,7 +12,8 @@ std::tuple<at::Tensor, at::Tensor> mlcd_chunk_lse(at::Tensor xhat, at::Tensor w,
                                                   at::Tensor buf);
 void mlcd_chunk_grad(at::Tensor buf, at::Tensor xhat, at::Tensor w, at::Tensor rw,
                      at::Tensor pos_col, double scale, at::Tensor lse_total, at::Tensor gneg,
-                     at::Tensor gpos, at::Tensor dxhat_out, at::Tensor dw_acc);
+                     at::Tensor gpos, at::Tensor dxhat_out, at::Tensor dw_acc,
+                     bool accumulate);
 
 #define PYSSL_STR2(x) #x
 #define PYSSL_STR(x) PYSSL_STR2(x)
@@ -37,8 +38,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("xhat"), py::arg("w"), py::arg("rw"), py::arg("pos_col"), py::arg("scale"),
         py::arg("buf"));
   m.def("mlcd_chunk_grad", &mlcd_chunk_grad,
-        "buf <- G' = rw * G in place from buf's logits; dxhat_out = G' @ w; dw_acc += G'.T @ xhat",
+        "buf <- G' = rw * G in place from buf's logits; dxhat_out = G' @ w; dw_acc += G'.T @ xhat "
+        "(dw_acc = G'.T @ xhat when accumulate is false)",
         py::arg("buf"), py::arg("xhat"), py::arg("w"), py::arg("rw"), py::arg("pos_col"),
         py::arg("scale"), py::arg("lse_total"), py::arg("gneg"), py::arg("gpos"),
-        py::arg("dxhat_out"), py::arg("dw_acc"));
+        py::arg("dxhat_out"), py::arg("dw_acc"), py::arg("accumulate"));
 }

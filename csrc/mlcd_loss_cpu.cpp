@@ -6,7 +6,7 @@
 //                    set to -inf; returns lse_neg (R,) = logsumexp over the negative columns
 //                    (-inf for a row without one) and pos_cos (R, L) = clamp(cos) at the positives.
 //   mlcd_chunk_grad: buf (the logits left by mlcd_chunk_lse) <- G' = rw ⊙ G in place, then
-//                    dxhat_out = G'·W and dw_acc += G'ᵀ·x̂.
+//                    dxhat_out = G'·W and dw_acc += G'ᵀ·x̂ (= when accumulate is false).
 //
 // Tiling: the caller picks R so that the (R, C') buffer fits its memory budget; this file sees
 // row chunks × all columns. The three GEMMs go to MKL (at::mm_out / addmm_), which tiles them far
@@ -251,7 +251,8 @@ std::tuple<at::Tensor, at::Tensor> mlcd_chunk_lse(at::Tensor xhat, at::Tensor w,
 
 void mlcd_chunk_grad(at::Tensor buf, at::Tensor xhat, at::Tensor w, at::Tensor rw,
                      at::Tensor pos_col, double scale, at::Tensor lse_total, at::Tensor gneg,
-                     at::Tensor gpos, at::Tensor dxhat_out, at::Tensor dw_acc) {
+                     at::Tensor gpos, at::Tensor dxhat_out, at::Tensor dw_acc,
+                     bool accumulate) {
   int64_t R, C, D, L;
   std::tie(R, C, D, L) = check_chunk(buf, xhat, w, rw, pos_col);
   check_f32_vector(lse_total, "lse_total", R);
@@ -283,5 +284,10 @@ void mlcd_chunk_grad(at::Tensor buf, at::Tensor xhat, at::Tensor w, at::Tensor r
   });
 
   at::mm_out(dxhat_out, buf, w);
-  dw_acc.addmm_(buf.t(), xhat);
+  // The first chunk writes dw_acc (beta = 0), later chunks add: no separate zero fill of C'×D.
+  if (accumulate) {
+    dw_acc.addmm_(buf.t(), xhat);
+  } else {
+    at::mm_out(dw_acc, buf.t(), xhat);
+  }
 }

@@ -219,7 +219,7 @@ def _torch_chunk_lse(xhat, w_eff, rw, pos_col, scale, buf):
     return torch.logsumexp(buf, 1), pos_cos
 
 
-def _torch_chunk_grad(buf, xhat, w_eff, rw, pos_col, scale, lse_total, gneg, gpos, dxhat_out, dw_acc):
+def _torch_chunk_grad(buf, xhat, w_eff, rw, pos_col, scale, lse_total, gneg, gpos, dxhat_out, dw_acc, accumulate):
     buf.sub_(lse_total[:, None]).exp_().mul_((gneg * scale)[:, None])
     valid = pos_col >= 0
     first_i = valid.to(torch.int8).argmax(1, keepdim=True)
@@ -228,7 +228,10 @@ def _torch_chunk_grad(buf, xhat, w_eff, rw, pos_col, scale, lse_total, gneg, gpo
     buf.scatter_(1, col, val)
     buf.mul_(rw)
     torch.mm(buf, w_eff, out=dxhat_out)
-    dw_acc.addmm_(buf.t(), xhat)
+    if accumulate:
+        dw_acc.addmm_(buf.t(), xhat)
+    else:
+        torch.mm(buf.t(), xhat, out=dw_acc)
 
 
 def _chunk_kernels(backend):
@@ -262,9 +265,10 @@ class _Chunked:
         self.lse_fn, self.grad_fn = _chunk_kernels(backend)
 
     def chunks(self, n):
+        """(r0, r1, buffer rows, whether dw_acc already holds earlier chunks)."""
         for r0 in range(0, n, self.rows):
             r1 = min(n, r0 + self.rows)
-            yield r0, r1, self.buf[: r1 - r0]
+            yield r0, r1, self.buf[: r1 - r0], r0 > 0
 
     def finish(self, dxhat, dw_acc, x, weight, classes):
         """Normalization backwards; dw_acc holds rw ⊙ dŴ (see the engine contract)."""
@@ -295,8 +299,8 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
     want_grad = row_weight is not None
     if want_grad:
         dxhat = torch.empty_like(st.xhat)
-        dw_acc = torch.zeros_like(st.w_eff)
-    for r0, r1, buf in st.chunks(n):
+        dw_acc = torch.empty_like(st.w_eff)
+    for r0, r1, buf, acc in st.chunks(n):
         pc = pos_col[r0:r1].contiguous()
         ln, pcs = st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), buf)
         lse_neg[r0:r1], pos_cos[r0:r1] = ln, pcs
@@ -305,7 +309,7 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
         if want_grad:
             g = torch.full_like(lt, row_weight)
             st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), lt.contiguous(),
-                       g, (gp * row_weight).contiguous(), dxhat[r0:r1], dw_acc)
+                       g, (gp * row_weight).contiguous(), dxhat[r0:r1], dw_acc, acc)
     if want_grad:
         dx, dw = st.finish(dxhat, dw_acc, x, weight, classes)
     else:
@@ -317,16 +321,16 @@ def _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos,
     st = _Chunked(x, weight, classes, backend)
     n = x.shape[0]
     dxhat = torch.empty_like(st.xhat)
-    dw_acc = torch.zeros_like(st.w_eff)
+    dw_acc = torch.empty_like(st.w_eff)
     lse_total = lse_total.to(st.xhat.dtype)
     gneg = gneg.to(st.xhat.dtype)
     gpos = gpos.to(st.xhat.dtype)
-    for r0, r1, buf in st.chunks(n):
+    for r0, r1, buf, acc in st.chunks(n):
         pc = pos_col[r0:r1].contiguous()
         st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), buf)
         st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale),
                    lse_total[r0:r1].contiguous(), gneg[r0:r1].contiguous(),
-                   gpos[r0:r1].contiguous(), dxhat[r0:r1], dw_acc)
+                   gpos[r0:r1].contiguous(), dxhat[r0:r1], dw_acc, acc)
     return st.finish(dxhat, dw_acc, x, weight, classes)
 
 
@@ -448,16 +452,26 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
     ctx.mark_non_differentiable(lse_total, gpos_unit, pos_col, dx, dw)
     if gif:
-        ctx.save_for_backward(dx, dw)
+        # held as attributes, not saved tensors: the backward hands them to autograd and drops
+        # its own reference, so no copy of the C×D gradient is made
+        ctx.grads = (dx, dw)
     else:
         ctx.save_for_backward(x, weight, classes, pos_col, lse_total, gpos_unit)
 
 
 def _backward(ctx, grad_loss, *unused):
     if ctx.grad_in_forward:
-        dx, dw = ctx.saved_tensors
-        g = grad_loss.to(_acc_dtype(dx))
-        return (dx * g).to(dx.dtype), (dw * g).to(dw.dtype), None, None, None, None, None, None, None, None, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("pyssl margin loss: backward through this graph a second time; its "
+                               "gradients were computed in the forward and are handed out once "
+                               "(use reduction='none' to keep a recomputing backward)")
+        dx, dw = ctx.grads
+        ctx.grads = None
+        # the usual loss.backward() passes exactly 1: skip two full passes over dX and dW
+        if torch.compiler.is_compiling() or not bool(torch.all(grad_loss == 1)):
+            g = grad_loss.to(_acc_dtype(dx))
+            dx, dw = (dx * g).to(dx.dtype), (dw * g).to(dw.dtype)
+        return dx, dw, None, None, None, None, None, None, None, None, None, None, None
     x, weight, classes, pos_col, lse_total, gpos_unit = ctx.saved_tensors
     n = x.shape[0]
     g = grad_loss.to(lse_total.dtype)
