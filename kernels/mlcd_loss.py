@@ -124,6 +124,29 @@ def _grad_tile(cos, rows, rmask, cols, cmask, POS, GPOS, lse_log2, gneg_scale, s
 #             through the ids, never copied.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _row_grad_stats(RX, LSE, GNEG, rows, rmask, scale):
+    """Per-row inputs of the gradient tile: 1/||x||, lse_total in base 2, gneg * scale."""
+    rx = tl.load(RX + rows, mask=rmask, other=0.0)
+    lse_log2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    gneg_scale = tl.load(GNEG + rows, mask=rmask, other=0.0) * scale
+    return rx, lse_log2, gneg_scale
+
+
+@triton.jit
+def _cos_grad_tile(X, W, POS, GPOS, rows, rmask, ids, cols, cmask, rx, rw, lse_log2, gneg_scale,
+                   D, stride_x, stride_w, scale_log2e, L: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The recomputed (unclamped) cos tile and its gradient tile G, shared by both backwards."""
+    cos = _dot_tile(X, W, rows, ids, rmask, cmask, D, stride_x, stride_w,
+                    BLOCK_N, BLOCK_C, BLOCK_D, DOT_FP32, DOT_PRECISION)
+    cos = cos * rx[:, None] * rw[None, :]
+    g = _grad_tile(cos, rows, rmask, cols, cmask, POS, GPOS, lse_log2, gneg_scale,
+                   scale_log2e, L, BLOCK_N, BLOCK_C)
+    return cos, g
+
+
+@triton.jit
 def _row_inv_norm_kernel(X, IDX, OUT, R, D, stride_x,
                          HAS_IDX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -269,9 +292,7 @@ def _mlcd_grad_dx_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DX,
     rmask = rows < N
     do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     domask = do < D
-    rx = tl.load(RX + rows, mask=rmask, other=0.0)
-    lse_log2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
-    gneg_scale = tl.load(GNEG + rows, mask=rmask, other=0.0) * scale
+    rx, lse_log2, gneg_scale = _row_grad_stats(RX, LSE, GNEG, rows, rmask, scale)
 
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
     q = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -283,11 +304,9 @@ def _mlcd_grad_dx_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DX,
         else:
             ids = cols
         rw = tl.load(RW + cols, mask=cmask, other=0.0)
-        cos = _dot_tile(X, W, rows, ids, rmask, cmask, D, stride_x, stride_w,
-                        BLOCK_N, BLOCK_C, BLOCK_D, DOT_FP32, DOT_PRECISION)
-        cos = cos * rx[:, None] * rw[None, :]
-        g = _grad_tile(cos, rows, rmask, cols, cmask, POS, GPOS, lse_log2, gneg_scale,
-                       scale_log2e, L, BLOCK_N, BLOCK_C)
+        cos, g = _cos_grad_tile(X, W, POS, GPOS, rows, rmask, ids, cols, cmask, rx, rw, lse_log2,
+                                gneg_scale, D, stride_x, stride_w, scale_log2e, L,
+                                BLOCK_N, BLOCK_C, BLOCK_D, DOT_FP32, DOT_PRECISION)
         q += tl.sum(g * cos, axis=1)
         w_blk = tl.load(W + ids.to(tl.int64)[:, None] * stride_w + do[None, :],
                         mask=cmask[:, None] & domask[None, :], other=0.0)
@@ -341,14 +360,10 @@ def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DW,
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         rmask = rows < N
-        rx = tl.load(RX + rows, mask=rmask, other=0.0)
-        lse_log2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
-        gneg_scale = tl.load(GNEG + rows, mask=rmask, other=0.0) * scale
-        cos = _dot_tile(X, W, rows, ids, rmask, cmask, D, stride_x, stride_w,
-                        BLOCK_N, BLOCK_C, BLOCK_D, DOT_FP32, DOT_PRECISION)
-        cos = cos * rx[:, None] * rw[None, :]
-        g = _grad_tile(cos, rows, rmask, cols, cmask, POS, GPOS, lse_log2, gneg_scale,
-                       scale_log2e, L, BLOCK_N, BLOCK_C)
+        rx, lse_log2, gneg_scale = _row_grad_stats(RX, LSE, GNEG, rows, rmask, scale)
+        cos, g = _cos_grad_tile(X, W, POS, GPOS, rows, rmask, ids, cols, cmask, rx, rw, lse_log2,
+                                gneg_scale, D, stride_x, stride_w, scale_log2e, L,
+                                BLOCK_N, BLOCK_C, BLOCK_D, DOT_FP32, DOT_PRECISION)
         r += tl.sum(g * cos, axis=0)
         x_blk = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + do[None, :],
                         mask=rmask[:, None] & domask[None, :], other=0.0)
