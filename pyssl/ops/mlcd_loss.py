@@ -452,26 +452,18 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
     ctx.mark_non_differentiable(lse_total, gpos_unit, pos_col, dx, dw)
     if gif:
-        # held as attributes, not saved tensors: the backward hands them to autograd and drops
-        # its own reference, so no copy of the C×D gradient is made
-        ctx.grads = (dx, dw)
+        ctx.save_for_backward(dx, dw)
     else:
         ctx.save_for_backward(x, weight, classes, pos_col, lse_total, gpos_unit)
 
 
 def _backward(ctx, grad_loss, *unused):
     if ctx.grad_in_forward:
-        if ctx.grads is None:
-            raise RuntimeError("pyssl margin loss: backward through this graph a second time; its "
-                               "gradients were computed in the forward and are handed out once "
-                               "(use reduction='none' to keep a recomputing backward)")
-        dx, dw = ctx.grads
-        ctx.grads = None
-        # the usual loss.backward() passes exactly 1: skip two full passes over dX and dW
-        if torch.compiler.is_compiling() or not bool(torch.all(grad_loss == 1)):
-            g = grad_loss.to(_acc_dtype(dx))
-            dx, dw = (dx * g).to(dx.dtype), (dw * g).to(dw.dtype)
-        return dx, dw, None, None, None, None, None, None, None, None, None, None, None
+        # one scaling pass, no data-dependent branch (it must trace under torch.compile); the
+        # products are fresh tensors that autograd's accumulation can take without a copy
+        dx, dw = ctx.saved_tensors
+        g = grad_loss.to(_acc_dtype(dx))
+        return (dx * g).to(dx.dtype), (dw * g).to(dw.dtype), None, None, None, None, None, None, None, None, None, None, None
     x, weight, classes, pos_col, lse_total, gpos_unit = ctx.saved_tensors
     n = x.shape[0]
     g = grad_loss.to(lse_total.dtype)
