@@ -1,5 +1,7 @@
 # The README's two commands: `make test` and `make bench`. Each creates what it needs.
 #
+# faiss-cpu is installed only when no faiss (CPU or GPU build) is importable: the two provide
+# the same module and must never share an environment.
 # PYTHON: the interpreter to use. Default: .venv/bin/python, created on first use, with the CPU
 # wheel torch==2.13.0 installed only when no torch is importable there. To keep an existing
 # (CUDA) torch, point PYTHON at that environment: `make test PYTHON=python`.
@@ -23,7 +25,8 @@ install env: $(STAMP)
 $(STAMP): $(if $(filter .venv/bin/python,$(PYTHON)),.venv/bin/python) $(SOURCES)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install -q triton==3.7.1
-	$(PYTHON) -m pip install -q numpy scipy tqdm pytest pytest-timeout ninja setuptools wheel
+	$(PYTHON) -c "import faiss" 2>/dev/null || $(PYTHON) -m pip install -q faiss-cpu
+	$(PYTHON) -m pip install -q numpy scipy tqdm pytest pytest-timeout ninja setuptools wheel scikit-learn
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -1,0 +1,186 @@
+"""Clustering into many centers and top-l multi-label assignment (how MLCD labels a corpus).
+
+    centroids = pyssl.cluster.kmeans(features, 100_000, niter=25, seed=0)          # (k, D)
+    idx, sim = pyssl.cluster.topk_assign(features, centroids, l=8)                 # (N, 8) each
+
+kmeans runs faiss's k-means when faiss is importable (faiss-cpu, or faiss-gpu with gpu=True),
+else a torch Lloyd's iteration on the same initialisation rule. With spherical=True (cosine
+clustering) the points are L2-normalized and the centroids renormalized after every update.
+topk_assign streams the samples in batches — a numpy memmap of any size works — and can write
+its labels straight into memmaps (out=(indices_memmap, similarities_memmap)).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from pyssl.ops import knn as _knn
+
+
+def _progress(progress: Optional[bool]) -> bool:
+    return sys.stderr.isatty() if progress is None else bool(progress)
+
+
+def _check_int(fn, name, v, lo=1):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{fn}: {name} must be ≥ {lo}, got {v}")
+
+
+def _use_gpu(gpu: Optional[bool], x: Tensor) -> bool:
+    if gpu is None:
+        return x.device.type == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise ValueError("gpu=True but CUDA is not available")
+    return bool(gpu)
+
+
+KMEANSPP_MAX_K = 4096
+
+
+def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True, gpu: Optional[bool] = None,
+           init: str = "auto", max_points_per_centroid: int = 256, backend: str = "auto",
+           progress: Optional[bool] = None) -> Tensor:
+    """k-means centroids (k, D), float32, on x's device (or CUDA with gpu=True).
+
+    init: "k-means++" (seeded D² sampling), "random" (k distinct points, faiss's rule) or "auto"
+    (k-means++ up to k = 4096; beyond, its k sequential passes over the data cost more than the
+    clustering, so random). Training uses at most max_points_per_centroid·k points (a seeded
+    subset), as faiss does; empty clusters are re-seeded by splitting the largest one.
+    backend: "auto" (faiss if importable), "faiss" or "torch"; both start from the same centroids.
+    """
+    fn = "kmeans"
+    x = _knn.as_float_tensor("x", fn, x)
+    _check_int(fn, "k", k)
+    _check_int(fn, "niter", niter, lo=0)
+    _check_int(fn, "max_points_per_centroid", max_points_per_centroid)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{fn}: seed must be an int, got {type(seed).__name__}")
+    n, d = x.shape
+    if k > n:
+        raise ValueError(f"{fn}: k={k} is larger than the number of points ({n})")
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"{fn}: backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+    if init not in ("auto", "k-means++", "random"):
+        raise ValueError(f"{fn}: init must be 'auto', 'k-means++' or 'random', got {init!r}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{fn}: x holds non-finite values")
+    use_gpu = _use_gpu(gpu, x)
+    faiss = _knn.faiss_module()
+    if backend == "faiss" and faiss is None:
+        raise ValueError(f"{fn}: backend='faiss' cannot serve: faiss is not installed")
+    dev = torch.device("cuda") if use_gpu else x.device
+    g = torch.Generator().manual_seed(seed)
+    if n > k * max_points_per_centroid:                   # train on a seeded subset, as faiss does
+        x = x[torch.randperm(n, generator=g)[: k * max_points_per_centroid].to(x.device)]
+    xf = x.detach().to(dev, torch.float32)
+    if spherical:
+        xf = F.normalize(xf, dim=1)
+    plusplus = init == "k-means++" or (init == "auto" and k <= KMEANSPP_MAX_K)
+    cent = _kmeanspp(xf, k, g) if plusplus else xf[torch.randperm(xf.shape[0], generator=g)[:k].to(dev)].clone()
+    if backend == "faiss" or (backend == "auto" and faiss is not None and (not use_gpu or _knn.faiss_has_gpu())):
+        km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, gpu=use_gpu and _knn.faiss_has_gpu(),
+                          verbose=_progress(progress), max_points_per_centroid=max_points_per_centroid)
+        km.train(np.ascontiguousarray(xf.cpu().numpy()), init_centroids=np.ascontiguousarray(cent.cpu().numpy()))
+        return torch.from_numpy(km.centroids.copy()).to(dev)
+    return _lloyd_torch(xf, cent, niter, spherical, g, progress)
+
+
+def _kmeanspp(x: Tensor, k: int, g: torch.Generator) -> Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each next center drawn with probability
+    proportional to the squared distance to the nearest center chosen so far."""
+    n = x.shape[0]
+    idx = [int(torch.randint(n, (1,), generator=g))]
+    d2 = (x - x[idx[0]]).pow(2).sum(1)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        if total <= 0:                                     # fewer distinct points than k
+            nxt = int(torch.randint(n, (1,), generator=g))
+        else:
+            nxt = int(torch.multinomial((d2 / total).cpu().double(), 1, generator=g))
+        idx.append(nxt)
+        d2 = torch.minimum(d2, (x - x[nxt]).pow(2).sum(1))
+    return x[torch.tensor(idx, device=x.device)].clone()
+
+
+def _lloyd_torch(xf, cent, niter, spherical, g, progress):
+    k, dev = cent.shape[0], xf.device
+    for _ in tqdm(range(niter), desc="kmeans", disable=not _progress(progress)):
+        bias = None if spherical else _knn.l2_bias(cent)
+        _, assign = _knn.search(xf, cent, 1, bank_bias=bias, backend="torch", fn="kmeans")
+        assign = assign[:, 0]
+        sums = torch.zeros_like(cent).index_add_(0, assign, xf)
+        counts = torch.bincount(assign, minlength=k).to(xf.dtype)
+        empty = counts == 0
+        new = sums / counts.clamp_min(1)[:, None]
+        for c in torch.nonzero(empty).flatten().tolist():  # split the largest cluster
+            big = int(torch.argmax(counts))
+            eps = 1e-4 * torch.randn(new.shape[1], generator=g).to(dev)
+            new[c] = new[big] + eps
+            new[big] = new[big] - eps
+            counts[c] = counts[big] / 2
+            counts[big] = counts[big] / 2
+        cent = F.normalize(new, dim=1) if spherical else new
+    return cent
+
+
+def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, gpu: Optional[bool] = None,
+                out: Optional[Tuple[np.ndarray, np.ndarray]] = None, backend: str = "auto",
+                progress: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
+    """The l nearest centroids of every sample by cosine similarity, nearest first.
+
+    x: (N, D) tensor or numpy array (a memmap streams: only batch_size rows are in memory at a
+    time). Returns (indices (N, l) int64, similarities (N, l) float32). With out=(idx_array,
+    sim_array) — e.g. np.memmap files of shapes (N, l), int64 and float32 — the results are
+    written there batch by batch and returned as tensors sharing their memory.
+    """
+    fn = "topk_assign"
+    _check_int(fn, "l", l)
+    cent = _knn.as_float_tensor("centroids", fn, centroids)
+    if isinstance(x, np.ndarray):
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"{fn}: x must be a non-empty (N, D) array, got shape {x.shape}")
+        n, d = x.shape
+    else:
+        x = _knn.as_float_tensor("x", fn, x)
+        n, d = x.shape
+    if d != cent.shape[1]:
+        raise ValueError(f"{fn}: x has D={d} but centroids have D={cent.shape[1]}")
+    if l > cent.shape[0]:
+        raise ValueError(f"{fn}: l={l} is larger than the number of centroids ({cent.shape[0]})")
+    if batch_size is None:
+        batch_size = max(1, min(n, (1 << 26) // max(cent.shape[0], 1), 65536))
+    _check_int(fn, "batch_size", batch_size)
+    dev = torch.device("cuda") if _use_gpu(gpu, cent if not isinstance(x, Tensor) else x) else cent.device
+    cn = F.normalize(cent.detach().to(dev, torch.float32), dim=1)
+    if out is not None:
+        idx_out, sim_out = out
+        for name, a, dt in (("out[0]", idx_out, np.int64), ("out[1]", sim_out, np.float32)):
+            if not isinstance(a, np.ndarray) or a.shape != (n, l) or a.dtype != dt:
+                raise ValueError(f"{fn}: {name} must be a numpy array of shape {(n, l)} and dtype "
+                                 f"{np.dtype(dt).name}")
+        idx_t, sim_t = torch.from_numpy(idx_out), torch.from_numpy(sim_out)
+    else:
+        idx_t = torch.empty(n, l, dtype=torch.int64)
+        sim_t = torch.empty(n, l, dtype=torch.float32)
+    for b0 in tqdm(range(0, n, batch_size), desc="topk_assign", disable=not _progress(progress)):
+        xb = x[b0:b0 + batch_size]
+        xb = torch.from_numpy(np.array(xb, dtype=np.float32)) if isinstance(xb, np.ndarray) else xb
+        xb = F.normalize(xb.detach().to(dev, torch.float32), dim=1)
+        s, i = _knn.search(xb, cn, l, backend=backend, fn=fn)
+        idx_t[b0:b0 + batch_size] = i.cpu()
+        sim_t[b0:b0 + batch_size] = s.cpu()
+    if out is not None:
+        for a in out:
+            if isinstance(a, np.memmap):
+                a.flush()
+    elif isinstance(x, Tensor):
+        return idx_t.to(x.device), sim_t.to(x.device)
+    return idx_t, sim_t

@@ -1,0 +1,188 @@
+"""Exact k-nearest-neighbour search by inner product, the engine of clustering assignment and
+kNN OOD scoring.
+
+    search(queries, bank, k, *, bank_bias=None, backend="auto") -> (scores (Q, k) f32, indices (Q, k) i64)
+
+score(q, b) = q·b + bank_bias_b, the k largest per query, sorted descending (ties: lower index).
+Cosine similarity: pass L2-normalized rows. Squared L2: bank_bias = −½‖b‖², then
+‖q − b‖² = ‖q‖² − 2·score (see l2_bias / l2_from_scores).
+
+Backends:
+  faiss   faiss flat index (IndexFlatIP; faiss-gpu's GpuIndexFlatIP for CUDA tensors when
+          installed). faiss loads on first use. No bank_bias: the bias is folded in by an extra
+          coordinate (q ↦ [q, 1], b ↦ [b, bias]), exact.
+  triton  fused similarity tiles with a streaming top-k (kernels/knn.py): never the Q×B matrix.
+  torch   chunked matmul + topk, merged across bank chunks; Q×chunk memory.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pyssl import _dispatch
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+BACKENDS = ("auto", "faiss", "triton", "torch")
+
+# torch path: Q-chunk × B-chunk score blocks of at most this many elements
+CHUNK_ELEMS = 1 << 24
+
+
+@functools.lru_cache(maxsize=None)
+def faiss_module():
+    """The faiss module, imported on first use (None when not installed)."""
+    if importlib.util.find_spec("faiss") is None:
+        return None
+    import faiss
+    return faiss
+
+
+def faiss_has_gpu() -> bool:
+    f = faiss_module()
+    return f is not None and hasattr(f, "StandardGpuResources") and f.get_num_gpus() > 0
+
+
+def as_float_tensor(name: str, fn: str, x, ndim: int = 2) -> Tensor:
+    """Accept a tensor or a numpy array (a memmap too); check rank, emptiness and dtype."""
+    if isinstance(x, np.ndarray):
+        if x.dtype not in (np.float32, np.float16, np.float64):
+            raise ValueError(f"{fn}: {name} must hold floats, got numpy dtype {x.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{fn}: {name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{fn}: {name} is empty (shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise ValueError(f"{fn}: {name} must be a float tensor, got {x.dtype}")
+    return x
+
+
+def l2_bias(bank: Tensor) -> Tensor:
+    """bank_bias that turns the inner-product search into a squared-L2 nearest search."""
+    return -0.5 * bank.float().pow(2).sum(1)
+
+
+def l2_from_scores(queries: Tensor, scores: Tensor) -> Tensor:
+    """‖q − b‖² from the scores of an l2_bias search (clamped at 0 against rounding)."""
+    return (queries.float().pow(2).sum(1, keepdim=True) - 2.0 * scores).clamp_min(0.0)
+
+
+def _reasons(queries: Tensor, k: int):
+    def faiss_reasons() -> List[str]:
+        if faiss_module() is None:
+            return ["faiss is not installed (pip install faiss-cpu, or faiss-gpu for CUDA)"]
+        if queries.device.type == "cuda" and not faiss_has_gpu():
+            return ["this faiss has no GPU support for CUDA tensors"]
+        return []
+
+    def triton_reasons() -> List[str]:
+        r = _dispatch.common_reasons("triton", queries.device)
+        if not r:
+            from pyssl.kernels import knn as K
+            if k > K.MAX_K:
+                r.append(f"the Triton kernel keeps at most k={K.MAX_K} neighbours on chip, got k={k}")
+        return r
+
+    return {"faiss": faiss_reasons, "triton": triton_reasons, "torch": lambda: []}
+
+
+def not_supported_reasons(queries: Tensor, k: int) -> dict:
+    return {name: fn() for name, fn in _reasons(queries, k).items()}
+
+
+def choose_backend(fn: str, backend: str, queries: Tensor, k: int) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {BACKENDS}, got {backend!r}")
+    checks = _reasons(queries, k)
+    if backend != "auto":
+        why = checks[backend]()
+        if why:
+            raise ValueError(f"{fn}: backend={backend!r} cannot serve these inputs: " + "; ".join(why))
+        return backend
+    order = ("triton", "faiss", "torch") if queries.device.type == "cuda" else ("faiss", "torch")
+    for name in order:
+        if not checks[name]():
+            return name
+    return "torch"  # pragma: no cover - torch always serves
+
+
+def _merge_topk(s_a, i_a, s_b, i_b, k):
+    """Top-k of two candidate sets, ties to the lower index (stable on a sort by index first)."""
+    s = torch.cat([s_a, s_b], 1)
+    i = torch.cat([i_a, i_b], 1)
+    order = torch.argsort(i, dim=1, stable=True)
+    s, i = s.gather(1, order), i.gather(1, order)
+    top = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    return s.gather(1, top), i.gather(1, top)
+
+
+def _search_torch(queries, bank, k, bank_bias):
+    q = queries.float()
+    nq, nb = q.shape[0], bank.shape[0]
+    qc = max(1, min(nq, 4096))
+    bc = max(k, min(nb, CHUNK_ELEMS // qc))
+    out_s = torch.empty(nq, k, dtype=torch.float32, device=q.device)
+    out_i = torch.empty(nq, k, dtype=torch.int64, device=q.device)
+    for q0 in range(0, nq, qc):
+        qb = q[q0:q0 + qc]
+        best_s = best_i = None
+        for b0 in range(0, nb, bc):
+            blk = bank[b0:b0 + bc].float()
+            s = qb @ blk.t()
+            if bank_bias is not None:
+                s += bank_bias[b0:b0 + bc]
+            kk = min(k, s.shape[1])
+            # stable sort keeps ties in index order inside the block
+            ts, ti = torch.sort(s, dim=1, descending=True, stable=True)
+            ts, ti = ts[:, :kk], ti[:, :kk] + b0
+            if best_s is None:
+                best_s, best_i = ts, ti
+            else:
+                best_s, best_i = _merge_topk(best_s, best_i, ts, ti, k)
+        out_s[q0:q0 + qc], out_i[q0:q0 + qc] = best_s, best_i
+    return out_s, out_i
+
+
+def _search_faiss(queries, bank, k, bank_bias):
+    faiss = faiss_module()
+    q = queries.detach().float().cpu().numpy()
+    b = bank.detach().float().cpu().numpy()
+    if bank_bias is not None:
+        q = np.concatenate([q, np.ones((q.shape[0], 1), np.float32)], 1)
+        b = np.concatenate([b, bank_bias.detach().float().cpu().numpy()[:, None]], 1)
+    index = faiss.IndexFlatIP(b.shape[1])
+    if queries.device.type == "cuda":
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), queries.device.index or 0, index)
+    index.add(np.ascontiguousarray(b))
+    s, i = index.search(np.ascontiguousarray(q), k)
+    return (torch.from_numpy(s).to(queries.device), torch.from_numpy(i).to(torch.int64).to(queries.device))
+
+
+def search(queries: Tensor, bank: Tensor, k: int, *, bank_bias: Optional[Tensor] = None,
+           backend: str = "auto", fn: str = "knn search") -> Tuple[Tensor, Tensor]:
+    queries = as_float_tensor("queries", fn, queries)
+    bank = as_float_tensor("bank", fn, bank)
+    if queries.shape[1] != bank.shape[1]:
+        raise ValueError(f"{fn}: queries have D={queries.shape[1]} but the bank has D={bank.shape[1]}")
+    if queries.device != bank.device:
+        raise ValueError(f"{fn}: queries are on {queries.device} but the bank is on {bank.device}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{fn}: k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"{fn}: k must be in [1, {bank.shape[0]}] (the number of bank rows), got {k}")
+    chosen = choose_backend(fn, backend, queries, k)
+    if chosen == "faiss":
+        return _search_faiss(queries, bank, k, bank_bias)
+    if chosen == "triton":
+        from pyssl.kernels import knn as K
+        if queries.dtype != bank.dtype or queries.dtype not in _FLOATS:
+            queries, bank = queries.float(), bank.float()
+        return K.knn_topk(queries.contiguous(), bank.contiguous(), k, bank_bias=bank_bias)
+    return _search_torch(queries, bank, k, bank_bias)

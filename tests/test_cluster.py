@@ -1,0 +1,91 @@
+"""Clustering and top-l assignment: against scikit-learn and brute force."""
+import numpy as np
+import pytest
+import torch
+
+import pyssl
+
+
+def _blobs(n=3000, k=12, d=16, seed=0):
+    g = np.random.default_rng(seed)
+    centers = g.normal(0, 6, (k, d))
+    labels = g.integers(0, k, n)
+    return (centers[labels] + g.normal(0, 1, (n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_kmeans_inertia_close_to_sklearn(backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    skc = pytest.importorskip("sklearn.cluster")
+    x = _blobs()
+    cent = pyssl.cluster.kmeans(x, 12, niter=25, seed=0, spherical=False, backend=backend).numpy()
+    ours = ((x[:, None, :] - cent[None]) ** 2).sum(2).min(1).sum()
+    ref = skc.KMeans(12, n_init=1, random_state=0, max_iter=25).fit(x).inertia_
+    assert ours <= ref * 1.02, (ours, ref)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_spherical_kmeans_unit_centroids_and_seeded(backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    x = torch.from_numpy(_blobs(n=1200, k=8, d=10, seed=1))
+    a = pyssl.cluster.kmeans(x, 8, seed=3, backend=backend)
+    b = pyssl.cluster.kmeans(x, 8, seed=3, backend=backend)
+    assert a.shape == (8, 10)
+    torch.testing.assert_close(a.norm(dim=1), torch.ones(8), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, b)                    # same seed, same centroids
+    # every cluster is used and the within-cluster cosine is high on separated blobs
+    xn = torch.nn.functional.normalize(x, dim=1)
+    sims = xn @ a.t()
+    assert torch.bincount(sims.argmax(1), minlength=8).min() > 0
+    assert sims.max(1).values.mean() > 0.9
+
+
+def test_kmeans_empty_cluster_is_reseeded():
+    x = torch.cat([torch.zeros(50, 3), torch.ones(50, 3) * 10]) + 0.01 * torch.randn(100, 3)
+    cent = pyssl.cluster.kmeans(x, 4, niter=10, seed=0, spherical=False, backend="torch")
+    assert torch.isfinite(cent).all() and cent.shape == (4, 3)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch", "triton"])
+def test_topk_assign_matches_brute_force_with_memmap(backend, tmp_path):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    g = np.random.default_rng(4)
+    n, d, k, l = 530, 12, 40, 5
+    path = tmp_path / "x.f32"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, d))
+    mm[:] = g.normal(size=(n, d))
+    mm.flush()
+    x = np.memmap(path, dtype=np.float32, mode="r", shape=(n, d))
+    cent = torch.from_numpy(g.normal(size=(k, d)).astype(np.float32))
+    idx_mm = np.memmap(tmp_path / "idx.i64", dtype=np.int64, mode="w+", shape=(n, l))
+    sim_mm = np.memmap(tmp_path / "sim.f32", dtype=np.float32, mode="w+", shape=(n, l))
+    idx, sim = pyssl.cluster.topk_assign(x, cent, l=l, batch_size=64, out=(idx_mm, sim_mm), backend=backend)
+    xn = torch.nn.functional.normalize(torch.from_numpy(np.array(x)), dim=1)
+    cn = torch.nn.functional.normalize(cent, dim=1)
+    ws, wi = (xn @ cn.t()).topk(l, dim=1)
+    assert torch.equal(idx, wi)
+    torch.testing.assert_close(sim, ws, rtol=1e-5, atol=1e-5)
+    # the results live in the memmaps, on disk
+    back = np.memmap(tmp_path / "idx.i64", dtype=np.int64, mode="r", shape=(n, l))
+    assert np.array_equal(np.asarray(back), wi.numpy())
+
+
+def test_bad_input_cluster():
+    x = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="k=11 is larger than the number of points"):
+        pyssl.cluster.kmeans(x, 11)
+    with pytest.raises(TypeError, match="k must be an int"):
+        pyssl.cluster.kmeans(x, 2.5)
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        pyssl.cluster.kmeans(torch.randn(10), 2)
+    with pytest.raises(ValueError, match="non-finite"):
+        pyssl.cluster.kmeans(torch.full((10, 3), float("nan")), 2)
+    with pytest.raises(ValueError, match="l=6 is larger than the number of centroids"):
+        pyssl.cluster.topk_assign(x, torch.randn(5, 3), l=6)
+    with pytest.raises(ValueError, match="x has D=3 but centroids have D=4"):
+        pyssl.cluster.topk_assign(x, torch.randn(5, 4), l=2)
+    with pytest.raises(ValueError, match="out\\[0\\] must be a numpy array"):
+        pyssl.cluster.topk_assign(x, torch.randn(5, 3), l=2, out=(np.zeros((10, 2)), np.zeros((10, 2), np.float32)))

@@ -1,0 +1,137 @@
+"""OOD scores and metrics: against scikit-learn, brute force and hand computations."""
+import numpy as np
+import pytest
+import torch
+
+import pyssl
+from pyssl.ops import knn as KNN
+
+sk = pytest.importorskip("sklearn.metrics")
+
+
+def _scores(seed=0, n_id=300, n_ood=200, ties=False):
+    g = np.random.default_rng(seed)
+    a, b = g.normal(1.0, 1.0, n_id), g.normal(0.0, 1.0, n_ood)
+    if ties:
+        a, b = np.round(a, 1), np.round(b, 1)
+    return a, b
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_metrics_match_sklearn(ties):
+    a, b = _scores(ties=ties)
+    m = pyssl.ood.metrics(torch.tensor(a), torch.tensor(b))
+    y = np.r_[np.ones(a.size), np.zeros(b.size)]
+    s = np.r_[a, b]
+    assert m["auroc"] == pytest.approx(sk.roc_auc_score(y, s), abs=1e-12)
+    assert m["aupr_in"] == pytest.approx(sk.average_precision_score(y, s), abs=1e-12)
+    assert m["aupr_out"] == pytest.approx(sk.average_precision_score(1 - y, -s), abs=1e-12)
+
+
+def test_fpr95_both_conventions_by_hand():
+    # 20 ID scores 1..20, 10 OOD scores; keeping 95% of ID (19 of 20) puts the threshold at 2
+    idv = np.arange(1, 21, dtype=float)
+    oodv = np.array([0.5, 1.5, 2.0, 2.5, 3, 4, 5, 30, 40, 50], dtype=float)
+    m = pyssl.ood.metrics(idv, oodv)
+    assert m["fpr95"] == pytest.approx(8 / 10)          # OOD ≥ 2: 2.0 2.5 3 4 5 30 40 50
+    # catching 95% of OOD (10 of 10, ceil(9.5)) puts the threshold at 50: every ID is flagged
+    assert m["fpr95_ood_positive"] == pytest.approx(1.0)
+    oodv2 = np.r_[np.linspace(-10, 0, 19), 100.0]        # 19 of 20 OOD ≤ 0 → threshold 0
+    m2 = pyssl.ood.metrics(idv, oodv2)
+    assert m2["fpr95_ood_positive"] == 0.0
+    assert m2["fpr95"] == pytest.approx(1 / 20)
+    # separable scores: perfect metrics
+    m3 = pyssl.ood.metrics(np.array([3.0, 4.0]), np.array([1.0, 2.0]))
+    assert m3 == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr95": 0.0, "fpr95_ood_positive": 0.0}
+
+
+def test_logit_scores():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.2, 0.3]])
+    torch.testing.assert_close(pyssl.ood.msp(logits), torch.softmax(logits, 1).max(1).values)
+    torch.testing.assert_close(pyssl.ood.max_logit(logits), torch.tensor([2.0, 0.3]))
+    torch.testing.assert_close(pyssl.ood.energy(logits, temperature=2.0), 2.0 * torch.logsumexp(logits / 2.0, 1))
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch", "triton"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_knn_scorer_matches_brute_force(backend, normalize):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(500, 24, generator=g) * 3
+    x = torch.randn(37, 24, generator=g) * 3
+    sc = pyssl.ood.KNNScorer(k=7, normalize=normalize, backend=backend).fit(bank)
+    got = sc.score(x)
+    b, q = (torch.nn.functional.normalize(bank, dim=1), torch.nn.functional.normalize(x, dim=1)) if normalize else (bank, x)
+    d2 = torch.cdist(q.double(), b.double()).pow(2)
+    want = -d2.sort(1).values[:, 6]
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_knn_backends_agree_and_break_ties_low_index():
+    g = torch.Generator().manual_seed(1)
+    bank = torch.randn(300, 16, generator=g)
+    bank[150] = bank[20]                              # an exact duplicate
+    q = torch.cat([bank[20:21], torch.randn(9, 16, generator=g)])
+    s_t, i_t = KNN.search(q, bank, 5, backend="torch")
+    assert i_t[0, 0] == 20 and i_t[0, 1] == 150
+    s_k, i_k = KNN.search(q, bank, 5, backend="triton")
+    torch.testing.assert_close(s_k, s_t, rtol=1e-5, atol=1e-5)
+    assert torch.equal(i_k, i_t)
+    if KNN.faiss_module() is not None:
+        s_f, i_f = KNN.search(q, bank, 5, backend="faiss")
+        torch.testing.assert_close(s_f, s_t, rtol=1e-5, atol=1e-5)
+        assert torch.equal(i_f[1:], i_t[1:])          # faiss orders exact ties its own way
+
+
+def test_mahalanobis_matches_dense_formula():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200, 6, generator=g)
+    y = torch.randint(0, 4, (200,), generator=g)
+    x = x + y[:, None].float() * 2
+    q = torch.randn(15, 6, generator=g)
+    got = pyssl.ood.MahalanobisScorer().fit(x, y).score(q)
+    xd, qd = x.double(), q.double()
+    mus = torch.stack([xd[y == c].mean(0) for c in range(4)])
+    cen = xd - mus[y]
+    prec = torch.linalg.inv(cen.t() @ cen / 200)
+    diff = qd[:, None, :] - mus[None]
+    want = -torch.einsum("ncd,de,nce->nc", diff, prec, diff).min(1).values
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_vim_separates_residual_outliers():
+    g = torch.Generator().manual_seed(3)
+    d, c = 16, 5
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    inlier = torch.randn(400, 8, generator=g) @ basis[:, :8].t()        # lives in an 8-dim subspace
+    w, b = torch.randn(c, d, generator=g), torch.randn(c, generator=g)
+    outlier = inlier[:50] + 3 * torch.randn(50, 8, generator=g) @ basis[:, 8:].t()
+    vim = pyssl.ood.ViMScorer(dim=8).fit(inlier, w, b)
+    m = pyssl.ood.metrics(vim.score(inlier[:50]), vim.score(outlier))
+    assert m["auroc"] > 0.95
+
+
+def test_bad_input_ood():
+    with pytest.raises(ValueError, match="k must be ≥ 1"):
+        pyssl.ood.KNNScorer(k=0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        pyssl.ood.KNNScorer(k=2.0)
+    with pytest.raises(ValueError, match="k=10 is larger than the number of bank rows"):
+        pyssl.ood.KNNScorer(k=10).fit(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="call fit"):
+        pyssl.ood.KNNScorer(k=1).score(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="x has D=4"):
+        pyssl.ood.KNNScorer(k=1).fit(torch.randn(5, 3)).score(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="bank must have 2 dimensions"):
+        pyssl.ood.KNNScorer(k=1).fit(torch.randn(5))
+    with pytest.raises(ValueError, match="id_scores must be a non-empty"):
+        pyssl.ood.metrics([], [1.0])
+    with pytest.raises(ValueError, match="ood_scores holds non-finite"):
+        pyssl.ood.metrics([1.0], [float("nan")])
+    with pytest.raises(ValueError, match="temperature must be a finite positive"):
+        pyssl.ood.energy(torch.randn(2, 3), temperature=0.0)
+    with pytest.raises(ValueError, match="logits must have 2 dimensions"):
+        pyssl.ood.msp(torch.randn(3))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pyssl.ood.KNNScorer(backend="gpu")
