@@ -15,6 +15,10 @@ void mlcd_chunk_grad(at::Tensor buf, at::Tensor xhat, at::Tensor w, at::Tensor r
                      at::Tensor gpos, at::Tensor dxhat_out, at::Tensor dw_acc,
                      bool accumulate);
 
+// ---- knn_cpu.cpp: exact inner-product top-k (pyssl/ops/knn.py, backend "cpu").
+std::tuple<at::Tensor, at::Tensor> knn_topk_cpu(at::Tensor queries, at::Tensor bank, int64_t k,
+                                                c10::optional<at::Tensor> bank_bias);
+
 #define PYSSL_STR2(x) #x
 #define PYSSL_STR(x) PYSSL_STR2(x)
 
@@ -32,6 +36,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
 
+  m.def("knn_topk_cpu", &knn_topk_cpu,
+        "k largest q.b + bias_b per query, sorted descending, ties to the lower index: "
+        "(scores (Q, k) float32, indices (Q, k) int64)",
+        py::arg("queries"), py::arg("bank"), py::arg("k"), py::arg("bank_bias") = py::none());
   m.def("mlcd_chunk_lse", &mlcd_chunk_lse,
         "buf <- scale*clamp((xhat @ w.T) * rw, -1, 1) with positive columns = -inf (in place); "
         "returns (lse_neg (R,), pos_cos (R, L)), float32",

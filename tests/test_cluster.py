@@ -48,7 +48,7 @@ def test_kmeans_empty_cluster_is_reseeded():
     assert torch.isfinite(cent).all() and cent.shape == (4, 3)
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "faiss", "torch", "triton"])
 def test_topk_assign_matches_brute_force_with_memmap(backend, tmp_path):
     if backend == "faiss":
         pytest.importorskip("faiss")

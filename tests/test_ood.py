@@ -52,7 +52,7 @@ def test_logit_scores():
     torch.testing.assert_close(pyssl.ood.energy(logits, temperature=2.0), 2.0 * torch.logsumexp(logits / 2.0, 1))
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "faiss", "torch", "triton"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_knn_scorer_matches_brute_force(backend, normalize):
     if backend == "faiss":
@@ -75,13 +75,30 @@ def test_knn_backends_agree_and_break_ties_low_index():
     q = torch.cat([bank[20:21], torch.randn(9, 16, generator=g)])
     s_t, i_t = KNN.search(q, bank, 5, backend="torch")
     assert i_t[0, 0] == 20 and i_t[0, 1] == 150
-    s_k, i_k = KNN.search(q, bank, 5, backend="triton")
-    torch.testing.assert_close(s_k, s_t, rtol=1e-5, atol=1e-5)
-    assert torch.equal(i_k, i_t)
+    for backend in ("triton", "cpu"):
+        s_k, i_k = KNN.search(q, bank, 5, backend=backend)
+        torch.testing.assert_close(s_k, s_t, rtol=1e-5, atol=1e-5)
+        assert torch.equal(i_k, i_t), backend
     if KNN.faiss_module() is not None:
         s_f, i_f = KNN.search(q, bank, 5, backend="faiss")
         torch.testing.assert_close(s_f, s_t, rtol=1e-5, atol=1e-5)
         assert torch.equal(i_f[1:], i_t[1:])          # faiss orders exact ties its own way
+
+
+def test_knn_cpu_kernel_across_blocks():
+    """Bank and query counts beyond one 8192×512 block of the C++ kernel, with bias (L2) and
+    planted exact ties across blocks."""
+    g = torch.Generator().manual_seed(5)
+    bank = torch.randn(9000, 8, generator=g)
+    bank[8500] = bank[100]
+    q = torch.cat([bank[100:101], torch.randn(600, 8, generator=g)])
+    for bias in (None, KNN.l2_bias(bank)):
+        s_t, i_t = KNN.search(q, bank, 9, bank_bias=bias, backend="torch")
+        s_c, i_c = KNN.search(q, bank, 9, bank_bias=bias, backend="cpu")
+        torch.testing.assert_close(s_c, s_t, rtol=1e-5, atol=1e-4)
+        gap = (s_t[:, :-1] - s_t[:, 1:]).abs().min(1).values > 1e-4
+        assert torch.equal(i_c[gap], i_t[gap])
+    assert i_c[0, 0] == 100 and i_c[0, 1] == 8500
 
 
 def test_mahalanobis_matches_dense_formula():

@@ -8,6 +8,8 @@ Cosine similarity: pass L2-normalized rows. Squared L2: bank_bias = −½‖b‖
 ‖q − b‖² = ‖q‖² − 2·score (see l2_bias / l2_from_scores).
 
 Backends:
+  cpu     C++/OpenMP (csrc/knn_cpu.cpp): MKL GEMM blocks and a per-query heap fed by a
+          vectorized strip filter; never the Q×B matrix.
   faiss   faiss flat index (IndexFlatIP; faiss-gpu's GpuIndexFlatIP for CUDA tensors when
           installed). faiss loads on first use. No bank_bias: the bias is folded in by an extra
           coordinate (q ↦ [q, 1], b ↦ [b, bias]), exact.
@@ -27,7 +29,7 @@ from torch import Tensor
 from pyssl import _dispatch
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-BACKENDS = ("auto", "faiss", "triton", "torch")
+BACKENDS = ("auto", "cpu", "faiss", "triton", "torch")
 
 # torch path: Q-chunk × B-chunk score blocks of at most this many elements
 CHUNK_ELEMS = 1 << 24
@@ -90,7 +92,8 @@ def _reasons(queries: Tensor, k: int):
                 r.append(f"the Triton kernel keeps at most k={K.MAX_K} neighbours on chip, got k={k}")
         return r
 
-    return {"faiss": faiss_reasons, "triton": triton_reasons, "torch": lambda: []}
+    return {"cpu": lambda: _dispatch.common_reasons("cpu", queries.device), "faiss": faiss_reasons,
+            "triton": triton_reasons, "torch": lambda: []}
 
 
 def not_supported_reasons(queries: Tensor, k: int) -> dict:
@@ -106,7 +109,7 @@ def choose_backend(fn: str, backend: str, queries: Tensor, k: int) -> str:
         if why:
             raise ValueError(f"{fn}: backend={backend!r} cannot serve these inputs: " + "; ".join(why))
         return backend
-    order = ("triton", "faiss", "torch") if queries.device.type == "cuda" else ("faiss", "torch")
+    order = ("triton", "faiss", "torch") if queries.device.type == "cuda" else ("cpu", "faiss", "torch")
     for name in order:
         if not checks[name]():
             return name
@@ -180,6 +183,9 @@ def search(queries: Tensor, bank: Tensor, k: int, *, bank_bias: Optional[Tensor]
     chosen = choose_backend(fn, backend, queries, k)
     if chosen == "faiss":
         return _search_faiss(queries, bank, k, bank_bias)
+    if chosen == "cpu":
+        bias = None if bank_bias is None else bank_bias.float()
+        return _dispatch.extension().knn_topk_cpu(queries.float(), bank.float(), k, bias)
     if chosen == "triton":
         from pyssl.kernels import knn as K
         if queries.dtype != bank.dtype or queries.dtype not in _FLOATS:
