@@ -21,8 +21,29 @@ Kernels (each has a header comment with tiling, residency and traffic):
     _row_inv_norm_kernel   1 / max(||row||, 1e-12) for rows of x, or rows w[S_j] by index
     _mlcd_lse_fwd_kernel   online (max, sum) of exp(logit) over the negative columns, per split
     _pos_cos_kernel        cos at the L positive columns of each row, by indexed dot products
-    _mlcd_grad_dx_kernel   dx with the normalization backward fused, no atomics
+    _mlcd_grad_dx_kernel   dx with the normalization backward fused, no atomics (optional
+                           column splits: fp32 partials summed by the caller)
     _mlcd_grad_dw_kernel   dw[S] with the normalization backward fused, no atomics
+
+FLOPs (units of N·C'·D; useful work 6 = 2 forward + 2 per backward product). Each backward
+kernel recomputes the cos tile; for 16-bit inputs with D <= 512 it does so once, over the whole
+D, and the same loaded w (or x) tile feeds both of its tl.dots ("FULL_D" form): 2 + 4 + 4 = 10
+(cap 60% of the tensor-core peak counted at 6). Wider D is cut into 256-wide slices, each
+recomputing the tile: 2 + 2·(2·slices + 2) (D = 768: 18, D = 1024: 22). The earlier design
+used 256-wide slices at every D: D = 512 was 14.
+
+Backward configuration override, for timing variants on a GPU without code changes:
+    PYSSL_MLCD_TRITON_BWD="BLOCK_N=64,BLOCK_C=64,BLOCK_DO=512,num_warps=8,num_stages=2,DX_SPLITS=2"
+comma-separated KEY=INT entries, each for both backward kernels or, prefixed "dx." / "dw.",
+for one of them (e.g. "dx.BLOCK_N=128,dw.num_stages=3"). Keys: BLOCK_N (rows of x per tile),
+BLOCK_C (columns of S per tile), BLOCK_D (K step of the sliced form's recompute), BLOCK_DO (D
+slice width; >= D means one slice), num_warps, num_stages, DX_SPLITS (column splits of the dx
+kernel, 0 = automatic), FULL_D (0 = use the sliced form even for one slice), CUT_CHAIN (-1 =
+automatic, 0/1 forced; see the backward kernels' header). Read on every call (no caching);
+a malformed value raises ValueError. Check a variant's registers/spills before timing it:
+_bwd_compile_case(kernel, dtype, _bwd_cfg(_config(...), "dx" or "dw", D)) gives the
+(kernel, signature, constexprs, options, aligned) tuple tests/test_triton_compile.py compiles;
+ptxas -v on its PTX reports registers and spill bytes.
 
 Interpreter notes (TRITON_INTERPRET=1, CPU tensors): the interpreter does bf16 arithmetic
 wrongly, so every load is converted to float32 before any arithmetic, and under the interpreter
@@ -115,14 +136,6 @@ def _grad_tile(cos, rows, rmask, cols, cmask, POS, GPOS, lse_log2, gneg_scale, s
     return tl.where(rmask[:, None] & cmask[None, :], g, 0.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# _row_inv_norm_kernel
-#   Computes: out[r] = 1 / max(||X[idx[r]]||, 1e-12) for r < R (idx = arange when HAS_IDX=False).
-#   Tiling:   grid (cdiv(R, BLOCK_R),); a program owns BLOCK_R rows and walks D in BLOCK_D steps.
-#   Registers: one (BLOCK_R, BLOCK_D) fp32 tile and the (BLOCK_R,) running sum of squares.
-#   Traffic:  each indexed row is read once (R * D elements), R floats written. w[S] is read
-#             through the ids, never copied.
-# ----------------------------------------------------------------------------------------------
 @triton.jit
 def _row_grad_stats(RX, LSE, GNEG, rows, rmask, scale):
     """Per-row inputs of the gradient tile: 1/||x||, lse_total in base 2, gneg * scale."""
@@ -146,6 +159,14 @@ def _cos_grad_tile(X, W, POS, GPOS, rows, rmask, ids, cols, cmask, rx, rw, lse_l
     return cos, g
 
 
+# ----------------------------------------------------------------------------------------------
+# _row_inv_norm_kernel
+#   Computes: out[r] = 1 / max(||X[idx[r]]||, 1e-12) for r < R (idx = arange when HAS_IDX=False).
+#   Tiling:   grid (cdiv(R, BLOCK_R),); a program owns BLOCK_R rows and walks D in BLOCK_D steps.
+#   Registers: one (BLOCK_R, BLOCK_D) fp32 tile and the (BLOCK_R,) running sum of squares.
+#   Traffic:  each indexed row is read once (R * D elements), R floats written. w[S] is read
+#             through the ids, never copied.
+# ----------------------------------------------------------------------------------------------
 @triton.jit
 def _row_inv_norm_kernel(X, IDX, OUT, R, D, stride_x,
                          HAS_IDX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -265,120 +286,284 @@ def _pos_cos_kernel(X, W, CLS, RX, RW, POS, OUT, NL, D, stride_x, stride_w,
 
 
 # ----------------------------------------------------------------------------------------------
-# _mlcd_grad_dx_kernel
-#   Computes: dx_n = rx_n * (dx̂_n - x̂_n (x̂_n . dx̂_n)) with dx̂ = G . Ŵ_S. Since
-#             Ŵ_S = rw ⊙ W_S, dx̂ = (G ⊙ rw) . W_S, accumulated straight from the raw w rows; and
-#             x̂_n . dx̂_n = sum_j G_nj cos_nj (unclamped cos) = q_n, so the normalization backward
-#             needs only q, accumulated alongside: dx = rx * (acc - x * rx * q).
-#   Tiling:   grid (cdiv(N, BLOCK_N), cdiv(D, BLOCK_DO)). A program owns a row block and a
-#             BLOCK_DO slice of the output columns, and loops over ALL column tiles of S:
-#             recompute the (BLOCK_N, BLOCK_C) cos tile over the full D (tl.dot in BLOCK_D steps),
-#             form G, then acc += (G * rw) . w[S_tile, do-slice] (tl.dot; G cast to the input
-#             dtype for bf16/fp16 like FlashAttention casts P). Each output element is owned by
-#             exactly one program: no atomics, deterministic.
-#   Registers: acc (BLOCK_N, BLOCK_DO) fp32, the cos/G tile (BLOCK_N, BLOCK_C) fp32, q and the
-#             per-row vectors (rx, lse_total, gneg); operand tiles go through shared memory.
-#   Traffic:  w[S] read cdiv(N, BLOCK_N) * (cdiv(D, BLOCK_DO) + 1) times over (the recompute
-#             reads full rows; the product reads the do-slice); x rows from L2; dx written once.
+# Backward kernels (_mlcd_grad_dx_kernel, _mlcd_grad_dw_kernel): shared structure.
+#   A program owns a block of output rows (rows of x for dx, classes of S for dw) and a BLOCK_DO
+#   slice of the output's D columns, and loops over the other dimension in tiles; per tile it
+#   recomputes the (BLOCK_N, BLOCK_C) cos tile over the full D, forms G (_grad_tile) and adds
+#   one tl.dot into a (block, BLOCK_DO) fp32 accumulator. Two forms, by the constexpr
+#   FULL_D = (BLOCK_DO >= D), i.e. one slice:
+#
+#   FULL_D (16-bit default for D <= 512): the streamed operand tile, (tile, BLOCK_DO) = whole
+#     rows (zero beyond D), is loaded ONCE per tile and feeds both tl.dots: cos = x . wᵀ (one
+#     tl.dot, K = BLOCK_DO) and the gradient product (the same shared-memory buffer, read
+#     through a transposed view for one of the two). The owner's operand (x rows for dx, w rows
+#     for dw) is loop-invariant: loaded once, kept in shared memory. The loop body has no inner
+#     loop, so the compiler software-pipelines its one big load (num_stages buffers).
+#     FLOPs per kernel: 4·N·C'·Dp (Dp = BLOCK_DO = D rounded up to a power of two).
+#   Sliced (BLOCK_DO < D: the 16-bit default for D > 512; also fp32, and FULL_D=0): slices =
+#     cdiv(D, BLOCK_DO) programs per owner block, each recomputing the cos tile over the full D
+#     in BLOCK_D steps (an inner, pipelined loop), then loading the (tile, BLOCK_DO) slice for
+#     the product. FLOPs per kernel: slices·2·N·C'·(Dr + BLOCK_DO), Dr = D rounded up to
+#     BLOCK_D.
+#
+#   CUT_CHAIN (FULL_D, set when BLOCK_N < 16 * num_warps): Triton gives a tl.dot whose result
+#   feeds another tl.dot ("chained", as in attention) all warps along M, warpsPerCTA =
+#   [num_warps, 1]. With the cos tile's M = BLOCK_N = 64, one warpgroup's worth, and 8 warps,
+#   the second warpgroup would compute a replica of the same 64 x BLOCK_C tile (the TTGIR shows
+#   warpsPerCTA = [8, 1] on a 64-row tile; each warpgroup issues all 32 m64n32k16 wgmmas at
+#   K = 512), doubling the recompute's tensor-core time, and the replicated elementwise tiles
+#   pushed the kernel into spills. Computing G under `if D > 0` (always true at run time) hides
+#   the chain from that heuristic (its forward slice stops at the scf.if's yield): the cos tile
+#   gets [4, 2], each warpgroup computing half its columns. The sliced form's inner K loop hides
+#   the chain the same way. BLOCK_N = 128 with 8 warps needs no cut (one warpgroup per 64 rows).
+#
+#   Normalization backward: dx = rx * (acc - x * rx * q) with q = x̂ . dx̂ (dw likewise with r).
+#   FULL_D: the program holds whole rows of dx̂, so q = rx * Σ_d x·acc in the epilogue (equal to
+#   Σ_j G cos). Sliced: q = Σ_j G_nj cos_nj (unclamped cos) accumulated in the loop. The
+#   epilogue (_finish_store) works on the two D halves of the accumulator in turn: with the
+#   whole 64 x 512 tile at once it spilled.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _mlcd_grad_dx_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DX,
+def _col_tile(CLS, RW, t, C, HAS_CLASSES: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns of S in tile t: (cols, cmask, ids = class ids = rows of w, rw)."""
+    cols = t * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    if HAS_CLASSES:
+        ids = tl.load(CLS + cols, mask=cmask, other=0)
+    else:
+        ids = cols
+    rw = tl.load(RW + cols, mask=cmask, other=0.0)
+    return cols, cmask, ids, rw
+
+
+@triton.jit
+def _grad_full(x_op, w_op, POS, GPOS, rows, rmask, cols, cmask, rx, rw, lse_log2, gneg_scale,
+               scale_log2e, L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """FULL_D: the G tile from whole rows, x_op (BLOCK_N, BLOCK_DO) and w_op (BLOCK_C, BLOCK_DO)
+    (zero beyond D): cos is one tl.dot with K = BLOCK_DO, w_op read through tl.trans (a view of
+    the same shared-memory buffer, no copy)."""
+    cos = tl.dot(x_op, tl.trans(w_op), input_precision=DOT_PRECISION)
+    cos = cos * rx[:, None] * rw[None, :]
+    return _grad_tile(cos, rows, rmask, cols, cmask, POS, GPOS, lse_log2, gneg_scale,
+                      scale_log2e, L, BLOCK_N, BLOCK_C)
+
+
+@triton.jit
+def _finish_store(acc, q, V_ROWS, OUT_ROWS, rv, vmask, d0, D, Q_FROM_ACC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """Normalization backward of a (BLOCK_M, BLOCK_DO) block of rows and its store:
+    out = rv * (acc - v * rv * q), v the raw rows (V_ROWS: (BLOCK_M, 1) row-start pointers,
+    columns d0 + [0, BLOCK_DO)), rv = 1/||v||, acc = dv̂ (fp32), q = v̂ . dv̂; with
+    Q_FROM_ACC (the block holds whole rows) q = rv * Σ_d v·acc, else q as given.
+
+    The accumulator is split in registers into its two D halves (reshape/permute/split, no data
+    movement) and each half is finished and stored in turn, so the peak is one accumulator plus
+    half a tile of v: finishing the whole 64 x 512 tile at once spilled. v is re-read (.cg, from
+    L2) rather than kept in registers across the main loop."""
+    HALF: tl.constexpr = BLOCK_DO // 2
+    a_lo, a_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+    d_lo = d0 + tl.arange(0, HALF)
+    d_hi = d_lo + HALF
+    m_lo = vmask[:, None] & (d_lo < D)[None, :]
+    m_hi = vmask[:, None] & (d_hi < D)[None, :]
+    v_lo = tl.load(V_ROWS + d_lo[None, :], mask=m_lo, other=0.0,
+                   cache_modifier=".cg").to(tl.float32)
+    v_hi = tl.load(V_ROWS + d_hi[None, :], mask=m_hi, other=0.0,
+                   cache_modifier=".cg").to(tl.float32)
+    if Q_FROM_ACC:
+        q = rv * (tl.sum(v_lo * a_lo, axis=1) + tl.sum(v_hi * a_hi, axis=1))
+    c = rv * q
+    out_lo = rv[:, None] * (a_lo - v_lo * c[:, None])
+    tl.store(OUT_ROWS + d_lo[None, :], out_lo.to(OUT_ROWS.dtype.element_ty), mask=m_lo)
+    out_hi = rv[:, None] * (a_hi - v_hi * c[:, None])
+    tl.store(OUT_ROWS + d_hi[None, :], out_hi.to(OUT_ROWS.dtype.element_ty), mask=m_hi)
+
+
+# ----------------------------------------------------------------------------------------------
+# _mlcd_grad_dx_kernel
+#   Computes: dx_n = rx_n * (dx̂_n - x̂_n (x̂_n . dx̂_n)) with dx̂ = G . Ŵ_S = (G ⊙ rw) . W_S,
+#             accumulated straight from the raw w rows (acc), q_n = x̂_n . dx̂_n (see above).
+#   Tiling:   grid (cdiv(N, BLOCK_N), cdiv(D, BLOCK_DO), SPLITS). A program owns a row block, a
+#             BLOCK_DO slice of the output columns and the contiguous column-tile range
+#             [s * tiles_per_split, (s+1) * tiles_per_split) of S (split s); per column tile it
+#             recomputes G (FULL_D or sliced form, above), then acc += (G * rw) . w[S_tile, slice]
+#             (tl.dot; G cast to the input dtype for bf16/fp16 like FlashAttention casts P).
+#             SPLITS = 1: the program finishes dx (normalization backward fused) and stores it;
+#             each output element has exactly one owner.
+#             SPLITS > 1 (SPLIT_OUT; row blocks alone leave SMs idle, e.g. N = 4096 at
+#             BLOCK_N = 64 is 64 programs for 132 SMs): the program stores its partial acc into
+#             DX = a (SPLITS, N, D) fp32 buffer (and, sliced, its partial q into PART_Q
+#             (SPLITS, N)); the caller sums over splits in a fixed order and finishes
+#             dx = rx * (acc - x * rx * q), linear in (acc, q) (FULL_D: q = rx * Σ_d x·acc from
+#             the summed acc). No atomics either way: deterministic.
+#   Registers (16-bit, FULL_D, 64/64/512, 8 warps): acc (BLOCK_N, BLOCK_DO) fp32 =
+#             BLOCK_N * BLOCK_DO / (32 * num_warps) = 128 per thread, the cos/G tile 16 (split
+#             over both warpgroups, CUT_CHAIN), the w-tile gather addresses, per-row vectors;
+#             ptxas: 254 registers, no spills. Shared memory: the x block (BLOCK_N x BLOCK_DO)
+#             once + the pipelined w tiles (BLOCK_C x BLOCK_DO each) + the G tile staged for
+#             the product: ~196 KiB with 2 stages. D <= 256: BLOCK_N = 128 (acc 128 x 256,
+#             240 registers, ~129 KiB, 3 stages).
+#   Traffic:  w[S] (the dominant term) read cdiv(N, BLOCK_N) times over in FULL_D form (once per
+#             row block: the tile feeds both dots; 2·BLOCK_N FLOPs per element read),
+#             cdiv(N, BLOCK_N) * (slices + 1) times sliced; the x block once per program
+#             (FULL_D) or once per column tile from L2 (sliced); dx written once (SPLITS = 1)
+#             or SPLITS * N * D fp32 partials written and read back.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _mlcd_grad_dx_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DX, PART_Q,
                          N, C, D, stride_x, stride_w, stride_dx, scale, scale_log2e,
+                         tiles_per_split,
                          L: tl.constexpr, HAS_CLASSES: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_DO: tl.constexpr, DOT_FP32: tl.constexpr,
+                         BLOCK_DO: tl.constexpr, FULL_D: tl.constexpr, CUT_CHAIN: tl.constexpr,
+                         SPLIT_OUT: tl.constexpr, DOT_FP32: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
+    pid_do = tl.program_id(1)
+    split = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
     domask = do < D
     rx, lse_log2, gneg_scale = _row_grad_stats(RX, LSE, GNEG, rows, rmask, scale)
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_x
 
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
     q = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        if HAS_CLASSES:
-            ids = tl.load(CLS + cols, mask=cmask, other=0)
-        else:
-            ids = cols
-        rw = tl.load(RW + cols, mask=cmask, other=0.0)
-        cos, g = _cos_grad_tile(X, W, POS, GPOS, rows, rmask, ids, cols, cmask, rx, rw, lse_log2,
-                                gneg_scale, D, stride_x, stride_w, scale_log2e, L,
-                                BLOCK_N, BLOCK_C, BLOCK_D, DOT_FP32, DOT_PRECISION)
-        q += tl.sum(g * cos, axis=1)
-        w_blk = tl.load(W + ids.to(tl.int64)[:, None] * stride_w + do[None, :],
-                        mask=cmask[:, None] & domask[None, :], other=0.0)
-        gw = (g * rw[None, :]).to(w_blk.dtype)   # the dot runs in the input dtype on the GPU
+    t_begin = split * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(C, BLOCK_C))
+    if FULL_D:
+        # The row block's x, loop-invariant: one load, kept in shared memory for every tile.
+        x_op = tl.load(x_rows + do[None, :], mask=rmask[:, None] & domask[None, :], other=0.0)
         if DOT_FP32:
-            gw = gw.to(tl.float32)
-            w_blk = w_blk.to(tl.float32)
-        acc = tl.dot(gw, w_blk, acc, input_precision=DOT_PRECISION)
+            x_op = x_op.to(tl.float32)
+        if CUT_CHAIN:
+            live = D > 0                 # always true at run time (see CUT_CHAIN above)
+        else:
+            live: tl.constexpr = True
+        for t in range(t_begin, t_end):
+            cols, cmask, ids, rw = _col_tile(CLS, RW, t, C, HAS_CLASSES, BLOCK_C)
+            w_blk = tl.load(W + ids.to(tl.int64)[:, None] * stride_w + do[None, :],
+                            mask=cmask[:, None] & domask[None, :], other=0.0)
+            w_op = w_blk
+            if DOT_FP32:
+                w_op = w_blk.to(tl.float32)
+            gw = tl.zeros((BLOCK_N, BLOCK_C), dtype=w_blk.dtype)
+            if live:
+                g = _grad_full(x_op, w_op, POS, GPOS, rows, rmask, cols, cmask, rx, rw, lse_log2,
+                               gneg_scale, scale_log2e, L, BLOCK_N, BLOCK_C, DOT_PRECISION)
+                gw = (g * rw[None, :]).to(w_blk.dtype)   # the dot runs in the input dtype
+            if DOT_FP32:
+                gw = gw.to(tl.float32)
+            acc = tl.dot(gw, w_op, acc, input_precision=DOT_PRECISION)
+    else:
+        for t in range(t_begin, t_end):
+            cols, cmask, ids, rw = _col_tile(CLS, RW, t, C, HAS_CLASSES, BLOCK_C)
+            cos, g = _cos_grad_tile(X, W, POS, GPOS, rows, rmask, ids, cols, cmask, rx, rw,
+                                    lse_log2, gneg_scale, D, stride_x, stride_w, scale_log2e, L,
+                                    BLOCK_N, BLOCK_C, BLOCK_D, DOT_FP32, DOT_PRECISION)
+            q += tl.sum(g * cos, axis=1)
+            w_blk = tl.load(W + ids.to(tl.int64)[:, None] * stride_w + do[None, :],
+                            mask=cmask[:, None] & domask[None, :], other=0.0)
+            gw = (g * rw[None, :]).to(w_blk.dtype)   # the dot runs in the input dtype on the GPU
+            if DOT_FP32:
+                gw = gw.to(tl.float32)
+                w_blk = w_blk.to(tl.float32)
+            acc = tl.dot(gw, w_blk, acc, input_precision=DOT_PRECISION)
 
-    omask = rmask[:, None] & domask[None, :]
-    x_blk = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + do[None, :], mask=omask,
-                    other=0.0).to(tl.float32)
-    dx = rx[:, None] * (acc - x_blk * rx[:, None] * q[:, None])
-    tl.store(DX + rows.to(tl.int64)[:, None] * stride_dx + do[None, :],
-             dx.to(DX.dtype.element_ty), mask=omask)
+    if SPLIT_OUT:
+        prow = split.to(tl.int64) * N + rows           # row of the (SPLITS * N, D) buffer
+        tl.store(DX + prow[:, None] * stride_dx + do[None, :], acc,
+                 mask=rmask[:, None] & domask[None, :])
+        if not FULL_D:   # (FULL_D: the caller takes q from the summed accumulator)
+            tl.store(PART_Q + prow, q, mask=rmask & (pid_do == 0))   # once per row
+    else:
+        # rx re-read (.cg: not merged with the first load) so that its copy in the epilogue's
+        # layout is not held across the loop.
+        rx_e = tl.load(RX + rows, mask=rmask, other=0.0, cache_modifier=".cg")
+        _finish_store(acc, q, x_rows, DX + rows.to(tl.int64)[:, None] * stride_dx, rx_e, rmask,
+                      pid_do * BLOCK_DO, D, FULL_D, BLOCK_N, BLOCK_DO)
 
 
 # ----------------------------------------------------------------------------------------------
 # _mlcd_grad_dw_kernel
-#   Computes: dw[S_c] = rw_c * (dŵ_c - ŵ_c (ŵ_c . dŵ_c)) with dŵ = Gᵀ . X̂ = (G ⊙ rx)ᵀ . X and
-#             ŵ_c . dŵ_c = sum_n G_nc cos_nc = r_c (unclamped cos): dw = rw * (acc - w * rw * r).
+#   Computes: dw[S_c] = rw_c * (dŵ_c - ŵ_c (ŵ_c . dŵ_c)) with dŵ = Gᵀ . X̂ = (G ⊙ rx)ᵀ . X
+#             accumulated from the raw x rows, r_c = ŵ_c . dŵ_c (as q in the dx kernel).
 #   Tiling:   grid (cdiv(C', BLOCK_C), cdiv(D, BLOCK_DO)), the mirror image of the dx kernel: a
-#             program owns a block of columns of S and a BLOCK_DO slice, loops over ALL row tiles,
-#             recomputes the (BLOCK_N, BLOCK_C) cos tile, forms G and does
-#             acc += (G * rx)ᵀ . x[rows, do-slice]. The result rows are stored at the class ids
+#             program owns a block of columns of S and a BLOCK_DO slice, loops over ALL row
+#             tiles, recomputes G (FULL_D or sliced form, above) and does
+#             acc += (G * rx)ᵀ . x[rows, slice]. The result rows are stored at the class ids
 #             (indexed store); S is unique, so every dw row has one owner: no atomics. Rows of dw
-#             outside S are zero-filled by the caller.
-#   Registers: acc (BLOCK_C, BLOCK_DO) fp32, the cos/G tile, r and the per-column rw/ids.
-#   Traffic:  x read cdiv(C', BLOCK_C) * (cdiv(D, BLOCK_DO) + 1) times over (small, L2-resident
-#             for typical N); w[S] rows read about twice per slice; dw[S] written once.
+#             outside S are zero-filled by the caller. cdiv(C', BLOCK_C) programs fill the GPU
+#             at MLCD sizes, so no split here.
+#   Registers (16-bit, FULL_D, 64/64/512, 8 warps): acc (BLOCK_C, BLOCK_DO) fp32 = 128 per
+#             thread, the cos/G tile 16, r and the per-column rw/ids; ptxas: 250 registers, no
+#             spills. Shared memory: w block BLOCK_C x BLOCK_DO once + x tiles in flight, plus
+#             the staging of Gᵀ for the product.
+#   Traffic:  x read cdiv(C', BLOCK_C) times over in FULL_D form (once per column block; small,
+#             L2-resident for typical N), cdiv(C', BLOCK_C) * (slices + 1) times sliced; w[S]
+#             rows read once (FULL_D) or about twice per slice; dw[S] written once.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DW,
                          N, C, D, stride_x, stride_w, stride_dw, scale, scale_log2e,
                          L: tl.constexpr, HAS_CLASSES: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_DO: tl.constexpr, DOT_FP32: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+                         BLOCK_DO: tl.constexpr, FULL_D: tl.constexpr, CUT_CHAIN: tl.constexpr,
+                         DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     domask = do < D
-    if HAS_CLASSES:
-        ids = tl.load(CLS + cols, mask=cmask, other=0)
-    else:
-        ids = cols
-    rw = tl.load(RW + cols, mask=cmask, other=0.0)
+    cols, cmask, ids, rw = _col_tile(CLS, RW, tl.program_id(0), C, HAS_CLASSES, BLOCK_C)
+    w_rows = W + ids.to(tl.int64)[:, None] * stride_w
 
     acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=tl.float32)
     r = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        rx, lse_log2, gneg_scale = _row_grad_stats(RX, LSE, GNEG, rows, rmask, scale)
-        cos, g = _cos_grad_tile(X, W, POS, GPOS, rows, rmask, ids, cols, cmask, rx, rw, lse_log2,
-                                gneg_scale, D, stride_x, stride_w, scale_log2e, L,
-                                BLOCK_N, BLOCK_C, BLOCK_D, DOT_FP32, DOT_PRECISION)
-        r += tl.sum(g * cos, axis=0)
-        x_blk = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + do[None, :],
-                        mask=rmask[:, None] & domask[None, :], other=0.0)
-        gx = (g * rx[:, None]).to(x_blk.dtype)   # the dot runs in the input dtype on the GPU
+    if FULL_D:
+        # The column block's w rows, loop-invariant: one load, kept in shared memory.
+        w_op = tl.load(w_rows + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
         if DOT_FP32:
-            gx = gx.to(tl.float32)
-            x_blk = x_blk.to(tl.float32)
-        acc = tl.dot(tl.trans(gx), x_blk, acc, input_precision=DOT_PRECISION)
+            w_op = w_op.to(tl.float32)
+        if CUT_CHAIN:
+            live = D > 0                 # always true at run time (see CUT_CHAIN above)
+        else:
+            live: tl.constexpr = True
+        for n0 in range(0, N, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            rmask = rows < N
+            rx, lse_log2, gneg_scale = _row_grad_stats(RX, LSE, GNEG, rows, rmask, scale)
+            x_blk = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + do[None, :],
+                            mask=rmask[:, None] & domask[None, :], other=0.0)
+            x_op = x_blk
+            if DOT_FP32:
+                x_op = x_blk.to(tl.float32)
+            gx = tl.zeros((BLOCK_N, BLOCK_C), dtype=x_blk.dtype)
+            if live:
+                g = _grad_full(x_op, w_op, POS, GPOS, rows, rmask, cols, cmask, rx, rw, lse_log2,
+                               gneg_scale, scale_log2e, L, BLOCK_N, BLOCK_C, DOT_PRECISION)
+                gx = (g * rx[:, None]).to(x_blk.dtype)   # the dot runs in the input dtype
+            if DOT_FP32:
+                gx = gx.to(tl.float32)
+            acc = tl.dot(tl.trans(gx), x_op, acc, input_precision=DOT_PRECISION)
+    else:
+        for n0 in range(0, N, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            rmask = rows < N
+            rx, lse_log2, gneg_scale = _row_grad_stats(RX, LSE, GNEG, rows, rmask, scale)
+            cos, g = _cos_grad_tile(X, W, POS, GPOS, rows, rmask, ids, cols, cmask, rx, rw,
+                                    lse_log2, gneg_scale, D, stride_x, stride_w, scale_log2e, L,
+                                    BLOCK_N, BLOCK_C, BLOCK_D, DOT_FP32, DOT_PRECISION)
+            r += tl.sum(g * cos, axis=0)
+            x_blk = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + do[None, :],
+                            mask=rmask[:, None] & domask[None, :], other=0.0)
+            gx = (g * rx[:, None]).to(x_blk.dtype)   # the dot runs in the input dtype on the GPU
+            if DOT_FP32:
+                gx = gx.to(tl.float32)
+                x_blk = x_blk.to(tl.float32)
+            acc = tl.dot(tl.trans(gx), x_blk, acc, input_precision=DOT_PRECISION)
 
-    omask = cmask[:, None] & domask[None, :]
-    w_blk = tl.load(W + ids.to(tl.int64)[:, None] * stride_w + do[None, :], mask=omask,
-                    other=0.0).to(tl.float32)
-    dw = rw[:, None] * (acc - w_blk * rw[:, None] * r[:, None])
-    tl.store(DW + ids.to(tl.int64)[:, None] * stride_dw + do[None, :],
-             dw.to(DW.dtype.element_ty), mask=omask)
+    rw_e = tl.load(RW + cols, mask=cmask, other=0.0, cache_modifier=".cg")   # see the dx kernel
+    _finish_store(acc, r, w_rows, DW + ids.to(tl.int64)[:, None] * stride_dw, rw_e, cmask,
+                  tl.program_id(1) * BLOCK_DO, D, FULL_D, BLOCK_C, BLOCK_DO)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,34 +580,153 @@ def _p2(n: int, lo: int = 16, hi: Optional[int] = None) -> int:
     return min(v, hi) if hi is not None else v
 
 
-def _config(dtype: torch.dtype, N: int, C: int, D: int, interpret: bool) -> dict:
+# Keys of a backward kernel's configuration. All can be overridden by PYSSL_MLCD_TRITON_BWD (see
+# the module docstring); tests also set them flat at the top level of _config's dict.
+#   FULL_D: 1 = use the FULL_D form whenever BLOCK_DO >= D, 0 = always the sliced form.
+#   CUT_CHAIN: -1 = automatic (BLOCK_N < 16 * num_warps), 0/1 = forced (FULL_D form only).
+#   DX_SPLITS: 0 = automatic (_dx_splits), else the number of column splits of the dx kernel.
+_BWD_ENV = "PYSSL_MLCD_TRITON_BWD"
+_BWD_KEYS = ("BLOCK_N", "BLOCK_C", "BLOCK_D", "BLOCK_DO", "num_warps", "num_stages", "DX_SPLITS",
+             "FULL_D", "CUT_CHAIN")
+_FWD_FLAT_KEYS = ("BLOCK_N", "BLOCK_C", "BLOCK_D")
+_MAX_AUTO_DX_SPLITS = 8   # bounds the (splits, N, D) fp32 partial buffer of the dx kernel
+
+
+def _bwd_env() -> dict:
+    """PYSSL_MLCD_TRITON_BWD parsed into {"": keys for both kernels, "dx": ..., "dw": ...}."""
+    out = {"": {}, "dx": {}, "dw": {}}
+    spec = os.environ.get(_BWD_ENV, "")
+    for item in spec.replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, val = item.partition("=")
+        scope, _, name = key.strip().rpartition(".")
+        ok = bool(sep) and scope in out and name in _BWD_KEYS and not (
+            scope == "dw" and name == "DX_SPLITS")
+        try:
+            v = int(val.strip())
+        except ValueError:
+            ok = False
+        if ok and name.startswith("BLOCK_"):
+            ok = v >= 16 and v & (v - 1) == 0
+        elif ok and name == "num_warps":
+            ok = v in (1, 2, 4, 8, 16)
+        elif ok and name in ("FULL_D", "CUT_CHAIN"):
+            ok = v in ((0, 1) if name == "FULL_D" else (-1, 0, 1))
+        elif ok:
+            ok = v >= (0 if name == "DX_SPLITS" else 1)
+        if not ok:
+            raise ValueError(
+                f"{_BWD_ENV}={spec!r}: bad entry {item!r}; expected comma-separated "
+                f"[dx.|dw.]KEY=INT with KEY in {_BWD_KEYS} (BLOCK_* powers of two >= 16, "
+                "FULL_D 0/1, CUT_CHAIN -1/0/1, DX_SPLITS 0 = automatic)")
+        out[scope][name] = v
+    return out
+
+
+def _bwd_default(dtype: torch.dtype, D: int) -> Tuple[dict, dict, dict]:
+    """GPU backward configuration for 16-bit or fp32 inputs and feature size D:
+    (both kernels, dx only, dw only). Chosen with ptxas -v on sm_90 (module docstring).
+
+    16-bit, D <= 512: FULL_D (BLOCK_DO = next power of two of D), BLOCK_N = BLOCK_C = 64 and 8
+    warps, so the (64, BLOCK_DO) fp32 accumulator is at most 128 registers per thread
+    (FlashAttention-3's budget at head dim 256); 3 stages up to D = 256, 2 at D = 512 (3 would
+    need ~260 KiB of shared memory). D = 512: 254 / 250 registers (dx / dw), no spills,
+    ~196 / ~201 KiB of shared memory. D <= 256: the dx kernel takes BLOCK_N = 128 (below).
+    16-bit, D > 512: a full-D accumulator would need 256 registers per thread; BLOCK_DO = 512
+    spills inside the loop, so the sliced form with 256-wide slices (no spills).
+    fp32 (input_precision="ieee": FMA, not tensor cores): the sliced form with the tiles of
+    before (ptxas handles the fp32 FULL_D form badly: thousands of bytes of spills); dx takes
+    BLOCK_D = 16 (with 32: 255 registers and a few spills).
+    """
+    Dp = _p2(D)
+    if dtype != torch.float32:
+        if Dp <= 512:
+            stages = 3 if (64 + 2 * 64) * Dp * 2 <= 160 * 1024 else 2
+            # D <= 256: the dx kernel's row block can be 128 = 16 x 8 warps (acc 128 x 256 is
+            # 128 registers per thread): no chain cut needed, each warpgroup owns 64 rows, and
+            # every w tile loaded serves twice the rows.
+            only_dx = dict(BLOCK_N=128) if Dp <= 256 else {}
+            return (dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, BLOCK_DO=Dp, num_warps=8,
+                         num_stages=stages, DX_SPLITS=0, FULL_D=1, CUT_CHAIN=-1), only_dx, {})
+        return (dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=3,
+                     DX_SPLITS=0, FULL_D=1, CUT_CHAIN=-1), {}, {})
+    return (dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=32, BLOCK_DO=_p2(D, hi=128), num_warps=8,
+                 num_stages=2, DX_SPLITS=0, FULL_D=0, CUT_CHAIN=-1), dict(BLOCK_D=16), {})
+
+
+def _config(dtype: torch.dtype, N: int, C: int, D: int, interpret: bool,
+            env: bool = True) -> dict:
     """Block sizes, warps and stages for every kernel, for one problem.
 
     GPU: tiles sized for Hopper/Ampere tensor cores; 16-bit inputs get larger tiles (half the
     shared memory per element). Interpreter: the largest sensible tiles, because the interpreter
-    costs about 1 ms per program and per op, regardless of the tile size.
+    costs about 1 ms per program and per op, regardless of the tile size (the backward's BLOCK_C
+    is capped at 64 so that C > 64 gives the dx kernel two column splits to combine).
+
+    The backward kernels' configurations are cfg["bwd_dx"] and cfg["bwd_dw"] (cfg["bwd"]: the
+    shared defaults), with PYSSL_MLCD_TRITON_BWD applied (module docstring); _bwd_cfg then
+    applies any _BWD_KEYS found flat in cfg (tests patch _config that way).
     """
     if interpret:
         bn, bc, bd = _p2(N, hi=128), _p2(C, hi=128), _p2(D, hi=128)
-        return dict(fwd=dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=4, num_stages=1),
-                    bwd=dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, BLOCK_DO=_p2(D, hi=128),
-                             num_warps=4, num_stages=1),
-                    norm=dict(BLOCK_R=_p2(max(N, C), hi=256), BLOCK_D=bd, num_warps=4),
-                    pos=dict(BLOCK_P=128, BLOCK_D=bd, num_warps=4))
-    # Chosen with ptxas -v on sm_90 (tests/test_triton_compile.py compiles these): no register
-    # spills, loads pipelined through shared memory (num_stages buffers) on the 16-bit path.
-    # fp32 uses input_precision="ieee", i.e. FMA rather than tensor cores, so smaller tiles.
-    if dtype != torch.float32:
-        fwd = dict(BLOCK_N=_p2(N, hi=128), BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3)
-        bwd = dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, BLOCK_DO=_p2(D, hi=256),
-                   num_warps=8, num_stages=3)
+        bwd = dict(BLOCK_N=bn, BLOCK_C=_p2(C, hi=64), BLOCK_D=bd, BLOCK_DO=_p2(D, hi=128),
+                   num_warps=4, num_stages=1, DX_SPLITS=0, FULL_D=1, CUT_CHAIN=-1)
+        cfg = dict(fwd=dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=4, num_stages=1),
+                   norm=dict(BLOCK_R=_p2(max(N, C), hi=256), BLOCK_D=bd, num_warps=4),
+                   pos=dict(BLOCK_P=128, BLOCK_D=bd, num_warps=4))
+        only_dx, only_dw = {}, {}
     else:
-        fwd = dict(BLOCK_N=_p2(N, hi=64), BLOCK_C=64, BLOCK_D=32, num_warps=8, num_stages=2)
-        bwd = dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=32, BLOCK_DO=_p2(D, hi=128),
-                   num_warps=8, num_stages=2)
-    return dict(fwd=fwd, bwd=bwd,
-                norm=dict(BLOCK_R=32, BLOCK_D=_p2(D, hi=128), num_warps=4),
-                pos=dict(BLOCK_P=64, BLOCK_D=_p2(D, hi=128), num_warps=4))
+        # Chosen with ptxas -v on sm_90 (tests/test_triton_compile.py compiles these): no
+        # register spills, loads pipelined through shared memory (num_stages buffers) on the
+        # 16-bit path. fp32 uses input_precision="ieee", i.e. FMA rather than tensor cores, so
+        # smaller tiles.
+        if dtype != torch.float32:
+            fwd = dict(BLOCK_N=_p2(N, hi=128), BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3)
+        else:
+            fwd = dict(BLOCK_N=_p2(N, hi=64), BLOCK_C=64, BLOCK_D=32, num_warps=8, num_stages=2)
+        bwd, only_dx, only_dw = _bwd_default(dtype, D)
+        cfg = dict(fwd=fwd,
+                   norm=dict(BLOCK_R=32, BLOCK_D=_p2(D, hi=128), num_warps=4),
+                   pos=dict(BLOCK_P=64, BLOCK_D=_p2(D, hi=128), num_warps=4))
+    env = _bwd_env() if env else {"": {}, "dx": {}, "dw": {}}
+    cfg["bwd"] = dict(bwd, **env[""])
+    cfg["bwd_dx"] = dict(bwd, **only_dx, **env[""], **env["dx"])
+    cfg["bwd_dw"] = dict(bwd, **only_dw, **env[""], **env["dw"])
+    return cfg
+
+
+def _fwd_cfg(cfg: dict) -> dict:
+    """The forward kernel's configuration: cfg["fwd"] with flat block sizes applied (tests)."""
+    f = dict(cfg["fwd"])
+    f.update({k: cfg[k] for k in _FWD_FLAT_KEYS if k in cfg})
+    return f
+
+
+def _bwd_cfg(cfg: dict, which: str, D: int) -> dict:
+    """The configuration of one backward kernel (which = "dx" or "dw"), flat overrides applied
+    and the form resolved: a slice wider than the next power of two of D buys nothing;
+    FULL_D = one slice (BLOCK_DO >= D) and the form allowed; CUT_CHAIN automatic unless forced."""
+    b = dict(cfg.get("bwd_" + which, cfg["bwd"]))
+    b.update({k: cfg[k] for k in _BWD_KEYS if k in cfg})
+    b["BLOCK_DO"] = min(b["BLOCK_DO"], _p2(D))
+    b["FULL_D"] = bool(b.get("FULL_D", 1)) and b["BLOCK_DO"] >= D
+    cut = b.get("CUT_CHAIN", -1)
+    b["CUT_CHAIN"] = b["BLOCK_N"] < 16 * b["num_warps"] if cut < 0 else bool(cut)
+    return b
+
+
+def _bwd_flops(N: int, Cp: int, D: int, b: dict) -> int:
+    """FLOPs one backward kernel with configuration b (from _bwd_cfg) issues, padding included:
+    per slice the cos recompute (2·N·C'·Dr; Dr = BLOCK_DO in FULL_D form, else D rounded up to
+    BLOCK_D) and the product over the slice (2·N·C'·BLOCK_DO). Useful work is 2·N·C'·D per
+    kernel."""
+    if b["FULL_D"]:
+        return 4 * N * Cp * b["BLOCK_DO"]
+    slices = triton.cdiv(D, b["BLOCK_DO"])
+    Dr = triton.cdiv(D, b["BLOCK_D"]) * b["BLOCK_D"]
+    return slices * 2 * N * Cp * (Dr + b["BLOCK_DO"])
 
 
 def _num_splits(device: torch.device, row_blocks: int, col_tiles: int, interpret: bool) -> int:
@@ -432,6 +736,32 @@ def _num_splits(device: torch.device, row_blocks: int, col_tiles: int, interpret
         return max(1, min(2, col_tiles))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(col_tiles, triton.cdiv(4 * sms, max(row_blocks, 1))))
+
+
+def _dx_splits(device: torch.device, programs: int, col_tiles: int, interpret: bool,
+               requested: int = 0) -> int:
+    """Column splits of the dx kernel (requested > 0: that many, at most one per column tile).
+
+    Automatic: the dx grid without splits is cdiv(N, BLOCK_N) x slices programs, e.g. 64 for
+    N = 4096 at BLOCK_N = 64, half of an H200's 132 SMs. The backward configurations hold one
+    program per SM (shared memory), so take the fewest splits s <= 8 whose grid fills its last
+    wave best: efficiency programs * s / (waves * SMs), a split kept only when it gains more
+    than 5 points (N = 4096: s = 2, 97%; N = 8192: s = 1, 97%; N = 6144: s = 4, 97%).
+    The interpreter (and CPU tensors) use 2 when there are two column tiles, so the tests run
+    the split combine.
+    """
+    if requested > 0:
+        return max(1, min(int(requested), col_tiles))
+    if interpret or device.type != "cuda":
+        return max(1, min(2, col_tiles))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    best, best_eff = 1, 0.0
+    for s in range(1, min(_MAX_AUTO_DX_SPLITS, col_tiles) + 1):
+        p = programs * s
+        eff = p / (triton.cdiv(p, sms) * sms)
+        if eff > best_eff + 0.05:
+            best, best_eff = s, eff
+    return best
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,7 +828,7 @@ def _lse_stats(x, w, classes, pos_col, scale, Cp, cfg, splits):
     N, D = x.shape
     L = pos_col.shape[1]
     interpret, flags = _common_flags()
-    f = cfg["fwd"]
+    f = _fwd_cfg(cfg)
     row_blocks = triton.cdiv(N, f["BLOCK_N"])
     col_tiles = triton.cdiv(Cp, f["BLOCK_C"])
     if splits is None:
@@ -577,20 +907,52 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     gneg = gneg.to(torch.float32).contiguous()
     gpos = gpos.to(torch.float32).contiguous()
     cfg = _config(x.dtype, N, Cp, D, _interpreting())
-    _, flags = _common_flags()
+    interpret, flags = _common_flags()
     rx, rw = _inv_norms(x, w, classes, Cp, cfg)
-    b = cfg["bwd"]
     cls = classes if classes is not None else pos_col
-    common = dict(L=L, HAS_CLASSES=classes is not None, BLOCK_N=b["BLOCK_N"],
-                  BLOCK_C=b["BLOCK_C"], BLOCK_D=b["BLOCK_D"], BLOCK_DO=b["BLOCK_DO"],
-                  num_warps=b["num_warps"], num_stages=b["num_stages"], **flags)
     scale = float(scale)
-    _mlcd_grad_dx_kernel[(triton.cdiv(N, b["BLOCK_N"]), triton.cdiv(D, b["BLOCK_DO"]))](
-        x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, dx,
-        N, Cp, D, x.stride(0), w.stride(0), dx.stride(0), scale, scale * LOG2E, **common)
+    common = dict(L=L, HAS_CLASSES=classes is not None, **flags)
+
+    def launch_args(b):
+        return dict(BLOCK_N=b["BLOCK_N"], BLOCK_C=b["BLOCK_C"], BLOCK_D=b["BLOCK_D"],
+                    BLOCK_DO=b["BLOCK_DO"], FULL_D=b["FULL_D"], CUT_CHAIN=b["CUT_CHAIN"],
+                    num_warps=b["num_warps"], num_stages=b["num_stages"], **common)
+
+    # dx: row blocks x D slices x column splits.
+    b = _bwd_cfg(cfg, "dx", D)
+    row_blocks, slices = triton.cdiv(N, b["BLOCK_N"]), triton.cdiv(D, b["BLOCK_DO"])
+    col_tiles = triton.cdiv(Cp, b["BLOCK_C"])
+    splits = _dx_splits(x.device, row_blocks * slices, col_tiles, interpret, b["DX_SPLITS"])
+    tiles_per_split = triton.cdiv(col_tiles, splits)
+    splits = triton.cdiv(col_tiles, tiles_per_split)   # drop splits that would own no tile
+    if splits > 1:
+        # (FULL_D: no partial q, the caller takes q from the summed accumulator)
+        part = torch.empty(splits, N, D, device=x.device, dtype=torch.float32)
+        part_q = rx if b["FULL_D"] else torch.empty(splits, N, device=x.device,
+                                                      dtype=torch.float32)
+        out, out_q, stride_out = part, part_q, D
+    else:
+        out, out_q, stride_out = dx, rx, dx.stride(0)     # PART_Q unused without splits
+    _mlcd_grad_dx_kernel[(row_blocks, slices, splits)](
+        x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, out, out_q,
+        N, Cp, D, x.stride(0), w.stride(0), stride_out, scale, scale * LOG2E, tiles_per_split,
+        SPLIT_OUT=splits > 1, **launch_args(b))
+    if splits > 1:
+        # dx = rx * (acc - x * rx * q) is linear in the partial (acc, q): sum them over the
+        # splits (fixed order, deterministic), then finish the normalization backward here.
+        # FULL_D: q = x̂ . dx̂ = rx * Σ_d x·acc from the summed accumulator.
+        acc = part.sum(0)
+        xf = x.to(torch.float32)
+        q = rx * (xf * acc).sum(1) if b["FULL_D"] else part_q.sum(0)
+        acc.addcmul_(xf, (rx * q).unsqueeze(1), value=-1.0)
+        dx.copy_(acc.mul_(rx.unsqueeze(1)))
+
+    # dw: column blocks x D slices.
+    b = _bwd_cfg(cfg, "dw", D)
     _mlcd_grad_dw_kernel[(triton.cdiv(Cp, b["BLOCK_C"]), triton.cdiv(D, b["BLOCK_DO"]))](
         x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, dw,
-        N, Cp, D, x.stride(0), w.stride(0), dw.stride(0), scale, scale * LOG2E, **common)
+        N, Cp, D, x.stride(0), w.stride(0), dw.stride(0), scale, scale * LOG2E,
+        **launch_args(b))
     return dx, dw
 
 
@@ -606,13 +968,42 @@ def _aligned(signature: dict) -> List[str]:
             if v.startswith("*") or k.startswith("stride_") or k == "D"]
 
 
+def _bwd_compile_case(kernel, dtype: torch.dtype, b: dict, split_out: bool = False,
+                      has_classes: bool = True, L: int = 4) -> tuple:
+    """A compile case of a backward kernel with configuration b (from _bwd_cfg): also what a
+    ptxas check of a candidate configuration builds (see the module docstring)."""
+    t = "*" + _TL_DTYPE_NAME[dtype]
+    base = dict(X=t, W=t, CLS="*i64", RX="*fp32", RW="*fp32", POS="*i64", LSE="*fp32",
+                GNEG="*fp32", GPOS="*fp32")
+    scalars = dict(N="i32", C="i32", D="i32", stride_x="i32", stride_w="i32")
+    const = dict(L="constexpr", HAS_CLASSES="constexpr", BLOCK_N="constexpr",
+                 BLOCK_C="constexpr", BLOCK_D="constexpr", BLOCK_DO="constexpr",
+                 FULL_D="constexpr", CUT_CHAIN="constexpr")
+    flags = dict(DOT_FP32="constexpr", DOT_PRECISION="constexpr")
+    if kernel is _mlcd_grad_dx_kernel:
+        sig = dict(base, DX="*fp32" if split_out else t, PART_Q="*fp32", **scalars,
+                   stride_dx="i32", scale="fp32", scale_log2e="fp32", tiles_per_split="i32",
+                   **const, SPLIT_OUT="constexpr", **flags)
+        extra = dict(SPLIT_OUT=split_out)
+    else:
+        sig = dict(base, DW=t, **scalars, stride_dw="i32", scale="fp32", scale_log2e="fp32",
+                   **const, **flags)
+        extra = {}
+    consts = dict(L=L, HAS_CLASSES=has_classes, BLOCK_N=b["BLOCK_N"], BLOCK_C=b["BLOCK_C"],
+                  BLOCK_D=b["BLOCK_D"], BLOCK_DO=b["BLOCK_DO"], FULL_D=b["FULL_D"],
+                  CUT_CHAIN=b["CUT_CHAIN"], **extra,
+                  DOT_FP32=False, DOT_PRECISION="ieee")
+    return (kernel, sig, consts, dict(num_warps=b["num_warps"], num_stages=b["num_stages"]),
+            _aligned(sig))
+
+
 def _compile_cases() -> List[tuple]:
     cases = []
     D = 512
     for dtype in (torch.float32, torch.bfloat16):
         t = "*" + _TL_DTYPE_NAME[dtype]
         cfg = _config(dtype, 4096, 1 << 20, D, interpret=False)
-        f, b, nrm, p = cfg["fwd"], cfg["bwd"], cfg["norm"], cfg["pos"]
+        f, nrm, p = cfg["fwd"], cfg["norm"], cfg["pos"]
         flags = dict(DOT_FP32=False, DOT_PRECISION="ieee")
         for has_idx in (False, True):
             cases.append((_row_inv_norm_kernel,
@@ -637,17 +1028,26 @@ def _compile_cases() -> List[tuple]:
                            BLOCK_D="constexpr"),
                       dict(L=4, HAS_CLASSES=True, BLOCK_P=p["BLOCK_P"], BLOCK_D=p["BLOCK_D"]),
                       dict(num_warps=p["num_warps"])))
-        for kern, out in ((_mlcd_grad_dx_kernel, "DX"), (_mlcd_grad_dw_kernel, "DW")):
-            sig = dict(base, LSE="*fp32", GNEG="*fp32", GPOS="*fp32", **{out: t},
-                       N="i32", C="i32", D="i32", stride_x="i32", stride_w="i32",
-                       **{"stride_" + out.lower(): "i32"}, scale="fp32", scale_log2e="fp32",
-                       **const, BLOCK_DO="constexpr", DOT_FP32="constexpr",
-                       DOT_PRECISION="constexpr")
-            cases.append((kern, sig,
-                          dict(L=4, HAS_CLASSES=False, BLOCK_N=b["BLOCK_N"], BLOCK_C=b["BLOCK_C"],
-                               BLOCK_D=b["BLOCK_D"], BLOCK_DO=b["BLOCK_DO"], **flags),
-                          dict(num_warps=b["num_warps"], num_stages=b["num_stages"])))
-    return [case + (_aligned(case[1]),) for case in cases]
+    cases = [case + (_aligned(case[1]),) for case in cases]
+    # Backward kernels, the default GPU configurations (PYSSL_MLCD_TRITON_BWD ignored): 16-bit
+    # FULL_D at D = 512 (the MLCD target; also with S = all classes) and D = 256, sliced at
+    # D = 1024 (also what D = 768 runs), the dx kernel with and without the column split; fp32
+    # (sliced at every D). ptxas -v for each: no spills (module docstring, _bwd_default).
+    for dtype, Dk, dx_split_forms in ((torch.bfloat16, 512, (False, True)),
+                                      (torch.bfloat16, 256, (False,)),
+                                      (torch.bfloat16, 1024, (False, True)),
+                                      (torch.float16, 512, (False,)),
+                                      (torch.float32, 512, (False,))):
+        cfg = _config(dtype, 4096, 1 << 20, Dk, interpret=False, env=False)
+        for split_out in dx_split_forms:
+            cases.append(_bwd_compile_case(_mlcd_grad_dx_kernel, dtype, _bwd_cfg(cfg, "dx", Dk),
+                                           split_out=split_out))
+        cases.append(_bwd_compile_case(_mlcd_grad_dw_kernel, dtype, _bwd_cfg(cfg, "dw", Dk)))
+        if dtype == torch.bfloat16 and Dk == 512:   # S = all classes (no id gather)
+            for kern in (_mlcd_grad_dx_kernel, _mlcd_grad_dw_kernel):
+                cases.append(_bwd_compile_case(kern, dtype, _bwd_cfg(cfg, kern.__name__[11:13], Dk),
+                                               has_classes=False))
+    return cases
 
 
 COMPILE_CASES = _compile_cases()
