@@ -5,6 +5,9 @@ budget on a 2-core machine; cases of a device that is absent are dry-run at tiny
 (to keep them working) and not recorded. Options:
   --quick         run every case at tiny size and write nothing (a smoke test of the suite)
   --cases a,b     only these cases
+  --impls a,b     only these impls (the case's other recorded impls are kept)
+  --tag TEXT      record the impls as "<impl>[TEXT]", e.g. one kernel configuration of a sweep
+                  (PYSSL_MLCD_TRITON_BWD=... python -m bench --impls pyssl-triton --tag bwd-256)
   --no-memory     skip the per-impl memory subprocesses
 """
 from __future__ import annotations
@@ -33,11 +36,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--cases", default="")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--impls", default="")
+    p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available()
     if not gpu:  # GPU cases dry-run here: their Triton kernels go through the interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
     wanted = set(filter(None, args.cases.split(",")))
+    impls = set(filter(None, args.impls.split(",")))
     plan = []
     for name in modules():
         mod = importlib.import_module(name)
@@ -48,6 +54,10 @@ def main(argv=None):
             size = "tiny" if (args.quick or not present) else "full"
             if not present:  # dry-run a GPU case on the CPU at tiny size (CUDA-only peers note a skip)
                 case = dataclasses.replace(case, device="cpu", repeats=1, warmup=0)
+            if impls:
+                case = dataclasses.replace(case, impls={k: v for k, v in case.impls.items() if k in impls})
+                if not case.impls:
+                    continue
             plan.append((name, case, size, present and not args.quick))
     if not plan:
         sys.exit(f"no benchmark case matches {args.cases!r}")
@@ -57,13 +67,16 @@ def main(argv=None):
         for module, case, size, record in plan:
             res = harness.run_case(module, case, size, memory=record and not args.no_memory, progress=bar)
             if record:
+                if args.tag:
+                    res = {f"{k}[{args.tag}]": v for k, v in res.items()}
                 results.setdefault(case.device, {})[case.name] = (res, case.notes)
             else:
                 failed = {k: v["note"] for k, v in res.items() if v["note"].startswith("failed")}
                 status = "ok" if not failed else f"FAILED {failed}"
                 tqdm.write(f"dry-run {case.name} (tiny, not recorded): {status}")
     for device, cases in results.items():
-        path = harness.save(device, {k: v[0] for k, v in cases.items()}, {k: v[1] for k, v in cases.items()})
+        path = harness.save(device, {k: v[0] for k, v in cases.items()}, {k: v[1] for k, v in cases.items()},
+                            merge_impls=bool(impls or args.tag))
         print(f"wrote {path}")
         with open(path.replace(".json", ".md")) as f:
             print(f.read())

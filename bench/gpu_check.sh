@@ -14,6 +14,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
 
+T0=$(date +%s)
 log "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$OUT/gpu_check.log"
 if [ -d bench/.wheels ]; then
@@ -26,11 +27,23 @@ MAX_JOBS=16 timeout 300 $PY -m pip install -q --no-build-isolation --no-deps -e 
 log "build rc=$? in $(( $(date +%s) - t0 ))s"
 
 log "tests on CUDA"
-timeout 240 $PY -m pytest -q -x --timeout 120 tests -p no:cacheprovider > "$OUT/tests.log" 2>&1
+TIMEOUT_OPT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
+timeout 240 $PY -m pytest -q -x $TIMEOUT_OPT tests -p no:cacheprovider > "$OUT/tests.log" 2>&1
 log "tests rc=$?: $(tail -1 "$OUT/tests.log")"
 
 log "bench (GPU cases)"
-timeout 300 $PY -m bench --cases mlcd_1m_sampled,mlcd_1m_full > "$OUT/bench.log" 2>&1
+timeout 240 $PY -m bench --cases mlcd_1m_sampled,mlcd_1m_full,knn_gpu > "$OUT/bench.log" 2>&1
 log "bench rc=$?"
 cp bench/results/*.json bench/results/*.md "$OUT"/ 2>/dev/null
-log "done"
+
+# Triton backward configurations for MLCD (kernels/mlcd_loss.py, PYSSL_MLCD_TRITON_BWD), each
+# recorded as "pyssl-triton[tag]" beside the default, while the 8-minute budget lasts.
+for variant in "bwd256:BLOCK_DO=256,num_stages=3" "dxs1:DX_SPLITS=1" "dxs4:DX_SPLITS=4" "nocut:CUT_CHAIN=0"; do
+  [ $(( $(date +%s) - T0 )) -lt 420 ] || { log "sweep stopped: time budget"; break; }
+  tag=${variant%%:*}
+  PYSSL_MLCD_TRITON_BWD=${variant#*:} timeout 60 $PY -m bench --cases mlcd_1m_sampled,mlcd_1m_full \
+    --impls pyssl-triton --tag "$tag" --no-memory >> "$OUT/bench_sweep.log" 2>&1
+  log "sweep $tag rc=$?"
+done
+cp bench/results/*.json bench/results/*.md "$OUT"/ 2>/dev/null
+log "done in $(( $(date +%s) - T0 ))s"

@@ -214,8 +214,10 @@ def _triton_version() -> Optional[str]:
         return None
 
 
-def save(device: str, cases: Dict[str, Dict[str, dict]], notes: Dict[str, str], out_dir: str = RESULTS) -> str:
-    """Merge this run's cases into bench/results/<device>.json and rewrite the markdown table."""
+def save(device: str, cases: Dict[str, Dict[str, dict]], notes: Dict[str, str], out_dir: str = RESULTS,
+         merge_impls: bool = False) -> str:
+    """Merge this run's cases into bench/results/<device>.json and rewrite the markdown table.
+    merge_impls keeps a case's other impls (a run of some impls only, or a tagged sweep)."""
     os.makedirs(out_dir, exist_ok=True)
     name = device_name(device)
     path = os.path.join(out_dir, f"{name}.json")
@@ -225,7 +227,11 @@ def save(device: str, cases: Dict[str, Dict[str, dict]], notes: Dict[str, str], 
             doc = json.load(f)
     doc.update({"machine": machine_description(device), "date": datetime.date.today().isoformat(),
                 "commit": git_commit(), "torch": torch.__version__, "triton": _triton_version()})
-    doc.setdefault("cases", {}).update(cases)
+    for case, impls in cases.items():
+        if merge_impls:
+            doc.setdefault("cases", {}).setdefault(case, {}).update(impls)
+        else:
+            doc.setdefault("cases", {})[case] = impls
     doc.setdefault("notes", {}).update(notes)
     # the top-level commit/date describe the latest run; each case keeps the run it came from
     doc.setdefault("case_runs", {}).update({c: f"{doc['commit']} {doc['date']}" for c in cases})

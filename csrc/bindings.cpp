@@ -17,7 +17,8 @@ void mlcd_chunk_grad(at::Tensor buf, at::Tensor xhat, at::Tensor w, at::Tensor r
 
 // ---- knn_cpu.cpp: exact inner-product top-k (pyssl/ops/knn.py, backend "cpu").
 std::tuple<at::Tensor, at::Tensor> knn_topk_cpu(at::Tensor queries, at::Tensor bank, int64_t k,
-                                                c10::optional<at::Tensor> bank_bias);
+                                                c10::optional<at::Tensor> bank_bias,
+                                                int64_t query_block, int64_t bank_block);
 
 #define PYSSL_STR2(x) #x
 #define PYSSL_STR(x) PYSSL_STR2(x)
@@ -39,7 +40,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("knn_topk_cpu", &knn_topk_cpu,
         "k largest q.b + bias_b per query, sorted descending, ties to the lower index: "
         "(scores (Q, k) float32, indices (Q, k) int64)",
-        py::arg("queries"), py::arg("bank"), py::arg("k"), py::arg("bank_bias") = py::none());
+        py::arg("queries"), py::arg("bank"), py::arg("k"), py::arg("bank_bias") = py::none(),
+        py::arg("query_block") = 1024, py::arg("bank_block") = 1024);
   m.def("mlcd_chunk_lse", &mlcd_chunk_lse,
         "buf <- scale*clamp((xhat @ w.T) * rw, -1, 1) with positive columns = -inf (in place); "
         "returns (lse_neg (R,), pos_cos (R, L)), float32",

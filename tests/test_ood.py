@@ -152,3 +152,15 @@ def test_bad_input_ood():
         pyssl.ood.msp(torch.randn(3))
     with pytest.raises(ValueError, match="backend must be one of"):
         pyssl.ood.KNNScorer(backend="gpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_knn_ties_at_the_kth_place_go_to_lower_indices(backend):
+    g = torch.Generator().manual_seed(6)
+    bank = torch.randn(200, 8, generator=g) * 0.1
+    v = torch.ones(8)
+    tied = torch.tensor([170, 30, 99, 5, 140, 61])          # six equal best rows, k = 4
+    bank[tied] = v
+    s, i = KNN.search(v[None], bank, 4, backend=backend)
+    assert i[0].tolist() == [5, 30, 61, 99]
+    torch.testing.assert_close(s[0], torch.full((4,), 8.0))

@@ -126,6 +126,20 @@ def _merge_topk(s_a, i_a, s_b, i_b, k):
     return s.gather(1, top), i.gather(1, top)
 
 
+def _block_topk(s: Tensor, k: int):
+    """topk of each row, exact on ties: every score above the k-th value, then the lowest-index
+    entries equal to it; returned by descending score, ties by ascending index."""
+    kth = s.topk(k, dim=1).values[:, -1:]
+    above = s > kth
+    equal = s == kth
+    need = k - above.sum(1, keepdim=True)
+    take = above | (equal & (equal.cumsum(1) <= need))
+    idx = take.nonzero()[:, 1].view(s.shape[0], k)            # ascending index within each row
+    val = s.gather(1, idx)
+    order = torch.sort(val, dim=1, descending=True, stable=True).indices
+    return val.gather(1, order), idx.gather(1, order)
+
+
 def _search_torch(queries, bank, k, bank_bias):
     q = queries.float()
     nq, nb = q.shape[0], bank.shape[0]
@@ -141,10 +155,8 @@ def _search_torch(queries, bank, k, bank_bias):
             s = qb @ blk.t()
             if bank_bias is not None:
                 s += bank_bias[b0:b0 + bc]
-            kk = min(k, s.shape[1])
-            # stable sort keeps ties in index order inside the block
-            ts, ti = torch.sort(s, dim=1, descending=True, stable=True)
-            ts, ti = ts[:, :kk], ti[:, :kk] + b0
+            ts, ti = _block_topk(s, min(k, s.shape[1]))
+            ti = ti + b0
             if best_s is None:
                 best_s, best_i = ts, ti
             else:
