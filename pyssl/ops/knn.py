@@ -128,16 +128,24 @@ def _merge_topk(s_a, i_a, s_b, i_b, k):
 
 def _block_topk(s: Tensor, k: int):
     """topk of each row, exact on ties: every score above the k-th value, then the lowest-index
-    entries equal to it; returned by descending score, ties by ascending index."""
-    kth = s.topk(k, dim=1).values[:, -1:]
-    above = s > kth
-    equal = s == kth
-    need = k - above.sum(1, keepdim=True)
-    take = above | (equal & (equal.cumsum(1) <= need))
-    idx = take.nonzero()[:, 1].view(s.shape[0], k)            # ascending index within each row
-    val = s.gather(1, idx)
-    order = torch.sort(val, dim=1, descending=True, stable=True).indices
-    return val.gather(1, order), idx.gather(1, order)
+    entries equal to it; returned by descending score, ties by ascending index. torch.topk picks
+    among boundary ties arbitrarily, so the rows where a tie straddles the k-th place (rare) are
+    redone exactly."""
+    val, idx = s.topk(k, dim=1)
+    kth = val[:, -1:]
+    straddle = torch.nonzero((s == kth).sum(1) > (val == kth).sum(1)).flatten()
+    if straddle.numel():
+        r = s[straddle]
+        rk = kth[straddle]
+        above, equal = r > rk, r == rk
+        take = above | (equal & (equal.cumsum(1) <= k - above.sum(1, keepdim=True)))
+        ridx = take.nonzero()[:, 1].view(-1, k)
+        val[straddle], idx[straddle] = r.gather(1, ridx), ridx
+    # order by (score desc, index asc): stable sort by index, then stable sort by score
+    o = torch.argsort(idx, dim=1, stable=True)
+    val, idx = val.gather(1, o), idx.gather(1, o)
+    o = torch.sort(val, dim=1, descending=True, stable=True).indices
+    return val.gather(1, o), idx.gather(1, o)
 
 
 def _search_torch(queries, bank, k, bank_bias):
