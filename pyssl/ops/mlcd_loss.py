@@ -451,6 +451,9 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
     ctx.backend = backend
     ctx.mark_non_differentiable(lse_total, gpos_unit, pos_col, dx, dw)
+    # the auxiliary outputs never get a gradient: without this autograd would hand the backward
+    # zero-filled tensors for them, a C×D fill for dw
+    ctx.set_materialize_grads(False)
     if gif:
         ctx.save_for_backward(dx, dw)
     else:
@@ -458,6 +461,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *unused):
+    if grad_loss is None:   # only auxiliary outputs reached the backward: no gradient flows
+        return (None,) * 13
     if ctx.grad_in_forward:
         # one scaling pass, no data-dependent branch (it must trace under torch.compile); the
         # products are fresh tensors that autograd's accumulation can take without a copy
