@@ -103,6 +103,8 @@ def measure_memory_here(case: Case, impl: str, size: str) -> float:
     inputs = case.make_inputs(size, case.device)
     step = case.impls[impl](inputs)
     step()  # warm-up: compilation, autotuning and lazy allocations are not the step's memory
+    import pyssl
+    pyssl.empty_cache()  # but pyssl's reusable scratch buffers are: the step allocates them again
     gc.collect()
     if case.device == "cuda":
         torch.cuda.synchronize()

@@ -7,7 +7,8 @@ See README.md for the API of every op and ../SPEC for the exact math.
 """
 from pyssl.ops.mlcd_loss import margin_softmax_loss, mlcd_loss, sample_classes
 from pyssl import cluster, nn, ood, reference
+from pyssl._workspace import empty_cache
 
 __version__ = "0.1.0"
 
-__all__ = ["mlcd_loss", "sample_classes", "margin_softmax_loss", "nn", "cluster", "ood", "reference"]
+__all__ = ["mlcd_loss", "sample_classes", "margin_softmax_loss", "nn", "cluster", "ood", "reference", "empty_cache"]

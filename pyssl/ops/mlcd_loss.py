@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pyssl import _dispatch
+from pyssl import _dispatch, _workspace
 from pyssl.reference import NORM_EPS, SIN_EPS
 
 # loss kinds understood by the op
@@ -198,7 +198,7 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _row_weights(reduction: int, n: int, device) -> float:
+def _row_weights(reduction: int, n: int) -> float:
     return 1.0 / n if reduction == 1 else 1.0
 
 
@@ -261,7 +261,8 @@ class _Chunked:
         n, d = x.shape
         self.cp = self.w_eff.shape[0]
         self.rows = _chunk_rows(n, self.cp, d)
-        self.buf = torch.empty(self.rows, self.cp, dtype=acc, device=x.device)
+        # reused across calls (pyssl/_workspace.py): a fresh one costs page faults every step
+        self.buf = _workspace.scratch(self.rows * self.cp, acc, x.device).view(self.rows, self.cp)
         self.lse_fn, self.grad_fn = _chunk_kernels(backend)
 
     def chunks(self, n):
@@ -395,11 +396,11 @@ def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optiona
     if backend == "triton":
         rows, lse_total, gpos_unit = _triton_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact)
         if grad_in_forward:
-            w_row = _row_weights(reduction, n, x.device)
+            w_row = _row_weights(reduction, n)
             g = torch.full_like(lse_total, w_row)
             dx, dw = _triton_backward(x, weight, classes, pos_col, scale, lse_total, g, gpos_unit * w_row)
     else:
-        w_row = _row_weights(reduction, n, x.device) if grad_in_forward else None
+        w_row = _row_weights(reduction, n) if grad_in_forward else None
         rows, lse_total, gpos_unit, dx, dw = _chunked_forward(
             x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact, w_row, backend)
     if reduction == 1:
