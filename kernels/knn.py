@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pyssl.kernels._tiles import dot_rows_tile as _score_tile
+
 MAX_K = 256          # largest k of the in-register top-k; larger k: the caller's torch path
 _MAX_B = 2 ** 30      # bank indices are packed into the low 32 bits of a key (as 2**31 - 1 - b)
 _LOW31 = 2 ** 31 - 1
@@ -51,30 +53,6 @@ _TL_DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: 
 # ----------------------------------------------------------------------------------------------
 # Device helpers (inlined into the kernel).
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _score_tile(Qp, Bp, rows, cols, rmask, cmask, D, stride_q, stride_b,
-                BLOCK_Q: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """queries[rows] . bank[cols]^T as a (BLOCK_Q, BLOCK_B) float32 tile, D in BLOCK_D steps.
-
-    The bank tile is loaded transposed, (BLOCK_D, BLOCK_B), straight from the row pointers, so
-    no tl.trans is needed. Masked rows/columns load zeros.
-    """
-    acc = tl.zeros((BLOCK_Q, BLOCK_B), dtype=tl.float32)
-    q_rows = Qp + rows.to(tl.int64)[:, None] * stride_q     # (BLOCK_Q, 1) row starts
-    b_rows = Bp + cols.to(tl.int64)[None, :] * stride_b     # (1, BLOCK_B) row starts
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dmask = d < D
-        qt = tl.load(q_rows + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        bt = tl.load(b_rows + d[:, None], mask=dmask[:, None] & cmask[None, :], other=0.0)
-        if DOT_FP32:
-            qt = qt.to(tl.float32)
-            bt = bt.to(tl.float32)
-        acc = tl.dot(qt, bt, acc, input_precision=DOT_PRECISION)
-    return acc
-
-
 @triton.jit
 def _pack_keys(score, cols, valid):
     """int64 keys ordering by (score, then lower column first); invalid entries get the sentinel.

@@ -63,6 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pyssl.kernels._tiles import dot_rows_tile as _dot_tile
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _EPS = 1e-12  # the contract's max(||v||, 1e-12), as in torch.nn.functional.normalize
@@ -73,31 +75,6 @@ _TL_DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: 
 # ----------------------------------------------------------------------------------------------
 # Device helpers (inlined into the kernels).
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _dot_tile(X, W, rows, ids, rmask, cmask, D, stride_x, stride_w,
-              BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-              DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Raw dot products x[rows] . w[ids]^T as a (BLOCK_N, BLOCK_C) float32 tile, D in BLOCK_D steps.
-
-    The w tile is loaded directly transposed, (BLOCK_D, BLOCK_C), from the row pointers
-    w + id * stride_w, so no gathered copy of w[S] exists and no tl.trans is needed. Masked
-    rows/columns load zeros and so give 0 in the tile.
-    """
-    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    x_rows = X + rows.to(tl.int64)[:, None] * stride_x     # (BLOCK_N, 1) row starts
-    w_rows = W + ids.to(tl.int64)[None, :] * stride_w      # (1, BLOCK_C) row starts
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dmask = d < D
-        xt = tl.load(x_rows + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        wt = tl.load(w_rows + d[:, None], mask=dmask[:, None] & cmask[None, :], other=0.0)
-        if DOT_FP32:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
-    return acc
-
-
 @triton.jit
 def _positive_tile(POS, GPOS, rows, rmask, cols, L: tl.constexpr, WITH_GPOS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -1,0 +1,30 @@
+"""Tile helpers shared by the Triton kernels of pyssl (inlined into each kernel at compile time)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot_rows_tile(X, W, rows, ids, rmask, cmask, D, stride_x, stride_w,
+                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Raw dot products x[rows] . w[ids]^T as a (BLOCK_N, BLOCK_C) float32 tile, D in BLOCK_D steps.
+
+    Both operands are rows addressed by index (x rows of a block; w rows of class ids, or bank
+    rows): the w tile is loaded directly transposed, (BLOCK_D, BLOCK_C), from the row pointers
+    w + id * stride_w, so no gathered copy of w[S] exists and no tl.trans is needed. Masked
+    rows/columns load zeros and so give 0 in the tile. fp32 accumulation; DOT_FP32 converts the
+    operands for the interpreter, DOT_PRECISION is "ieee" for fp32 inputs.
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_x     # (BLOCK_N, 1) row starts
+    w_rows = W + ids.to(tl.int64)[None, :] * stride_w      # (1, BLOCK_C) row starts
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dmask = d < D
+        xt = tl.load(x_rows + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        wt = tl.load(w_rows + d[:, None], mask=dmask[:, None] & cmask[None, :], other=0.0)
+        if DOT_FP32:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
+    return acc
