@@ -57,12 +57,16 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
     backend: "auto" (faiss if importable), "faiss" or "torch"; both start from the same centroids.
     """
     fn = "kmeans"
-    x = _knn.as_float_tensor("x", fn, x)
     _check_int(fn, "k", k)
-    _check_int(fn, "niter", niter, lo=0)
     _check_int(fn, "max_points_per_centroid", max_points_per_centroid)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"{fn}: seed must be an int, got {type(seed).__name__}")
+    if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] > k * max_points_per_centroid:
+        # a memmap larger than the training sample: read only the sampled rows
+        keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+        x = x[np.sort(keep[: k * max_points_per_centroid].numpy())]
+    x = _knn.as_float_tensor("x", fn, x)
+    _check_int(fn, "niter", niter, lo=0)
     n, d = x.shape
     if k > n:
         raise ValueError(f"{fn}: k={k} is larger than the number of points ({n})")

@@ -89,3 +89,15 @@ def test_bad_input_cluster():
         pyssl.cluster.topk_assign(x, torch.randn(5, 4), l=2)
     with pytest.raises(ValueError, match="out\\[0\\] must be a numpy array"):
         pyssl.cluster.topk_assign(x, torch.randn(5, 3), l=2, out=(np.zeros((10, 2)), np.zeros((10, 2), np.float32)))
+
+
+def test_kmeans_reads_only_a_sample_of_a_large_memmap(tmp_path):
+    n, d, k = 5000, 4, 3
+    mm = np.memmap(tmp_path / "x.f32", dtype=np.float32, mode="w+", shape=(n, d))
+    mm[:] = np.random.default_rng(0).normal(size=(n, d))
+    mm.flush()
+    x = np.memmap(tmp_path / "x.f32", dtype=np.float32, mode="r", shape=(n, d))
+    cent = pyssl.cluster.kmeans(x, k, niter=5, max_points_per_centroid=100, backend="torch")
+    assert cent.shape == (k, d) and torch.isfinite(cent).all()
+    again = pyssl.cluster.kmeans(x, k, niter=5, max_points_per_centroid=100, backend="torch")
+    torch.testing.assert_close(cent, again)
