@@ -43,12 +43,15 @@ def knn_faiss(inp):
     b = inp["bank"].float().cpu().numpy()
     q = inp["q"].float().cpu().numpy()
     index = faiss.IndexFlatL2(b.shape[1])
+    res = None
     if inp["q"].device.type == "cuda":
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        res = faiss.StandardGpuResources()      # must outlive the GPU index
+        index = faiss.index_cpu_to_gpu(res, 0, index)
     index.add(b)
+    held = (index, res)                         # the step keeps the GPU resources alive
 
     def step():
-        d, _ = index.search(q, inp["k"])
+        d, _ = held[0].search(q, inp["k"])
         return -d[:, -1]
     return step
 

@@ -182,7 +182,8 @@ def _search_faiss(queries, bank, k, bank_bias):
         b = np.concatenate([b, bank_bias.detach().float().cpu().numpy()[:, None]], 1)
     index = faiss.IndexFlatIP(b.shape[1])
     if queries.device.type == "cuda":
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), queries.device.index or 0, index)
+        res = faiss.StandardGpuResources()      # must outlive the GPU index: keep a reference
+        index = faiss.index_cpu_to_gpu(res, queries.device.index or 0, index)
     index.add(np.ascontiguousarray(b))
     s, i = index.search(np.ascontiguousarray(q), k)
     return (torch.from_numpy(s).to(queries.device), torch.from_numpy(i).to(torch.int64).to(queries.device))
