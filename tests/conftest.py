@@ -19,7 +19,9 @@ BACKENDS = ["cpu", "torch", "triton"]
 
 
 def device_for(backend: str) -> str:
-    if backend == "cpu":
+    """Where a backend's test tensors live: cpu (our C++) and faiss (faiss-cpu) on the CPU,
+    the rest on the GPU when there is one."""
+    if backend in ("cpu", "faiss"):
         return "cpu"
     return "cuda" if GPU else "cpu"
 

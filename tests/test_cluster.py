@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import pyssl
+from conftest import device_for
 
 
 def _blobs(n=3000, k=12, d=16, seed=0):
@@ -59,12 +60,12 @@ def test_topk_assign_matches_brute_force_with_memmap(backend, tmp_path):
     mm[:] = g.normal(size=(n, d))
     mm.flush()
     x = np.memmap(path, dtype=np.float32, mode="r", shape=(n, d))
-    cent = torch.from_numpy(g.normal(size=(k, d)).astype(np.float32))
+    cent = torch.from_numpy(g.normal(size=(k, d)).astype(np.float32)).to(device_for(backend))
     idx_mm = np.memmap(tmp_path / "idx.i64", dtype=np.int64, mode="w+", shape=(n, l))
     sim_mm = np.memmap(tmp_path / "sim.f32", dtype=np.float32, mode="w+", shape=(n, l))
     idx, sim = pyssl.cluster.topk_assign(x, cent, l=l, batch_size=64, out=(idx_mm, sim_mm), backend=backend)
     xn = torch.nn.functional.normalize(torch.from_numpy(np.array(x)), dim=1)
-    cn = torch.nn.functional.normalize(cent, dim=1)
+    cn = torch.nn.functional.normalize(cent.cpu(), dim=1)
     ws, wi = (xn @ cn.t()).topk(l, dim=1)
     assert torch.equal(idx, wi)
     torch.testing.assert_close(sim, ws, rtol=1e-5, atol=1e-5)

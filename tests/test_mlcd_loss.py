@@ -205,7 +205,7 @@ def test_triton_split_statistics_combine():
     """The per-row (max, sum) statistics of column splits (the form a model-parallel shard
     all-reduces) combine to the same log-sum-exp for any number of splits."""
     from pyssl.kernels import mlcd_loss as K
-    x, w, pos = make_problem(n=20, c=400, d=16, seed=17, pad=False)
+    x, w, pos = make_problem(n=20, c=400, d=16, seed=17, pad=False, device=device_for("triton"))
     base, pc = K.mlcd_lse(x, w, None, pos, 16.0, splits=1)
     for splits in (2, 3, 5):
         lse, pc2 = K.mlcd_lse(x, w, None, pos, 16.0, splits=splits)

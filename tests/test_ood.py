@@ -5,6 +5,7 @@ import torch
 
 import pyssl
 from pyssl.ops import knn as KNN
+from conftest import device_for
 
 sk = pytest.importorskip("sklearn.metrics")
 
@@ -60,8 +61,9 @@ def test_knn_scorer_matches_brute_force(backend, normalize):
     g = torch.Generator().manual_seed(0)
     bank = torch.randn(500, 24, generator=g) * 3
     x = torch.randn(37, 24, generator=g) * 3
-    sc = pyssl.ood.KNNScorer(k=7, normalize=normalize, backend=backend).fit(bank)
-    got = sc.score(x)
+    dev = device_for(backend)
+    sc = pyssl.ood.KNNScorer(k=7, normalize=normalize, backend=backend).fit(bank.to(dev))
+    got = sc.score(x.to(dev)).cpu()
     b, q = (torch.nn.functional.normalize(bank, dim=1), torch.nn.functional.normalize(x, dim=1)) if normalize else (bank, x)
     d2 = torch.cdist(q.double(), b.double()).pow(2)
     want = -d2.sort(1).values[:, 6]
@@ -76,9 +78,10 @@ def test_knn_backends_agree_and_break_ties_low_index():
     s_t, i_t = KNN.search(q, bank, 5, backend="torch")
     assert i_t[0, 0] == 20 and i_t[0, 1] == 150
     for backend in ("triton", "cpu"):
-        s_k, i_k = KNN.search(q, bank, 5, backend=backend)
-        torch.testing.assert_close(s_k, s_t, rtol=1e-5, atol=1e-5)
-        assert torch.equal(i_k, i_t), backend
+        dev = device_for(backend)
+        s_k, i_k = KNN.search(q.to(dev), bank.to(dev), 5, backend=backend)
+        torch.testing.assert_close(s_k.cpu(), s_t, rtol=1e-5, atol=1e-5)
+        assert torch.equal(i_k.cpu(), i_t), backend
     if KNN.faiss_module() is not None:
         s_f, i_f = KNN.search(q, bank, 5, backend="faiss")
         torch.testing.assert_close(s_f, s_t, rtol=1e-5, atol=1e-5)
@@ -161,6 +164,7 @@ def test_knn_ties_at_the_kth_place_go_to_lower_indices(backend):
     v = torch.ones(8)
     tied = torch.tensor([170, 30, 99, 5, 140, 61])          # six equal best rows, k = 4
     bank[tied] = v
-    s, i = KNN.search(v[None], bank, 4, backend=backend)
+    dev = device_for(backend)
+    s, i = KNN.search(v[None].to(dev), bank.to(dev), 4, backend=backend)
     assert i[0].tolist() == [5, 30, 61, 99]
-    torch.testing.assert_close(s[0], torch.full((4,), 8.0))
+    torch.testing.assert_close(s[0].cpu(), torch.full((4,), 8.0))
