@@ -4,7 +4,8 @@ The interpreter (TRITON_INTERPRET=1, set by conftest.py on machines without CUDA
 kernel, so it cannot catch what only the compiler rejects: layouts of tl.dot operands, constexpr
 misuse, shared-memory budgets. Here each case of a kernel module's COMPILE_CASES list,
 (kernel, signature, constexprs[, options[, aligned]]), goes through triton.compile(ASTSource(...),
-target=GPUTarget("cuda", 90, 32)) down to PTX and cubin (Triton ships its own ptxas).
+target=GPUTarget("cuda", 90, 32)) down to PTX and cubin (Triton ships its own ptxas), and
+ptxas -v must report no register spills.
 
 The compilation runs in a child process with TRITON_INTERPRET removed from its environment:
 under the interpreter the module-level @triton.jit objects are InterpretedFunctions, and running
@@ -74,12 +75,29 @@ def _collect():
 CASES, UNCOVERED = _collect()
 
 _CHILD = r"""
-import importlib.util, json, sys, traceback
+import importlib.util, json, os, re, subprocess, sys, tempfile, traceback
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 
 target = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def spills(ptx):
+    # Triton keeps no ptxas report; rerun its ptxas with -v on the PTX for the spill count
+    if not os.path.exists(PTXAS):
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", src, "-o", src + ".o"],
+                           capture_output=True, text=True)
+    m = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    return sum(int(a) + int(b) for a, b in m) if m else None
+
+
 results = {}
 for path, index, cid in json.loads(sys.argv[1]):
     name = "_pyssl_compile_child_" + path.replace("/", "_").replace(".", "_")
@@ -103,7 +121,8 @@ for path, index, cid in json.loads(sys.argv[1]):
                                   target=target, options=options)
         results[cid] = dict(ok=True, ptx=len(compiled.asm.get("ptx", "")),
                             cubin=len(compiled.asm.get("cubin", b"")),
-                            shared=int(compiled.metadata.shared))
+                            shared=int(compiled.metadata.shared),
+                            spill_bytes=spills(compiled.asm["ptx"]))
     except Exception:
         results[cid] = dict(ok=False, error=traceback.format_exc()[-4000:])
 print("@@RESULTS@@" + json.dumps(results))
@@ -132,3 +151,7 @@ def test_compiles_for_sm90(compiled, path, index, cid):
     assert res["ok"], res.get("error")
     assert res["ptx"] > 0 and res["cubin"] > 0
     assert res["shared"] <= MAX_SHARED, f"{cid} needs {res['shared']} B of shared memory (> {MAX_SHARED})"
+    # the tile configurations were chosen spill-free with ptxas -v; a change that makes one
+    # spill (registers to local memory) is a performance regression caught here
+    if res["spill_bytes"] is not None:
+        assert res["spill_bytes"] == 0, f"{cid} spills {res['spill_bytes']} B to local memory on sm_90"
