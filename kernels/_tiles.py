@@ -1,6 +1,21 @@
-"""Tile helpers shared by the Triton kernels of pyssl (inlined into each kernel at compile time)."""
+"""Helpers shared by the Triton kernels of pyssl: device tile functions (inlined into each kernel
+at compile time) and the host-side rules their launch configurations use."""
+import os
+from typing import Optional
+
 import triton
 import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True under the Triton interpreter (TRITON_INTERPRET=1: CPU tensors, ~1 ms per program)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2(n: int, lo: int = 16, hi: Optional[int] = None) -> int:
+    """Next power of two of n, clamped to [lo, hi] (tl.dot needs every dimension >= 16)."""
+    v = max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return min(v, hi) if hi is not None else v
 
 
 @triton.jit

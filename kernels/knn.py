@@ -34,7 +34,6 @@ Bank indices live in the low 32 bits of a key, so B <= 2**30 is required.
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -42,6 +41,7 @@ import triton
 import triton.language as tl
 
 from pyssl.kernels._tiles import dot_rows_tile as _score_tile
+from pyssl.kernels._tiles import interpreting as _interpreting, pow2 as _p2
 
 MAX_K = 256          # largest k of the in-register top-k; larger k: the caller's torch path
 _MAX_B = 2 ** 30      # bank indices are packed into the low 32 bits of a key (as 2**31 - 1 - b)
@@ -191,16 +191,6 @@ def _knn_topk_kernel(Qp, Bp, BIAS, OUT, Q, B, D, stride_q, stride_b, tiles_per_s
 # Launch configuration: a small heuristic instead of autotuning (the interpreter cannot run
 # several autotune configs).
 # ----------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _p2(n: int, lo: int = 16, hi: Optional[int] = None) -> int:
-    """Next power of two of n, clamped to [lo, hi] (tl.dot needs every dimension >= 16)."""
-    v = max(lo, triton.next_power_of_2(max(int(n), 1)))
-    return min(v, hi) if hi is not None else v
-
-
 def _config(dtype: torch.dtype, Q: int, B: int, D: int, k: int, interpret: bool) -> dict:
     """Block sizes, warps and stages for one problem (K_PAD = next power of two >= k).
 

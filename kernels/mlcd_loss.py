@@ -64,6 +64,7 @@ import triton
 import triton.language as tl
 
 from pyssl.kernels._tiles import dot_rows_tile as _dot_tile
+from pyssl.kernels._tiles import interpreting as _interpreting, pow2 as _p2
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -547,16 +548,6 @@ def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DW,
 # Launch configuration: a small heuristic instead of autotuning (the interpreter cannot run
 # several autotune configs, and these shapes are few and regular).
 # ----------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _p2(n: int, lo: int = 16, hi: Optional[int] = None) -> int:
-    """Next power of two of n, clamped to [lo, hi] (tl.dot needs every dimension >= 16)."""
-    v = max(lo, triton.next_power_of_2(max(int(n), 1)))
-    return min(v, hi) if hi is not None else v
-
-
 # Keys of a backward kernel's configuration. All can be overridden by PYSSL_MLCD_TRITON_BWD (see
 # the module docstring); tests also set them flat at the top level of _config's dict.
 #   FULL_D: 1 = use the FULL_D form whenever BLOCK_DO >= D, 0 = always the sliced form.

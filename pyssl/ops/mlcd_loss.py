@@ -292,11 +292,9 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
     st = _Chunked(x, weight, classes, backend)
     n, d = x.shape
     valid = pos_col >= 0
-    lse_neg = torch.empty(n, dtype=st.xhat.dtype, device=x.device)
-    pos_cos = torch.empty(pos_col.shape, dtype=st.xhat.dtype, device=x.device)
-    rows_out = torch.empty_like(lse_neg)
-    lse_total = torch.empty_like(lse_neg)
-    gpos_unit = torch.empty_like(pos_cos)
+    rows_out = torch.empty(n, dtype=st.xhat.dtype, device=x.device)
+    lse_total = torch.empty_like(rows_out)
+    gpos_unit = torch.empty(pos_col.shape, dtype=st.xhat.dtype, device=x.device)
     want_grad = row_weight is not None
     if want_grad:
         dxhat = torch.empty_like(st.xhat)
@@ -304,7 +302,6 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
     for r0, r1, buf, acc in st.chunks(n):
         pc = pos_col[r0:r1].contiguous()
         ln, pcs = st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), buf)
-        lse_neg[r0:r1], pos_cos[r0:r1] = ln, pcs
         rows, lt, gp = _row_terms(kind, ln, pcs, valid[r0:r1], scale, m1, m2, m3, exact)
         rows_out[r0:r1], lse_total[r0:r1], gpos_unit[r0:r1] = rows, lt, gp
         if want_grad:
