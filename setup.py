@@ -21,7 +21,7 @@ SOURCE_HASH = _srchash.source_hash(os.path.join(here, "csrc"))
 cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
 
-cxx_flags = ["-O3", "-fopenmp", "-std=c++17", f"-DPYSSL_SOURCE_HASH={SOURCE_HASH}"]
+cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", f"-DPYSSL_SOURCE_HASH={SOURCE_HASH}"]
 # The extension is built on the machine that runs it (make installs in place); PYSSL_NATIVE=0
 # builds a portable binary instead.
 if os.environ.get("PYSSL_NATIVE", "1") == "1":

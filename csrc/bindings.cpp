@@ -20,6 +20,20 @@ std::tuple<at::Tensor, at::Tensor> knn_topk_cpu(at::Tensor queries, at::Tensor b
                                                 c10::optional<at::Tensor> bank_bias,
                                                 int64_t query_block, int64_t bank_block);
 
+// ---- noise_cpu.cpp / noise_cuda.cu: counter-based Gaussian noise + normalization
+// (pyssl/ops/noise.py, "the counter scheme").
+void gaussian_noise_cpu(at::Tensor x, at::Tensor row_src, at::Tensor row_sample,
+                        at::Tensor image_ids, at::Tensor a, at::Tensor b, double sigma,
+                        int64_t seed, int64_t stream, int64_t C, int64_t HW, bool channels_last,
+                        at::Tensor out);
+at::Tensor philox4x32_cpu(at::Tensor counters, int64_t k0, int64_t k1);
+#ifdef PYSSL_WITH_CUDA
+void gaussian_noise_cuda(at::Tensor x, at::Tensor row_src, at::Tensor row_sample,
+                         at::Tensor image_ids, at::Tensor a, at::Tensor b, double sigma,
+                         int64_t seed, int64_t stream, int64_t C, int64_t HW, bool channels_last,
+                         at::Tensor out);
+#endif
+
 #define PYSSL_STR2(x) #x
 #define PYSSL_STR(x) PYSSL_STR2(x)
 
@@ -37,6 +51,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
 
+  m.def("gaussian_noise_cpu", &gaussian_noise_cpu,
+        "out[r] <- a*(x[row_src[r]] + sigma*z(seed, ids[row_src[r]], row_sample[r], e)) + b in "
+        "place; out (R, E) contiguous, (R, HW, C) storage order when channels_last",
+        py::arg("x"), py::arg("row_src"), py::arg("row_sample"), py::arg("image_ids"), py::arg("a"),
+        py::arg("b"), py::arg("sigma"), py::arg("seed"), py::arg("stream"), py::arg("C"),
+        py::arg("HW"), py::arg("channels_last"), py::arg("out"));
+  m.def("philox4x32_cpu", &philox4x32_cpu, "Philox4x32-10 words of int64 (n, 4) counters",
+        py::arg("counters"), py::arg("k0"), py::arg("k1"));
+#ifdef PYSSL_WITH_CUDA
+  m.def("gaussian_noise_cuda", &gaussian_noise_cuda, "gaussian_noise_cpu on CUDA tensors",
+        py::arg("x"), py::arg("row_src"), py::arg("row_sample"), py::arg("image_ids"), py::arg("a"),
+        py::arg("b"), py::arg("sigma"), py::arg("seed"), py::arg("stream"), py::arg("C"),
+        py::arg("HW"), py::arg("channels_last"), py::arg("out"));
+#endif
   m.def("knn_topk_cpu", &knn_topk_cpu,
         "k largest q.b + bias_b per query, sorted descending, ties to the lower index: "
         "(scores (Q, k) float32, indices (Q, k) int64)",

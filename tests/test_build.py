@@ -32,7 +32,17 @@ def test_cuda_source_compiles_for_sm90(path, tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found: CUDA sources not compile-checked on this machine")
     import torch.utils.cpp_extension as ce
-    inc = sum((["-I", p] for p in ce.include_paths()), [])
+    import sysconfig
+    # torch/extension.h includes Python.h, as in the real build
+    paths = ce.include_paths() + [sysconfig.get_paths()["include"]]
+    # A CPU build of torch ships c10/cuda's headers but not the one its CMake generates; the
+    # CUDA build's copy holds a single define, so a stand-in lets the headers compile here.
+    if not any(os.path.exists(os.path.join(p, "c10/cuda/impl/cuda_cmake_macros.h")) for p in paths):
+        shim = tmp_path / "shim" / "c10" / "cuda" / "impl"
+        shim.mkdir(parents=True)
+        (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        paths.append(str(tmp_path / "shim"))
+    inc = sum((["-I", p] for p in paths), [])
     cmd = [nvcc, "-arch=sm_90", "-std=c++17", "-O3", "-c", path, "-o", str(tmp_path / "k.o"),
            "-DPYSSL_WITH_CUDA", "-DPYSSL_SOURCE_HASH=check"] + inc
     r = subprocess.run(cmd, capture_output=True, text=True)
