@@ -6,9 +6,12 @@
 See README.md for the API of every op and ../SPEC for the exact math.
 """
 from pyssl.ops.mlcd_loss import margin_softmax_loss, mlcd_loss, sample_classes
+from pyssl.ops.noise import gaussian_noise, noise_tv_bound
+from pyssl.smoothing import Smooth, certified_accuracy
 from pyssl import cluster, nn, ood, reference
 from pyssl._workspace import empty_cache
 
 __version__ = "0.1.0"
 
-__all__ = ["mlcd_loss", "sample_classes", "margin_softmax_loss", "nn", "cluster", "ood", "reference", "empty_cache"]
+__all__ = ["mlcd_loss", "sample_classes", "margin_softmax_loss", "gaussian_noise", "noise_tv_bound",
+           "Smooth", "certified_accuracy", "nn", "cluster", "ood", "reference", "empty_cache"]

@@ -76,3 +76,43 @@ def margin_softmax_loss(x, weight, labels, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0
     logits = torch.where(target, t, scale * cos)
     rows = torch.logsumexp(logits, 1) - (logits * target).sum(1)
     return _reduce(rows, reduction)
+
+
+def gaussian_noise(x, num_samples, sigma, *, seed, sample_offset=0, image_ids=None, mean=None,
+                   std=None):
+    """SPEC §3 the way users write it — repeat, add the noise, normalize — with the noise of the
+    counter scheme (pyssl.ops.noise.philox_normals) in place of randn. float32, contiguous."""
+    from pyssl.ops.noise import philox_normals
+    b = x.shape[0]
+    ids = torch.arange(b) if image_ids is None else torch.as_tensor(image_ids)
+    ids = ids.to(x.device, torch.int64).repeat_interleave(num_samples)
+    samples = (torch.arange(num_samples, device=x.device) + sample_offset).repeat(b)
+    xs = x.float().repeat_interleave(num_samples, 0)
+    z = philox_normals(seed, ids, samples, x[0].numel()).view(xs.shape)
+    y = xs + sigma * z
+    if mean is not None or std is not None:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        m = torch.as_tensor(0.0 if mean is None else mean, dtype=torch.float32).view(shape)
+        s = torch.as_tensor(1.0 if std is None else std, dtype=torch.float32).view(shape)
+        y = (y - m) / s
+    return y
+
+
+def smooth_certify(counts0, counts, alpha, sigma, tv_bound=0.0):
+    """Cohen et al.'s CERTIFY on given counts (numpy arrays (K,)): (class or -1, radius), with
+    the generator's total-variation bound taken off the Clopper–Pearson bound."""
+    from scipy.stats import beta, norm
+    c = int(counts0.argmax())
+    n_a, n = int(counts[c]), int(counts.sum())
+    p_lower = (0.0 if n_a == 0 else float(beta.ppf(alpha, n_a, n - n_a + 1))) - tv_bound
+    if p_lower < 0.5:
+        return -1, 0.0
+    return c, sigma * float(norm.ppf(p_lower))
+
+
+def smooth_predict(counts, alpha):
+    """Cohen et al.'s PREDICT on given counts (numpy array (K,)): class or -1."""
+    from scipy.stats import binomtest
+    order = sorted(range(len(counts)), key=lambda k: (-int(counts[k]), k))
+    n_a, n_b = int(counts[order[0]]), int(counts[order[1]])
+    return -1 if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha else order[0]

@@ -139,30 +139,41 @@ def _check_int(fn, name, v, lo, hi):
 
 
 def _channel_affine(fn, x: Tensor, mean, std):
-    """(a, b) float32 (C,) on x's device with y = a·v + b; None/None is the identity."""
+    """(a, b) float32 (C,) on x's device with y = a·v + b; None/None is the identity.
+
+    mean/std are checked as Python numbers (a tensor is read to the host once), so that the
+    call traces under torch.compile without data-dependent branches."""
     if mean is None and std is None:
         return None, None
     c = x.shape[1] if x.dim() > 1 else 0
     vals = {}
     for name, v, default in (("mean", mean, 0.0), ("std", std, 1.0)):
         if v is None:
-            t = torch.full((c,), default, dtype=torch.float64)
-        else:
-            t = torch.as_tensor(v, dtype=torch.float64).detach().cpu().reshape(-1)
-            if t.numel() == 1 and c != 1:
-                t = t.expand(c)
-            if x.dim() < 2 or t.numel() != c:
-                raise ValueError(f"{fn}: {name} must have one value per channel (x.shape[1] = "
-                                 f"{c if x.dim() > 1 else 'none: x has no channel dimension'}), "
-                                 f"got {t.numel()} values")
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{fn}: {name} must be finite, got {t.tolist()}")
-        vals[name] = t
-    if bool((vals["std"] <= 0).any()):
-        raise ValueError(f"{fn}: std must be > 0 in every channel, got {vals['std'].tolist()}")
-    a = 1.0 / vals["std"]
-    b = -vals["mean"] / vals["std"]
-    return a.float().to(x.device), b.float().to(x.device)
+            vals[name] = [default] * c
+            continue
+        if isinstance(v, Tensor):
+            v = v.detach().cpu().reshape(-1).tolist()
+        elif isinstance(v, (int, float)):
+            v = [float(v)]
+        try:
+            v = [float(u) for u in v]
+        except (TypeError, ValueError):
+            raise TypeError(f"{fn}: {name} must be a sequence of numbers or a tensor, got {v!r}") from None
+        if len(v) == 1 and c != 1:
+            v = v * c
+        if x.dim() < 2 or len(v) != c:
+            raise ValueError(f"{fn}: {name} must have one value per channel (x.shape[1] = "
+                             f"{c if x.dim() > 1 else 'none: x has no channel dimension'}), "
+                             f"got {len(v)} values")
+        if not all(math.isfinite(u) for u in v):
+            raise ValueError(f"{fn}: {name} must be finite, got {v}")
+        vals[name] = v
+    if any(u <= 0 for u in vals["std"]):
+        raise ValueError(f"{fn}: std must be > 0 in every channel, got {vals['std']}")
+    a = [1.0 / s_ for s_ in vals["std"]]
+    b = [-m_ / s_ for m_, s_ in zip(vals["mean"], vals["std"])]
+    return (torch.tensor(a, dtype=torch.float32, device=x.device),
+            torch.tensor(b, dtype=torch.float32, device=x.device))
 
 
 def _check_x(fn, x):
@@ -260,11 +271,14 @@ def _torch_noise(xf, row_src, row_sample, image_ids, a, b, sigma, seed, stream, 
 
 def _noise_rows(xf: Tensor, row_src: Tensor, row_sample: Tensor, image_ids: Tensor,
                 a: Optional[Tensor], b: Optional[Tensor], sigma: float, seed: int, stream: int,
-                out_dtype: torch.dtype, channels_last: bool, chw, backend: str) -> Tensor:
+                out_dtype: torch.dtype, channels_last: bool, chw, backend: str,
+                out: Optional[Tensor] = None) -> Tensor:
     """The engine: out (R, E) in storage order (logical, or (R, HW, C) when channels_last),
-    row r = noisy copy of xf[row_src[r]] with sample index row_sample[r]."""
+    row r = noisy copy of xf[row_src[r]] with sample index row_sample[r]. `out`, when given, is
+    a contiguous (R, E) tensor of out_dtype to write into (Smooth's CUDA-graph input)."""
     r = row_src.shape[0]
-    out = torch.empty((r, xf.shape[1]), dtype=out_dtype, device=xf.device)
+    if out is None:
+        out = torch.empty((r, xf.shape[1]), dtype=out_dtype, device=xf.device)
     if r == 0:
         return out
     if backend == "torch":

@@ -1,0 +1,287 @@
+"""Randomized smoothing (Cohen et al. 2019) on the fused noise generator: prediction and
+certification with on-device counting.
+
+    smooth = pyssl.Smooth(model, num_classes, sigma, mean=..., std=..., batch_size=1000, seed=0)
+    pred = smooth.predict(x, n=10_000, alpha=0.001)                 # (B,), -1 = abstain
+    pred, radius = smooth.certify(x, n0=100, n=100_000, alpha=0.001)
+    acc = pyssl.certified_accuracy(pred, radius, labels, radii=[0.0, 0.25, 0.5])
+
+How it runs: the B·n noisy inputs of a call are cut into forward batches of batch_size rows
+that span image boundaries (the n0 = 100 selection pass of 16 images is one forward of 1600,
+not 16 forwards of 100). Each row's noise comes from the counter scheme of pyssl.gaussian_noise
+with sample index j: selection uses j in [0, n0), estimation j in [n0, n0 + n) — disjoint
+counter ranges, so the two passes are independent — and predict uses j in [0, n). The class
+votes are added into a (B, K) count tensor on the device; the host reads the counts once per
+call (one synchronization for all B images), then computes the statistics with scipy.
+
+Certificates: pA_lower = the one-sided Clopper–Pearson lower bound at level alpha on the top
+class's count (scipy.stats.beta.ppf(alpha, nA, n − nA + 1); 0 when nA = 0), minus the
+generator's total-variation bound for an image of this size (pyssl.noise_tv_bound); abstain
+(−1, radius 0) when pA_lower < 0.5, else radius = sigma·Φ⁻¹(pA_lower). predict abstains
+unless the two-sided binomial test of the top two counts (scipy.stats.binomtest, p = ½)
+rejects at level alpha.
+
+On CUDA, `autocast=torch.bfloat16` (or float16) runs the model under torch.autocast and writes
+the noise directly in that dtype, and `cuda_graph=True` captures the model forward, the argmax
+and the count update once per call and replays the graph for every batch (the last, partial
+batch is padded with rows whose votes land in a discarded slot).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from pyssl.ops import noise as _noise
+
+
+def _check_count(fn, name, v, lo=1):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{fn}: {name} must be >= {lo}, got {v}")
+    return v
+
+
+def _check_alpha(fn, alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha < 1.0):
+        raise ValueError(f"{fn}: alpha must be a number in (0, 1), got {alpha!r}")
+    return float(alpha)
+
+
+def _progress(total, desc, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:   # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, desc=desc, unit="sample", leave=False)
+
+
+class Smooth:
+    """The smoothed classifier g(x) = argmax_c P(model(normalize(x + σ·z)) = c).
+
+    model: maps a normalized batch (bs, ...) to logits (bs, num_classes). x given to predict and
+    certify is in pixel space ([0, 1]); mean/std normalize after the noise, fused into it.
+    batch_size: rows per model forward. seed: the noise seed (results are reproducible).
+    image_ids (per call): the ids that key each image's noise (default 0..B−1); pass dataset
+    indices to give every image of a dataset its own noise across calls.
+    """
+
+    def __init__(self, model, num_classes: int, sigma: float, *, mean=None, std=None,
+                 batch_size: int = 1000, seed: int = 0, autocast: Optional[torch.dtype] = None,
+                 cuda_graph: bool = False, channels_last: bool = False, backend: str = "auto",
+                 progress: bool = False):
+        fn = "Smooth"
+        if not callable(model):
+            raise TypeError(f"{fn}: model must be callable, got {type(model).__name__}")
+        _check_count(fn, "num_classes", num_classes, lo=2)
+        self.sigma = _noise._check_sigma(fn, sigma)
+        _check_count(fn, "batch_size", batch_size)
+        _noise._check_int(fn, "seed", seed, 0, _noise.SEED_LIMIT)
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"{fn}: autocast must be None, torch.bfloat16 or torch.float16, got {autocast}")
+        self.model = model
+        self.num_classes = num_classes
+        self.mean, self.std = mean, std
+        self.batch_size = batch_size
+        self.seed = seed
+        self.autocast = autocast
+        self.cuda_graph = bool(cuda_graph)
+        self.channels_last = bool(channels_last)
+        self.backend = backend
+        self.progress = progress
+
+    # ---------------------------------------------------------------------------------------
+    def _prepare(self, fn, x, image_ids):
+        _noise._check_x(fn, x)
+        ids = _noise._check_image_ids(fn, image_ids, x.shape[0], x.device)
+        a, b = _noise._channel_affine(fn, x, self.mean, self.std)
+        if self.channels_last and x.dim() != 4:
+            raise ValueError(f"{fn}: channels_last needs a 4-d x (B, C, H, W), got shape {tuple(x.shape)}")
+        out_dtype = self.autocast if (self.autocast is not None and x.device.type == "cuda") else torch.float32
+        backend = _noise._dispatch.choose(fn, self.backend, x.device, _noise._PREFERENCE,
+                                          _noise._backend_checks(x, out_dtype))
+        return ids, a, b, out_dtype, backend
+
+    def _counts(self, x: Tensor, num: int, offset: int, prep, desc: str) -> Tensor:
+        """Votes (B, K) int64 on x's device for samples [offset, offset + num) of every image."""
+        ids, a, b, out_dtype, backend = prep
+        B, K = x.shape[0], self.num_classes
+        dev = x.device
+        total = B * num
+        bs = self.batch_size
+        counts = torch.zeros((B + 1) * K, dtype=torch.int64, device=dev)   # last slot: padding
+        use_graph = self.cuda_graph and dev.type == "cuda"
+        bar = _progress(total, desc, self.progress)
+        ones = torch.ones(bs, dtype=torch.int64, device=dev)
+        step = None
+        if use_graph:
+            step = _GraphStep(self, x, bs, out_dtype, counts)
+        with torch.no_grad():
+            for r0 in range(0, total, bs):
+                rows = min(bs, total - r0)
+                r = torch.arange(r0, r0 + rows, device=dev, dtype=torch.int64)
+                src = torch.div(r, num, rounding_mode="floor")
+                sample = r - src * num + offset
+                if step is not None:
+                    step.run(x, src, sample, ids, a, b, backend)
+                else:
+                    noisy = _noise.noise_rows(x, src, sample, self.sigma, seed=self.seed,
+                                              image_ids=ids, a=a, b=b, out_dtype=out_dtype,
+                                              channels_last=self.channels_last, backend=backend)
+                    pred = self._forward(noisy).argmax(1)
+                    counts.index_add_(0, src * K + pred, ones[:rows])
+                if bar is not None:
+                    bar.update(rows)
+        if bar is not None:
+            bar.close()
+        return counts[:B * K].view(B, K)
+
+    def _forward(self, batch: Tensor) -> Tensor:
+        if self.autocast is not None and batch.device.type == "cuda":
+            with torch.autocast("cuda", dtype=self.autocast):
+                logits = self.model(batch)
+        else:
+            logits = self.model(batch)
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"Smooth: model must return logits (batch, {self.num_classes}), "
+                             f"got shape {tuple(logits.shape)}")
+        return logits
+
+    # ---------------------------------------------------------------------------------------
+    def predict(self, x: Tensor, n: int, alpha: float, *, image_ids=None) -> Tensor:
+        """Class per image, −1 where the top two counts of n samples are not separated at alpha."""
+        fn = "Smooth.predict"
+        _check_count(fn, "n", n)
+        alpha = _check_alpha(fn, alpha)
+        prep = self._prepare(fn, x, image_ids)
+        counts = self._counts(x, n, 0, prep, "predict")
+        top = counts.topk(2, dim=1)
+        # ties go to the lower class index: topk's order among equal counts is not specified
+        first = counts.argmax(1)
+        host = torch.stack([first, top.values[:, 0], top.values[:, 1]], 1).cpu()   # one sync
+        from scipy.stats import binomtest
+        out = torch.full((x.shape[0],), -1, dtype=torch.int64)
+        for i, (c, na, nb) in enumerate(host.tolist()):
+            if binomtest(int(na), int(na + nb), 0.5).pvalue <= alpha:
+                out[i] = c
+        return out.to(x.device)
+
+    def certify(self, x: Tensor, n0: int, n: int, alpha: float, *, image_ids=None
+                ) -> Tuple[Tensor, Tensor]:
+        """(prediction (B,), radius (B,)): selection from n0 samples, certification from n more."""
+        fn = "Smooth.certify"
+        _check_count(fn, "n0", n0)
+        _check_count(fn, "n", n)
+        alpha = _check_alpha(fn, alpha)
+        if n0 + n > _noise.SAMPLE_LIMIT:
+            raise ValueError(f"{fn}: n0 + n must be <= 2^32, got {n0 + n}")
+        prep = self._prepare(fn, x, image_ids)
+        c_hat = self._counts(x, n0, 0, prep, "certify: selection").argmax(1)
+        counts = self._counts(x, n, n0, prep, "certify: estimation")
+        n_a = counts.gather(1, c_hat[:, None])[:, 0]
+        host = torch.stack([c_hat, n_a], 1).cpu()          # the one host sync of the call
+        tv = _noise.noise_tv_bound(x[0].numel())
+        pred, radius = certify_from_counts(host[:, 0], host[:, 1], n, alpha, self.sigma, tv)
+        return pred.to(x.device), radius.to(x.device)
+
+
+def certify_from_counts(c_hat: Tensor, n_a: Tensor, n: int, alpha: float, sigma: float,
+                        tv_bound: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """The certification rule on counts: pA_lower = Clopper–Pearson(alpha) − tv_bound."""
+    from scipy.stats import beta, norm
+    import numpy as np
+    na = n_a.cpu().numpy().astype(np.float64)
+    with np.errstate(all="ignore"):
+        lower = np.where(na > 0, beta.ppf(alpha, np.maximum(na, 1), n - na + 1), 0.0) - tv_bound
+    ok = lower >= 0.5
+    radius = np.where(ok, sigma * norm.ppf(np.clip(lower, 0.5, 1.0)), 0.0)
+    pred = torch.where(torch.from_numpy(ok), c_hat.cpu(), torch.full_like(c_hat.cpu(), -1))
+    return pred, torch.from_numpy(radius).float()
+
+
+class _GraphStep:
+    """One forward batch as a replayed CUDA graph: static noisy input, model, argmax, count update.
+
+    The noise kernel writes into the graph's static input outside the graph (its row tensors
+    change per batch); rows past the end of the last batch vote into the padding slot B."""
+
+    def __init__(self, smooth: Smooth, x: Tensor, bs: int, out_dtype, counts: Tensor):
+        self.smooth = smooth
+        self.bs = bs
+        self.K = smooth.num_classes
+        self.B = x.shape[0]
+        self.counts = counts
+        shape = (bs,) + tuple(x.shape[1:])
+        self.static_src = torch.full((bs,), self.B, dtype=torch.int64, device=x.device)
+        self.ones = torch.ones(bs, dtype=torch.int64, device=x.device)
+        self.E = x[0].numel()
+        self.flat = torch.zeros((bs, self.E), dtype=out_dtype, device=x.device)
+        self.static_in = _noise._as_output(self.flat, x, bs, smooth.channels_last)
+        self.graph = None
+        self.shape = shape
+
+    def _body(self):
+        pred = self.smooth._forward(self.static_in).argmax(1)
+        self.counts.index_add_(0, self.static_src * self.K + pred, self.ones)
+
+    def _capture(self):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        snapshot = self.counts.clone()
+        with torch.cuda.stream(side):
+            for _ in range(2):           # warm-up outside the graph (allocator, cuDNN choice)
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.counts.copy_(snapshot)      # the warm-up votes do not count
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._body()
+
+    def run(self, x, src, sample, ids, a, b, backend):
+        rows = src.shape[0]
+        pad = self.bs - rows
+        full_src = src if pad == 0 else torch.cat([src, src.new_zeros(pad)])
+        full_sample = sample if pad == 0 else torch.cat([sample, sample.new_zeros(pad)])
+        xf = x.reshape(x.shape[0], -1).to(torch.float32).contiguous()
+        c, hw = _noise._chw(x)
+        if a is None:
+            a = torch.ones(c, dtype=torch.float32, device=x.device)
+            b = torch.zeros(c, dtype=torch.float32, device=x.device)
+        s = self.smooth
+        _noise._noise_rows(xf, full_src, full_sample, ids, a, b, s.sigma, s.seed, 0,
+                           self.flat.dtype, s.channels_last, (c, hw), backend, out=self.flat)
+        # votes of padding rows go to slot B
+        slot = full_src if pad == 0 else torch.cat([src, src.new_full((pad,), self.B)])
+        self.static_src.copy_(slot)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+
+
+def certified_accuracy(prediction: Tensor, radius: Tensor, labels: Tensor,
+                       radii: Sequence[float]) -> Tensor:
+    """Fraction of images with prediction == label and radius >= r, for each r in radii."""
+    fn = "certified_accuracy"
+    for name, t in (("prediction", prediction), ("radius", radius), ("labels", labels)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{fn}: {name} must be 1-d, got shape {tuple(t.shape)}")
+    if not (prediction.shape == radius.shape == labels.shape):
+        raise ValueError(f"{fn}: prediction, radius and labels must have the same length, got "
+                         f"{prediction.shape[0]}, {radius.shape[0]}, {labels.shape[0]}")
+    if prediction.numel() == 0:
+        raise ValueError(f"{fn}: prediction is empty")
+    r = torch.as_tensor(radii, dtype=torch.float32).reshape(-1)
+    if r.numel() == 0:
+        raise ValueError(f"{fn}: radii is empty")
+    if not bool(torch.isfinite(r).all()):
+        raise ValueError(f"{fn}: radii must be finite, got {r.tolist()}")
+    correct = (prediction.cpu() == labels.cpu())
+    rad = radius.detach().float().cpu()
+    return (correct[None, :] & (rad[None, :] >= r[:, None])).float().mean(1)

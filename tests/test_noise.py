@@ -1,0 +1,260 @@
+"""pyssl.gaussian_noise: the counter scheme on every backend, its statistics, bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import pyssl
+from pyssl import _dispatch, reference
+from pyssl.ops import noise as N
+
+from conftest import BACKENDS, device_for, GPU
+
+ALL = BACKENDS + (["cuda"] if GPU else [])
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+# float32 outputs agree to the last-place rounding of log/sqrt/sin/cos (module docstring)
+ATOL32 = 3e-5
+
+
+def _x(b=3, c=3, h=5, w=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, c, h, w, generator=g)
+
+
+# ---------------------------------------------------------------- the generator itself
+
+KAT = [  # Random123's known-answer vectors for Philox4x32-10: (counter, key, words)
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("ctr,key,words", KAT)
+def test_philox_known_answers(ctr, key, words):
+    t = [torch.tensor([c], dtype=torch.int64) for c in ctr]
+    assert tuple(int(w) for w in N.philox4x32(*t, *key)) == words
+    cpu = _dispatch.extension().philox4x32_cpu(torch.tensor([ctr], dtype=torch.int64), *key)
+    assert tuple(cpu[0].tolist()) == words
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backends_match_reference(backend, out_dtype, layout):
+    dev = device_for(backend)
+    x = _x().to(dev)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    kw = dict(seed=(1 << 40) + 7, sample_offset=3, mean=MEAN, std=STD)
+    y = pyssl.gaussian_noise(x, 4, 0.5, out_dtype=out_dtype, backend=backend, **kw)
+    ref = reference.gaussian_noise(x.cpu(), 4, 0.5, **kw)
+    assert y.shape == (12, 3, 5, 7) and y.dtype == out_dtype and y.device.type == dev
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    if out_dtype == torch.float32:
+        torch.testing.assert_close(y.cpu(), ref, atol=ATOL32, rtol=1e-5)
+    else:   # one rounding to the 16-bit type (half an ulp at |y| <= 16), plus float32 noise
+        eps = 2.0 ** -8 if out_dtype == torch.bfloat16 else 2.0 ** -11
+        if backend == "triton" and _dispatch.triton_interpret():
+            eps *= 2   # the interpreter truncates to 16 bits instead of rounding
+        assert ((y.cpu().float() - ref).abs() <= ref.abs() * eps + ATOL32).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_odd_sizes_and_plain_rank2(backend):
+    """Element counts that are not a multiple of 4, rank-2 x without normalization."""
+    dev = device_for(backend)
+    x = torch.rand(2, 13).to(dev)
+    y = pyssl.gaussian_noise(x, 3, 1.0, seed=5, backend=backend)
+    torch.testing.assert_close(y.cpu(), reference.gaussian_noise(x.cpu(), 3, 1.0, seed=5), atol=ATOL32, rtol=1e-5)
+    x = torch.rand(2, 3, 3, 3).to(dev).contiguous(memory_format=torch.channels_last)   # HW = 9
+    y = pyssl.gaussian_noise(x, 2, 1.0, seed=5, mean=MEAN, std=STD, backend=backend)
+    ref = reference.gaussian_noise(x.cpu(), 2, 1.0, seed=5, mean=MEAN, std=STD)
+    torch.testing.assert_close(y.cpu(), ref, atol=ATOL32, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_invariant_to_chunking_and_batch_composition(backend):
+    dev = device_for(backend)
+    x = _x(b=4).to(dev)
+    kw = dict(seed=11, mean=MEAN, std=STD, backend=backend)
+    whole = pyssl.gaussian_noise(x, 6, 0.25, **kw).view(4, 6, 3, 5, 7)
+    # samples [0, 2) then [2, 6) of every image
+    a = pyssl.gaussian_noise(x, 2, 0.25, **kw).view(4, 2, 3, 5, 7)
+    b = pyssl.gaussian_noise(x, 4, 0.25, sample_offset=2, **kw).view(4, 4, 3, 5, 7)
+    assert torch.equal(torch.cat([a, b], 1), whole)
+    # image 2 alone, keyed by its id, gets the same noise as inside the batch
+    alone = pyssl.gaussian_noise(x[2:3], 6, 0.25, image_ids=torch.tensor([2]), **kw)
+    assert torch.equal(alone.view(6, 3, 5, 7), whole[2])
+    # the same image under another id gets other noise
+    other = pyssl.gaussian_noise(x[2:3], 6, 0.25, image_ids=torch.tensor([9]), **kw)
+    assert not torch.allclose(other.view(6, 3, 5, 7), whole[2])
+
+
+def test_same_values_on_every_backend():
+    x = _x(b=2, seed=3)
+    ys = {be: pyssl.gaussian_noise(x.to(device_for(be)), 3, 0.5, seed=99, backend=be).cpu()
+          for be in ALL}
+    for be, y in ys.items():
+        torch.testing.assert_close(y, ys["torch"], atol=ATOL32, rtol=1e-5, msg=be)
+
+
+def test_determinism_and_seed():
+    x = _x(b=2)
+    a = pyssl.gaussian_noise(x, 3, 0.5, seed=1)
+    assert torch.equal(a, pyssl.gaussian_noise(x, 3, 0.5, seed=1))
+    b = pyssl.gaussian_noise(x, 3, 0.5, seed=2)
+    assert (a - b).abs().mean() > 0.1
+    # seeds that differ only in their high 32 bits differ
+    c = pyssl.gaussian_noise(x, 3, 0.5, seed=1 + (1 << 32))
+    assert (a - c).abs().mean() > 0.1
+
+
+def test_normalization_per_channel_without_noise():
+    x = _x(b=2)
+    y = pyssl.gaussian_noise(x, 2, 0.0, seed=0, mean=MEAN, std=STD)
+    m = torch.tensor(MEAN).view(1, 3, 1, 1)
+    s = torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(y, ((x - m) / s).repeat_interleave(2, 0), atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- the tail and its bound
+
+# Seeds whose first draw (quad 0, sample 0, image 0) has a radius word equal to 0 (found by an
+# exhaustive search over the low 32 bits of the seed): the radius comes from the extension draw.
+ZERO_W0_SEED = 1836991927   # elements 0, 1
+ZERO_W2_SEED = 627779616    # elements 2, 3
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_extension_draw_reaches_the_far_tail(backend):
+    dev = device_for(backend)
+    x = torch.zeros(1, 4, device=dev)
+    for seed, pair in ((ZERO_W0_SEED, slice(0, 2)), (ZERO_W2_SEED, slice(2, 4))):
+        w = N.philox4x32(*(torch.zeros(1, dtype=torch.int64) for _ in range(4)), seed & 0xFFFFFFFF, seed >> 32)
+        assert int(w[0 if pair.start == 0 else 2]) == 0
+        z = pyssl.gaussian_noise(x, 1, 1.0, seed=seed, backend=backend).cpu()[0]
+        r2 = float((z[pair] ** 2).sum())
+        # a 32-bit radius uniform stops at r^2 = 2·32·ln 2 = 44.4; the extended one goes beyond
+        assert 2 * 32 * math.log(2) < r2 <= 2 * 65 * math.log(2) + 1e-3
+        torch.testing.assert_close(z, reference.gaussian_noise(x.cpu(), 1, 1.0, seed=seed)[0], atol=1e-4, rtol=1e-5)
+
+
+def test_tv_bound():
+    assert pyssl.noise_tv_bound(10 ** 6) <= 1e-9
+    assert pyssl.noise_tv_bound(10 ** 6) == 500_000 * 2.0 ** -64
+    assert pyssl.noise_tv_bound(3) == 2 * 2.0 ** -64
+    # the bound is the unreachable tail mass: a 32-bit radius would leave 2^-32 per pair
+    assert 500_000 * 2.0 ** -32 > 1e-4
+    with pytest.raises(ValueError, match="numel"):
+        pyssl.noise_tv_bound(-1)
+
+
+# ---------------------------------------------------------------- statistics
+
+def _big_draw(backend="cpu"):
+    # 64 images x 64 samples x 1024 elements = 4.2M normals
+    x = torch.zeros(64, 1024)
+    return pyssl.gaussian_noise(x, 64, 1.0, seed=2024, backend=backend).view(64, 64, 1024)
+
+
+def test_moments_and_normality():
+    from scipy import stats
+    z = _big_draw().double()
+    n = z.numel()
+    assert abs(float(z.mean())) < 5 / math.sqrt(n)
+    assert abs(float(z.var()) - 1) < 5 * math.sqrt(2 / n)
+    assert abs(float((z ** 4).mean()) - 3) < 5 * math.sqrt(96 / n)
+    assert abs(float((z ** 3).mean())) < 5 * math.sqrt(15 / n)
+    sub = z.flatten()[::7].numpy()
+    assert stats.kstest(sub, "norm").pvalue > 1e-4
+    # tails: the count beyond 4 sigma matches the Gaussian's expectation within 5 sd
+    expect = n * 2 * stats.norm.sf(4.0)
+    beyond = int((z.abs() > 4.0).sum())
+    assert abs(beyond - expect) < 5 * math.sqrt(expect)
+
+
+def test_independence_across_samples_images_elements():
+    z = _big_draw()
+    n = z[:, :-1].numel()
+
+    def corr(a, b):
+        a, b = a.flatten().double(), b.flatten().double()
+        return float(((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std()))
+
+    lim = 5 / math.sqrt(n)
+    assert abs(corr(z[:, :-1], z[:, 1:])) < lim        # neighbouring samples
+    assert abs(corr(z[:-1], z[1:])) < lim              # neighbouring images
+    assert abs(corr(z[..., :-1], z[..., 1:])) < lim    # neighbouring elements (inside a quad too)
+    assert abs(corr(z[..., 0::4], z[..., 1::4])) < 5 / math.sqrt(z[..., 0::4].numel())   # cos/sin of one pair
+    assert abs(corr(z[..., 0::4] ** 2, z[..., 1::4] ** 2)) < 5 * math.sqrt(2) / math.sqrt(z[..., 0::4].numel())
+
+
+# ---------------------------------------------------------------- autograd, torch.library
+
+def test_gradient_wrt_x():
+    x = _x(b=2).requires_grad_()
+    y = pyssl.gaussian_noise(x, 3, 0.5, seed=0, mean=MEAN, std=STD)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    a = 1 / torch.tensor(STD).view(1, 3, 1, 1)
+    expect = (w.view(2, 3, 3, 5, 7) * a[:, None]).sum(1)
+    torch.testing.assert_close(x.grad, expect, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_and_compile(backend):
+    dev = device_for(backend)
+    x = _x(b=2).to(dev)
+    rs, rm = N._rows_for(2, 3, 0, x.device)
+    ids = torch.arange(2, device=x.device)
+    a, b = N._channel_affine("t", x, MEAN, STD)
+    torch.library.opcheck(N._noise_op, (x, rs, rm, ids, a, b, 0.5, 7, 0, torch.float32, False, backend))
+    f = torch.compile(lambda t: pyssl.gaussian_noise(t, 3, 0.5, seed=7, mean=MEAN, std=STD, backend=backend),
+                      fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(x), pyssl.gaussian_noise(x, 3, 0.5, seed=7, mean=MEAN, std=STD, backend=backend))
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_samples=0), "num_samples"),
+    (dict(sigma=float("nan")), "sigma"),
+    (dict(sigma=-1.0), "sigma"),
+    (dict(seed=-1), "seed"),
+    (dict(seed=1 << 63), "seed"),
+    (dict(sample_offset=-2), "sample_offset"),
+    (dict(sample_offset=(1 << 32) - 1), "sample_offset"),
+    (dict(image_ids=torch.tensor([0, 1])), "image_ids"),
+    (dict(image_ids=torch.tensor([0, -1, 2])), "image_ids"),
+    (dict(image_ids=torch.tensor([0.0, 1.0, 2.0])), "image_ids"),
+    (dict(mean=[0.5, 0.5]), "mean"),
+    (dict(std=[0.2, 0.0, 0.2]), "std"),
+    (dict(std=[0.2, float("inf"), 0.2]), "std"),
+    (dict(out_dtype=torch.int32), "out_dtype"),
+    (dict(memory_format=torch.channels_last_3d), "memory_format"),
+    (dict(backend="gpu"), "backend"),
+])
+def test_bad_input(kwargs, match):
+    args = dict(num_samples=2, sigma=0.5, seed=0)
+    args.update(kwargs)
+    x = _x()
+    before = x.clone()
+    with pytest.raises(ValueError, match=match):
+        pyssl.gaussian_noise(x, args.pop("num_samples"), args.pop("sigma"), **args)
+    assert torch.equal(x, before)
+
+
+def test_bad_x_and_types():
+    with pytest.raises(ValueError, match="x must be a float"):
+        pyssl.gaussian_noise(torch.zeros(2, 3, dtype=torch.uint8), 1, 0.5, seed=0)
+    with pytest.raises(ValueError, match="x must be"):
+        pyssl.gaussian_noise(torch.zeros(0, 3), 1, 0.5, seed=0)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        pyssl.gaussian_noise(np.zeros((2, 3)), 1, 0.5, seed=0)
+    with pytest.raises(TypeError, match="num_samples"):
+        pyssl.gaussian_noise(torch.zeros(2, 3), 1.5, 0.5, seed=0)
+    with pytest.raises(ValueError, match="backend='cuda' cannot serve"):
+        pyssl.gaussian_noise(torch.zeros(2, 3), 1, 0.5, seed=0, backend="cuda")

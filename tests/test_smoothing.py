@@ -1,0 +1,176 @@
+"""pyssl.Smooth and pyssl.certified_accuracy: the counts, the statistics, Cohen et al.'s rules."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+import pyssl
+from pyssl import reference
+
+from conftest import GPU, device_for
+
+SIGMA = 0.5
+
+
+class LinearTwoClass(torch.nn.Module):
+    """Class 1 iff w·v + c > 0: under v = x + σz its probability is Φ((w·x + c) / (σ‖w‖))."""
+
+    def __init__(self, w, c):
+        super().__init__()
+        self.w, self.c = w, c
+
+    def forward(self, v):
+        s = v.flatten(1).float() @ self.w.to(v.device) + self.c
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+def _problem(device="cpu"):
+    # 4 images of 16 elements; w = e_0, so the margin is x[0] + c; chosen for p(class 1) =
+    # 0.9, 0.999, 0.5 (a tie: abstain) and 0.2 (class 0 at 0.8)
+    e = 16
+    w = torch.zeros(e)
+    w[0] = 1.0
+    p1 = torch.tensor([0.9, 0.999, 0.5, 0.2], dtype=torch.float64)
+    x = torch.full((4, e), 0.5)
+    x[:, 0] = (SIGMA * torch.from_numpy(norm.ppf(p1.numpy()))).float() + 0.5
+    model = LinearTwoClass(w, -0.5)
+    p_true = torch.as_tensor(norm.cdf(((x[:, 0].double() - 0.5) / SIGMA).numpy()))
+    return x.to(device), model, p_true
+
+
+def _counts(x, model, num, offset, seed):
+    """Votes computed the plain way: the public noise, the model, a bincount per image."""
+    y = pyssl.gaussian_noise(x.cpu(), num, SIGMA, seed=seed, sample_offset=offset, backend="cpu")
+    pred = model(y).argmax(1).view(x.shape[0], num)
+    return np.stack([np.bincount(p.numpy(), minlength=2) for p in pred])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_certify_equals_cohen_on_the_same_counts(backend):
+    x, model, p_true = _problem(device_for(backend))
+    n0, n, alpha = 100, 2000, 0.001
+    smooth = pyssl.Smooth(model, 2, SIGMA, batch_size=333, seed=5, backend=backend)
+    pred, radius = smooth.certify(x, n0, n, alpha)
+    c0 = _counts(x, model, n0, 0, 5)
+    c1 = _counts(x, model, n, n0, 5)
+    tv = pyssl.noise_tv_bound(16)
+    for i in range(4):
+        want_c, want_r = reference.smooth_certify(c0[i], c1[i], alpha, SIGMA, tv)
+        assert int(pred[i]) == want_c
+        assert float(radius[i]) == pytest.approx(want_r, rel=1e-5, abs=1e-6)
+    # against the closed form: the tie abstains, the others certify the true class with a
+    # radius below the true one (each holds with probability >= 1 - alpha)
+    assert pred.tolist() == [1, 1, -1, 0] and float(radius[2]) == 0.0
+    for i in (0, 1, 3):
+        p_top = max(float(p_true[i]), 1 - float(p_true[i]))
+        assert 0 < float(radius[i]) <= SIGMA * norm.ppf(p_top)
+    # with 2000 samples the bound is tight enough to be within 0.25 of the true radius at p=0.9
+    assert SIGMA * norm.ppf(0.9) - float(radius[0]) < 0.25
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_predict_equals_cohen_on_the_same_counts(backend):
+    x, model, _ = _problem(device_for(backend))
+    n, alpha = 500, 0.001
+    got = pyssl.Smooth(model, 2, SIGMA, batch_size=128, seed=9, backend=backend).predict(x, n, alpha)
+    counts = _counts(x, model, n, 0, 9)
+    assert got.tolist() == [reference.smooth_predict(c, alpha) for c in counts]
+    assert got.tolist() == [1, 1, -1, 0]
+
+
+def test_triton_backend_counts_match():
+    x, model, _ = _problem(device_for("triton"))
+    a = pyssl.Smooth(model, 2, SIGMA, batch_size=50, seed=3, backend="triton").certify(x, 10, 40, 0.01)
+    b = pyssl.Smooth(model, 2, SIGMA, batch_size=50, seed=3, backend="torch").certify(x, 10, 40, 0.01)
+    assert torch.equal(a[0].cpu(), b[0].cpu())
+    torch.testing.assert_close(a[1].cpu(), b[1].cpu())
+
+
+def test_batching_does_not_change_the_result():
+    x, model, _ = _problem()
+    outs = [pyssl.Smooth(model, 2, SIGMA, batch_size=bs, seed=1).certify(x, 50, 400, 0.01)
+            for bs in (7, 64, 10_000)]
+    for p, r in outs[1:]:
+        assert torch.equal(p, outs[0][0]) and torch.equal(r, outs[0][1])
+
+
+def test_image_ids_key_the_noise():
+    x, model, _ = _problem()
+    s = pyssl.Smooth(model, 2, SIGMA, seed=1)
+    whole = s._counts(x, 300, 0, s._prepare("t", x, None), "")
+    part = s._counts(x[1:3], 300, 0, s._prepare("t", x[1:3], torch.tensor([1, 2])), "")
+    assert torch.equal(whole[1:3], part)
+
+
+def test_normalization_is_applied_before_the_model():
+    seen = {}
+
+    def model(v):
+        seen["v"] = v
+        return torch.zeros(v.shape[0], 3)
+
+    x = torch.full((1, 3, 2, 2), 0.5)
+    pyssl.Smooth(model, 3, 0.0, mean=[0.5, 0.25, 0.0], std=[0.5, 0.25, 1.0], batch_size=4).predict(x, 4, 0.1)
+    torch.testing.assert_close(seen["v"][0, :, 0, 0], torch.tensor([0.0, 1.0, 0.5]))
+
+
+def test_selection_and_estimation_use_disjoint_noise():
+    """Estimation samples start after the selection samples: the same counts as a call of the
+    public noise with sample_offset = n0, and different from re-using samples [0, n)."""
+    x, model, _ = _problem()
+    s = pyssl.Smooth(model, 2, SIGMA, seed=4)
+    prep = s._prepare("t", x, None)
+    est = s._counts(x, 200, 100, prep, "").numpy()
+    assert (est == _counts(x, model, 200, 100, 4)).all()
+    assert not (est == _counts(x, model, 200, 0, 4)).all()
+
+
+def test_certified_accuracy():
+    pred = torch.tensor([1, 0, 2, -1, 1])
+    radius = torch.tensor([0.6, 0.1, 0.3, 0.0, 1.2])
+    labels = torch.tensor([1, 0, 1, 3, 1])
+    acc = pyssl.certified_accuracy(pred, radius, labels, [0.0, 0.25, 0.5, 1.0, 2.0])
+    torch.testing.assert_close(acc, torch.tensor([3 / 5, 2 / 5, 2 / 5, 1 / 5, 0.0]))
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs and autocast need a GPU")
+def test_cuda_graph_and_autocast_give_the_same_votes():
+    x, model, _ = _problem("cuda")
+    plain = pyssl.Smooth(model, 2, SIGMA, batch_size=300, seed=2).certify(x, 100, 1000, 0.001)
+    graph = pyssl.Smooth(model, 2, SIGMA, batch_size=300, seed=2, cuda_graph=True).certify(x, 100, 1000, 0.001)
+    assert torch.equal(plain[0], graph[0]) and torch.equal(plain[1], graph[1])
+    amp = pyssl.Smooth(model, 2, SIGMA, batch_size=300, seed=2, autocast=torch.bfloat16).certify(x, 100, 1000, 0.001)
+    assert amp[0].tolist() == plain[0].tolist()
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_input():
+    x, model, _ = _problem()
+    s = pyssl.Smooth(model, 2, SIGMA)
+    with pytest.raises(ValueError, match="n0"):
+        s.certify(x, 0, 10, 0.01)
+    with pytest.raises(ValueError, match="alpha"):
+        s.certify(x, 10, 10, 0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        s.predict(x, 10, 1.0)
+    with pytest.raises(ValueError, match="n must"):
+        s.predict(x, 0, 0.01)
+    with pytest.raises(ValueError, match="num_classes"):
+        pyssl.Smooth(model, 1, SIGMA)
+    with pytest.raises(ValueError, match="sigma"):
+        pyssl.Smooth(model, 2, float("inf"))
+    with pytest.raises(ValueError, match="batch_size"):
+        pyssl.Smooth(model, 2, SIGMA, batch_size=0)
+    with pytest.raises(TypeError, match="model"):
+        pyssl.Smooth("resnet", 2, SIGMA)
+    with pytest.raises(ValueError, match="logits"):
+        pyssl.Smooth(model, 3, SIGMA).predict(x, 10, 0.01)
+    with pytest.raises(ValueError, match="image_ids"):
+        s.predict(x, 10, 0.01, image_ids=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="same length"):
+        pyssl.certified_accuracy(torch.zeros(3), torch.zeros(2), torch.zeros(3), [0.0])
+    with pytest.raises(ValueError, match="radii"):
+        pyssl.certified_accuracy(torch.zeros(3), torch.zeros(3), torch.zeros(3), [])
