@@ -32,8 +32,12 @@ timeout 240 $PY -m pytest -q -x $TIMEOUT_OPT tests -p no:cacheprovider > "$OUT/t
 log "tests rc=$?: $(tail -1 "$OUT/tests.log")"
 
 log "bench (GPU cases)"
-timeout 240 $PY -m bench --cases mlcd_1m_sampled,mlcd_1m_full,knn_gpu > "$OUT/bench.log" 2>&1
+timeout 240 $PY -m bench --cases mlcd_1m_sampled,mlcd_1m_full,knn_gpu,noise_imagenet > "$OUT/bench.log" 2>&1
 log "bench rc=$?"
+cp bench/results/*.json bench/results/*.md "$OUT"/ 2>/dev/null
+# certification of 4 ImageNet images with a ResNet-50 runs ~40k forwards per impl: no memory pass
+timeout 150 $PY -m bench --cases certify_resnet --no-memory > "$OUT/bench_certify.log" 2>&1
+log "bench certify_resnet rc=$?"
 cp bench/results/*.json bench/results/*.md "$OUT"/ 2>/dev/null
 
 # Triton backward configurations for MLCD (kernels/mlcd_loss.py, PYSSL_MLCD_TRITON_BWD), each
