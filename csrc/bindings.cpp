@@ -20,6 +20,13 @@ std::tuple<at::Tensor, at::Tensor> knn_topk_cpu(at::Tensor queries, at::Tensor b
                                                 c10::optional<at::Tensor> bank_bias,
                                                 int64_t query_block, int64_t bank_block);
 
+// ---- homologous_attention_cpu.cpp: grouped / top-k attention (pyssl/ops/homologous_attention.py)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> homologous_attention_fwd_cpu(
+    at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> groups, int64_t topk, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> homologous_attention_bwd_cpu(
+    at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out, at::Tensor dout, at::Tensor lse,
+    c10::optional<at::Tensor> groups, at::Tensor keep, int64_t topk, double scale);
+
 // ---- noise_cpu.cpp / noise_cuda.cu: counter-based Gaussian noise + normalization
 // (pyssl/ops/noise.py, "the counter scheme").
 void gaussian_noise_cpu(at::Tensor x, at::Tensor row_src, at::Tensor row_sample,
@@ -51,6 +58,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
 
+  m.def("homologous_attention_fwd_cpu", &homologous_attention_fwd_cpu,
+        "(out, lse, keep bitmask) of grouped / top-k attention; topk = 0: group mode only",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("groups"), py::arg("topk"), py::arg("scale"));
+  m.def("homologous_attention_bwd_cpu", &homologous_attention_bwd_cpu,
+        "(dq, dk, dv) of grouped / top-k attention from the forward's lse and keep bitmask",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dout"), py::arg("lse"),
+        py::arg("groups"), py::arg("keep"), py::arg("topk"), py::arg("scale"));
   m.def("gaussian_noise_cpu", &gaussian_noise_cpu,
         "out[r] <- a*(x[row_src[r]] + sigma*z(seed, ids[row_src[r]], row_sample[r], e)) + b in "
         "place; out (R, E) contiguous, (R, HW, C) storage order when channels_last",

@@ -9,6 +9,8 @@ The conventions they pin down (shared with every backend):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -116,3 +118,63 @@ def smooth_predict(counts, alpha):
     order = sorted(range(len(counts)), key=lambda k: (-int(counts[k]), k))
     n_a, n_b = int(counts[order[0]]), int(counts[order[1]])
     return -1 if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha else order[0]
+
+
+def homologous_kept(q, k, groups=None, topk=None, scale=None):
+    """SPEC §2's kept set as a bool (B, H, L, L) mask: allowed by groups, then (topk) the K
+    highest scores of the allowed keys per query, ties to the lower key index."""
+    b, h, l, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if groups is None:
+        allowed = torch.ones(b, 1, l, l, dtype=torch.bool, device=q.device)
+    else:
+        g = groups.to(q.device)
+        allowed = ((g[:, :, None] == g[:, None, :]) | (g[:, :, None] < 0) | (g[:, None, :] < 0))[:, None]
+    allowed = allowed.expand(b, h, l, l)
+    if topk is None:
+        return allowed
+    s = (scale * q.double() @ k.double().transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(l, device=q.device).expand_as(order))
+    return allowed & (rank < topk)
+
+
+def homologous_attention(q, k, v, groups=None, *, topk=None, scale=None):
+    """SPEC §2, densely: masked softmax over the kept keys of every query, then P·V."""
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    kept = homologous_kept(q.detach(), k.detach(), groups, topk, scale)
+    s = (scale * q @ k.transpose(-1, -2)).masked_fill(~kept, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.where(kept.any(-1, keepdim=True), p, torch.zeros_like(p))
+    return p @ v
+
+
+def mix_groups_valid(groups, g):
+    """True when every row of groups (B', Np) is an exact partition into g near-equal parts."""
+    counts = torch.stack([(groups == i).sum(1) for i in range(g)], 1)
+    np_ = groups.shape[1]
+    return bool(((counts == np_ // g) | (counts == -(-np_ // g))).all() and (counts.sum(1) == np_).all())
+
+
+def homologous_contrastive_loss(z, groups, *, temperature=0.2, reduction="mean"):
+    """SPEC §2, densely: per token, −mean over its group's other tokens of the log-softmax of the
+    cosine/temperature over all other valid tokens of the sample."""
+    b, l, _ = z.shape
+    zn = F.normalize(z.float(), dim=-1, eps=NORM_EPS)
+    s = zn @ zn.transpose(1, 2) / temperature                       # (B, L, L)
+    valid = groups >= 0
+    eye = torch.eye(l, dtype=torch.bool, device=z.device)[None]
+    other = valid[:, :, None] & valid[:, None, :] & ~eye              # A(i)
+    pos = other & (groups[:, :, None] == groups[:, None, :])          # P(i)
+    lse = torch.logsumexp(s.masked_fill(~other, float("-inf")), dim=-1)
+    lse = torch.where(other.any(-1), lse, torch.zeros_like(lse))    # a lone token: no term
+    npos = pos.sum(-1)
+    sum_pos = (s * pos).sum(-1)
+    has = npos > 0
+    rows = torch.where(has, -(sum_pos / npos.clamp_min(1) - lse), torch.zeros_like(lse))
+    if reduction == "none":
+        return rows.to(z.dtype)
+    if reduction == "sum":
+        return rows.sum().to(z.dtype)
+    return (rows.sum() / has.sum().clamp_min(1)).to(z.dtype)

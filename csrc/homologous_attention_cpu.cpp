@@ -1,0 +1,322 @@
+// Homologous-patch attention on the CPU: forward and backward (pyssl/ops/homologous_attention.py).
+//
+// Computes O_i = softmax_{j kept}(scale·q_i·k_j) v_j where key j is allowed for query i when
+// their group ids are equal or either is negative (a global token), and, with topk = K > 0, only
+// the K highest allowed scores of the row are kept (ties to the lower key index). Saves the
+// row log-sum-exp and, in top-k mode, the kept set as a bitmask (B, H, L, ceil(L/8)) uint8.
+//
+// Tiling: the allowed pattern is a union of dense blocks once tokens are grouped, so each batch
+// row is split into "sets" computed once and shared by all heads:
+//     group g:        queries = tokens of g,          keys = tokens of g ∪ global tokens
+//     global tokens:  queries = global tokens,        keys = all L tokens
+// (no groups: one set, all against all). Every query is in exactly one set, so dQ rows are
+// written directly; dK and dV rows receive contributions from several sets and are accumulated
+// in per-(batch, head) buffers owned by one thread. OpenMP runs over (batch, head).
+// Per set the thread gathers Q, K, Kᵀ, V (and Vᵀ, dO in the backward) into contiguous
+// accumulator-type buffers and computes the n_q×n_k score block with outer-product loops whose
+// inner dimension (keys, or d) is contiguous and vectorizes; no B·H·L·L tensor exists. Memory
+// traffic: q, k, v (and out, dout) read once per (batch, head) into cache-resident buffers;
+// masked-out pairs are never computed (the work is Σ_sets n_q·n_k·d instead of L²·d).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+struct Set {
+  std::vector<int64_t> q;   // query token indices
+  std::vector<int64_t> k;   // key token indices, ascending
+};
+
+std::vector<std::vector<Set>> build_sets(const c10::optional<at::Tensor>& groups, int64_t B, int64_t L) {
+  std::vector<std::vector<Set>> sets(B);
+  std::vector<int64_t> all(L);
+  std::iota(all.begin(), all.end(), 0);
+  if (!groups.has_value()) {
+    for (int64_t b = 0; b < B; ++b) sets[b].push_back(Set{all, all});
+    return sets;
+  }
+  const int64_t* g = groups->data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* gb = g + b * L;
+    std::vector<int64_t> globals;
+    std::vector<std::pair<int64_t, int64_t>> members;   // (group, token)
+    for (int64_t t = 0; t < L; ++t) {
+      if (gb[t] < 0) globals.push_back(t);
+      else members.emplace_back(gb[t], t);
+    }
+    std::sort(members.begin(), members.end());
+    for (size_t i = 0; i < members.size();) {
+      size_t j = i;
+      Set s;
+      while (j < members.size() && members[j].first == members[i].first) s.q.push_back(members[j++].second);
+      s.k.resize(s.q.size() + globals.size());
+      std::merge(s.q.begin(), s.q.end(), globals.begin(), globals.end(), s.k.begin());
+      sets[b].push_back(std::move(s));
+      i = j;
+    }
+    if (!globals.empty()) sets[b].push_back(Set{globals, all});
+  }
+  return sets;
+}
+
+template <typename scalar_t, typename acc_t>
+void gather(const scalar_t* src, const std::vector<int64_t>& idx, int64_t d, acc_t* dst) {
+  for (size_t i = 0; i < idx.size(); ++i) {
+    const scalar_t* r = src + idx[i] * d;
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) dst[i * d + c] = (acc_t)r[c];
+  }
+}
+
+// dst (d × n) = transpose of rows (n × d)
+template <typename acc_t>
+void transpose(const acc_t* rows, int64_t n, int64_t d, acc_t* dst) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < d; ++c) dst[c * n + i] = rows[i * d + c];
+}
+
+// S (nq × nk) = scale · Q (nq × d) · Kᵀ, with KT (d × nk): rows of S built by axpy over keys.
+template <typename acc_t>
+void scores(const acc_t* Q, const acc_t* KT, int64_t nq, int64_t nk, int64_t d, acc_t scale, acc_t* S) {
+  for (int64_t i = 0; i < nq; ++i) {
+    acc_t* s = S + i * nk;
+    std::fill(s, s + nk, acc_t(0));
+    for (int64_t c = 0; c < d; ++c) {
+      const acc_t a = Q[i * d + c];
+      const acc_t* kt = KT + c * nk;
+#pragma omp simd
+      for (int64_t j = 0; j < nk; ++j) s[j] += a * kt[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < nk; ++j) s[j] *= scale;
+  }
+}
+
+// kept[j] for one row: the topk highest of s (ties to the lower key index kidx[j])
+template <typename acc_t>
+void topk_row(const acc_t* s, const std::vector<int64_t>& kidx, int64_t topk, std::vector<int32_t>& order,
+              std::vector<uint8_t>& kept) {
+  const int64_t nk = (int64_t)kidx.size();
+  kept.assign(nk, 0);
+  if (topk >= nk) { std::fill(kept.begin(), kept.end(), 1); return; }
+  order.resize(nk);
+  std::iota(order.begin(), order.end(), 0);
+  // kidx ascending, so the position j orders ties like the key index
+  auto before = [&](int32_t a, int32_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); };
+  std::nth_element(order.begin(), order.begin() + (topk - 1), order.end(), before);
+  for (int64_t t = 0; t < topk; ++t) kept[order[t]] = 1;
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const c10::optional<at::Tensor>& groups,
+                                                            int64_t topk, double scale_d) {
+  using acc_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3);
+  const int64_t nbytes = (L + 7) / 8;
+  auto acc_type = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+  auto out = at::empty_like(q);
+  auto lse = at::empty({B, H, L}, q.options().dtype(acc_type));
+  auto keep = topk > 0 ? at::zeros({B, H, L, nbytes}, q.options().dtype(at::kByte))
+                       : at::empty({0}, q.options().dtype(at::kByte));
+  const auto sets = build_sets(groups, B, L);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  acc_t* lp = static_cast<acc_t*>(lse.data_ptr());
+  uint8_t* bits = topk > 0 ? keep.data_ptr<uint8_t>() : nullptr;
+  const acc_t scale = (acc_t)scale_d;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> Q, K, KT, V, S, O;
+    std::vector<int32_t> order;
+    std::vector<uint8_t> kept;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H;
+      const int64_t base = bh * L * d;
+      for (const Set& st : sets[b]) {
+        const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)st.k.size();
+        Q.resize(nq * d); K.resize(nk * d); KT.resize(nk * d); V.resize(nk * d); S.resize(nq * nk); O.resize(d);
+        gather(qp + base, st.q, d, Q.data());
+        gather(kp + base, st.k, d, K.data());
+        gather(vp + base, st.k, d, V.data());
+        transpose(K.data(), nk, d, KT.data());
+        scores(Q.data(), KT.data(), nq, nk, d, scale, S.data());
+        for (int64_t i = 0; i < nq; ++i) {
+          acc_t* s = S.data() + i * nk;
+          const int64_t qi = st.q[i];
+          if (topk > 0) {
+            topk_row(s, st.k, topk, order, kept);
+            uint8_t* row_bits = bits + (bh * L + qi) * nbytes;
+            for (int64_t j = 0; j < nk; ++j) {
+              if (kept[j]) row_bits[st.k[j] >> 3] |= (uint8_t)(1u << (st.k[j] & 7));
+              else s[j] = ninf;
+            }
+          }
+          acc_t m = ninf;
+          for (int64_t j = 0; j < nk; ++j) m = std::max(m, s[j]);
+          scalar_t* o = op + base + qi * d;
+          if (m == ninf) {   // no kept key: zeros
+            for (int64_t c = 0; c < d; ++c) o[c] = (scalar_t)0;
+            lp[bh * L + qi] = ninf;
+            continue;
+          }
+          acc_t sum = 0;
+          for (int64_t j = 0; j < nk; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+          std::fill(O.begin(), O.end(), acc_t(0));
+          for (int64_t j = 0; j < nk; ++j) {
+            const acc_t p = s[j];
+            if (p == 0) continue;
+            const acc_t* vr = V.data() + j * d;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) O[c] += p * vr[c];
+          }
+          const acc_t inv = acc_t(1) / sum;
+          for (int64_t c = 0; c < d; ++c) o[c] = (scalar_t)(O[c] * inv);
+          lp[bh * L + qi] = m + std::log(sum);
+        }
+      }
+    }
+  });
+  return {out, lse, keep};
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& dout, const at::Tensor& lse, const c10::optional<at::Tensor>& groups,
+    const at::Tensor& keep, int64_t topk, double scale_d) {
+  using acc_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3);
+  const int64_t nbytes = (L + 7) / 8;
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const auto sets = build_sets(groups, B, L);
+  const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
+  const scalar_t *outp = out.data_ptr<scalar_t>(), *dop = dout.data_ptr<scalar_t>();
+  scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
+  const acc_t* lp = static_cast<acc_t*>(lse.data_ptr());
+  const uint8_t* bits = topk > 0 ? keep.data_ptr<uint8_t>() : nullptr;
+  const acc_t scale = (acc_t)scale_d;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> Q, K, KT, VT, DO, S, DP, dK((size_t)L * d), dV((size_t)L * d), dQ(d), delta;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H;
+      const int64_t base = bh * L * d;
+      std::fill(dK.begin(), dK.end(), acc_t(0));
+      std::fill(dV.begin(), dV.end(), acc_t(0));
+      for (const Set& st : sets[b]) {
+        const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)st.k.size();
+        Q.resize(nq * d); K.resize(nk * d); KT.resize(nk * d); VT.resize(nk * d); DO.resize(nq * d);
+        S.resize(std::max(nq * nk, nk * d)); DP.resize(nk); delta.resize(nq);
+        gather(qp + base, st.q, d, Q.data());
+        gather(kp + base, st.k, d, K.data());
+        transpose(K.data(), nk, d, KT.data());
+        gather(vp + base, st.k, d, S.data());            // V rows, borrowed buffer
+        transpose(S.data(), nk, d, VT.data());
+        gather(dop + base, st.q, d, DO.data());
+        for (int64_t i = 0; i < nq; ++i) {
+          const scalar_t* orow = outp + base + st.q[i] * d;
+          acc_t acc = 0;
+          for (int64_t c = 0; c < d; ++c) acc += DO[i * d + c] * (acc_t)orow[c];
+          delta[i] = acc;
+        }
+        scores(Q.data(), KT.data(), nq, nk, d, scale, S.data());
+        for (int64_t i = 0; i < nq; ++i) {
+          acc_t* s = S.data() + i * nk;            // scores -> P -> dS, in place
+          const int64_t qi = st.q[i];
+          const acc_t l = lp[bh * L + qi];
+          const uint8_t* row_bits = bits ? bits + (bh * L + qi) * nbytes : nullptr;
+          const acc_t* dorow = DO.data() + i * d;
+          for (int64_t j = 0; j < nk; ++j) {
+            const int64_t kj = st.k[j];
+            const bool on = l != ninf && (!row_bits || ((row_bits[kj >> 3] >> (kj & 7)) & 1));
+            s[j] = on ? std::exp(s[j] - l) : acc_t(0);
+          }
+          // dV[k_j] += P_ij dO_i ; dP_ij = dO_i · v_j ; dS = P (dP − delta)
+          for (int64_t j = 0; j < nk; ++j) {
+            const acc_t p = s[j];
+            if (p == 0) continue;
+            acc_t* dvr = dV.data() + st.k[j] * d;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) dvr[c] += p * dorow[c];
+          }
+          // dP row by axpy over keys with Vᵀ
+          acc_t* dprow = DP.data();
+          std::fill(dprow, dprow + nk, acc_t(0));
+          for (int64_t c = 0; c < d; ++c) {
+            const acc_t a = dorow[c];
+            const acc_t* vt = VT.data() + c * nk;
+#pragma omp simd
+            for (int64_t j = 0; j < nk; ++j) dprow[j] += a * vt[j];
+          }
+#pragma omp simd
+          for (int64_t j = 0; j < nk; ++j) s[j] = s[j] * (dprow[j] - delta[i]);
+          // dQ_i = scale Σ_j dS_ij k_j ; dK[k_j] += scale dS_ij q_i
+          std::fill(dQ.begin(), dQ.end(), acc_t(0));
+          const acc_t* qrow = Q.data() + i * d;
+          for (int64_t j = 0; j < nk; ++j) {
+            const acc_t g = s[j];
+            if (g == 0) continue;
+            const acc_t* kr = K.data() + j * d;
+            acc_t* dkr = dK.data() + st.k[j] * d;
+            const acc_t gs = g * scale;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) { dQ[c] += gs * kr[c]; dkr[c] += gs * qrow[c]; }
+          }
+          scalar_t* dqr = dqp + base + qi * d;
+          for (int64_t c = 0; c < d; ++c) dqr[c] = (scalar_t)dQ[c];
+        }
+      }
+      for (int64_t t = 0; t < L * d; ++t) {
+        dkp[base + t] = (scalar_t)dK[t];
+        dvp[base + t] = (scalar_t)dV[t];
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> homologous_attention_fwd_cpu(
+    at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> groups, int64_t topk, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes(), "q, k, v must be (B, H, L, d) alike");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
+  if (groups.has_value())
+    TORCH_CHECK(groups->dtype() == at::kLong && groups->is_contiguous() && groups->size(0) == q.size(0) &&
+                groups->size(1) == q.size(2), "groups must be contiguous int64 (B, L)");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> r;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "homologous_attention_fwd_cpu", [&] {
+    r = forward_impl<scalar_t>(q, k, v, groups, topk, scale);
+  });
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> homologous_attention_bwd_cpu(
+    at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out, at::Tensor dout, at::Tensor lse,
+    c10::optional<at::Tensor> groups, at::Tensor keep, int64_t topk, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes() && q.sizes() == out.sizes() &&
+              q.sizes() == dout.sizes(), "q, k, v, out, dout must be (B, H, L, d) alike");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && out.is_contiguous() &&
+              dout.is_contiguous() && lse.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type(), "out/dout dtype must match q");
+  TORCH_CHECK(lse.scalar_type() == (q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat), "lse dtype");
+  if (topk > 0) TORCH_CHECK(keep.dtype() == at::kByte && keep.numel() == q.size(0) * q.size(1) * q.size(2) * ((q.size(2) + 7) / 8), "keep bitmask shape");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> r;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "homologous_attention_bwd_cpu", [&] {
+    r = backward_impl<scalar_t>(q, k, v, out, dout, lse, groups, keep, topk, scale);
+  });
+  return r;
+}

@@ -1,0 +1,281 @@
+"""Homologous-patch attention (Mixed Autoencoder): each token attends only to tokens of its own
+source image (group mode), optionally only to its top-k scoring keys among those (top-k mode).
+
+    homologous_attention(q, k, v, groups=None, *, topk=None, scale=None, backend="auto")
+        q, k, v (B, H, L, d); groups (B, L) integer or None -> (B, H, L, d)
+
+    S_ij = scale·q_i·k_j;  allowed(i, j) = g_i == g_j or g_i < 0 or g_j < 0 (negative = global)
+    topk=K: of the allowed keys query i keeps its K highest S_ij (per head; ties to the lower key
+    index; all of them when fewer than K are allowed). O_i = softmax over kept j of S_ij · v_j.
+    The kept set is constant under differentiation. A query with no kept key outputs zeros.
+
+The op saves, per query row, the log-sum-exp of its kept scores (float32; float64 for float64
+inputs) and, in top-k mode, the kept set as a bitmask: (B, H, L, ceil(L/8)) uint8, bit j % 8 of
+byte j // 8 is key j (L²/8 bytes per head). The backward recomputes the scores and takes the
+kept set from the bitmask, never from a re-ranking (re-deriving a threshold is only safe when
+the arithmetic is bit-identical).
+
+Backends:
+  cpu    C++/OpenMP (csrc/homologous_attention_cpu.cpp): per (batch, head), tokens are
+         gathered by group into dense blocks (each group's queries against its keys and the
+         global keys; global queries against every key), so masked-out pairs cost nothing; no
+         B·H·L·L tensor exists (an n_q×n_k float block per thread).
+  torch  query chunks × all keys in plain PyTorch (B·H·R·L per chunk, R·L bounded), forward and
+         backward written out (no autograd graph of the chunks).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from pyssl import _dispatch
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
+# torch backend: query rows per chunk so that a (B, H, R, L) score block stays near this size
+CHUNK_ELEMS = 1 << 24
+
+
+# --------------------------------------------------------------------------------------------
+# checks
+# --------------------------------------------------------------------------------------------
+
+def _check_inputs(fn, q, k, v, groups, topk, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be (B, H, L, d), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOATS:
+            raise ValueError(f"{fn}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"{fn}: q, k and v must have the same shape (B, H, L, d), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{fn}: q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{fn}: q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    if q.numel() == 0:
+        raise ValueError(f"{fn}: q is empty (shape {tuple(q.shape)})")
+    b, _, l, d = q.shape
+    if groups is not None:
+        if not isinstance(groups, Tensor):
+            raise TypeError(f"{fn}: groups must be a torch.Tensor or None, got {type(groups).__name__}")
+        if groups.dtype.is_floating_point or groups.dtype == torch.bool or groups.is_complex():
+            raise ValueError(f"{fn}: groups must be an integer tensor, got {groups.dtype}")
+        if groups.shape != (b, l):
+            raise ValueError(f"{fn}: groups must have shape (B, L) = ({b}, {l}), got {tuple(groups.shape)}")
+        if groups.device != q.device:
+            raise ValueError(f"{fn}: groups must be on q's device ({q.device}), got {groups.device}")
+    if topk is not None:
+        if isinstance(topk, bool) or not isinstance(topk, int):
+            raise TypeError(f"{fn}: topk must be an int or None, got {type(topk).__name__}")
+        if topk < 1:
+            raise ValueError(f"{fn}: topk must be >= 1, got {topk}")
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{fn}: scale must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _backend_checks(q: Tensor):
+    return {"triton": lambda: ["the Triton kernels of homologous_attention are not written yet"],
+            "cpu": lambda: [], "torch": lambda: []}
+
+
+def not_supported_reasons(q: Tensor) -> dict:
+    """Why each backend cannot serve this input (empty list: it can)."""
+    return _dispatch.not_supported_reasons(_backend_checks(q), q.device)
+
+
+# --------------------------------------------------------------------------------------------
+# the kept-set bitmask (shared format of every backend)
+# --------------------------------------------------------------------------------------------
+
+def pack_bits(kept: Tensor) -> Tensor:
+    """bool (..., L) -> uint8 (..., ceil(L/8)), bit j % 8 of byte j // 8 = key j."""
+    l = kept.shape[-1]
+    nb = (l + 7) // 8
+    pad = nb * 8 - l
+    if pad:
+        kept = torch.nn.functional.pad(kept, (0, pad))
+    w = (1 << torch.arange(8, device=kept.device, dtype=torch.int32))
+    return (kept.reshape(kept.shape[:-1] + (nb, 8)).to(torch.int32) * w).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(bits: Tensor, l: int) -> Tensor:
+    """uint8 (..., ceil(L/8)) -> bool (..., L)."""
+    sh = torch.arange(8, device=bits.device, dtype=torch.int32)
+    b = (bits.to(torch.int32)[..., None] >> sh) & 1
+    return b.reshape(bits.shape[:-1] + (bits.shape[-1] * 8,))[..., :l].bool()
+
+
+# --------------------------------------------------------------------------------------------
+# torch backend: query chunks against all keys
+# --------------------------------------------------------------------------------------------
+
+def _allowed_rows(groups: Optional[Tensor], i0: int, r: int, l: int, device) -> Optional[Tensor]:
+    """(B, 1, r, L) bool allowed mask of query rows [i0, i0 + r), None when everything is."""
+    if groups is None:
+        return None
+    gq = groups[:, i0:i0 + r]
+    a = (gq[:, :, None] == groups[:, None, :]) | (gq[:, :, None] < 0) | (groups[:, None, :] < 0)
+    return a[:, None]
+
+
+def _topk_mask(s: Tensor, allowed: Optional[Tensor], topk: int) -> Tensor:
+    """Kept keys: rank by (score desc, index asc) among allowed keys, rank < topk."""
+    sm = s if allowed is None else s.masked_fill(~allowed, float("-inf"))
+    order = torch.sort(sm, dim=-1, descending=True, stable=True).indices
+    l = s.shape[-1]
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(l, device=s.device).expand_as(order))
+    kept = rank < topk
+    return kept if allowed is None else kept & allowed
+
+
+def _chunk_rows(q: Tensor) -> int:
+    b, h, l, _ = q.shape
+    return max(1, min(l, CHUNK_ELEMS // max(1, b * h * l)))
+
+
+def _torch_forward(q, k, v, groups, topk, scale):
+    b, h, l, d = q.shape
+    acc = _acc_dtype(q.dtype)
+    kf, vf = k.to(acc), v.to(acc)
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, l), dtype=acc, device=q.device)
+    keep = (torch.empty((b, h, l, (l + 7) // 8), dtype=torch.uint8, device=q.device) if topk
+            else torch.empty(0, dtype=torch.uint8, device=q.device))
+    rows = _chunk_rows(q)
+    for i0 in range(0, l, rows):
+        r = min(rows, l - i0)
+        s = scale * (q[:, :, i0:i0 + r].to(acc) @ kf.transpose(-1, -2))
+        kept = _allowed_rows(groups, i0, r, l, q.device)
+        if topk:
+            kept = _topk_mask(s, kept, topk)
+            keep[:, :, i0:i0 + r] = pack_bits(kept)
+        if kept is not None:
+            s = s.masked_fill(~kept, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        den = p.sum(-1, keepdim=True)
+        lse[:, :, i0:i0 + r] = (m + torch.log(den)).squeeze(-1)
+        o = (p @ vf) / torch.where(den > 0, den, torch.ones_like(den))
+        out[:, :, i0:i0 + r] = o.to(q.dtype)
+    return out, lse, keep
+
+
+def _torch_backward(q, k, v, out, dout, lse, groups, keep, topk, scale):
+    b, h, l, d = q.shape
+    acc = lse.dtype
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    do = dout.to(acc)
+    delta = (do * out.to(acc)).sum(-1)                     # rowsum(dO ∘ O), (B, H, L)
+    dq = torch.empty((b, h, l, d), dtype=acc, device=q.device)
+    dk = torch.zeros_like(dq)
+    dv = torch.zeros_like(dq)
+    rows = _chunk_rows(q)
+    for i0 in range(0, l, rows):
+        r = min(rows, l - i0)
+        qc = qf[:, :, i0:i0 + r]
+        s = scale * (qc @ kf.transpose(-1, -2))
+        kept = unpack_bits(keep[:, :, i0:i0 + r], l) if topk else _allowed_rows(groups, i0, r, l, q.device)
+        lc = lse[:, :, i0:i0 + r, None]
+        p = torch.exp(s - torch.where(torch.isfinite(lc), lc, torch.zeros_like(lc)))
+        live = torch.isfinite(lc)
+        p = torch.where(live if kept is None else (kept & live), p, torch.zeros_like(p))
+        doc = do[:, :, i0:i0 + r]
+        dv += p.transpose(-1, -2) @ doc
+        dp = doc @ vf.transpose(-1, -2)
+        ds = p * (dp - delta[:, :, i0:i0 + r, None])
+        dq[:, :, i0:i0 + r] = scale * (ds @ kf)
+        dk += scale * (ds.transpose(-1, -2) @ qc)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("pyssl::homologous_attention", mutates_args=())
+def _attn_op(q: Tensor, k: Tensor, v: Tensor, groups: Optional[Tensor], topk: int, scale: float,
+             backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    if backend == "cpu":
+        g = groups.contiguous() if groups is not None else None
+        return tuple(_dispatch.extension().homologous_attention_fwd_cpu(
+            q.contiguous(), k.contiguous(), v.contiguous(), g, topk, scale))
+    return _torch_forward(q, k, v, groups, topk, scale)
+
+
+@_attn_op.register_fake
+def _(q, k, v, groups, topk, scale, backend):
+    b, h, l, d = q.shape
+    keep = q.new_empty((b, h, l, (l + 7) // 8), dtype=torch.uint8) if topk else q.new_empty(0, dtype=torch.uint8)
+    return torch.empty_like(q), q.new_empty((b, h, l), dtype=_acc_dtype(q.dtype)), keep
+
+
+@torch.library.custom_op("pyssl::homologous_attention_backward", mutates_args=())
+def _attn_bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
+                 groups: Optional[Tensor], keep: Tensor, topk: int, scale: float,
+                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    if backend == "cpu":
+        g = groups.contiguous() if groups is not None else None
+        return tuple(_dispatch.extension().homologous_attention_bwd_cpu(
+            q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), dout.contiguous(),
+            lse.contiguous(), g, keep.contiguous(), topk, scale))
+    return _torch_backward(q, k, v, out, dout, lse, groups, keep, topk, scale)
+
+
+@_attn_bwd_op.register_fake
+def _(q, k, v, out, dout, lse, groups, keep, topk, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, groups, topk, scale, backend = inputs
+    out, lse, keep = output
+    ctx.mark_non_differentiable(lse, keep)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, v, out, lse, groups, keep)
+    ctx.topk, ctx.scale, ctx.backend = topk, scale, backend
+
+
+def _backward(ctx, dout, *unused):
+    if dout is None:
+        return (None,) * 7
+    q, k, v, out, lse, groups, keep = ctx.saved_tensors
+    dq, dk, dv = _attn_bwd_op(q, k, v, out, dout.contiguous(), lse, groups, keep, ctx.topk, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None
+
+
+_attn_op.register_autograd(_backward, setup_context=_setup)
+
+
+def homologous_attention(q: Tensor, k: Tensor, v: Tensor, groups: Optional[Tensor] = None, *,
+                         topk: Optional[int] = None, scale: Optional[float] = None,
+                         backend: str = "auto") -> Tensor:
+    """Attention restricted to each token's own source image (SPEC §2); see the module docstring."""
+    fn = "homologous_attention"
+    scale = _check_inputs(fn, q, k, v, groups, topk, scale)
+    chosen = _dispatch.choose(fn, backend, q.device, _PREFERENCE, _backend_checks(q))
+    g = None if groups is None else groups.to(torch.int64)
+    out, _, _ = _attn_op(q, k, v, g, int(topk or 0), scale, chosen)
+    return out
+
+
+def attention_with_stats(q, k, v, groups=None, *, topk=None, scale=None, backend="auto"):
+    """(out, lse, keep bitmask): the op's saved statistics, for tests and diagnostics."""
+    fn = "homologous_attention"
+    scale = _check_inputs(fn, q, k, v, groups, topk, scale)
+    chosen = _dispatch.choose(fn, backend, q.device, _PREFERENCE, _backend_checks(q))
+    g = None if groups is None else groups.to(torch.int64)
+    return _attn_op(q, k, v, g, int(topk or 0), scale, chosen)
