@@ -13,8 +13,10 @@
 // written directly; dK and dV rows receive contributions from several sets and are accumulated
 // in per-(batch, head) buffers owned by one thread. OpenMP runs over (batch, head).
 // Per set the thread gathers Q, K, Kᵀ, V (and Vᵀ, dO in the backward) into contiguous
-// accumulator-type buffers and computes the n_q×n_k score block with outer-product loops whose
-// inner dimension (keys, or d) is contiguous and vectorizes; no B·H·L·L tensor exists. Memory
+// accumulator-type buffers; every product (S = QKᵀ, O = PV; dP = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K,
+// dK = dSᵀ·Q) goes through one register-blocked micro-GEMM (8 rows × two vectors of C held in
+// registers over the whole inner loop), the softmax through a vectorized exp; only the n_q×n_k
+// score block of one set exists per thread, never a B·H·L·L tensor. Memory
 // traffic: q, k, v (and out, dout) read once per (batch, head) into cache-resident buffers;
 // masked-out pairs are never computed (the work is Σ_sets n_q·n_k·d instead of L²·d).
 #include <torch/extension.h>
@@ -22,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <numeric>
@@ -82,22 +85,65 @@ void transpose(const acc_t* rows, int64_t n, int64_t d, acc_t* dst) {
     for (int64_t c = 0; c < d; ++c) dst[c * n + i] = rows[i * d + c];
 }
 
-// S (nq × nk) = scale · Q (nq × d) · Kᵀ, with KT (d × nk): rows of S built by axpy over keys.
-template <typename acc_t>
-void scores(const acc_t* Q, const acc_t* KT, int64_t nq, int64_t nk, int64_t d, acc_t scale, acc_t* S) {
-  for (int64_t i = 0; i < nq; ++i) {
-    acc_t* s = S + i * nk;
-    std::fill(s, s + nk, acc_t(0));
-    for (int64_t c = 0; c < d; ++c) {
-      const acc_t a = Q[i * d + c];
-      const acc_t* kt = KT + c * nk;
-#pragma omp simd
-      for (int64_t j = 0; j < nk; ++j) s[j] += a * kt[j];
+// C (M × N) = A (M × K, row stride lda) · B (K × N, row stride ldb), C row stride ldc.
+// Register-blocked: MR × NR tiles of C live in registers across the whole K loop (MR
+// broadcasts of A and NR/vector-width loads of B per k). Edge tiles are zero-padded into a
+// packed panel so the same full-width loop serves them.
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+  constexpr int MR = 8;
+  constexpr int NR = 64 / sizeof(T) * 2;   // two 512-bit vectors of T
+  std::vector<T> bpad, apad;
+  for (int64_t j0 = 0; j0 < N; j0 += NR) {
+    const int nr = (int)std::min<int64_t>(NR, N - j0);
+    const T* bp = B + j0;
+    int64_t ldbp = ldb;
+    if (nr < NR) {
+      bpad.assign((size_t)K * NR, T(0));
+      for (int64_t k = 0; k < K; ++k)
+        for (int j = 0; j < nr; ++j) bpad[k * NR + j] = B[k * ldb + j0 + j];
+      bp = bpad.data();
+      ldbp = NR;
     }
+    for (int64_t i0 = 0; i0 < M; i0 += MR) {
+      const int mr = (int)std::min<int64_t>(MR, M - i0);
+      const T* ap = A + i0 * lda;
+      int64_t ldap = lda;
+      if (mr < MR) {
+        apad.assign((size_t)MR * K, T(0));
+        for (int r = 0; r < mr; ++r)
+          for (int64_t k = 0; k < K; ++k) apad[r * K + k] = A[(i0 + r) * lda + k];
+        ap = apad.data();
+        ldap = K;
+      }
+      T c[MR][NR] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const T* b = bp + k * ldbp;
+        for (int r = 0; r < MR; ++r) {
+          const T a = ap[r * ldap + k];
 #pragma omp simd
-    for (int64_t j = 0; j < nk; ++j) s[j] *= scale;
+          for (int j = 0; j < NR; ++j) c[r][j] += a * b[j];
+        }
+      }
+      for (int r = 0; r < mr; ++r)
+        for (int j = 0; j < nr; ++j) C[(i0 + r) * ldc + j0 + j] = c[r][j];
+    }
   }
 }
+
+// e^x for x <= 0 (−inf gives 0): range reduction by ln 2, degree-6 polynomial (< 2 ulp),
+// branch-free so the softmax loops vectorize. Doubles use std::exp (float64 is for gradcheck).
+inline float exp_nonpos(float x) {
+  const float t = std::max(x, -87.0f) * 1.44269504088896341f;
+  const float n = std::floor(t + 0.5f);
+  const float r = (std::max(x, -87.0f) - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+  uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+inline double exp_nonpos(double x) { return std::exp(x); }
 
 // kept[j] for one row: the topk highest of s (ties to the lower key index kidx[j])
 template <typename acc_t>
@@ -146,15 +192,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
       const int64_t base = bh * L * d;
       for (const Set& st : sets[b]) {
         const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)st.k.size();
-        Q.resize(nq * d); K.resize(nk * d); KT.resize(nk * d); V.resize(nk * d); S.resize(nq * nk); O.resize(d);
+        Q.resize(nq * d); K.resize(nk * d); KT.resize(nk * d); V.resize(nk * d); S.resize(nq * nk); O.resize(nq * d);
         gather(qp + base, st.q, d, Q.data());
         gather(kp + base, st.k, d, K.data());
         gather(vp + base, st.k, d, V.data());
         transpose(K.data(), nk, d, KT.data());
-        scores(Q.data(), KT.data(), nq, nk, d, scale, S.data());
+        gemm(nq, nk, d, Q.data(), d, KT.data(), nk, S.data(), nk);
         for (int64_t i = 0; i < nq; ++i) {
           acc_t* s = S.data() + i * nk;
           const int64_t qi = st.q[i];
+#pragma omp simd
+          for (int64_t j = 0; j < nk; ++j) s[j] *= scale;
           if (topk > 0) {
             topk_row(s, st.k, topk, order, kept);
             uint8_t* row_bits = bits + (bh * L + qi) * nbytes;
@@ -165,25 +213,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
           }
           acc_t m = ninf;
           for (int64_t j = 0; j < nk; ++j) m = std::max(m, s[j]);
-          scalar_t* o = op + base + qi * d;
-          if (m == ninf) {   // no kept key: zeros
-            for (int64_t c = 0; c < d; ++c) o[c] = (scalar_t)0;
+          if (m == ninf) {   // no kept key: a zero row of P, a zero output
+            std::fill(s, s + nk, acc_t(0));
             lp[bh * L + qi] = ninf;
             continue;
           }
           acc_t sum = 0;
-          for (int64_t j = 0; j < nk; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
-          std::fill(O.begin(), O.end(), acc_t(0));
-          for (int64_t j = 0; j < nk; ++j) {
-            const acc_t p = s[j];
-            if (p == 0) continue;
-            const acc_t* vr = V.data() + j * d;
-#pragma omp simd
-            for (int64_t c = 0; c < d; ++c) O[c] += p * vr[c];
-          }
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < nk; ++j) { s[j] = exp_nonpos(s[j] - m); sum += s[j]; }
           const acc_t inv = acc_t(1) / sum;
-          for (int64_t c = 0; c < d; ++c) o[c] = (scalar_t)(O[c] * inv);
+#pragma omp simd
+          for (int64_t j = 0; j < nk; ++j) s[j] *= inv;
           lp[bh * L + qi] = m + std::log(sum);
+        }
+        gemm(nq, d, nk, S.data(), nk, V.data(), d, O.data(), d);   // O = P · V
+        for (int64_t i = 0; i < nq; ++i) {
+          scalar_t* o = op + base + st.q[i] * d;
+          for (int64_t c = 0; c < d; ++c) o[c] = (scalar_t)O[i * d + c];
         }
       }
     }
@@ -210,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> Q, K, KT, VT, DO, S, DP, dK((size_t)L * d), dV((size_t)L * d), dQ(d), delta;
+    std::vector<acc_t> Q, K, KT, V, VT, DO, S, DP, T, G, dK((size_t)L * d), dV((size_t)L * d), delta;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H;
       const int64_t base = bh * L * d;
@@ -218,65 +264,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       std::fill(dV.begin(), dV.end(), acc_t(0));
       for (const Set& st : sets[b]) {
         const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)st.k.size();
-        Q.resize(nq * d); K.resize(nk * d); KT.resize(nk * d); VT.resize(nk * d); DO.resize(nq * d);
-        S.resize(std::max(nq * nk, nk * d)); DP.resize(nk); delta.resize(nq);
+        Q.resize(nq * d); K.resize(nk * d); KT.resize(nk * d); V.resize(nk * d); VT.resize(nk * d);
+        DO.resize(nq * d); S.resize(nq * nk); DP.resize(nq * nk); T.resize(nq * nk);
+        G.resize(std::max(nq, nk) * d); delta.resize(nq);
         gather(qp + base, st.q, d, Q.data());
         gather(kp + base, st.k, d, K.data());
-        transpose(K.data(), nk, d, KT.data());
-        gather(vp + base, st.k, d, S.data());            // V rows, borrowed buffer
-        transpose(S.data(), nk, d, VT.data());
+        gather(vp + base, st.k, d, V.data());
         gather(dop + base, st.q, d, DO.data());
+        transpose(K.data(), nk, d, KT.data());
+        transpose(V.data(), nk, d, VT.data());
         for (int64_t i = 0; i < nq; ++i) {
           const scalar_t* orow = outp + base + st.q[i] * d;
           acc_t acc = 0;
           for (int64_t c = 0; c < d; ++c) acc += DO[i * d + c] * (acc_t)orow[c];
           delta[i] = acc;
         }
-        scores(Q.data(), KT.data(), nq, nk, d, scale, S.data());
+        gemm(nq, nk, d, Q.data(), d, KT.data(), nk, S.data(), nk);      // scores, as in the forward
+        gemm(nq, nk, d, DO.data(), d, VT.data(), nk, DP.data(), nk);    // dP = dO · Vᵀ
         for (int64_t i = 0; i < nq; ++i) {
-          acc_t* s = S.data() + i * nk;            // scores -> P -> dS, in place
+          acc_t* s = S.data() + i * nk;             // scores -> P
+          const acc_t* dp = DP.data() + i * nk;
           const int64_t qi = st.q[i];
           const acc_t l = lp[bh * L + qi];
-          const uint8_t* row_bits = bits ? bits + (bh * L + qi) * nbytes : nullptr;
-          const acc_t* dorow = DO.data() + i * d;
+          if (l == ninf) { std::fill(s, s + nk, acc_t(0)); std::fill(DP.data() + i * nk, DP.data() + (i + 1) * nk, acc_t(0)); continue; }
+          if (bits) {
+            const uint8_t* row_bits = bits + (bh * L + qi) * nbytes;
+            for (int64_t j = 0; j < nk; ++j) {
+              const int64_t kj = st.k[j];
+              if (!((row_bits[kj >> 3] >> (kj & 7)) & 1)) s[j] = ninf;
+              else s[j] *= scale;
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < nk; ++j) s[j] *= scale;
+          }
+          acc_t* ds = DP.data() + i * nk;           // dP -> dS = P (dP − delta)
+          const acc_t di = delta[i];
+#pragma omp simd
           for (int64_t j = 0; j < nk; ++j) {
-            const int64_t kj = st.k[j];
-            const bool on = l != ninf && (!row_bits || ((row_bits[kj >> 3] >> (kj & 7)) & 1));
-            s[j] = on ? std::exp(s[j] - l) : acc_t(0);
+            const acc_t p = exp_nonpos(s[j] - l);
+            s[j] = p;
+            ds[j] = p * (dp[j] - di);
           }
-          // dV[k_j] += P_ij dO_i ; dP_ij = dO_i · v_j ; dS = P (dP − delta)
-          for (int64_t j = 0; j < nk; ++j) {
-            const acc_t p = s[j];
-            if (p == 0) continue;
-            acc_t* dvr = dV.data() + st.k[j] * d;
+        }
+        // dV[k_j] += Σ_i P_ij dO_i
+        transpose(S.data(), nq, nk, T.data());
+        gemm(nk, d, nq, T.data(), nq, DO.data(), d, G.data(), d);
+        for (int64_t j = 0; j < nk; ++j) {
+          acc_t* dvr = dV.data() + st.k[j] * d;
 #pragma omp simd
-            for (int64_t c = 0; c < d; ++c) dvr[c] += p * dorow[c];
-          }
-          // dP row by axpy over keys with Vᵀ
-          acc_t* dprow = DP.data();
-          std::fill(dprow, dprow + nk, acc_t(0));
-          for (int64_t c = 0; c < d; ++c) {
-            const acc_t a = dorow[c];
-            const acc_t* vt = VT.data() + c * nk;
+          for (int64_t c = 0; c < d; ++c) dvr[c] += G[j * d + c];
+        }
+        // dQ_i = scale Σ_j dS_ij k_j
+        gemm(nq, d, nk, DP.data(), nk, K.data(), d, G.data(), d);
+        for (int64_t i = 0; i < nq; ++i) {
+          scalar_t* dqr = dqp + base + st.q[i] * d;
+          for (int64_t c = 0; c < d; ++c) dqr[c] = (scalar_t)(scale * G[i * d + c]);
+        }
+        // dK[k_j] += scale Σ_i dS_ij q_i
+        transpose(DP.data(), nq, nk, T.data());
+        gemm(nk, d, nq, T.data(), nq, Q.data(), d, G.data(), d);
+        for (int64_t j = 0; j < nk; ++j) {
+          acc_t* dkr = dK.data() + st.k[j] * d;
 #pragma omp simd
-            for (int64_t j = 0; j < nk; ++j) dprow[j] += a * vt[j];
-          }
-#pragma omp simd
-          for (int64_t j = 0; j < nk; ++j) s[j] = s[j] * (dprow[j] - delta[i]);
-          // dQ_i = scale Σ_j dS_ij k_j ; dK[k_j] += scale dS_ij q_i
-          std::fill(dQ.begin(), dQ.end(), acc_t(0));
-          const acc_t* qrow = Q.data() + i * d;
-          for (int64_t j = 0; j < nk; ++j) {
-            const acc_t g = s[j];
-            if (g == 0) continue;
-            const acc_t* kr = K.data() + j * d;
-            acc_t* dkr = dK.data() + st.k[j] * d;
-            const acc_t gs = g * scale;
-#pragma omp simd
-            for (int64_t c = 0; c < d; ++c) { dQ[c] += gs * kr[c]; dkr[c] += gs * qrow[c]; }
-          }
-          scalar_t* dqr = dqp + base + qi * d;
-          for (int64_t c = 0; c < d; ++c) dqr[c] = (scalar_t)dQ[c];
+          for (int64_t c = 0; c < d; ++c) dkr[c] += scale * G[j * d + c];
         }
       }
       for (int64_t t = 0; t < L * d; ++t) {

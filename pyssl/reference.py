@@ -161,7 +161,7 @@ def homologous_contrastive_loss(z, groups, *, temperature=0.2, reduction="mean")
     """SPEC §2, densely: per token, −mean over its group's other tokens of the log-softmax of the
     cosine/temperature over all other valid tokens of the sample."""
     b, l, _ = z.shape
-    zn = F.normalize(z.float(), dim=-1, eps=NORM_EPS)
+    zn = F.normalize(z.double() if z.dtype == torch.float64 else z.float(), dim=-1, eps=NORM_EPS)
     s = zn @ zn.transpose(1, 2) / temperature                       # (B, L, L)
     valid = groups >= 0
     eye = torch.eye(l, dtype=torch.bool, device=z.device)[None]

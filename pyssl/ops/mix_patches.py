@@ -1,0 +1,50 @@
+"""Patch mixing of the Mixed Autoencoder: G = round(1/ratio) images share one sample.
+
+    mix_patches(patches, ratio=0.25, *, generator=None) -> (mixed, groups, sources)
+
+patches (B, Np, P), B divisible by G. The consecutive images m·G … m·G + G − 1 form mixed sample
+m: position p of mixed[m] is patch p of source groups[m, p] (an index into sources[m]). The
+assignment is an exact partition: Np mod G sources, chosen uniformly at random, get ceil(Np/G)
+positions and the others floor(Np/G); given those counts every arrangement of positions is
+equally likely. The randomness comes from `generator` (a CPU torch.Generator), so a seeded
+generator reproduces the mix on any device. mixed is a gather of patches: differentiable.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def mix_patches(patches: Tensor, ratio: float = 0.25, *, generator: Optional[torch.Generator] = None
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+    fn = "mix_patches"
+    if not isinstance(patches, Tensor):
+        raise TypeError(f"{fn}: patches must be a torch.Tensor, got {type(patches).__name__}")
+    if patches.dim() != 3:
+        raise ValueError(f"{fn}: patches must be (B, Np, P), got shape {tuple(patches.shape)}")
+    if patches.numel() == 0:
+        raise ValueError(f"{fn}: patches is empty (shape {tuple(patches.shape)})")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 < ratio <= 1.0):
+        raise ValueError(f"{fn}: ratio must be a number in (0, 1], got {ratio!r}")
+    g = int(round(1.0 / ratio))
+    b, np_, _ = patches.shape
+    if b % g != 0:
+        raise ValueError(f"{fn}: the batch size B = {b} must be divisible by G = round(1/ratio) = {g}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"{fn}: generator must be a CPU generator, got one on {generator.device}")
+    m = b // g
+    # which sources get the extra position: a random relabelling of (position mod G)
+    relabel = torch.rand(m, g, generator=generator).argsort(dim=1)
+    base = relabel.gather(1, (torch.arange(np_) % g).expand(m, np_))
+    # a uniformly random arrangement of those labels over the positions
+    perm = torch.rand(m, np_, generator=generator).argsort(dim=1)
+    groups = base.gather(1, perm).to(patches.device)
+    sources = (torch.arange(m)[:, None] * g + torch.arange(g)[None, :]).to(patches.device)
+    src_rows = sources.gather(1, groups)                              # (m, Np) batch index
+    pos = torch.arange(np_, device=patches.device).expand(m, np_)
+    mixed = patches[src_rows, pos]
+    return mixed, groups, sources

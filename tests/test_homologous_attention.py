@@ -1,0 +1,273 @@
+"""pyssl.homologous_attention, pyssl.mix_patches, pyssl.homologous_contrastive_loss."""
+import pytest
+import torch
+
+import pyssl
+from pyssl import reference
+from pyssl.ops import homologous_attention as HA
+
+from conftest import device_for
+
+ATTN_BACKENDS = ["cpu", "torch"]
+
+
+def _qkv(b=2, h=3, l=21, d=8, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, l, d, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(3)]
+
+
+def _groups(b, l, n_groups, n_global=1, seed=0, uneven=False):
+    g = torch.Generator().manual_seed(seed + 100)
+    rows = []
+    for _ in range(b):
+        if uneven:   # sizes 1, 2, 4, ... : a group of one, and very uneven groups
+            ids = torch.cat([torch.full((2 ** i,), i) for i in range(n_groups)])
+            ids = torch.cat([ids, torch.full((l - n_global - ids.numel(),), n_groups - 1)])
+        else:
+            ids = torch.arange(l - n_global) % n_groups
+        ids = ids[torch.randperm(ids.numel(), generator=g)]
+        rows.append(torch.cat([torch.full((n_global,), -1), ids]))
+    return torch.stack(rows)
+
+
+MODES = {
+    "group": dict(n_groups=3, topk=None),
+    "group+globals2": dict(n_groups=4, n_global=2, topk=None),
+    "uneven+group_of_one": dict(n_groups=4, uneven=True, topk=None),
+    "topk": dict(n_groups=None, topk=5),
+    "group+topk": dict(n_groups=3, topk=4),
+    "topk>=allowed": dict(n_groups=3, topk=40),
+}
+
+
+def _case(mode, b, l, device):
+    m = dict(MODES[mode])
+    topk = m.pop("topk")
+    ng = m.pop("n_groups")
+    groups = None if ng is None else _groups(b, l, ng, **m).to(device)
+    return groups, topk
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_attention_matches_reference(backend, mode):
+    dev = device_for(backend)
+    q, k, v = (t.requires_grad_() for t in _qkv(device=dev))
+    groups, topk = _case(mode, 2, 21, dev)
+    out = pyssl.homologous_attention(q, k, v, groups, topk=topk, backend=backend)
+    ref = reference.homologous_attention(q, k, v, groups, topk=topk)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("mode", ["group", "group+topk", "topk"])
+def test_gradcheck_float64(backend, mode):
+    dev = device_for(backend)
+    q, k, v = (t.requires_grad_() for t in _qkv(b=1, h=2, l=9, d=4, dtype=torch.float64, device=dev))
+    groups, topk = _case(mode, 1, 9, dev)
+    topk = None if topk is None else 3
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: pyssl.homologous_attention(a, b, c, groups, topk=topk, backend=backend), (q, k, v))
+
+
+def test_kept_set_bitmask_and_lse_agree_across_backends():
+    q, k, v = _qkv(l=27)
+    groups = _groups(2, 27, 3)
+    for topk in (None, 6):
+        a = HA.attention_with_stats(q, k, v, groups, topk=topk, backend="cpu")
+        b = HA.attention_with_stats(q, k, v, groups, topk=topk, backend="torch")
+        torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-6)
+        assert torch.equal(a[2], b[2])
+        if topk:
+            want = reference.homologous_kept(q, k, groups, topk)
+            assert torch.equal(HA.unpack_bits(a[2], 27), want)
+            # exactly min(topk, allowed) keys per row
+            allowed = reference.homologous_kept(q, k, groups, None)
+            assert torch.equal(want.sum(-1), allowed.sum(-1).clamp_max(topk))
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_topk_ties_go_to_the_lower_key_index(backend):
+    dev = device_for(backend)
+    # integer-valued vectors: every score is exact, so equal keys give equal scores
+    q = torch.ones(1, 1, 6, 2, device=dev)
+    k = torch.tensor([[3.0, 0], [1, 0], [2, 0], [1, 0], [2, 0], [0, 0]], device=dev).view(1, 1, 6, 2)
+    v = torch.randn(1, 1, 6, 2, device=dev)
+    # scores per query: 3, 1, 2, 1, 2, 0 -> top 2 = {0, 2} (2 and 4 tie at 2: the lower wins)
+    out, _, keep = HA.attention_with_stats(q, k, v, None, topk=2, backend=backend)
+    kept = HA.unpack_bits(keep, 6)[0, 0]
+    assert kept[:, [0, 2]].all() and kept.sum(-1).eq(2).all()
+    torch.testing.assert_close(out, reference.homologous_attention(q, k, v, None, topk=2), atol=1e-6, rtol=1e-6)
+    # top 4: 0, 2, 4, then the tie at 1 between keys 1 and 3 -> key 1
+    _, _, keep = HA.attention_with_stats(q, k, v, None, topk=4, backend=backend)
+    assert HA.unpack_bits(keep, 6)[0, 0, 0].tolist() == [True, True, True, False, True, False]
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_half_precision(backend, dtype, tol):
+    dev = device_for(backend)
+    q, k, v = (t.requires_grad_() for t in _qkv(dtype=dtype, device=dev))
+    groups = _groups(2, 21, 3).to(dev)
+    out = pyssl.homologous_attention(q, k, v, groups, backend=backend)
+    assert out.dtype == dtype
+    # the reference in float32 on the same (rounded) inputs; the op accumulates in float32
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = reference.homologous_attention(qf, kf, vf, groups)
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), g.to(dtype))
+    want = torch.autograd.grad(ref, (qf, kf, vf), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b, atol=4 * tol, rtol=4 * tol)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_large_scores_are_stable(backend):
+    dev = device_for(backend)
+    q, k, v = _qkv(device=dev)
+    groups = _groups(2, 21, 3).to(dev)
+    out = pyssl.homologous_attention(q * 30, k * 30, v, groups, backend=backend)
+    ref = reference.homologous_attention(q.double() * 30, k.double() * 30, v.double(), groups.cpu())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double().cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_opcheck_and_compile(backend):
+    dev = device_for(backend)
+    q, k, v = _qkv(b=1, h=2, l=10, d=4, device=dev)
+    groups = _groups(1, 10, 2).to(dev)
+    for topk in (0, 3):
+        torch.library.opcheck(HA._attn_op, (q, k, v, groups, topk, 0.5, backend))
+    f = torch.compile(lambda a, b, c: pyssl.homologous_attention(a, b, c, groups, topk=3, backend=backend),
+                      fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(q, k, v), pyssl.homologous_attention(q, k, v, groups, topk=3, backend=backend))
+
+
+def test_triton_says_why_it_cannot_serve():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="backend='triton' cannot serve"):
+        pyssl.homologous_attention(q, k, v, backend="triton")
+    assert HA.not_supported_reasons(q)["cpu"] == []
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(groups=torch.zeros(2, 20, dtype=torch.int64)), "groups must have shape"),
+    (dict(groups=torch.zeros(2, 21)), "groups must be an integer"),
+    (dict(topk=0), "topk"),
+    (dict(topk=2.5), "topk"),
+    (dict(scale=float("nan")), "scale"),
+    (dict(backend="fast"), "backend"),
+])
+def test_attention_bad_input(kwargs, match):
+    q, k, v = _qkv()
+    before = q.clone()
+    with pytest.raises((ValueError, TypeError), match=match):
+        pyssl.homologous_attention(q, k, v, **kwargs)
+    assert torch.equal(q, before)
+
+
+def test_attention_bad_shapes():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="same shape"):
+        pyssl.homologous_attention(q, k[:, :, :5], v)
+    with pytest.raises(ValueError, match="same dtype"):
+        pyssl.homologous_attention(q, k.double(), v)
+    with pytest.raises(ValueError, match=r"\(B, H, L, d\)"):
+        pyssl.homologous_attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="empty"):
+        pyssl.homologous_attention(q[:0], k[:0], v[:0])
+
+
+# ---------------------------------------------------------------- mix_patches
+
+def test_mix_patches_is_an_exact_partition():
+    p = torch.randn(12, 50, 7)
+    mixed, groups, sources = pyssl.mix_patches(p, 0.25, generator=torch.Generator().manual_seed(3))
+    assert mixed.shape == (3, 50, 7) and groups.shape == (3, 50) and sources.shape == (3, 4)
+    assert torch.equal(sources, torch.arange(12).view(3, 4))
+    assert reference.mix_groups_valid(groups, 4)
+    counts = torch.stack([(groups == i).sum(1) for i in range(4)], 1)
+    assert sorted(counts[0].tolist()) == [12, 12, 13, 13]
+    # every mixed token is the source image's patch at the same position
+    for m in range(3):
+        for pos in range(50):
+            assert torch.equal(mixed[m, pos], p[sources[m, groups[m, pos]], pos])
+
+
+def test_mix_patches_reproducible_and_random():
+    p = torch.randn(8, 30, 3)
+    a = pyssl.mix_patches(p, 0.5, generator=torch.Generator().manual_seed(1))
+    b = pyssl.mix_patches(p, 0.5, generator=torch.Generator().manual_seed(1))
+    c = pyssl.mix_patches(p, 0.5, generator=torch.Generator().manual_seed(2))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[1], c[1])
+    # which sources get the extra position is random too (Np = 30 is not divisible by 4)
+    firsts = set()
+    for s in range(20):
+        _, g, _ = pyssl.mix_patches(torch.randn(4, 30, 1), 0.25, generator=torch.Generator().manual_seed(s))
+        firsts.add(tuple((g[0] == i).sum().item() for i in range(4)))
+    assert len(firsts) > 1
+
+
+def test_mix_patches_gradient_and_bad_input():
+    p = torch.randn(4, 6, 2, requires_grad=True)
+    mixed, _, _ = pyssl.mix_patches(p, 0.5)
+    mixed.sum().backward()
+    # each position of a mixed sample comes from exactly one of its 2 sources
+    assert torch.equal(p.grad.view(2, 2, 6, 2).sum(1), torch.ones(2, 6, 2))
+    assert set(p.grad.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="divisible"):
+        pyssl.mix_patches(torch.randn(6, 4, 2), 0.25)
+    with pytest.raises(ValueError, match="ratio"):
+        pyssl.mix_patches(torch.randn(4, 4, 2), 0.0)
+    with pytest.raises(ValueError, match=r"\(B, Np, P\)"):
+        pyssl.mix_patches(torch.randn(4, 4), 0.5)
+
+
+# ---------------------------------------------------------------- contrastive loss
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_contrastive_loss_matches_reference(reduction):
+    z = torch.randn(3, 13, 6, dtype=torch.float64, requires_grad=True)
+    groups = _groups(3, 13, 3, n_global=2)       # negative ids: ignored entirely
+    groups[0, 5:] = 7                             # a large group
+    out = pyssl.homologous_contrastive_loss(z, groups, temperature=0.1, reduction=reduction)
+    ref = reference.homologous_contrastive_loss(z, groups, temperature=0.1, reduction=reduction)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, z, g)[0], torch.autograd.grad(ref, z, g)[0])
+    assert torch.autograd.gradcheck(
+        lambda t: pyssl.homologous_contrastive_loss(t, groups, temperature=0.1, reduction=reduction), (z,))
+
+
+def test_contrastive_loss_by_hand():
+    # one sample, tokens 0, 1 in group 0, token 2 in group 1, token 3 ignored
+    z = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [5.0, 5.0]]])
+    groups = torch.tensor([[0, 0, 1, -1]])
+    t = 0.5
+    c = torch.tensor([[1.0, 0.0, 2 ** -0.5], [0.0, 1.0, 2 ** -0.5], [2 ** -0.5, 2 ** -0.5, 1.0]]) / t
+    l0 = -(c[0, 1] - torch.logsumexp(c[0, [1, 2]], 0))
+    l1 = -(c[1, 0] - torch.logsumexp(c[1, [0, 2]], 0))
+    rows = pyssl.homologous_contrastive_loss(z, groups, temperature=t, reduction="none")
+    torch.testing.assert_close(rows, torch.stack([l0, l1, torch.tensor(0.0), torch.tensor(0.0)])[None])
+    torch.testing.assert_close(pyssl.homologous_contrastive_loss(z, groups, temperature=t), (l0 + l1) / 2)
+
+
+def test_contrastive_loss_bad_input():
+    z = torch.randn(2, 5, 3)
+    g = torch.zeros(2, 5, dtype=torch.int64)
+    with pytest.raises(ValueError, match="temperature"):
+        pyssl.homologous_contrastive_loss(z, g, temperature=0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        pyssl.homologous_contrastive_loss(z, g, reduction="avg")
+    with pytest.raises(ValueError, match="groups must have shape"):
+        pyssl.homologous_contrastive_loss(z, g[:, :4])
+    with pytest.raises(ValueError, match=r"\(B, L, E\)"):
+        pyssl.homologous_contrastive_loss(z[0], g)
