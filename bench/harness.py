@@ -184,6 +184,7 @@ def run_case(module: str, case: Case, size: str, memory: bool, progress) -> Dict
             step = setup(inputs)
             t = time_step(step, case.device, case.warmup, case.repeats)
             entry["time_ms"] = round(t, 3)
+            entry["note"] = getattr(step, "note", "")   # what a setup reports about itself
             if case.flops:
                 entry["tflops"] = round(case.flops(inputs) / (t * 1e-3) / 1e12, 3)
             if case.bytes:

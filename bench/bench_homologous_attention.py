@@ -1,0 +1,150 @@
+"""Homologous-patch attention benchmarks (forward + backward unless an impl says otherwise).
+
+Cases (names fixed):
+  homattn_cpu   B=16, H=12, L=197, d=64, 4 groups + 1 global token, fp32, CPU.
+  homattn_vitb  B=256, H=12, L=197, d=64, 4 groups + 1 global token, bf16, CUDA.
+  homattn_long  B=4, H=16, L=4096, d=64, 4 groups, bf16, CUDA.
+Groups are interleaved at random over the positions (as mix_patches makes them).
+impls:
+  naive      masked softmax as a user writes it: scores, masked_fill, softmax, @ v (B·H·L·L).
+  sdpa_mask  F.scaled_dot_product_attention with the dense boolean mask (built outside the step).
+  flex       FlexAttention (torch.compile'd) with the same mask as a block mask built outside the
+             timed region (its build time is in the note); on the CPU forward only (FlexAttention
+             has no CPU backward), so its time is not comparable to the others there.
+  pyssl-<b>  pyssl.homologous_attention on backend b.
+TFLOP/s count only the unmasked pairs: 4·d FLOPs per pair forward, 10·d backward.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+import pyssl
+from bench.harness import Case, Skip
+from pyssl.ops import homologous_attention as HA
+
+
+def _sizes(full, tiny):
+    return lambda size, device: tiny(device) if size == "tiny" else full(device)
+
+
+def _problem(b, h, l, d, n_groups, n_global, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(b, h, l, d, generator=g).to(device, dtype) for _ in range(4))
+    rows = []
+    for _ in range(b):
+        ids = torch.arange(l - n_global) % n_groups
+        ids = ids[torch.randperm(l - n_global, generator=g)]
+        rows.append(torch.cat([torch.full((n_global,), -1), ids]))
+    groups = torch.stack(rows).to(device)
+    mask = ((groups[:, :, None] == groups[:, None, :]) | (groups[:, :, None] < 0) | (groups[:, None, :] < 0))
+    return {"q": q, "k": k, "v": v, "do": do, "groups": groups, "pairs": float(mask.sum()) * h}
+
+
+def _leaves(inp):
+    return [t.detach().clone().requires_grad_() for t in (inp["q"], inp["k"], inp["v"])]
+
+
+def _fwd_bwd(fn, inp):
+    q, k, v = _leaves(inp)
+    do = inp["do"]
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        fn(q, k, v).backward(do)
+    return step
+
+
+def _mask(inp):
+    g = inp["groups"]
+    return ((g[:, :, None] == g[:, None, :]) | (g[:, :, None] < 0) | (g[:, None, :] < 0))[:, None]
+
+
+def attn_naive(inp):
+    mask = _mask(inp)
+    scale = inp["q"].shape[-1] ** -0.5
+
+    def fn(q, k, v):
+        s = (q @ k.transpose(-1, -2)) * scale
+        return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v
+    return _fwd_bwd(fn, inp)
+
+
+def attn_sdpa_mask(inp):
+    mask = _mask(inp)
+    return _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), inp)
+
+
+def attn_flex(inp):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        raise Skip(f"FlexAttention unavailable ({e})")
+    g = inp["groups"]
+    b, h, l, _ = inp["q"].shape
+
+    def mask_mod(bi, hi, qi, ki):
+        gq, gk = g[bi, qi], g[bi, ki]
+        return (gq == gk) | (gq < 0) | (gk < 0)
+
+    dev = inp["q"].device.type
+    t0 = time.perf_counter()
+    bm = create_block_mask(mask_mod, b, None, l, l, device=str(inp["q"].device))
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    build_ms = (time.perf_counter() - t0) * 1e3
+    f = torch.compile(flex_attention)
+    if dev == "cpu":   # no CPU backward: forward only
+        q, k, v = inp["q"], inp["k"], inp["v"]
+
+        def step():
+            with torch.no_grad():
+                f(q, k, v, block_mask=bm)
+        step.note = f"forward only (no CPU backward); block mask built in {build_ms:.0f} ms, untimed"
+        return step
+    step = _fwd_bwd(lambda q, k, v: f(q, k, v, block_mask=bm), inp)
+    step.note = f"block mask built in {build_ms:.0f} ms, untimed"
+    return step
+
+
+def attn_pyssl(backend):
+    def setup(inp):
+        why = HA.not_supported_reasons(inp["q"]).get(backend, []) if backend != "auto" else []
+        if why:
+            raise Skip(f"{backend}: " + "; ".join(why))
+        g = inp["groups"]
+        return _fwd_bwd(lambda q, k, v: pyssl.homologous_attention(q, k, v, g, backend=backend), inp)
+    return setup
+
+
+def _flops(inp):
+    return 14.0 * inp["pairs"] * inp["q"].shape[-1]
+
+
+CASES = [
+    Case("homattn_cpu", "cpu",
+         _sizes(lambda dev: _problem(16, 12, 197, 64, 4, 1, torch.float32, dev),
+                lambda dev: _problem(2, 2, 23, 8, 4, 1, torch.float32, dev)),
+         {"naive": attn_naive, "sdpa_mask": attn_sdpa_mask, "flex": attn_flex,
+          "pyssl-torch": attn_pyssl("torch"), "pyssl-cpu": attn_pyssl("cpu")},
+         flops=_flops, repeats=7, warmup=2,
+         notes="B=16, H=12, L=197, d=64, 4 interleaved groups + 1 global token, fp32, forward+backward "
+               "(flex: forward only, FlexAttention has no CPU backward)."),
+    Case("homattn_vitb", "cuda",
+         _sizes(lambda dev: _problem(256, 12, 197, 64, 4, 1, torch.bfloat16, dev),
+                lambda dev: _problem(2, 2, 23, 8, 4, 1, torch.float32, dev)),
+         {"naive": attn_naive, "sdpa_mask": attn_sdpa_mask, "flex": attn_flex,
+          "pyssl-torch": attn_pyssl("torch"), "pyssl-auto": attn_pyssl("auto")},
+         flops=_flops, repeats=10, warmup=3,
+         notes="B=256, H=12, L=197, d=64, 4 groups + 1 global token, bf16, forward+backward."),
+    Case("homattn_long", "cuda",
+         _sizes(lambda dev: _problem(4, 16, 4096, 64, 4, 0, torch.bfloat16, dev),
+                lambda dev: _problem(1, 2, 64, 8, 4, 0, torch.float32, dev)),
+         {"naive": attn_naive, "sdpa_mask": attn_sdpa_mask, "flex": attn_flex,
+          "pyssl-torch": attn_pyssl("torch"), "pyssl-auto": attn_pyssl("auto")},
+         flops=_flops, repeats=10, warmup=3,
+         notes="B=4, H=16, L=4096, d=64, 4 groups, bf16, forward+backward."),
+]
