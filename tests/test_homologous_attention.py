@@ -8,7 +8,7 @@ from pyssl.ops import homologous_attention as HA
 
 from conftest import device_for
 
-ATTN_BACKENDS = ["cpu", "torch"]
+ATTN_BACKENDS = ["cpu", "torch", "triton"]
 
 
 def _qkv(b=2, h=3, l=21, d=8, dtype=torch.float32, seed=0, device="cpu"):
@@ -67,6 +67,8 @@ def test_attention_matches_reference(backend, mode):
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("mode", ["group", "group+topk", "topk"])
 def test_gradcheck_float64(backend, mode):
+    if backend == "triton":
+        pytest.skip("the Triton kernels take float32/bfloat16/float16 (float64 is for the cpu and torch backends)")
     dev = device_for(backend)
     q, k, v = (t.requires_grad_() for t in _qkv(b=1, h=2, l=9, d=4, dtype=torch.float64, device=dev))
     groups, topk = _case(mode, 1, 9, dev)
@@ -75,11 +77,14 @@ def test_gradcheck_float64(backend, mode):
         lambda a, b, c: pyssl.homologous_attention(a, b, c, groups, topk=topk, backend=backend), (q, k, v))
 
 
-def test_kept_set_bitmask_and_lse_agree_across_backends():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_kept_set_bitmask_and_lse_agree_across_backends(backend):
+    dev = device_for(backend)
     q, k, v = _qkv(l=27)
     groups = _groups(2, 27, 3)
     for topk in (None, 6):
-        a = HA.attention_with_stats(q, k, v, groups, topk=topk, backend="cpu")
+        a = HA.attention_with_stats(q.to(dev), k.to(dev), v.to(dev), groups.to(dev), topk=topk, backend=backend)
+        a = [t.cpu() for t in a]
         b = HA.attention_with_stats(q, k, v, groups, topk=topk, backend="torch")
         torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-6)
         assert torch.equal(a[2], b[2])
@@ -150,11 +155,42 @@ def test_opcheck_and_compile(backend):
     torch.testing.assert_close(f(q, k, v), pyssl.homologous_attention(q, k, v, groups, topk=3, backend=backend))
 
 
-def test_triton_says_why_it_cannot_serve():
-    q, k, v = _qkv()
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("topk", [None, 7])
+def test_long_rows_with_skipped_tiles(backend, topk):
+    """L = 70 with 4 groups and no global token: several tiles per row under the interpreter,
+    and (group mode, tokens sorted by group) tiles outside the block diagonal skipped."""
+    from pyssl.kernels import homologous_attention as K
+    dev = device_for(backend)
+    q, k, v = (t.requires_grad_() for t in _qkv(b=2, h=2, l=70, d=16, device=dev))
+    groups = _groups(2, 70, 4, n_global=0).to(dev)
+    if backend == "triton" and topk is None:
+        assert K.visited_fraction(groups, 70, K._block(70, q.dtype)) < 0.7
+    out = pyssl.homologous_attention(q, k, v, groups, topk=topk, backend=backend)
+    ref = reference.homologous_attention(q, k, v, groups, topk=topk)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+def test_visited_fraction_at_vit_and_long_sizes():
+    from pyssl.kernels import homologous_attention as K
+    vit = _groups(8, 197, 4, n_global=1)
+    long = _groups(2, 4096, 4, n_global=0)
+    # 197 tokens in 64-row tiles: only 2 of 16 tile pairs are skippable (globals sit in tile 0)
+    assert K.visited_fraction(vit, 197, 64) == pytest.approx(14 / 16)
+    # 4096 tokens, 4 groups of 1024: only the 16-row diagonal blocks remain (one in four)
+    assert K.visited_fraction(long, 4096, 64) == pytest.approx(0.25)
+
+
+def test_backends_say_why_they_cannot_serve():
+    q, k, v = _qkv(dtype=torch.float64)
     with pytest.raises(ValueError, match="backend='triton' cannot serve"):
         pyssl.homologous_attention(q, k, v, backend="triton")
     assert HA.not_supported_reasons(q)["cpu"] == []
+    long = torch.zeros(1, 1, 200, 16)
+    assert any("L <= 128" in r for r in HA.not_supported_reasons(long, topk=5)["triton"])
 
 
 @pytest.mark.parametrize("kwargs,match", [

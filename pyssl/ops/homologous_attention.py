@@ -16,6 +16,10 @@ kept set from the bitmask, never from a re-ranking (re-deriving a threshold is o
 the arithmetic is bit-identical).
 
 Backends:
+  triton FlashAttention-style kernels (kernels/homologous_attention.py): group mode sorts tokens
+         by group once per call (the permutation is saved for the backward) and skips the tiles
+         outside the block diagonal; top-k mode finds each row's kept set in-kernel from whole
+         score rows (L ≤ 512 for 16-bit inputs, 128 for float32) and saves it as the bitmask.
   cpu    C++/OpenMP (csrc/homologous_attention_cpu.cpp): per (batch, head), tokens are
          gathered by group into dense blocks (each group's queries against its keys and the
          global keys; global queries against every key), so masked-out pairs cost nothing; no
@@ -86,14 +90,25 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _backend_checks(q: Tensor):
-    return {"triton": lambda: ["the Triton kernels of homologous_attention are not written yet"],
-            "cpu": lambda: [], "torch": lambda: []}
+def _backend_checks(q: Tensor, topk: Optional[int] = None):
+    def triton():
+        r = []
+        if q.dtype == torch.float64:
+            r.append("the Triton kernels take float32/bfloat16/float16, not float64")
+        if topk:
+            from pyssl.kernels.homologous_attention import max_topk_l
+            lim = max_topk_l(q.dtype)
+            if q.shape[2] > lim:
+                r.append(f"the Triton top-k kernel holds whole score rows on chip: L <= {lim} for "
+                         f"{q.dtype}, got L={q.shape[2]}")
+        return r
+
+    return {"triton": triton, "cpu": lambda: [], "torch": lambda: []}
 
 
-def not_supported_reasons(q: Tensor) -> dict:
+def not_supported_reasons(q: Tensor, topk: Optional[int] = None) -> dict:
     """Why each backend cannot serve this input (empty list: it can)."""
-    return _dispatch.not_supported_reasons(_backend_checks(q), q.device)
+    return _dispatch.not_supported_reasons(_backend_checks(q, topk), q.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,52 +223,67 @@ def _torch_backward(q, k, v, out, dout, lse, groups, keep, topk, scale):
 
 @torch.library.custom_op("pyssl::homologous_attention", mutates_args=())
 def _attn_op(q: Tensor, k: Tensor, v: Tensor, groups: Optional[Tensor], topk: int, scale: float,
-             backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, lse, keep bitmask, perm): perm is the Triton group-mode sort (empty elsewhere)."""
+    no_perm = torch.empty(0, dtype=torch.int64, device=q.device)
+    g = groups.contiguous() if groups is not None else None
     if backend == "cpu":
-        g = groups.contiguous() if groups is not None else None
-        return tuple(_dispatch.extension().homologous_attention_fwd_cpu(
-            q.contiguous(), k.contiguous(), v.contiguous(), g, topk, scale))
-    return _torch_forward(q, k, v, groups, topk, scale)
+        out, lse, keep = _dispatch.extension().homologous_attention_fwd_cpu(
+            q.contiguous(), k.contiguous(), v.contiguous(), g, topk, scale)
+        return out, lse, keep, no_perm
+    if backend == "triton":
+        from pyssl.kernels import homologous_attention as K
+        return K.forward(q.contiguous(), k.contiguous(), v.contiguous(), g, topk, scale)
+    return _torch_forward(q, k, v, groups, topk, scale) + (no_perm,)
 
 
 @_attn_op.register_fake
 def _(q, k, v, groups, topk, scale, backend):
     b, h, l, d = q.shape
     keep = q.new_empty((b, h, l, (l + 7) // 8), dtype=torch.uint8) if topk else q.new_empty(0, dtype=torch.uint8)
-    return torch.empty_like(q), q.new_empty((b, h, l), dtype=_acc_dtype(q.dtype)), keep
+    if backend == "triton" and not topk:
+        perm = q.new_empty((b, l), dtype=torch.int64)
+    else:
+        perm = q.new_empty(0, dtype=torch.int64)
+    return torch.empty_like(q), q.new_empty((b, h, l), dtype=_acc_dtype(q.dtype)), keep, perm
 
 
 @torch.library.custom_op("pyssl::homologous_attention_backward", mutates_args=())
 def _attn_bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
-                 groups: Optional[Tensor], keep: Tensor, topk: int, scale: float,
+                 groups: Optional[Tensor], keep: Tensor, perm: Tensor, topk: int, scale: float,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    g = groups.contiguous() if groups is not None else None
     if backend == "cpu":
-        g = groups.contiguous() if groups is not None else None
         return tuple(_dispatch.extension().homologous_attention_bwd_cpu(
             q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), dout.contiguous(),
             lse.contiguous(), g, keep.contiguous(), topk, scale))
+    if backend == "triton":
+        from pyssl.kernels import homologous_attention as K
+        return tuple(K.backward(q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
+                                dout.contiguous(), lse.contiguous(), g, keep.contiguous(), perm, topk, scale))
     return _torch_backward(q, k, v, out, dout, lse, groups, keep, topk, scale)
 
 
 @_attn_bwd_op.register_fake
-def _(q, k, v, out, dout, lse, groups, keep, topk, scale, backend):
+def _(q, k, v, out, dout, lse, groups, keep, perm, topk, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
     q, k, v, groups, topk, scale, backend = inputs
-    out, lse, keep = output
-    ctx.mark_non_differentiable(lse, keep)
+    out, lse, keep, perm = output
+    ctx.mark_non_differentiable(lse, keep, perm)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, out, lse, groups, keep)
+    ctx.save_for_backward(q, k, v, out, lse, groups, keep, perm)
     ctx.topk, ctx.scale, ctx.backend = topk, scale, backend
 
 
 def _backward(ctx, dout, *unused):
-    if dout is None:
+    if dout is None:   # only the statistics reached the backward
         return (None,) * 7
-    q, k, v, out, lse, groups, keep = ctx.saved_tensors
-    dq, dk, dv = _attn_bwd_op(q, k, v, out, dout.contiguous(), lse, groups, keep, ctx.topk, ctx.scale, ctx.backend)
+    q, k, v, out, lse, groups, keep, perm = ctx.saved_tensors
+    dq, dk, dv = _attn_bwd_op(q, k, v, out, dout.contiguous(), lse, groups, keep, perm, ctx.topk, ctx.scale,
+                              ctx.backend)
     return dq, dk, dv, None, None, None, None
 
 
@@ -266,16 +296,15 @@ def homologous_attention(q: Tensor, k: Tensor, v: Tensor, groups: Optional[Tenso
     """Attention restricted to each token's own source image (SPEC §2); see the module docstring."""
     fn = "homologous_attention"
     scale = _check_inputs(fn, q, k, v, groups, topk, scale)
-    chosen = _dispatch.choose(fn, backend, q.device, _PREFERENCE, _backend_checks(q))
+    chosen = _dispatch.choose(fn, backend, q.device, _PREFERENCE, _backend_checks(q, topk))
     g = None if groups is None else groups.to(torch.int64)
-    out, _, _ = _attn_op(q, k, v, g, int(topk or 0), scale, chosen)
-    return out
+    return _attn_op(q, k, v, g, int(topk or 0), scale, chosen)[0]
 
 
 def attention_with_stats(q, k, v, groups=None, *, topk=None, scale=None, backend="auto"):
     """(out, lse, keep bitmask): the op's saved statistics, for tests and diagnostics."""
     fn = "homologous_attention"
     scale = _check_inputs(fn, q, k, v, groups, topk, scale)
-    chosen = _dispatch.choose(fn, backend, q.device, _PREFERENCE, _backend_checks(q))
+    chosen = _dispatch.choose(fn, backend, q.device, _PREFERENCE, _backend_checks(q, topk))
     g = None if groups is None else groups.to(torch.int64)
-    return _attn_op(q, k, v, g, int(topk or 0), scale, chosen)
+    return _attn_op(q, k, v, g, int(topk or 0), scale, chosen)[:3]
