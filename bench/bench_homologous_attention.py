@@ -137,14 +137,16 @@ CASES = [
          _sizes(lambda dev: _problem(256, 12, 197, 64, 4, 1, torch.bfloat16, dev),
                 lambda dev: _problem(2, 2, 23, 8, 4, 1, torch.float32, dev)),
          {"naive": attn_naive, "sdpa_mask": attn_sdpa_mask, "flex": attn_flex,
-          "pyssl-torch": attn_pyssl("torch"), "pyssl-auto": attn_pyssl("auto")},
+          "pyssl-torch": attn_pyssl("torch"), "pyssl-triton": attn_pyssl("triton")},
          flops=_flops, repeats=10, warmup=3,
-         notes="B=256, H=12, L=197, d=64, 4 groups + 1 global token, bf16, forward+backward."),
+         notes="B=256, H=12, L=197, d=64, 4 groups + 1 global token, bf16, forward+backward. "
+               "pyssl-triton[noskip] (PYSSL_HOMATTN_NO_SKIP=1) visits every tile: the difference is what "
+               "sorting by group and skipping buys."),
     Case("homattn_long", "cuda",
          _sizes(lambda dev: _problem(4, 16, 4096, 64, 4, 0, torch.bfloat16, dev),
                 lambda dev: _problem(1, 2, 64, 8, 4, 0, torch.float32, dev)),
          {"naive": attn_naive, "sdpa_mask": attn_sdpa_mask, "flex": attn_flex,
-          "pyssl-torch": attn_pyssl("torch"), "pyssl-auto": attn_pyssl("auto")},
+          "pyssl-torch": attn_pyssl("torch"), "pyssl-triton": attn_pyssl("triton")},
          flops=_flops, repeats=10, warmup=3,
-         notes="B=4, H=16, L=4096, d=64, 4 groups, bf16, forward+backward."),
+         notes="B=4, H=16, L=4096, d=64, 4 groups, bf16, forward+backward (see homattn_vitb for [noskip])."),
 ]
