@@ -27,6 +27,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> homologous_attention_bwd_cpu(
     at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out, at::Tensor dout, at::Tensor lse,
     c10::optional<at::Tensor> groups, at::Tensor keep, int64_t topk, double scale);
 
+// ---- homologous_contrastive_loss_cpu.cpp (pyssl/ops/homologous_contrastive_loss.py)
+std::tuple<at::Tensor, at::Tensor> homologous_contrastive_fwd_cpu(at::Tensor z, at::Tensor groups,
+                                                                  double temperature, double eps);
+at::Tensor homologous_contrastive_bwd_cpu(at::Tensor z, at::Tensor groups, at::Tensor lse, at::Tensor grad_rows,
+                                          double temperature, double eps);
+
 // ---- noise_cpu.cpp / noise_cuda.cu: counter-based Gaussian noise + normalization
 // (pyssl/ops/noise.py, "the counter scheme").
 void gaussian_noise_cpu(at::Tensor x, at::Tensor row_src, at::Tensor row_sample,
@@ -65,6 +71,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(dq, dk, dv) of grouped / top-k attention from the forward's lse and keep bitmask",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dout"), py::arg("lse"),
         py::arg("groups"), py::arg("keep"), py::arg("topk"), py::arg("scale"));
+  m.def("homologous_contrastive_fwd_cpu", &homologous_contrastive_fwd_cpu,
+        "(per-token losses (B, L), row log-sum-exp (B, L)) of the homologous contrastive loss",
+        py::arg("z"), py::arg("groups"), py::arg("temperature"), py::arg("eps"));
+  m.def("homologous_contrastive_bwd_cpu", &homologous_contrastive_bwd_cpu,
+        "dz of the homologous contrastive loss from the per-token loss gradients",
+        py::arg("z"), py::arg("groups"), py::arg("lse"), py::arg("grad_rows"), py::arg("temperature"),
+        py::arg("eps"));
   m.def("gaussian_noise_cpu", &gaussian_noise_cpu,
         "out[r] <- a*(x[row_src[r]] + sigma*z(seed, ids[row_src[r]], row_sample[r], e)) + b in "
         "place; out (R, E) contiguous, (R, HW, C) storage order when channels_last",

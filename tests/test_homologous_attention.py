@@ -269,18 +269,61 @@ def test_mix_patches_gradient_and_bad_input():
 
 # ---------------------------------------------------------------- contrastive loss
 
+CL_BACKENDS = ["cpu", "torch"]
+
+
+@pytest.mark.parametrize("backend", CL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_contrastive_loss_matches_reference(reduction):
+def test_contrastive_loss_matches_reference(backend, reduction):
     z = torch.randn(3, 13, 6, dtype=torch.float64, requires_grad=True)
     groups = _groups(3, 13, 3, n_global=2)       # negative ids: ignored entirely
     groups[0, 5:] = 7                             # a large group
-    out = pyssl.homologous_contrastive_loss(z, groups, temperature=0.1, reduction=reduction)
+    groups[1, 3] = 11                             # a group of one: no positives, still a negative
+    out = pyssl.homologous_contrastive_loss(z, groups, temperature=0.1, reduction=reduction, backend=backend)
     ref = reference.homologous_contrastive_loss(z, groups, temperature=0.1, reduction=reduction)
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(out, z, g)[0], torch.autograd.grad(ref, z, g)[0])
     assert torch.autograd.gradcheck(
-        lambda t: pyssl.homologous_contrastive_loss(t, groups, temperature=0.1, reduction=reduction), (z,))
+        lambda t: pyssl.homologous_contrastive_loss(t, groups, temperature=0.1, reduction=reduction,
+                                                    backend=backend), (z,))
+
+
+@pytest.mark.parametrize("backend", CL_BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_contrastive_loss_float_and_bf16(backend, dtype, tol):
+    z = torch.randn(4, 30, 16).to(dtype).requires_grad_()
+    groups = _groups(4, 30, 4, n_global=1)
+    out = pyssl.homologous_contrastive_loss(z, groups, backend=backend)
+    zf = z.detach().float().requires_grad_()
+    ref = reference.homologous_contrastive_loss(zf, groups)
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    (ga,) = torch.autograd.grad(out, z)
+    (gb,) = torch.autograd.grad(ref, zf)
+    torch.testing.assert_close(ga.float(), gb, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", CL_BACKENDS)
+def test_contrastive_loss_lone_tokens_and_near_parallel(backend):
+    # sample 0: a single valid token (no term at all); sample 1: near-parallel features, t = 0.05
+    z = torch.randn(2, 6, 4, dtype=torch.float64)
+    z[1] = torch.tensor([1.0, 0, 0, 0]) + 1e-4 * torch.randn(6, 4, dtype=torch.float64)
+    z.requires_grad_()
+    groups = torch.tensor([[-1, -1, 3, -1, -1, -1], [0, 0, 0, 1, 1, -1]])
+    out = pyssl.homologous_contrastive_loss(z, groups, temperature=0.05, reduction="none", backend=backend)
+    ref = reference.homologous_contrastive_loss(z, groups, temperature=0.05, reduction="none")
+    torch.testing.assert_close(out, ref)
+    assert torch.all(out[0] == 0)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), z)[0], torch.autograd.grad(ref.sum(), z)[0])
+
+
+def test_contrastive_loss_opcheck_and_compile():
+    from pyssl.ops import homologous_contrastive_loss as HCL
+    z = torch.randn(2, 9, 5)
+    groups = _groups(2, 9, 3)
+    torch.library.opcheck(HCL._rows_op, (z, groups, 0.2, "cpu"))
+    f = torch.compile(lambda t: HCL._rows_op(t, groups, 0.2, "cpu")[0].sum(), fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(z), HCL._rows_op(z, groups, 0.2, "cpu")[0].sum())
 
 
 def test_contrastive_loss_by_hand():

@@ -9,13 +9,19 @@ group, A(i) = all other tokens:
 "mean" averages over the tokens with a non-empty P(i), "sum" sums them, "none" returns (B, L)
 with 0 for the other tokens.
 
-Backend: torch — samples in chunks (R·L·L scores per chunk, R·L² ≤ 2^24), forward and backward
-by autograd through the chunk's ops (the row log-sum-exp over the sample and the masked sum over
-the row's group).
+Backends:
+  cpu    C++/OpenMP (csrc/homologous_contrastive_loss_cpu.cpp): one sample's n×n score block per
+         thread (a register-blocked GEMM of its normalized valid tokens), fused row log-sum-exp
+         and group sums; the backward recomputes the block from the saved log-sum-exp and
+         multiplies (G + Gᵀ) by Ẑ. Never a B·L·L tensor.
+  torch  samples in chunks (R·L·L scores per chunk, R·L² ≤ 2^24), forward and backward by
+         autograd through the chunk's ops.
+The op returns per-token losses; the reduction runs on those (B, L) values here.
 """
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,22 +76,74 @@ def _rows(z: Tensor, groups: Tensor, temperature: float):
     return torch.where(has, lse - mean_pos, torch.zeros_like(lse)), has
 
 
+@torch.library.custom_op("pyssl::homologous_contrastive_rows", mutates_args=())
+def _rows_op(z: Tensor, groups: Tensor, temperature: float, backend: str) -> Tuple[Tensor, Tensor]:
+    """(per-token losses, row log-sum-exp), both (B, L) float32 (float64 for float64 z)."""
+    return tuple(_dispatch.extension().homologous_contrastive_fwd_cpu(z.contiguous(), groups.contiguous(),
+                                                                      temperature, NORM_EPS))
+
+
+@_rows_op.register_fake
+def _(z, groups, temperature, backend):
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return z.new_empty(z.shape[:2], dtype=acc), z.new_empty(z.shape[:2], dtype=acc)
+
+
+@torch.library.custom_op("pyssl::homologous_contrastive_rows_backward", mutates_args=())
+def _rows_bwd_op(z: Tensor, groups: Tensor, lse: Tensor, grad_rows: Tensor, temperature: float,
+                 backend: str) -> Tensor:
+    return _dispatch.extension().homologous_contrastive_bwd_cpu(z.contiguous(), groups.contiguous(), lse,
+                                                                grad_rows.contiguous(), temperature, NORM_EPS)
+
+
+@_rows_bwd_op.register_fake
+def _(z, groups, lse, grad_rows, temperature, backend):
+    return torch.empty_like(z)
+
+
+def _setup(ctx, inputs, output):
+    z, groups, temperature, backend = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(z, groups, output[1])
+    ctx.temperature, ctx.backend = temperature, backend
+
+
+def _backward(ctx, grad_rows, _unused):
+    if grad_rows is None:
+        return None, None, None, None
+    z, groups, lse = ctx.saved_tensors
+    return _rows_bwd_op(z, groups, lse, grad_rows.to(lse.dtype), ctx.temperature, ctx.backend), None, None, None
+
+
+_rows_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _has_positive(groups: Tensor) -> Tensor:
+    """(B, L) bool: the token has another token of its group (O(B·L), no L×L mask)."""
+    b, l = groups.shape
+    g = groups.clamp_min(0)
+    counts = torch.zeros(b, int(g.max()) + 1 if g.numel() else 1, dtype=torch.int64, device=groups.device)
+    counts.scatter_add_(1, g, (groups >= 0).to(torch.int64))
+    return (groups >= 0) & (counts.gather(1, g) > 1)
+
+
 def homologous_contrastive_loss(z: Tensor, groups: Tensor, *, temperature: float = 0.2,
                                 reduction: str = "mean", backend: str = "auto") -> Tensor:
     fn = "homologous_contrastive_loss"
     _check(fn, z, groups, temperature, reduction)
-    _dispatch.choose(fn, backend, z.device, {"cpu": ("torch",), "cuda": ("torch",)},
-                     {"torch": lambda: []})
+    chosen = _dispatch.choose(fn, backend, z.device, {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
+                              {"cpu": lambda: [], "torch": lambda: []})
     groups = groups.to(torch.int64)
     b, l, _ = z.shape
-    per = max(1, CHUNK_ELEMS // max(1, l * l))
-    rows, has = [], []
-    for i0 in range(0, b, per):
-        r, h = _rows(z[i0:i0 + per], groups[i0:i0 + per], float(temperature))
-        rows.append(r)
-        has.append(h)
-    rows = torch.cat(rows) if len(rows) > 1 else rows[0]
-    has = torch.cat(has) if len(has) > 1 else has[0]
+    if chosen == "cpu":
+        rows, _ = _rows_op(z, groups, float(temperature), chosen)
+        has = _has_positive(groups)
+    else:
+        per = max(1, CHUNK_ELEMS // max(1, l * l))
+        parts = [_rows(z[i0:i0 + per], groups[i0:i0 + per], float(temperature)) for i0 in range(0, b, per)]
+        rows = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        has = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     if reduction == "none":
         return rows.to(z.dtype)
     total = rows.sum()
