@@ -10,6 +10,10 @@ group, A(i) = all other tokens:
 with 0 for the other tokens.
 
 Backends:
+  triton kernels/homologous_contrastive_loss.py: per (sample, block of rows) the whole score row
+         on chip (L ≤ 256 for 16-bit inputs, 128 for float32), fused masked LSE and group mean; the backward forms (G + Gᵀ)/τ from
+         the per-token statistics of every column (s is symmetric: no atomics) and multiplies it
+         by Ẑ.
   cpu    C++/OpenMP (csrc/homologous_contrastive_loss_cpu.cpp): one sample's n×n score block per
          thread (a register-blocked GEMM of its normalized valid tokens), fused row log-sum-exp
          and group sums; the backward recomputes the block from the saved log-sum-exp and
@@ -76,9 +80,32 @@ def _rows(z: Tensor, groups: Tensor, temperature: float):
     return torch.where(has, lse - mean_pos, torch.zeros_like(lse)), has
 
 
+def _backend_checks(z: Tensor):
+    def triton():
+        r = []
+        if z.dtype == torch.float64:
+            r.append("the Triton kernels take float32/bfloat16/float16, not float64")
+        from pyssl.kernels.homologous_contrastive_loss import max_l
+        if z.shape[1] > max_l(z.dtype):
+            r.append(f"the Triton kernels hold a sample's whole score rows on chip: L <= {max_l(z.dtype)} "
+                     f"for {z.dtype}, got L={z.shape[1]}")
+        return r
+
+    return {"triton": triton, "cpu": lambda: [], "torch": lambda: []}
+
+
+def not_supported_reasons(z: Tensor) -> dict:
+    """Why each backend cannot serve this input (empty list: it can)."""
+    return _dispatch.not_supported_reasons(_backend_checks(z), z.device)
+
+
 @torch.library.custom_op("pyssl::homologous_contrastive_rows", mutates_args=())
 def _rows_op(z: Tensor, groups: Tensor, temperature: float, backend: str) -> Tuple[Tensor, Tensor]:
     """(per-token losses, row log-sum-exp), both (B, L) float32 (float64 for float64 z)."""
+    if backend == "triton":
+        from pyssl.kernels import homologous_contrastive_loss as K
+        rows, lse, _ = K.forward(z.contiguous(), groups.contiguous(), temperature, NORM_EPS)
+        return rows, lse
     return tuple(_dispatch.extension().homologous_contrastive_fwd_cpu(z.contiguous(), groups.contiguous(),
                                                                       temperature, NORM_EPS))
 
@@ -92,6 +119,12 @@ def _(z, groups, temperature, backend):
 @torch.library.custom_op("pyssl::homologous_contrastive_rows_backward", mutates_args=())
 def _rows_bwd_op(z: Tensor, groups: Tensor, lse: Tensor, grad_rows: Tensor, temperature: float,
                  backend: str) -> Tensor:
+    if backend == "triton":
+        from pyssl.kernels import homologous_contrastive_loss as K
+        zc = z.contiguous()
+        npos = _positives(groups).to(torch.float32).contiguous()
+        u = torch.where(npos > 0, grad_rows.float(), torch.zeros_like(grad_rows, dtype=torch.float32))
+        return K.backward(zc, groups.contiguous(), temperature, lse, K.inv_norms(zc, NORM_EPS), u, npos)
     return _dispatch.extension().homologous_contrastive_bwd_cpu(z.contiguous(), groups.contiguous(), lse,
                                                                 grad_rows.contiguous(), temperature, NORM_EPS)
 
@@ -119,24 +152,36 @@ def _backward(ctx, grad_rows, _unused):
 _rows_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _has_positive(groups: Tensor) -> Tensor:
-    """(B, L) bool: the token has another token of its group (O(B·L), no L×L mask)."""
+def _positives(groups: Tensor) -> Tensor:
+    """(B, L) int64 |P(i)|: the other tokens of i's group (0 for ignored tokens); O(B·L)."""
     b, l = groups.shape
-    g = groups.clamp_min(0)
-    counts = torch.zeros(b, int(g.max()) + 1 if g.numel() else 1, dtype=torch.int64, device=groups.device)
-    counts.scatter_add_(1, g, (groups >= 0).to(torch.int64))
-    return (groups >= 0) & (counts.gather(1, g) > 1)
+    valid = groups >= 0
+    # ids need not be small: rank them per sample first (a sort of (B, L), no L×L mask)
+    ids = torch.where(valid, groups, torch.full_like(groups, -1))
+    srt, order = torch.sort(ids, dim=1)
+    new = torch.ones_like(srt, dtype=torch.bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    rank_sorted = torch.cumsum(new.to(torch.int64), 1) - 1
+    rank = torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
+    counts = torch.zeros(b, l, dtype=torch.int64, device=groups.device)
+    counts.scatter_add_(1, rank, torch.ones_like(rank))
+    return torch.where(valid, counts.gather(1, rank) - 1, torch.zeros_like(rank))
+
+
+def _has_positive(groups: Tensor) -> Tensor:
+    """(B, L) bool: the token has another token of its group."""
+    return _positives(groups) > 0
 
 
 def homologous_contrastive_loss(z: Tensor, groups: Tensor, *, temperature: float = 0.2,
                                 reduction: str = "mean", backend: str = "auto") -> Tensor:
     fn = "homologous_contrastive_loss"
     _check(fn, z, groups, temperature, reduction)
-    chosen = _dispatch.choose(fn, backend, z.device, {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
-                              {"cpu": lambda: [], "torch": lambda: []})
+    chosen = _dispatch.choose(fn, backend, z.device, {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
+                              _backend_checks(z))
     groups = groups.to(torch.int64)
     b, l, _ = z.shape
-    if chosen == "cpu":
+    if chosen in ("cpu", "triton"):
         rows, _ = _rows_op(z, groups, float(temperature), chosen)
         has = _has_positive(groups)
     else:
