@@ -24,8 +24,9 @@ Backends:
          gathered by group into dense blocks (each group's queries against its keys and the
          global keys; global queries against every key), so masked-out pairs cost nothing; no
          B·H·L·L tensor exists (an n_q×n_k float block per thread).
-  torch  query chunks × all keys in plain PyTorch (B·H·R·L per chunk, R·L bounded), forward and
-         backward written out (no autograd graph of the chunks).
+  torch  plain PyTorch, forward and backward written out. Group mode: the same dense blocks as
+         the C++ kernel, bucketed by shape and batched (gathered rows, unmasked attention,
+         scattered back); top-k mode and no groups: query chunks × all keys (B·H·R·L per chunk).
 """
 from __future__ import annotations
 
@@ -217,6 +218,90 @@ def _torch_backward(q, k, v, out, dout, lse, groups, keep, topk, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _group_buckets(groups: Tensor, b: int, l: int):
+    """The dense blocks of group mode, bucketed by shape: {(n_q, n_k): (batch ids, query ids,
+    key ids)} with query ids (n, n_q) and key ids (n, n_k) — each group's tokens against
+    themselves and the global tokens, and the global tokens against all L tokens."""
+    g = groups.detach().cpu()
+    found = {}
+    everything = torch.arange(l)
+    for bi in range(b):
+        row = g[bi]
+        glob = (row < 0).nonzero().flatten()
+        srt, order = torch.sort(row, stable=True)
+        own = order[srt >= 0]
+        ids = srt[srt >= 0]
+        if ids.numel():
+            bounds = torch.cat([torch.tensor([0]), (ids[1:] != ids[:-1]).nonzero().flatten() + 1,
+                                torch.tensor([ids.numel()])]).tolist()
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                qi = own[lo:hi].sort().values
+                ki = torch.cat([qi, glob]).sort().values
+                found.setdefault((qi.numel(), ki.numel()), []).append((bi, qi, ki))
+        if glob.numel():
+            found.setdefault((glob.numel(), l), []).append((bi, glob, everything))
+    dev = groups.device
+    return {shape: (torch.tensor([e[0] for e in sets], device=dev),
+                    torch.stack([e[1] for e in sets]).to(dev), torch.stack([e[2] for e in sets]).to(dev))
+            for shape, sets in found.items()}
+
+
+def _bucket_chunks(bucket, h: int):
+    """Slices of a bucket's sets whose score blocks stay near CHUNK_ELEMS elements."""
+    bidx, qidx, kidx = bucket
+    per = max(1, CHUNK_ELEMS // max(1, h * qidx.shape[1] * kidx.shape[1]))
+    for i0 in range(0, bidx.shape[0], per):
+        yield bidx[i0:i0 + per], qidx[i0:i0 + per], kidx[i0:i0 + per]
+
+
+def _rows_of(t: Tensor, bidx: Tensor, idx: Tensor) -> Tensor:
+    """t (B, H, L, d) rows idx (n, m) of batches bidx (n,) -> (n, H, m, d)."""
+    return t.transpose(1, 2)[bidx[:, None], idx].transpose(1, 2)
+
+
+def _torch_grouped_forward(q, k, v, groups, scale):
+    """Group mode by dense blocks: gather each group's tokens (and the global ones), attend
+    without a mask, scatter back. Work Σ n_q·n_k instead of L²."""
+    b, h, l, d = q.shape
+    acc = _acc_dtype(q.dtype)
+    out_t = torch.empty((b, l, h, d), dtype=q.dtype, device=q.device)     # (B, L, H, d) for scatter
+    lse_t = torch.empty((b, l, h), dtype=acc, device=q.device)
+    for bucket in _group_buckets(groups, b, l).values():
+        for bidx, qidx, kidx in _bucket_chunks(bucket, h):
+            qs = _rows_of(q, bidx, qidx).to(acc)
+            ks = _rows_of(k, bidx, kidx).to(acc)
+            vs = _rows_of(v, bidx, kidx).to(acc)
+            s = scale * (qs @ ks.transpose(-1, -2))
+            lse = torch.logsumexp(s, dim=-1)
+            o = torch.exp(s - lse[..., None]) @ vs
+            out_t[bidx[:, None], qidx] = o.transpose(1, 2).to(q.dtype)
+            lse_t[bidx[:, None], qidx] = lse.transpose(1, 2)
+    return out_t.transpose(1, 2).contiguous(), lse_t.transpose(1, 2).contiguous()
+
+
+def _torch_grouped_backward(q, k, v, out, dout, lse, groups, scale):
+    b, h, l, d = q.shape
+    acc = lse.dtype
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)                          # (B, H, L)
+    dq_t = torch.empty((b, l, h, d), dtype=acc, device=q.device)
+    dk_t = torch.zeros((b, l, h, d), dtype=acc, device=q.device)
+    dv_t = torch.zeros((b, l, h, d), dtype=acc, device=q.device)
+    for bucket in _group_buckets(groups, b, l).values():
+        for bidx, qidx, kidx in _bucket_chunks(bucket, h):
+            qs = _rows_of(q, bidx, qidx).to(acc)
+            ks = _rows_of(k, bidx, kidx).to(acc)
+            vs = _rows_of(v, bidx, kidx).to(acc)
+            dos = _rows_of(dout, bidx, qidx).to(acc)
+            lse_s = lse.transpose(1, 2)[bidx[:, None], qidx].transpose(1, 2)
+            delta_s = delta.transpose(1, 2)[bidx[:, None], qidx].transpose(1, 2)
+            p = torch.exp(scale * (qs @ ks.transpose(-1, -2)) - lse_s[..., None])
+            ds = p * (dos @ vs.transpose(-1, -2) - delta_s[..., None])
+            dq_t[bidx[:, None], qidx] = (scale * (ds @ ks)).transpose(1, 2)
+            dk_t.index_put_((bidx[:, None], kidx), (scale * (ds.transpose(-1, -2) @ qs)).transpose(1, 2), accumulate=True)
+            dv_t.index_put_((bidx[:, None], kidx), (p.transpose(-1, -2) @ dos).transpose(1, 2), accumulate=True)
+    return (dq_t.transpose(1, 2).to(q.dtype), dk_t.transpose(1, 2).to(k.dtype), dv_t.transpose(1, 2).to(v.dtype))
+
+
 # --------------------------------------------------------------------------------------------
 # custom ops
 # --------------------------------------------------------------------------------------------
@@ -234,6 +319,9 @@ def _attn_op(q: Tensor, k: Tensor, v: Tensor, groups: Optional[Tensor], topk: in
     if backend == "triton":
         from pyssl.kernels import homologous_attention as K
         return K.forward(q.contiguous(), k.contiguous(), v.contiguous(), g, topk, scale)
+    if groups is not None and not topk:
+        out, lse = _torch_grouped_forward(q, k, v, groups, scale)
+        return out, lse, torch.empty(0, dtype=torch.uint8, device=q.device), no_perm
     return _torch_forward(q, k, v, groups, topk, scale) + (no_perm,)
 
 
@@ -261,6 +349,8 @@ def _attn_bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse
         from pyssl.kernels import homologous_attention as K
         return tuple(K.backward(q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
                                 dout.contiguous(), lse.contiguous(), g, keep.contiguous(), perm, topk, scale))
+    if groups is not None and not topk:
+        return _torch_grouped_backward(q, k, v, out, dout, lse, groups, scale)
     return _torch_backward(q, k, v, out, dout, lse, groups, keep, topk, scale)
 
 
