@@ -39,6 +39,18 @@ void normalized_rows(const scalar_t* z, const std::vector<int64_t>& idx, int64_t
   }
 }
 
+// Ẑ (n × E) of the sample's valid rows, their inverse norms, and S = Ẑ·Ẑᵀ (unscaled by 1/τ).
+template <typename scalar_t, typename acc_t>
+void raw_scores(const scalar_t* z, const std::vector<int64_t>& idx, int64_t E, double eps, std::vector<acc_t>& Zn,
+                std::vector<acc_t>& ZnT, std::vector<acc_t>& inv, std::vector<acc_t>& S) {
+  const int64_t n = (int64_t)idx.size();
+  Zn.resize(n * E); ZnT.resize(n * E); S.resize(n * n); inv.resize(n);
+  normalized_rows(z, idx, E, eps, Zn.data(), inv.data());
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < E; ++c) ZnT[c * n + i] = Zn[i * E + c];
+  gemm(n, n, E, Zn.data(), E, ZnT.data(), n, S.data(), n);
+}
+
 struct Sample {
   std::vector<int64_t> idx;   // valid token positions
   std::vector<int64_t> grp;   // their group ids
@@ -75,11 +87,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const at::T
       const Sample sm = sample_of(gp + b * L, L);
       const int64_t n = (int64_t)sm.idx.size();
       if (n == 0) continue;
-      Zn.resize(n * E); ZnT.resize(n * E); S.resize(n * n); inv.resize(n);
-      normalized_rows(zp + b * L * E, sm.idx, E, eps, Zn.data(), inv.data());
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t c = 0; c < E; ++c) ZnT[c * n + i] = Zn[i * E + c];
-      gemm(n, n, E, Zn.data(), E, ZnT.data(), n, S.data(), n);
+      raw_scores(zp + b * L * E, sm.idx, E, eps, Zn, ZnT, inv, S);
       for (int64_t i = 0; i < n; ++i) {
         acc_t* s = S.data() + i * n;
         acc_t m = ninf, pos = 0;
@@ -121,11 +129,8 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& groups, const at
       const Sample sm = sample_of(gp + b * L, L);
       const int64_t n = (int64_t)sm.idx.size();
       if (n == 0) continue;
-      Zn.resize(n * E); ZnT.resize(n * E); S.resize(n * n); inv.resize(n); dZn.resize(n * E);
-      normalized_rows(zp + b * L * E, sm.idx, E, eps, Zn.data(), inv.data());
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t c = 0; c < E; ++c) ZnT[c * n + i] = Zn[i * E + c];
-      gemm(n, n, E, Zn.data(), E, ZnT.data(), n, S.data(), n);
+      dZn.resize(n * E);
+      raw_scores(zp + b * L * E, sm.idx, E, eps, Zn, ZnT, inv, S);
       // S -> G in place (rows without positives have u = 0 and give a zero row)
       for (int64_t i = 0; i < n; ++i) {
         acc_t* s = S.data() + i * n;

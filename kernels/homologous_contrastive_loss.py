@@ -52,13 +52,10 @@ def _scores(Z, INV, zb, b, L, E, rows, cols, rmask, cmask, inv_t,
 
 
 @triton.jit
-def _hcl_fwd_kernel(Z, G, INV, ROWS, LSE, inv_t, L, E,
-                    BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
-                    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    zb = b.to(tl.int64) * L * E
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _tile(Z, G, INV, zb, b, L, E, inv_t, BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+          DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The program's rows against the sample's columns: scores and the A(i) / P(i) masks."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, L_PAD)
     rmask = rows < L
     cmask = cols < L
@@ -67,6 +64,17 @@ def _hcl_fwd_kernel(Z, G, INV, ROWS, LSE, inv_t, L, E,
     s = _scores(Z, INV, zb, b, L, E, rows, cols, rmask, cmask, inv_t, BLOCK_M, L_PAD, BLOCK_E, DOT_FP32, DOT_PRECISION)
     other = (gi[:, None] >= 0) & (gj[None, :] >= 0) & (rows[:, None] != cols[None, :])
     pos = other & (gi[:, None] == gj[None, :])
+    return rows, cols, rmask, cmask, s, other, pos
+
+
+@triton.jit
+def _hcl_fwd_kernel(Z, G, INV, ROWS, LSE, inv_t, L, E,
+                    BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+                    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    b = tl.program_id(1)
+    zb = b.to(tl.int64) * L * E
+    rows, cols, rmask, cmask, s, other, pos = _tile(Z, G, INV, zb, b, L, E, inv_t, BLOCK_M, L_PAD, BLOCK_E,
+                                                    DOT_FP32, DOT_PRECISION)
     m = tl.max(tl.where(other, s, float("-inf")), axis=1)
     has_other = m != float("-inf")
     m_safe = tl.where(has_other, m, 0.0)
@@ -83,18 +91,10 @@ def _hcl_fwd_kernel(Z, G, INV, ROWS, LSE, inv_t, L, E,
 def _hcl_bwd_kernel(Z, G, INV, LSE, U, NPOS, DZ, inv_t, L, E,
                     BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
                     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
     b = tl.program_id(1)
     zb = b.to(tl.int64) * L * E
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, L_PAD)
-    rmask = rows < L
-    cmask = cols < L
-    gi = tl.load(G + b * L + rows, mask=rmask, other=-1)
-    gj = tl.load(G + b * L + cols, mask=cmask, other=-1)
-    s = _scores(Z, INV, zb, b, L, E, rows, cols, rmask, cmask, inv_t, BLOCK_M, L_PAD, BLOCK_E, DOT_FP32, DOT_PRECISION)
-    other = (gi[:, None] >= 0) & (gj[None, :] >= 0) & (rows[:, None] != cols[None, :])
-    pos = other & (gi[:, None] == gj[None, :])
+    rows, cols, rmask, cmask, s, other, pos = _tile(Z, G, INV, zb, b, L, E, inv_t, BLOCK_M, L_PAD, BLOCK_E,
+                                                    DOT_FP32, DOT_PRECISION)
     lse_i = tl.load(LSE + b * L + rows, mask=rmask, other=0.0)
     lse_j = tl.load(LSE + b * L + cols, mask=cmask, other=0.0)
     u_i = tl.load(U + b * L + rows, mask=rmask, other=0.0)
