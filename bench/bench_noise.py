@@ -242,8 +242,10 @@ CASES = [
     Case("certify_resnet", "cuda",
          _sizes(lambda dev: _certify_problem(ResNet50, 4, 224, 100, 10_000, 1000, IMAGENET, dev, batch=500),
                 lambda dev: _certify_problem(lambda: ResNet50(10, base=4), 1, 16, 4, 12, 10, IMAGENET, dev, batch=8)),
-         {"naive": certify_cohen, "forward": certify_forward, "pyssl-auto": certify_pyssl("auto")},
+         {"naive": certify_cohen, "forward": certify_forward, "pyssl-auto": certify_pyssl("auto"),
+          "pyssl-auto[fp32]": certify_pyssl("auto", gpu_options=False)},
          repeats=1, warmup=1,
          notes="ResNet-50 layout, 4 images of 3×224×224, n0=100, n=10,000, batch 500; pyssl with "
-               "bf16 autocast, channels_last and CUDA graphs; forward = the model alone (bf16) on the same rows."),
+               "bf16 autocast, channels_last and CUDA graphs; pyssl-auto[fp32] without them (the same "
+               "precision as the Cohen port); forward = the model alone (bf16) on the same rows."),
 ]

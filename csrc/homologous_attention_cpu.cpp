@@ -100,7 +100,12 @@ void topk_row(const acc_t* s, const std::vector<int64_t>& kidx, int64_t topk, st
   order.resize(nk);
   std::iota(order.begin(), order.end(), 0);
   // kidx ascending, so the position j orders ties like the key index
-  auto before = [&](int32_t a, int32_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); };
+  // NaN ranks last (a strict weak order even with NaN scores, which nth_element requires)
+  auto key = [&](int32_t a) { return std::isnan(s[a]) ? -std::numeric_limits<acc_t>::infinity() : s[a]; };
+  auto before = [&](int32_t a, int32_t b) {
+    const acc_t x = key(a), y = key(b);
+    return x > y || (x == y && a < b);
+  };
   std::nth_element(order.begin(), order.begin() + (topk - 1), order.end(), before);
   for (int64_t t = 0; t < topk; ++t) kept[order[t]] = 1;
 }

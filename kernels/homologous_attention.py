@@ -79,8 +79,8 @@ def _visit(TMIN, TMAX, b, t, NT, lo, hi, SKIP: tl.constexpr):
 def _attn_fwd_kernel(Q, K, V, O, LSE, PERM, GS, TMIN, TMAX, scale, L, H, NT,
                      HAS_GROUPS: tl.constexpr, SKIP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)          # batch·head on axis 0 (up to 2^31 − 1; axis 1 stops at 65535)
+    pid_m = tl.program_id(1)
     b = bh // H
     base = bh.to(tl.int64) * L * D
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
@@ -142,8 +142,8 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, L, H, NB, KTH,
                           HAS_GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)          # batch·head on axis 0 (up to 2^31 − 1; axis 1 stops at 65535)
+    pid_m = tl.program_id(1)
     b = bh // H
     base = bh.to(tl.int64) * L * D
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -215,8 +215,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, TMIN, TMAX,
                           HAS_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, SKIP: tl.constexpr,
                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = bh // H
     base = bh.to(tl.int64) * L * D
     offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
@@ -270,8 +270,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, TMIN, TMAX, BITS,
                         HAS_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, SKIP: tl.constexpr,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)          # batch·head on axis 0 (up to 2^31 − 1; axis 1 stops at 65535)
+    pid_m = tl.program_id(1)
     b = bh // H
     base = bh.to(tl.int64) * L * D
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
@@ -387,7 +387,7 @@ def forward(q, k, v, groups, topk: int, scale: float):
         bits = torch.empty((B, H, L, nb), dtype=torch.uint8, device=q.device)
         lp = pow2(L, lo=16)
         bm = 16
-        grid = (triton.cdiv(L, bm), B * H)
+        grid = (B * H, triton.cdiv(L, bm))
         _attn_topk_fwd_kernel[grid](q, k, v, out, lse, bits, groups if groups is not None else dummy,
                                     float(scale), L, H, nb, min(topk, lp) - 1,
                                     HAS_GROUPS=groups is not None, D=D, BLOCK_D=bd, BLOCK_M=bm, L_PAD=lp,
@@ -396,7 +396,7 @@ def forward(q, k, v, groups, topk: int, scale: float):
         return out, lse, bits, perm
     block = _block(L, q.dtype)
     perm, gs, tmin, tmax, nt = plan(groups, B, L, block, q.device)
-    grid = (nt, B * H)
+    grid = (B * H, nt)
     _attn_fwd_kernel[grid](q, k, v, out, lse, perm, gs if gs is not None else dummy,
                            tmin if tmin is not None else dummy, tmax if tmax is not None else dummy,
                            float(scale), L, H, nt, HAS_GROUPS=groups is not None,
@@ -429,9 +429,9 @@ def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: floa
                   num_warps=4, num_stages=2, **_opts(q.dtype, interp))
     g_args = (perm, gs if gs is not None else dummy, tmin if tmin is not None else dummy,
               tmax if tmax is not None else dummy, bits)
-    _attn_bwd_dkdv_kernel[(nt, B * H)](q, k, v, dout, lse, delta, dk, dv, *g_args, float(scale), L, H, nt, nb,
+    _attn_bwd_dkdv_kernel[(B * H, nt)](q, k, v, dout, lse, delta, dk, dv, *g_args, float(scale), L, H, nt, nb,
                                        **common)
-    _attn_bwd_dq_kernel[(nt, B * H)](q, k, v, dout, lse, delta, dq, *g_args, float(scale), L, H, nt, nb,
+    _attn_bwd_dq_kernel[(B * H, nt)](q, k, v, dout, lse, delta, dq, *g_args, float(scale), L, H, nt, nb,
                                      **common)
     return dq, dk, dv
 

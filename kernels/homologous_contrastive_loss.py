@@ -55,7 +55,7 @@ def _scores(Z, INV, zb, b, L, E, rows, cols, rmask, cmask, inv_t,
 def _tile(Z, G, INV, zb, b, L, E, inv_t, BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
           DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The program's rows against the sample's columns: scores and the A(i) / P(i) masks."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, L_PAD)
     rmask = rows < L
     cmask = cols < L
@@ -71,7 +71,7 @@ def _tile(Z, G, INV, zb, b, L, E, inv_t, BLOCK_M: tl.constexpr, L_PAD: tl.conste
 def _hcl_fwd_kernel(Z, G, INV, ROWS, LSE, inv_t, L, E,
                     BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
                     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    b = tl.program_id(1)
+    b = tl.program_id(0)           # samples on axis 0 (axis 1 stops at 65535)
     zb = b.to(tl.int64) * L * E
     rows, cols, rmask, cmask, s, other, pos = _tile(Z, G, INV, zb, b, L, E, inv_t, BLOCK_M, L_PAD, BLOCK_E,
                                                     DOT_FP32, DOT_PRECISION)
@@ -91,7 +91,7 @@ def _hcl_fwd_kernel(Z, G, INV, ROWS, LSE, inv_t, L, E,
 def _hcl_bwd_kernel(Z, G, INV, LSE, U, NPOS, DZ, inv_t, L, E,
                     BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
                     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    b = tl.program_id(1)
+    b = tl.program_id(0)           # samples on axis 0 (axis 1 stops at 65535)
     zb = b.to(tl.int64) * L * E
     rows, cols, rmask, cmask, s, other, pos = _tile(Z, G, INV, zb, b, L, E, inv_t, BLOCK_M, L_PAD, BLOCK_E,
                                                     DOT_FP32, DOT_PRECISION)
@@ -171,7 +171,7 @@ def forward(z, groups, temperature, eps):
     lse = torch.empty_like(rows)
     lp, be, warps = _cfg(L, E, backward=False, dtype=z.dtype)
     bm = 16
-    _hcl_fwd_kernel[(triton.cdiv(L, bm), B)](z, groups, inv, rows, lse, 1.0 / temperature, L, E,
+    _hcl_fwd_kernel[(B, triton.cdiv(L, bm))](z, groups, inv, rows, lse, 1.0 / temperature, L, E,
                                              BLOCK_M=bm, L_PAD=lp, BLOCK_E=be, num_warps=warps, **_opts(z.dtype))
     return rows, lse, inv
 
@@ -181,7 +181,7 @@ def backward(z, groups, temperature, lse, inv, grad_rows, npos):
     dz = torch.empty_like(z) if z.dtype == torch.float32 else torch.empty(z.shape, dtype=torch.float32, device=z.device)
     lp, be, warps = _cfg(L, E, backward=True, dtype=z.dtype)
     bm = 16
-    _hcl_bwd_kernel[(triton.cdiv(L, bm), B)](z, groups, inv, lse, grad_rows.float().contiguous(), npos, dz,
+    _hcl_bwd_kernel[(B, triton.cdiv(L, bm))](z, groups, inv, lse, grad_rows.float().contiguous(), npos, dz,
                                              1.0 / temperature, L, E, BLOCK_M=bm, L_PAD=lp, BLOCK_E=be,
                                              num_warps=warps, **_opts(z.dtype))
     return dz.to(z.dtype)

@@ -71,7 +71,7 @@ def _unit(w, SCALE: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------
-# _noise_kernel: program (r, blk) handles quads [blk·BLOCK_Q, (blk+1)·BLOCK_Q) of output row r.
+# _noise_kernel: program (r, blk) (one flattened grid axis) handles quads [blk·BLOCK_Q, (blk+1)·BLOCK_Q) of output row r.
 # Registers: the four Philox words of BLOCK_Q quads, then four float32 vectors of normals,
 # interleaved to 4·BLOCK_Q consecutive elements (join + permute, so stores are contiguous in the
 # logical layout). Nothing in shared memory. Traffic: each output element is written once; x's
@@ -79,14 +79,16 @@ def _unit(w, SCALE: tl.constexpr):
 # in programs where some radius word is 0 (about one program in 2^22 at BLOCK_Q = 256).
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _noise_kernel(X, ROW_SRC, ROW_SAMPLE, IDS, A, B, OUT, sigma, seed, c3, E, C, HW,
+def _noise_kernel(X, ROW_SRC, ROW_SAMPLE, IDS, A, B, OUT, sigma, seed, c3, E, C, HW, NBLK,
                   BLOCK_Q: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    r = tl.program_id(0)
-    blk = tl.program_id(1)
+    # one grid axis (2^31 − 1 programs): a second axis would cap blocks or rows at 65535
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid // NBLK
+    blk = pid - r * NBLK
     src = tl.load(ROW_SRC + r)
     sample = tl.load(ROW_SAMPLE + r).to(tl.uint32)
     image = tl.load(IDS + src).to(tl.uint32)
-    q = blk * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q = blk * BLOCK_Q + tl.arange(0, BLOCK_Q)          # int64: an image may exceed 2^31 elements
     qc = q.to(tl.uint32)
     zero = tl.zeros((BLOCK_Q,), dtype=tl.uint32)
     c3u = c3.to(tl.uint32)
@@ -106,14 +108,14 @@ def _noise_kernel(X, ROW_SRC, ROW_SAMPLE, IDS, A, B, OUT, sigma, seed, c3, E, C,
     za = tl.join(ra * ca, ra * sa)
     zb = tl.join(rb * cb, rb * sb)
     z = tl.reshape(tl.permute(tl.join(za, zb), (0, 2, 1)), (4 * BLOCK_Q,))
-    e = blk * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
+    e = blk * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q).to(tl.int64)
     emask = e < E
     c = e // HW
     a = tl.load(A + c, mask=emask, other=1.0)
     bb = tl.load(B + c, mask=emask, other=0.0)
     xv = tl.load(X + src * E + e, mask=emask, other=0.0)
     y = a * xv + (a * sigma) * z + bb
-    row = OUT + r.to(tl.int64) * E
+    row = OUT + r * E
     if CHANNELS_LAST:
         dst = row + (e - c * HW) * C + c
     else:
@@ -135,11 +137,24 @@ def gaussian_noise(x, row_src, row_sample, image_ids, a, b, sigma, seed, stream,
     R = row_src.shape[0]
     nq = (E + 3) // 4
     bq = _block_q(nq)
-    grid = (R, triton.cdiv(nq, bq))
-    _noise_kernel[grid](x, row_src, row_sample, image_ids, a, b, out, float(sigma), int(seed),
-                        (2 * int(stream)) & 0xFFFFFFFF, E, C, HW,
-                        BLOCK_Q=bq, CHANNELS_LAST=bool(channels_last), num_warps=4)
+    nblk = triton.cdiv(nq, bq)
+    with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+        _noise_kernel[(R * nblk,)](x, row_src, row_sample, image_ids, a, b, out, float(sigma), int(seed),
+                                   (2 * int(stream)) & 0xFFFFFFFF, E, C, HW, nblk,
+                                   BLOCK_Q=bq, CHANNELS_LAST=bool(channels_last), num_warps=4)
     return out
+
+
+def max_programs() -> int:
+    return 2 ** 31 - 1
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,8 +162,8 @@ def gaussian_noise(x, row_src, row_sample, image_ids, a, b, sigma, seed, stream,
 # ----------------------------------------------------------------------------------------------
 def _compile_case(out_dtype: torch.dtype, channels_last: bool) -> tuple:
     sig = dict(X="*fp32", ROW_SRC="*i64", ROW_SAMPLE="*i64", IDS="*i64", A="*fp32", B="*fp32",
-               OUT="*" + _TL_NAME[out_dtype], sigma="fp32", seed="i64", c3="i32", E="i32",
-               C="i32", HW="i32", BLOCK_Q="constexpr", CHANNELS_LAST="constexpr")
+               OUT="*" + _TL_NAME[out_dtype], sigma="fp32", seed="i64", c3="i32", E="i64",
+               C="i32", HW="i64", NBLK="i64", BLOCK_Q="constexpr", CHANNELS_LAST="constexpr")
     const = dict(BLOCK_Q=256, CHANNELS_LAST=channels_last)
     aligned = [k for k, v in sig.items() if v.startswith("*")]
     return (_noise_kernel, sig, const, dict(num_warps=4), aligned)
@@ -160,4 +175,4 @@ COMPILE_CASES = [
     _compile_case(torch.float16, True),
 ]
 
-__all__ = ["gaussian_noise", "COMPILE_CASES"]
+__all__ = ["gaussian_noise", "max_programs", "COMPILE_CASES"]

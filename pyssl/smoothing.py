@@ -112,6 +112,8 @@ class Smooth:
         ids, a, b, out_dtype, backend = prep
         B, K = x.shape[0], self.num_classes
         dev = x.device
+        # the engine reads float32 (B, E) images: convert once per call, not once per batch
+        x = x.to(torch.float32).contiguous()
         total = B * num
         bs = self.batch_size
         counts = torch.zeros((B + 1) * K, dtype=torch.int64, device=dev)   # last slot: padding
@@ -157,6 +159,8 @@ class Smooth:
         """Class per image, −1 where the top two counts of n samples are not separated at alpha."""
         fn = "Smooth.predict"
         _check_count(fn, "n", n)
+        if n > _noise.SAMPLE_LIMIT:
+            raise ValueError(f"{fn}: n must be <= 2^32 (the sample counter), got {n}")
         alpha = _check_alpha(fn, alpha)
         prep = self._prepare(fn, x, image_ids)
         counts = self._counts(x, n, 0, prep, "predict")
@@ -230,6 +234,10 @@ class _GraphStep:
         self.counts.index_add_(0, self.static_src * self.K + pred, self.ones)
 
     def _capture(self):
+        with torch.cuda.device(self.counts.device):
+            self._capture_on_device()
+
+    def _capture_on_device(self):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         snapshot = self.counts.clone()
@@ -260,7 +268,8 @@ class _GraphStep:
         self.static_src.copy_(slot)
         if self.graph is None:
             self._capture()
-        self.graph.replay()
+        with torch.cuda.device(self.counts.device):
+            self.graph.replay()
 
 
 def certified_accuracy(prediction: Tensor, radius: Tensor, labels: Tensor,
@@ -277,6 +286,13 @@ def certified_accuracy(prediction: Tensor, radius: Tensor, labels: Tensor,
                          f"{prediction.shape[0]}, {radius.shape[0]}, {labels.shape[0]}")
     if prediction.numel() == 0:
         raise ValueError(f"{fn}: prediction is empty")
+    if not (prediction.device == radius.device == labels.device):
+        raise ValueError(f"{fn}: prediction, radius and labels must be on one device, got "
+                         f"{prediction.device}, {radius.device}, {labels.device}")
+    if prediction.is_floating_point() or labels.is_floating_point():
+        raise ValueError(f"{fn}: prediction and labels must be integer class ids, got {prediction.dtype}, {labels.dtype}")
+    if bool(torch.isnan(radius.float()).any()):
+        raise ValueError(f"{fn}: radius has NaN entries")
     r = torch.as_tensor(radii, dtype=torch.float32).reshape(-1)
     if r.numel() == 0:
         raise ValueError(f"{fn}: radii is empty")

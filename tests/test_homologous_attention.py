@@ -115,15 +115,21 @@ def test_topk_ties_go_to_the_lower_key_index(backend):
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
-def test_half_precision(backend, dtype, tol):
+@pytest.mark.parametrize("topk", [None, 6])
+def test_half_precision(backend, dtype, tol, topk):
     dev = device_for(backend)
     q, k, v = (t.requires_grad_() for t in _qkv(dtype=dtype, device=dev))
     groups = _groups(2, 21, 3).to(dev)
-    out = pyssl.homologous_attention(q, k, v, groups, backend=backend)
+    out = pyssl.homologous_attention(q, k, v, groups, topk=topk, backend=backend)
     assert out.dtype == dtype
     # the reference in float32 on the same (rounded) inputs; the op accumulates in float32
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = reference.homologous_attention(qf, kf, vf, groups)
+    ref = reference.homologous_attention(qf, kf, vf, groups, topk=topk)
+    if topk:   # the same kept set as every other backend
+        keep = HA.attention_with_stats(q.detach(), k.detach(), v.detach(), groups, topk=topk, backend=backend)[2]
+        want = HA.attention_with_stats(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), groups.cpu(),
+                                       topk=topk, backend="torch")[2]
+        assert torch.equal(keep.cpu(), want)
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
     g = torch.randn_like(ref)
     got = torch.autograd.grad(out, (q, k, v), g.to(dtype))
@@ -166,6 +172,25 @@ def test_long_rows_with_skipped_tiles(backend, topk):
     groups = _groups(2, 70, 4, n_global=0).to(dev)
     if backend == "triton" and topk is None:
         assert K.visited_fraction(groups, 70, K._block(70, q.dtype)) < 0.7
+    out = pyssl.homologous_attention(q, k, v, groups, topk=topk, backend=backend)
+    ref = reference.homologous_attention(q, k, v, groups, topk=topk)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("topk", [None, 5])
+def test_multi_tile_rows_with_global_tokens_anywhere(backend, topk):
+    """Global tokens with several negative ids in the middle of the sequence, over several tiles:
+    the tile-skipping rule must still visit every tile holding a global token."""
+    dev = device_for(backend)
+    q, k, v = (t.requires_grad_() for t in _qkv(b=2, h=2, l=53, d=8, device=dev, seed=4))
+    groups = _groups(2, 53, 3, n_global=0, seed=4)
+    groups[0, [7, 30]] = torch.tensor([-3, -1])
+    groups[1, [0, 52]] = torch.tensor([-5, -100])
+    groups = groups.to(dev)
     out = pyssl.homologous_attention(q, k, v, groups, topk=topk, backend=backend)
     ref = reference.homologous_attention(q, k, v, groups, topk=topk)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
@@ -263,6 +288,8 @@ def test_mix_patches_gradient_and_bad_input():
         pyssl.mix_patches(torch.randn(6, 4, 2), 0.25)
     with pytest.raises(ValueError, match="ratio"):
         pyssl.mix_patches(torch.randn(4, 4, 2), 0.0)
+    with pytest.raises(ValueError, match="ratio"):
+        pyssl.mix_patches(torch.randn(4, 4, 2), 1e-320)
     with pytest.raises(ValueError, match=r"\(B, Np, P\)"):
         pyssl.mix_patches(torch.randn(4, 4), 0.5)
 
@@ -361,3 +388,9 @@ def test_contrastive_loss_bad_input():
         pyssl.homologous_contrastive_loss(z, g[:, :4])
     with pytest.raises(ValueError, match=r"\(B, L, E\)"):
         pyssl.homologous_contrastive_loss(z[0], g)
+    with pytest.raises(ValueError, match="integer"):
+        pyssl.homologous_contrastive_loss(z, g.to(torch.complex64))
+    with pytest.raises(ValueError, match="z must be"):
+        pyssl.homologous_contrastive_loss(z.to(torch.int32), g)
+    import numpy as np
+    pyssl.homologous_contrastive_loss(z, g, temperature=np.float32(0.5))   # numpy scalars are numbers

@@ -19,10 +19,11 @@ class LinearTwoClass(torch.nn.Module):
 
     def __init__(self, w, c):
         super().__init__()
-        self.w, self.c = w, c
+        self.register_buffer("w", w)
+        self.c = c
 
     def forward(self, v):
-        s = v.flatten(1).float() @ self.w.to(v.device) + self.c
+        s = v.flatten(1).float() @ self.w + self.c
         return torch.stack([torch.zeros_like(s), s], 1)
 
 
@@ -35,7 +36,7 @@ def _problem(device="cpu"):
     p1 = torch.tensor([0.9, 0.999, 0.5, 0.2], dtype=torch.float64)
     x = torch.full((4, e), 0.5)
     x[:, 0] = (SIGMA * torch.from_numpy(norm.ppf(p1.numpy()))).float() + 0.5
-    model = LinearTwoClass(w, -0.5)
+    model = LinearTwoClass(w, -0.5).to(device)
     p_true = torch.as_tensor(norm.cdf(((x[:, 0].double() - 0.5) / SIGMA).numpy()))
     return x.to(device), model, p_true
 
@@ -43,7 +44,8 @@ def _problem(device="cpu"):
 def _counts(x, model, num, offset, seed):
     """Votes computed the plain way: the public noise, the model, a bincount per image."""
     y = pyssl.gaussian_noise(x.cpu(), num, SIGMA, seed=seed, sample_offset=offset, backend="cpu")
-    pred = model(y).argmax(1).view(x.shape[0], num)
+    pred = model.cpu()(y).argmax(1).view(x.shape[0], num)
+    model.to(x.device)
     return np.stack([np.bincount(p.numpy(), minlength=2) for p in pred])
 
 
@@ -171,6 +173,13 @@ def test_bad_input():
     with pytest.raises(ValueError, match="image_ids"):
         s.predict(x, 10, 0.01, image_ids=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="same length"):
-        pyssl.certified_accuracy(torch.zeros(3), torch.zeros(2), torch.zeros(3), [0.0])
+        pyssl.certified_accuracy(torch.zeros(3, dtype=torch.int64), torch.zeros(2), torch.zeros(3, dtype=torch.int64), [0.0])
     with pytest.raises(ValueError, match="radii"):
-        pyssl.certified_accuracy(torch.zeros(3), torch.zeros(3), torch.zeros(3), [])
+        pyssl.certified_accuracy(torch.zeros(3, dtype=torch.int64), torch.zeros(3), torch.zeros(3, dtype=torch.int64), [])
+    with pytest.raises(ValueError, match="integer"):
+        pyssl.certified_accuracy(torch.zeros(3), torch.zeros(3), torch.zeros(3), [0.0])
+    with pytest.raises(ValueError, match="NaN"):
+        pyssl.certified_accuracy(torch.zeros(3, dtype=torch.int64), torch.tensor([0.0, float("nan"), 1.0]),
+                                 torch.zeros(3, dtype=torch.int64), [0.0])
+    with pytest.raises(ValueError, match="n must be <= 2"):
+        s.predict(x, 2 ** 32 + 1, 0.01)

@@ -31,6 +31,7 @@ Backends:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -82,7 +83,9 @@ def _check_inputs(fn, q, k, v, groups, topk, scale):
             raise ValueError(f"{fn}: topk must be >= 1, got {topk}")
     if scale is None:
         return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{fn}: scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
         raise ValueError(f"{fn}: scale must be a finite number or None, got {scale!r}")
     return float(scale)
 

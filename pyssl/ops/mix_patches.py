@@ -11,6 +11,7 @@ generator reproduces the mix on any device. mixed is a gather of patches: differ
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -26,10 +27,13 @@ def mix_patches(patches: Tensor, ratio: float = 0.25, *, generator: Optional[tor
         raise ValueError(f"{fn}: patches must be (B, Np, P), got shape {tuple(patches.shape)}")
     if patches.numel() == 0:
         raise ValueError(f"{fn}: patches is empty (shape {tuple(patches.shape)})")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 < ratio <= 1.0):
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not (0.0 < ratio <= 1.0):
         raise ValueError(f"{fn}: ratio must be a number in (0, 1], got {ratio!r}")
-    g = int(round(1.0 / ratio))
     b, np_, _ = patches.shape
+    if 1.0 / ratio > b + 0.5:
+        raise ValueError(f"{fn}: ratio={ratio} mixes G = round(1/ratio) images per sample, more than the "
+                         f"batch of {b}")
+    g = int(round(1.0 / ratio))
     if b % g != 0:
         raise ValueError(f"{fn}: the batch size B = {b} must be divisible by G = round(1/ratio) = {g}")
     if generator is not None and not isinstance(generator, torch.Generator):

@@ -14,18 +14,23 @@ The generator (the same on every backend; "the counter scheme"):
   One draw gives four 32-bit words w0..w3 and four normals by Box–Muller:
       z[4q]   = r_A·cos(2π·t_A),  z[4q+1] = r_A·sin(2π·t_A),   r_A = sqrt(−2·ln u_A)
       z[4q+2] = r_B·cos(2π·t_B),  z[4q+3] = r_B·sin(2π·t_B),   r_B = sqrt(−2·ln u_B)
-  with float32 uniforms (all exact in float32 arithmetic, round-to-nearest conversions)
+  with float32 uniforms, computed identically everywhere as float32(float32(w) + ½)·2⁻³²
+  (round-to-nearest; exact for w < 2²³, a relative resolution of 2⁻²⁴ above, and the top 2⁷
+  words round to u = 1, r = 0):
       u_A = (w0 + ½)·2⁻³²,  t_A = (w1 + ½)·2⁻³²,  u_B = (w2 + ½)·2⁻³²,  t_B = (w3 + ½)·2⁻³²,
   except that a radius word equal to 0 (probability 2⁻³² per pair) takes 32 more bits from the
   extension draw (ext = 1, words v0..v3): u_A = (v0 + ½)·2⁻⁶⁴ when w0 = 0, u_B = (v1 + ½)·2⁻⁶⁴
   when w2 = 0. The radius uniform thus resolves 2⁻⁶⁴ at the bottom, and r reaches 9.49σ.
 
 Tail bound (noise_tv_bound): for a true Gaussian pair, the radius exceeds the sampler's largest
-r only with probability P(U < 2⁻⁶⁴) = 2⁻⁶⁴; below that the sampler follows the exact Box–Muller
-map of a uniform resolved to 2⁻³² (2⁻⁶⁴ in the extended bin). Counting the unreachable tail mass
-of every pair, the total-variation distance between one noisy image of E elements and its exact
-Gaussian counterpart is at most ceil(E/2)·2⁻⁶⁴: 2.7e-14 for E = 10^6 (a 32-bit Box–Muller, which
-stops at 6.66σ, is at 1.2e-4; Triton's tl.randn, which stops at 5.68σ, at 2.7e-3).
+r only with probability P(U < 2⁻⁶⁴) = 2⁻⁶⁴. The bound counts that unreachable tail mass for every
+pair of an image: ceil(E/2)·2⁻⁶⁴ for E elements, 2.7e-14 for E = 10^6 (a 32-bit Box–Muller, which
+stops at 6.66σ, leaves 1.2e-4; Triton's tl.randn, which stops at 5.68σ, 2.7e-3). It is a bound on
+the truncated tail, the part of the distance that float rounding of the uniforms cannot explain:
+like every floating-point sampler this one is discrete (float32 uniforms, 2⁻³² resolution at the
+tail end where it matters, 2⁻²⁴ relative in the bulk), which moves each sample by far less than
+the rounding of its float32 output in the bulk, and no sampler's literal TV distance to a
+continuous law is below 1.
 
 Agreement across backends: the Philox words and the uniforms are bit-equal everywhere; the
 normals differ only by the last-place rounding of each backend's log/sqrt/sin/cos (the torch
@@ -64,9 +69,9 @@ _TORCH_CHUNK_QUADS = 1 << 20
 
 
 def noise_tv_bound(numel: int) -> float:
-    """Total-variation distance between one noisy image of `numel` elements from this generator
-    and the same image with exact Gaussian noise, at most: the tail mass no draw reaches,
-    ceil(numel/2)·2⁻⁶⁴ (see the module docstring)."""
+    """The generator's tail bound for one noisy image of `numel` elements: the Gaussian tail mass
+    no draw reaches, summed over its pairs, ceil(numel/2)·2⁻⁶⁴ (module docstring: "Tail bound").
+    Smooth.certify subtracts it from the Clopper–Pearson bound."""
     if numel < 0:
         raise ValueError(f"noise_tv_bound: numel must be >= 0, got {numel}")
     return math.ceil(numel / 2) * 2.0 ** -64
@@ -112,7 +117,12 @@ def philox_normals(seed: int, image_id: Tensor, sample: Tensor, num_elements: in
     w0, w1, w2, w3 = philox4x32(q, c1, c2, c3, k0, k1)
     ua, ub = _unit(w0, 32), _unit(w2, 32)
     need = (w0 == 0) | (w2 == 0)
-    if bool(need.any()):
+    if dev.type != "cpu":
+        # no host sync on a GPU: draw the extension for every quad and select
+        v0, v1, _, _ = philox4x32(q, c1, c2, c3 | 1, k0, k1)
+        ua = torch.where(w0 == 0, _unit(v0, 64), ua)
+        ub = torch.where(w2 == 0, _unit(v1, 64), ub)
+    elif bool(need.any()):
         idx = need.nonzero(as_tuple=True)
         v0, v1, _, _ = philox4x32(q[idx], c1[idx], c2[idx], c3[idx] | 1, k0, k1)
         ua[idx] = torch.where(w0[idx] == 0, _unit(v0, 64), ua[idx])
@@ -191,12 +201,14 @@ def _check_image_ids(fn, image_ids, b, device):
             raise ValueError(f"{fn}: more than 2^32 images need explicit image_ids")
         return torch.arange(b, device=device, dtype=torch.int64)
     if not isinstance(image_ids, Tensor):
-        image_ids = torch.as_tensor(image_ids)
+        image_ids = torch.as_tensor(image_ids, device=device)
     if image_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"{fn}: image_ids must be an integer tensor, got {image_ids.dtype}")
     if image_ids.shape != (b,):
         raise ValueError(f"{fn}: image_ids must have shape ({b},) (one id per image of x), got {tuple(image_ids.shape)}")
-    ids = image_ids.to(device=device, dtype=torch.int64)
+    if image_ids.device != device:
+        raise ValueError(f"{fn}: image_ids must be on x's device ({device}), got {image_ids.device}")
+    ids = image_ids.to(dtype=torch.int64)
     if bool(((ids < 0) | (ids >= IMAGE_ID_LIMIT)).any()):
         raise ValueError(f"{fn}: image_ids must be in [0, 2^32), got values from {int(ids.min())} to {int(ids.max())}")
     return ids
@@ -231,7 +243,7 @@ def _out_memory_format(fn, x, memory_format):
 # backends
 # --------------------------------------------------------------------------------------------
 
-def _backend_checks(x: Tensor, out_dtype: torch.dtype):
+def _backend_checks(x: Tensor, out_dtype: torch.dtype, rows: int = 0):
     def cpu():
         return [] if out_dtype in _FLOATS else [f"the C++ kernel writes float32/bfloat16/float16, not {out_dtype}"]
 
@@ -239,10 +251,16 @@ def _backend_checks(x: Tensor, out_dtype: torch.dtype):
         r = []
         if out_dtype not in _FLOATS:
             r.append(f"the Triton kernel writes float32/bfloat16/float16, not {out_dtype}")
+        blocks = -(-x[0].numel() // 1024)
+        if rows * blocks > 2 ** 31 - 1:
+            r.append(f"{rows} output rows of {blocks} blocks exceed Triton's 2^31 − 1 programs")
         return r
 
     def cuda():
-        return [] if out_dtype in _FLOATS else [f"the CUDA kernel writes float32/bfloat16/float16, not {out_dtype}"]
+        r = [] if out_dtype in _FLOATS else [f"the CUDA kernel writes float32/bfloat16/float16, not {out_dtype}"]
+        if rows > 2 ** 31 - 1:
+            r.append(f"the CUDA kernel takes at most 2^31 − 1 output rows (one grid row each), got {rows}")
+        return r
 
     return {"cuda": cuda, "triton": triton, "cpu": cpu, "torch": lambda: []}
 
@@ -399,7 +417,8 @@ def gaussian_noise(x: Tensor, num_samples: int, sigma: float, *, seed: int, samp
     ids = _check_image_ids(fn, image_ids, x.shape[0], x.device)
     a, b = _channel_affine(fn, x, mean, std)
     channels_last = _out_memory_format(fn, x, memory_format)
-    chosen = _dispatch.choose(fn, backend, x.device, _PREFERENCE, _backend_checks(x, out_dtype))
+    chosen = _dispatch.choose(fn, backend, x.device, _PREFERENCE,
+                              _backend_checks(x, out_dtype, x.shape[0] * num_samples))
     row_src, row_sample = _rows_for(x.shape[0], num_samples, sample_offset, x.device)
     return _noise_op(x, row_src, row_sample, ids, a, b, sigma, seed, 0, out_dtype, channels_last, chosen)
 
