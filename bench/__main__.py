@@ -9,6 +9,9 @@ budget on a 2-core machine; cases of a device that is absent are dry-run at tiny
   --tag TEXT      record the impls as "<impl>[TEXT]", e.g. one kernel configuration of a sweep
                   (PYSSL_MLCD_TRITON_BWD=... python -m bench --impls pyssl-triton --tag bwd-256)
   --no-memory     skip the per-impl memory subprocesses
+  --all           also run each case's optional impls (slow fallbacks such as pyssl-torch on the
+                  largest CPU cases, aliases such as pyssl-auto where it is pyssl-cpu); the
+                  default run leaves them out to stay under 10 minutes on a 2-core machine
 """
 from __future__ import annotations
 
@@ -30,6 +33,14 @@ def modules():
     return sorted(f"bench.{m.name}" for m in pkgutil.iter_modules([here]) if m.name.startswith("bench_"))
 
 
+def select_impls(case, named: set, run_all: bool) -> dict:
+    """The impls of a case to run: those named (when any are), else all but the optional ones
+    (unless run_all)."""
+    if named:
+        return {k: v for k, v in case.impls.items() if k in named}
+    return {k: v for k, v in case.impls.items() if run_all or k not in case.optional}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +49,7 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--impls", default="")
     p.add_argument("--tag", default="")
+    p.add_argument("--all", action="store_true")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available()
     if not gpu:  # GPU cases dry-run here: their Triton kernels go through the interpreter
@@ -54,10 +66,9 @@ def main(argv=None):
             size = "tiny" if (args.quick or not present) else "full"
             if not present:  # dry-run a GPU case on the CPU at tiny size (CUDA-only peers note a skip)
                 case = dataclasses.replace(case, device="cpu", repeats=1, warmup=0)
-            if impls:
-                case = dataclasses.replace(case, impls={k: v for k, v in case.impls.items() if k in impls})
-                if not case.impls:
-                    continue
+            case = dataclasses.replace(case, impls=select_impls(case, impls, args.all))
+            if not case.impls:
+                continue
             plan.append((name, case, size, present and not args.quick))
     if not plan:
         sys.exit(f"no benchmark case matches {args.cases!r}")

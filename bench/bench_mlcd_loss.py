@@ -156,7 +156,7 @@ CASES = [
          {"naive": naive, "compile": compiled, "floor": floor,
           "pyssl-torch": pyssl_backend("torch"), "pyssl-cpu": pyssl_backend("cpu"),
           "pyssl-auto": pyssl_backend("auto")},
-         flops=_flops, repeats=5,
+         flops=_flops, repeats=5, optional=("pyssl-auto",),
          notes="N=1024 D=256 C=100,000 all classes l=8 fp32, forward+backward. floor = the 3 bare GEMMs. "
                "Targets: pyssl-cpu ≤ 0.35× naive time, ≤ 1.3× floor, ≤ 0.25× naive peak memory."),
     Case("mlcd_1m_sampled", "cuda",

@@ -45,6 +45,9 @@ class Case:
     repeats: int = 5
     warmup: int = 1
     notes: str = ""
+    # impls left out of the default run (slow fallbacks, aliases of another impl): they run with
+    # `python -m bench --all`, or when named in --impls
+    optional: tuple = ()
 
 
 def sync(device: str) -> None:

@@ -43,3 +43,14 @@ def test_harness_times_and_measures_memory(tmp_path):
     doc = json.load(open(path))
     assert {"machine", "date", "commit", "torch", "triton", "cases"} <= set(doc)
     assert "| naive |" in open(path.replace(".json", ".md")).read()
+
+
+def test_default_run_leaves_out_optional_impls():
+    from bench.__main__ import select_impls
+    from bench import bench_knn
+    case = next(c for c in bench_knn.CASES if c.name == "knn_cpu")
+    assert "pyssl-torch" in case.optional
+    default = select_impls(case, set(), False)
+    assert "pyssl-torch" not in default and {"naive", "faiss", "pyssl-auto"} <= set(default)
+    assert set(select_impls(case, set(), True)) == set(case.impls)
+    assert set(select_impls(case, {"pyssl-torch"}, False)) == {"pyssl-torch"}
