@@ -14,6 +14,9 @@ Backends:
           installed). faiss loads on first use. No bank_bias: the bias is folded in by an extra
           coordinate (q ↦ [q, 1], b ↦ [b, bias]), exact.
   triton  fused similarity tiles with a streaming top-k (kernels/knn.py): never the Q×B matrix.
+          k > MAX_K (256): an exact partitioned search over the same kernel (the bank cut into
+          partitions, each one's top 256 merged; queries whose k-th score a full partition list
+          could hide are redone exactly), for kNN OOD at k = 1000.
   torch   chunked matmul + topk, merged across bank chunks; Q×chunk memory.
 """
 from __future__ import annotations
@@ -85,12 +88,8 @@ def _reasons(queries: Tensor, k: int):
         return []
 
     def triton_reasons() -> List[str]:
-        r = _dispatch.common_reasons("triton", queries.device)
-        if not r:
-            from pyssl.kernels import knn as K
-            if k > K.MAX_K:
-                r.append(f"the Triton kernel keeps at most k={K.MAX_K} neighbours on chip, got k={k}")
-        return r
+        # k > MAX_K runs as an exact partitioned search (_search_triton_large)
+        return _dispatch.common_reasons("triton", queries.device)
 
     return {"cpu": lambda: _dispatch.common_reasons("cpu", queries.device), "faiss": faiss_reasons,
             "triton": triton_reasons, "torch": lambda: []}
@@ -173,6 +172,47 @@ def _search_torch(queries, bank, k, bank_bias):
     return out_s, out_i
 
 
+def _search_triton_large(queries, bank, k, bank_bias, part_k: Optional[int] = None):
+    """Exact top-k for k beyond the fused kernel's on-chip limit (MAX_K).
+
+    The bank is cut into P contiguous partitions, P = ceil(4k / part_k), so that a partition
+    holds about a quarter of part_k of the k best on average; the fused kernel returns each
+    partition's top part_k, the candidates are merged (ties to the lower index) and give the
+    k-th score tau per query. The result is exact unless some partition returned a full list
+    whose last score is >= tau — only then can it hide an entry that belongs (equal scores
+    included: a partition's unseen entries have lower indices than any later partition's). Those
+    queries, rare unless the best neighbours crowd into few partitions, are redone by the exact
+    chunked torch search."""
+    from pyssl.kernels import knn as K
+    part_k = K.MAX_K if part_k is None else part_k
+    nb = bank.shape[0]
+    parts = max(2, -(-4 * k // part_k))
+    rows = -(-nb // parts)
+    cand_s, cand_i, full_last = [], [], []
+    for b0 in range(0, nb, rows):
+        b1 = min(nb, b0 + rows)
+        kp = min(part_k, b1 - b0)
+        bias = None if bank_bias is None else bank_bias[b0:b1]
+        s_p, i_p = K.knn_topk(queries, bank[b0:b1], kp, bank_bias=bias)
+        cand_s.append(s_p)
+        cand_i.append(i_p + b0)
+        if kp == part_k and b1 - b0 > part_k:   # a full list: entries may hide below its last
+            full_last.append(s_p[:, -1])
+    s = torch.cat(cand_s, 1)
+    i = torch.cat(cand_i, 1)
+    order = torch.argsort(i, dim=1, stable=True)
+    s, i = s.gather(1, order), i.gather(1, order)
+    top = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    out_s, out_i = s.gather(1, top), i.gather(1, top)
+    if full_last:
+        tau = out_s[:, -1]
+        redo = (torch.stack(full_last, 1) >= tau[:, None]).any(1).nonzero().flatten()
+        if redo.numel():
+            rs, ri = _search_torch(queries[redo], bank, k, bank_bias)
+            out_s[redo], out_i[redo] = rs, ri
+    return out_s, out_i
+
+
 def _search_faiss(queries, bank, k, bank_bias):
     faiss = faiss_module()
     q = queries.detach().float().cpu().numpy()
@@ -211,5 +251,7 @@ def search(queries: Tensor, bank: Tensor, k: int, *, bank_bias: Optional[Tensor]
         from pyssl.kernels import knn as K
         if queries.dtype != bank.dtype or queries.dtype not in _FLOATS:
             queries, bank = queries.float(), bank.float()
+        if k > K.MAX_K:
+            return _search_triton_large(queries.contiguous(), bank.contiguous(), k, bank_bias)
         return K.knn_topk(queries.contiguous(), bank.contiguous(), k, bank_bias=bank_bias)
     return _search_torch(queries, bank, k, bank_bias)
