@@ -10,7 +10,7 @@ import torch
 import pyssl  # noqa: F401  (installs pyssl.kernels)
 from pyssl.kernels import knn as K
 
-from conftest import GPU
+from conftest import GPU, device_for
 
 DEV = "cuda" if GPU else "cpu"
 
@@ -264,11 +264,13 @@ def test_large_k_partitioned_search_is_exact(crowded, monkeypatch):
     if crowded:
         b[:150] = torch.nn.functional.normalize(q.repeat(25, 1) + 0.05 * torch.randn(150, 16, generator=g), dim=1)
     bias = torch.randn(1200, generator=g) * 0.01
+    dev = device_for("triton")
     for bb in (None, bias):
-        s, i = KNN._search_triton_large(q, b, 100, bb, part_k=32)   # 13 partitions of 93 rows
+        s, i = KNN._search_triton_large(q.to(dev), b.to(dev), 100, None if bb is None else bb.to(dev),
+                                        part_k=32)   # 13 partitions of 93 rows
         ws, wi = _brute_ordered(q, b, 100, bb)
-        torch.testing.assert_close(s, ws, atol=1e-5, rtol=1e-5)
-        assert torch.equal(i, wi)
+        torch.testing.assert_close(s.cpu(), ws, atol=1e-5, rtol=1e-5)
+        assert torch.equal(i.cpu(), wi)
     # spread-out neighbours never need the redo; crowded ones do
     assert (len(redone) > 0) == crowded
 
@@ -278,8 +280,9 @@ def test_search_routes_large_k_to_the_partitioned_triton_path():
     g = torch.Generator().manual_seed(6)
     q = torch.randn(4, 16, generator=g)
     b = torch.randn(700, 16, generator=g)
-    assert KNN.not_supported_reasons(q, 300)["triton"] == []
-    s, i = KNN.search(q, b, 300, backend="triton")
+    dev = device_for("triton")
+    assert KNN.not_supported_reasons(q.to(dev), 300)["triton"] == []
+    s, i = KNN.search(q.to(dev), b.to(dev), 300, backend="triton")
     ws, wi = _brute_ordered(q, b, 300)
-    torch.testing.assert_close(s, ws, atol=1e-4, rtol=1e-5)
-    assert torch.equal(i, wi)
+    torch.testing.assert_close(s.cpu(), ws, atol=1e-4, rtol=1e-5)
+    assert torch.equal(i.cpu(), wi)
