@@ -12,6 +12,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def dot_options(dtype, interpret: Optional[bool] = None) -> dict:
+    """DOT_FP32 / DOT_PRECISION constexprs of the attention-like kernels: under the interpreter
+    the tl.dot operands go through float32 ("ieee"); on the GPU float32 inputs use "ieee" (no
+    TF32) and 16-bit inputs tensor cores (the precision argument is then unused)."""
+    import torch
+    interpret = interpreting() if interpret is None else interpret
+    return dict(DOT_FP32=bool(interpret),
+                DOT_PRECISION="ieee" if (dtype == torch.float32 or interpret) else "tf32")
+
+
 def pow2(n: int, lo: int = 16, hi: Optional[int] = None) -> int:
     """Next power of two of n, clamped to [lo, hi] (tl.dot needs every dimension >= 16)."""
     v = max(lo, triton.next_power_of_2(max(int(n), 1)))

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pyssl.kernels._tiles import interpreting, pow2
+from pyssl.kernels._tiles import dot_options, interpreting, pow2
 
 MAX_TOPK_L = 512          # 16-bit inputs; float32 rows (FMA dots, 32-bit keys) fit up to 128
 
@@ -345,10 +345,6 @@ def visited_fraction(groups, L: int, block: int = 64) -> float:
     return float(visit.float().mean())
 
 
-def _opts(dtype, interpret):
-    return dict(DOT_FP32=bool(interpret), DOT_PRECISION="ieee" if (dtype == torch.float32 or interpret) else "tf32")
-
-
 def plan(groups, B: int, L: int, block: int, device):
     """perm (B, L) int64: sorted position -> token (groups ascending, stable; global first),
     the sorted group ids and each tile's smallest and largest id (B, NT)."""
@@ -356,18 +352,16 @@ def plan(groups, B: int, L: int, block: int, device):
     if groups is None:
         perm = torch.arange(L, device=device, dtype=torch.int64).expand(B, L).contiguous()
         return perm, None, None, None, nt
-    gs, perm = torch.sort(groups, dim=1, stable=True)
-    pad = nt * block - L
-    gp = torch.cat([gs, gs[:, -1:].expand(B, pad)], 1) if pad else gs
-    t = gp.view(B, nt, block)
-    return perm.contiguous(), gs.contiguous(), t.amin(2).contiguous(), t.amax(2).contiguous(), nt
+    perm = torch.sort(groups, dim=1, stable=True).indices.contiguous()
+    return (perm,) + tables(groups, perm, B, L, block)
 
 
 def tables(groups, perm, B, L, block):
-    """Sorted ids and tile tables for a saved perm (the backward reuses the forward's sort)."""
-    if groups is None:
-        return None, None, None, triton.cdiv(L, block)
+    """Sorted ids and tile tables for a permutation (the backward reuses the forward's sort):
+    the tiles' smallest and largest ids, the last tile padded with its last id."""
     nt = triton.cdiv(L, block)
+    if groups is None:
+        return None, None, None, nt
     gs = groups.gather(1, perm)
     pad = nt * block - L
     gp = torch.cat([gs, gs[:, -1:].expand(B, pad)], 1) if pad else gs
@@ -391,7 +385,7 @@ def forward(q, k, v, groups, topk: int, scale: float):
         _attn_topk_fwd_kernel[grid](q, k, v, out, lse, bits, groups if groups is not None else dummy,
                                     float(scale), L, H, nb, min(topk, lp) - 1,
                                     HAS_GROUPS=groups is not None, D=D, BLOCK_D=bd, BLOCK_M=bm, L_PAD=lp,
-                                    num_warps=_topk_warps(q.dtype), **_opts(q.dtype, interp))
+                                    num_warps=_topk_warps(q.dtype), **dot_options(q.dtype))
         perm = torch.empty(0, dtype=torch.int64, device=q.device)
         return out, lse, bits, perm
     block = _block(L, q.dtype)
@@ -401,7 +395,7 @@ def forward(q, k, v, groups, topk: int, scale: float):
                            tmin if tmin is not None else dummy, tmax if tmax is not None else dummy,
                            float(scale), L, H, nt, HAS_GROUPS=groups is not None,
                            SKIP=groups is not None and _skip(), D=D, BLOCK_D=bd,
-                           BLOCK=block, num_warps=4, num_stages=2, **_opts(q.dtype, interp))
+                           BLOCK=block, num_warps=4, num_stages=2, **dot_options(q.dtype))
     return out, lse, torch.empty(0, dtype=torch.uint8, device=q.device), perm
 
 
@@ -426,7 +420,7 @@ def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: floa
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(HAS_GROUPS=has_groups, USE_BITS=bool(topk), SKIP=has_groups and _skip(), D=D,
                   BLOCK_D=bd, BLOCK=block,
-                  num_warps=4, num_stages=2, **_opts(q.dtype, interp))
+                  num_warps=4, num_stages=2, **dot_options(q.dtype))
     g_args = (perm, gs if gs is not None else dummy, tmin if tmin is not None else dummy,
               tmax if tmax is not None else dummy, bits)
     _attn_bwd_dkdv_kernel[(B * H, nt)](q, k, v, dout, lse, delta, dk, dv, *g_args, float(scale), L, H, nt, nb,
@@ -449,8 +443,7 @@ def _fwd_case(dtype, has_groups):
                scale="fp32", L="i32", H="i32", NT="i32", HAS_GROUPS="constexpr", SKIP="constexpr", D="constexpr",
                BLOCK_D="constexpr", BLOCK="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
     const = dict(HAS_GROUPS=has_groups, SKIP=has_groups, D=64, BLOCK_D=64, BLOCK=32 if dtype == torch.float32 else 64,
-                 DOT_FP32=False,
-                 DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                 **dot_options(dtype, interpret=False))
     return (_attn_fwd_kernel, sig, const, dict(num_warps=4, num_stages=2), _aligned(sig))
 
 
@@ -459,8 +452,7 @@ def _topk_case(dtype, l_pad):
     sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", BITS="*u8", G="*i64", scale="fp32", L="i32", H="i32",
                NB="i32", KTH="i32", HAS_GROUPS="constexpr", D="constexpr", BLOCK_D="constexpr",
                BLOCK_M="constexpr", L_PAD="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
-    const = dict(HAS_GROUPS=True, D=64, BLOCK_D=64, BLOCK_M=16, L_PAD=l_pad, DOT_FP32=False,
-                 DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    const = dict(HAS_GROUPS=True, D=64, BLOCK_D=64, BLOCK_M=16, L_PAD=l_pad, **dot_options(dtype, interpret=False))
     return (_attn_topk_fwd_kernel, sig, const, dict(num_warps=_topk_warps(dtype)), _aligned(sig))
 
 
@@ -473,8 +465,7 @@ def _bwd_case(kernel, dtype, use_bits):
                D="constexpr",
                BLOCK_D="constexpr", BLOCK="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
     const = dict(HAS_GROUPS=not use_bits, USE_BITS=use_bits, SKIP=not use_bits, D=64, BLOCK_D=64,
-                 BLOCK=32 if dtype == torch.float32 else 64, DOT_FP32=False,
-                 DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                 BLOCK=32 if dtype == torch.float32 else 64, **dot_options(dtype, interpret=False))
     return (kernel, sig, const, dict(num_warps=4, num_stages=2), _aligned(sig))
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyssl.kernels._tiles import interpreting, pow2
+from pyssl.kernels._tiles import dot_options, pow2
 
 MAX_L = 256          # 16-bit inputs; float32 fits up to 128 (max_l)
 _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -52,9 +52,12 @@ def _scores(Z, INV, zb, b, L, E, rows, cols, rmask, cmask, inv_t,
 
 
 @triton.jit
-def _tile(Z, G, INV, zb, b, L, E, inv_t, BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+def _tile(Z, G, INV, L, E, inv_t, BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
           DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The program's rows against the sample's columns: scores and the A(i) / P(i) masks."""
+    """The program's rows against its sample's columns: the sample b (grid axis 0: axis 1 stops
+    at 65535), its offset in Z, the scores and the A(i) / P(i) masks."""
+    b = tl.program_id(0)
+    zb = b.to(tl.int64) * L * E
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, L_PAD)
     rmask = rows < L
@@ -64,17 +67,15 @@ def _tile(Z, G, INV, zb, b, L, E, inv_t, BLOCK_M: tl.constexpr, L_PAD: tl.conste
     s = _scores(Z, INV, zb, b, L, E, rows, cols, rmask, cmask, inv_t, BLOCK_M, L_PAD, BLOCK_E, DOT_FP32, DOT_PRECISION)
     other = (gi[:, None] >= 0) & (gj[None, :] >= 0) & (rows[:, None] != cols[None, :])
     pos = other & (gi[:, None] == gj[None, :])
-    return rows, cols, rmask, cmask, s, other, pos
+    return b, zb, rows, cols, rmask, cmask, s, other, pos
 
 
 @triton.jit
 def _hcl_fwd_kernel(Z, G, INV, ROWS, LSE, inv_t, L, E,
                     BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
                     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    b = tl.program_id(0)           # samples on axis 0 (axis 1 stops at 65535)
-    zb = b.to(tl.int64) * L * E
-    rows, cols, rmask, cmask, s, other, pos = _tile(Z, G, INV, zb, b, L, E, inv_t, BLOCK_M, L_PAD, BLOCK_E,
-                                                    DOT_FP32, DOT_PRECISION)
+    b, zb, rows, cols, rmask, cmask, s, other, pos = _tile(Z, G, INV, L, E, inv_t, BLOCK_M, L_PAD, BLOCK_E,
+                                                           DOT_FP32, DOT_PRECISION)
     m = tl.max(tl.where(other, s, float("-inf")), axis=1)
     has_other = m != float("-inf")
     m_safe = tl.where(has_other, m, 0.0)
@@ -91,10 +92,8 @@ def _hcl_fwd_kernel(Z, G, INV, ROWS, LSE, inv_t, L, E,
 def _hcl_bwd_kernel(Z, G, INV, LSE, U, NPOS, DZ, inv_t, L, E,
                     BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
                     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    b = tl.program_id(0)           # samples on axis 0 (axis 1 stops at 65535)
-    zb = b.to(tl.int64) * L * E
-    rows, cols, rmask, cmask, s, other, pos = _tile(Z, G, INV, zb, b, L, E, inv_t, BLOCK_M, L_PAD, BLOCK_E,
-                                                    DOT_FP32, DOT_PRECISION)
+    b, zb, rows, cols, rmask, cmask, s, other, pos = _tile(Z, G, INV, L, E, inv_t, BLOCK_M, L_PAD, BLOCK_E,
+                                                           DOT_FP32, DOT_PRECISION)
     lse_i = tl.load(LSE + b * L + rows, mask=rmask, other=0.0)
     lse_j = tl.load(LSE + b * L + cols, mask=cmask, other=0.0)
     u_i = tl.load(U + b * L + rows, mask=rmask, other=0.0)
@@ -134,11 +133,6 @@ def _hcl_bwd_kernel(Z, G, INV, LSE, U, NPOS, DZ, inv_t, L, E,
         tl.store(DZ + zb + rows[:, None] * E + ee[None, :], dz.to(DZ.dtype.element_ty), mask=msk)
 
 
-def _opts(dtype):
-    interp = interpreting()
-    return dict(DOT_FP32=interp, DOT_PRECISION="ieee" if (dtype == torch.float32 or interp) else "tf32")
-
-
 def max_l(dtype) -> int:
     """Longest sample the kernels hold on chip without register spills on sm_90."""
     return 128 if dtype == torch.float32 else MAX_L
@@ -172,7 +166,7 @@ def forward(z, groups, temperature, eps):
     lp, be, warps = _cfg(L, E, backward=False, dtype=z.dtype)
     bm = 16
     _hcl_fwd_kernel[(B, triton.cdiv(L, bm))](z, groups, inv, rows, lse, 1.0 / temperature, L, E,
-                                             BLOCK_M=bm, L_PAD=lp, BLOCK_E=be, num_warps=warps, **_opts(z.dtype))
+                                             BLOCK_M=bm, L_PAD=lp, BLOCK_E=be, num_warps=warps, **dot_options(z.dtype))
     return rows, lse, inv
 
 
@@ -183,7 +177,7 @@ def backward(z, groups, temperature, lse, inv, grad_rows, npos):
     bm = 16
     _hcl_bwd_kernel[(B, triton.cdiv(L, bm))](z, groups, inv, lse, grad_rows.float().contiguous(), npos, dz,
                                              1.0 / temperature, L, E, BLOCK_M=bm, L_PAD=lp, BLOCK_E=be,
-                                             num_warps=warps, **_opts(z.dtype))
+                                             num_warps=warps, **dot_options(z.dtype))
     return dz.to(z.dtype)
 
 
@@ -197,8 +191,7 @@ def _case(kernel, dtype, L, E=768):
     sig.update(BLOCK_M="constexpr", L_PAD="constexpr", BLOCK_E="constexpr", DOT_FP32="constexpr",
                DOT_PRECISION="constexpr")
     lp, be, warps = _cfg(L, E, backward=kernel is _hcl_bwd_kernel, dtype=dtype)
-    const = dict(BLOCK_M=16, L_PAD=lp, BLOCK_E=be, DOT_FP32=False,
-                 DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    const = dict(BLOCK_M=16, L_PAD=lp, BLOCK_E=be, **dot_options(dtype, interpret=False))
     return (kernel, sig, const, dict(num_warps=warps), [n for n, v in sig.items() if v.startswith("*")])
 
 

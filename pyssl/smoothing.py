@@ -224,6 +224,7 @@ class _GraphStep:
         self.static_src = torch.full((bs,), self.B, dtype=torch.int64, device=x.device)
         self.ones = torch.ones(bs, dtype=torch.int64, device=x.device)
         self.E = x[0].numel()
+        self.chw = _noise._chw(x)
         self.flat = torch.zeros((bs, self.E), dtype=out_dtype, device=x.device)
         self.static_in = _noise._as_output(self.flat, x, bs, smooth.channels_last)
         self.graph = None
@@ -255,14 +256,10 @@ class _GraphStep:
         pad = self.bs - rows
         full_src = src if pad == 0 else torch.cat([src, src.new_zeros(pad)])
         full_sample = sample if pad == 0 else torch.cat([sample, sample.new_zeros(pad)])
-        xf = x.reshape(x.shape[0], -1).to(torch.float32).contiguous()
-        c, hw = _noise._chw(x)
-        if a is None:
-            a = torch.ones(c, dtype=torch.float32, device=x.device)
-            b = torch.zeros(c, dtype=torch.float32, device=x.device)
         s = self.smooth
-        _noise._noise_rows(xf, full_src, full_sample, ids, a, b, s.sigma, s.seed, 0,
-                           self.flat.dtype, s.channels_last, (c, hw), backend, out=self.flat)
+        # x arrives float32 and contiguous (Smooth._counts): the flat view costs nothing
+        _noise._noise_rows(x.view(x.shape[0], -1), full_src, full_sample, ids, a, b, s.sigma, s.seed, 0,
+                           self.flat.dtype, s.channels_last, self.chw, backend, out=self.flat)
         # votes of padding rows go to slot B
         slot = full_src if pad == 0 else torch.cat([src, src.new_full((pad,), self.B)])
         self.static_src.copy_(slot)

@@ -30,6 +30,18 @@ def _groups(b, l, n_groups, n_global=1, seed=0, uneven=False):
     return torch.stack(rows)
 
 
+def _check_against_reference(q, k, v, groups, topk, backend):
+    """Output and dq, dk, dv of the backend against the dense reference (float32 tolerances)."""
+    out = pyssl.homologous_attention(q, k, v, groups, topk=topk, backend=backend)
+    ref = reference.homologous_attention(q, k, v, groups, topk=topk)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=f"d{name}")
+
+
 MODES = {
     "group": dict(n_groups=3, topk=None),
     "group+globals2": dict(n_groups=4, n_global=2, topk=None),
@@ -54,14 +66,7 @@ def test_attention_matches_reference(backend, mode):
     dev = device_for(backend)
     q, k, v = (t.requires_grad_() for t in _qkv(device=dev))
     groups, topk = _case(mode, 2, 21, dev)
-    out = pyssl.homologous_attention(q, k, v, groups, topk=topk, backend=backend)
-    ref = reference.homologous_attention(q, k, v, groups, topk=topk)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), g)
-    want = torch.autograd.grad(ref, (q, k, v), g)
-    for name, a, b in zip("qkv", got, want):
-        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=f"d{name}")
+    _check_against_reference(q, k, v, groups, topk, backend)
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
@@ -172,12 +177,7 @@ def test_long_rows_with_skipped_tiles(backend, topk):
     groups = _groups(2, 70, 4, n_global=0).to(dev)
     if backend == "triton" and topk is None:
         assert K.visited_fraction(groups, 70, K._block(70, q.dtype)) < 0.7
-    out = pyssl.homologous_attention(q, k, v, groups, topk=topk, backend=backend)
-    ref = reference.homologous_attention(q, k, v, groups, topk=topk)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+    _check_against_reference(q, k, v, groups, topk, backend)
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
@@ -191,12 +191,7 @@ def test_multi_tile_rows_with_global_tokens_anywhere(backend, topk):
     groups[0, [7, 30]] = torch.tensor([-3, -1])
     groups[1, [0, 52]] = torch.tensor([-5, -100])
     groups = groups.to(dev)
-    out = pyssl.homologous_attention(q, k, v, groups, topk=topk, backend=backend)
-    ref = reference.homologous_attention(q, k, v, groups, topk=topk)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+    _check_against_reference(q, k, v, groups, topk, backend)
 
 
 def test_visited_fraction_at_vit_and_long_sizes():

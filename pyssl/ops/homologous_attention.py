@@ -387,11 +387,7 @@ def homologous_attention(q: Tensor, k: Tensor, v: Tensor, groups: Optional[Tenso
                          topk: Optional[int] = None, scale: Optional[float] = None,
                          backend: str = "auto") -> Tensor:
     """Attention restricted to each token's own source image (SPEC §2); see the module docstring."""
-    fn = "homologous_attention"
-    scale = _check_inputs(fn, q, k, v, groups, topk, scale)
-    chosen = _dispatch.choose(fn, backend, q.device, _PREFERENCE, _backend_checks(q, topk))
-    g = None if groups is None else groups.to(torch.int64)
-    return _attn_op(q, k, v, g, int(topk or 0), scale, chosen)[0]
+    return attention_with_stats(q, k, v, groups, topk=topk, scale=scale, backend=backend)[0]
 
 
 def attention_with_stats(q, k, v, groups=None, *, topk=None, scale=None, backend="auto"):
