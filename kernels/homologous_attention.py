@@ -192,12 +192,19 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, L, H, NB, KTH,
 
 
 @triton.jit
-def _bwd_mask(BITS, GS, bh, b, L, NB, offs_m, offs_n, rows, cols, mmask, nmask,
-              HAS_GROUPS: tl.constexpr, USE_BITS: tl.constexpr):
+def _bwd_mask(BITS, GS, bh, b, L, NB, n0, offs_m, offs_n, mmask, nmask,
+              HAS_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Allowed (query, key) pairs of the tile whose sorted rows are offs_m and columns offs_n
+    (key tile start n0). Top-k mode runs in token order (perm is the identity) and n0 is a
+    multiple of 8, so the tile's kept set is one (BLOCK, BLOCK/8) byte tile of the bitmask: one
+    load per byte, unpacked in registers (a load per bit costs 8x the addresses, which spilled)."""
     ok = mmask[:, None] & nmask[None, :]
     if USE_BITS:
-        byte = tl.load(BITS + (bh.to(tl.int64) * L + rows[:, None]) * NB + (cols[None, :] >> 3), mask=ok, other=0)
-        ok = ok & (((byte.to(tl.int32) >> (cols[None, :] & 7)) & 1) == 1)
+        jb = n0 // 8 + tl.arange(0, BLOCK // 8)
+        byte = tl.load(BITS + (bh.to(tl.int64) * L + offs_m[:, None]) * NB + jb[None, :],
+                       mask=mmask[:, None] & (jb[None, :] < NB), other=0)
+        bit = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+        ok = ok & (tl.reshape(bit, (BLOCK, BLOCK)) == 1)
     elif HAS_GROUPS:
         gq = tl.load(GS + b * L + offs_m, mask=mmask, other=0)
         gk = tl.load(GS + b * L + offs_n, mask=nmask, other=0)
@@ -249,7 +256,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, TMIN, TMAX,
             lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=mmask, other=float("-inf"))
             delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=mmask, other=0.0)
             s = tl.dot(q, tl.trans(kk), input_precision=DOT_PRECISION) * scale
-            ok = _bwd_mask(BITS, GS, bh, b, L, NB, offs_m, offs_n, rows, cols, mmask, nmask, HAS_GROUPS, USE_BITS)
+            ok = _bwd_mask(BITS, GS, bh, b, L, NB, pid_n * BLOCK, offs_m, offs_n, mmask, nmask, HAS_GROUPS, USE_BITS,
+                           BLOCK)
             live = lse != float("-inf")
             ok = ok & live[:, None]
             p = tl.where(ok, tl.exp(s - tl.where(live, lse, 0.0)[:, None]), 0.0)
@@ -304,7 +312,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, TMIN, TMAX, BITS,
                 kk = kk.to(tl.float32)
                 vv = vv.to(tl.float32)
             s = tl.dot(q, tl.trans(kk), input_precision=DOT_PRECISION) * scale
-            ok = _bwd_mask(BITS, GS, bh, b, L, NB, offs_m, offs_n, rows, cols, mmask, nmask, HAS_GROUPS, USE_BITS)
+            ok = _bwd_mask(BITS, GS, bh, b, L, NB, t * BLOCK, offs_m, offs_n, mmask, nmask, HAS_GROUPS, USE_BITS,
+                           BLOCK)
             ok = ok & live[:, None]
             p = tl.where(ok, tl.exp(s - tl.where(live, lse, 0.0)[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PRECISION)
@@ -323,6 +332,12 @@ def _block(L: int, dtype) -> int:
     if interpreting():
         return 32 if L <= 32 else 16
     return 32 if dtype == torch.float32 else 64
+
+
+def _bwd_warps(dtype) -> int:
+    # float32 tiles (FMA dots) hold twice the registers of 16-bit ones: with 4 warps the dK/dV
+    # kernel spills under Triton 3.6 (the GPU machine's), with 8 it does not under 3.6 or 3.7
+    return 8 if dtype == torch.float32 else 4
 
 
 def _topk_warps(dtype) -> int:
@@ -420,7 +435,7 @@ def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: floa
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(HAS_GROUPS=has_groups, USE_BITS=bool(topk), SKIP=has_groups and _skip(), D=D,
                   BLOCK_D=bd, BLOCK=block,
-                  num_warps=4, num_stages=2, **dot_options(q.dtype))
+                  num_warps=_bwd_warps(q.dtype), num_stages=2, **dot_options(q.dtype))
     g_args = (perm, gs if gs is not None else dummy, tmin if tmin is not None else dummy,
               tmax if tmax is not None else dummy, bits)
     _attn_bwd_dkdv_kernel[(B * H, nt)](q, k, v, dout, lse, delta, dk, dv, *g_args, float(scale), L, H, nt, nb,
@@ -466,7 +481,7 @@ def _bwd_case(kernel, dtype, use_bits):
                BLOCK_D="constexpr", BLOCK="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
     const = dict(HAS_GROUPS=not use_bits, USE_BITS=use_bits, SKIP=not use_bits, D=64, BLOCK_D=64,
                  BLOCK=32 if dtype == torch.float32 else 64, **dot_options(dtype, interpret=False))
-    return (kernel, sig, const, dict(num_warps=4, num_stages=2), _aligned(sig))
+    return (kernel, sig, const, dict(num_warps=_bwd_warps(dtype), num_stages=2), _aligned(sig))
 
 
 COMPILE_CASES = [
@@ -481,6 +496,8 @@ COMPILE_CASES = [
     _bwd_case(_attn_bwd_dkdv_kernel, torch.bfloat16, True),
     _bwd_case(_attn_bwd_dq_kernel, torch.bfloat16, True),
     _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, False),
+    _bwd_case(_attn_bwd_dq_kernel, torch.float32, False),
+    _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, True),
 ]
 
 __all__ = ["forward", "backward", "plan", "visited_fraction", "max_topk_l", "MAX_TOPK_L", "COMPILE_CASES"]

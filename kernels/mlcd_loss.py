@@ -475,7 +475,7 @@ def _mlcd_grad_dx_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DX, PART_Q,
 #             outside S are zero-filled by the caller. cdiv(C', BLOCK_C) programs fill the GPU
 #             at MLCD sizes, so no split here.
 #   Registers (16-bit, FULL_D, 64/64/512, 8 warps): acc (BLOCK_C, BLOCK_DO) fp32 = 128 per
-#             thread, the cos/G tile 16, r and the per-column rw/ids; ptxas: 250 registers, no
+#             thread, the cos/G tile 16, r and the per-column rw/ids; ptxas: 234 registers, no
 #             spills. Shared memory: w block BLOCK_C x BLOCK_DO once + x tiles in flight, plus
 #             the staging of Gᵀ for the product.
 #   Traffic:  x read cdiv(C', BLOCK_C) times over in FULL_D form (once per column block; small,
@@ -540,6 +540,11 @@ def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DW,
             acc = tl.dot(tl.trans(gx), x_blk, acc, input_precision=DOT_PRECISION)
 
     rw_e = tl.load(RW + cols, mask=cmask, other=0.0, cache_modifier=".cg")   # see the dx kernel
+    if HAS_CLASSES:
+        # the class ids again, from L2: 64-bit row pointers kept live across the loop cost the
+        # registers that made Triton 3.6 spill (250 -> 255 + 24 B of local memory)
+        ids = tl.load(CLS + cols, mask=cmask, other=0, cache_modifier=".cg")
+        w_rows = W + ids.to(tl.int64)[:, None] * stride_w
     _finish_store(acc, r, w_rows, DW + ids.to(tl.int64)[:, None] * stride_dw, rw_e, cmask,
                   tl.program_id(1) * BLOCK_DO, D, FULL_D, BLOCK_C, BLOCK_DO)
 
