@@ -6,6 +6,10 @@
 # wheel torch==2.13.0 installed only when no torch is importable there. To keep an existing
 # (CUDA) torch, point PYTHON at that environment: `make test PYTHON=python`.
 PYTHON ?= .venv/bin/python
+# The GPU machine's Triton (torch 2.11 + triton 3.6 there): installed bare beside the environment
+# so that tests/test_triton_compile.py also compiles every kernel with it (no GPU needed). A failed
+# download only skips that pass.
+GPU_TRITON ?= 3.6.0
 STAMP := $(dir $(PYTHON)).pyssl-installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) setup.py pyproject.toml
 
@@ -28,6 +32,8 @@ $(STAMP): $(if $(filter .venv/bin/python,$(PYTHON)),.venv/bin/python) $(SOURCES)
 	$(PYTHON) -c "import faiss" 2>/dev/null || $(PYTHON) -m pip install -q faiss-cpu
 	$(PYTHON) -m pip install -q numpy scipy tqdm pytest pytest-timeout ninja setuptools wheel scikit-learn
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	test -d .venv-triton-gpu/triton || $(PYTHON) -m pip install -q --no-deps --target .venv-triton-gpu \
+		triton==$(GPU_TRITON) || echo "warning: triton==$(GPU_TRITON) not installed: its compile pass is skipped"
 	touch $(STAMP)
 
 clean:

@@ -27,8 +27,12 @@ MAX_JOBS=16 timeout 300 $PY -m pip install -q --no-build-isolation --no-deps -e 
 log "build rc=$? in $(( $(date +%s) - t0 ))s"
 
 log "tests on CUDA"
+# Every failure is listed (no -x: one GPU run has to show all of them). On CUDA most of the time
+# is Triton compiling each kernel specialisation once: pytest-xdist (in the image) spreads that
+# over 8 processes; each holds its own CUDA context (~0.5 GB).
 TIMEOUT_OPT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
-timeout 240 $PY -m pytest -q -x $TIMEOUT_OPT tests -p no:cacheprovider > "$OUT/tests.log" 2>&1
+XDIST_OPT=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout 240 $PY -m pytest -q -rfE $XDIST_OPT $TIMEOUT_OPT tests -p no:cacheprovider > "$OUT/tests.log" 2>&1
 log "tests rc=$?: $(tail -1 "$OUT/tests.log")"
 
 # Every later step gets at most what is left of the budget (and is skipped under 30 s), so the
