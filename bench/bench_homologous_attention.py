@@ -140,8 +140,8 @@ CASES = [
           "pyssl-torch": attn_pyssl("torch"), "pyssl-triton": attn_pyssl("triton")},
          flops=_flops, repeats=10, warmup=3,
          notes="B=256, H=12, L=197, d=64, 4 groups + 1 global token, bf16, forward+backward. "
-               "pyssl-triton[noskip] (PYSSL_HOMATTN_NO_SKIP=1) visits every tile: the difference is what "
-               "sorting by group and skipping buys."),
+               "pyssl-triton[noskip] (PYSSL_HOMATTN_NO_SKIP=1) meets every key tile with the group ids "
+               "masked per tile: the difference is what per-group tiles and skipping buy."),
     Case("homattn_long", "cuda",
          _sizes(lambda dev: _problem(4, 16, 4096, 64, 4, 0, torch.bfloat16, dev),
                 lambda dev: _problem(1, 2, 64, 8, 4, 0, torch.float32, dev)),

@@ -7,24 +7,38 @@ None; per-row statistics in float32 and indexed by the original token position):
     backward(q, k, v, out, dout, lse, groups, bits, perm, topk, scale) -> (dq, dk, dv)
 
 Group mode (topk = 0). Tokens are sorted by group id once per call (perm (B, L): sorted position
--> token, global tokens first); the forward returns perm and the backward reuses it. Tiles are
-rows of the sorted order, loaded by index (no permuted copy of q, k, v), written back at the
-original positions (no un-permute pass). Per (batch, tile) the smallest and largest group id
-of the tile are tabulated; a query tile visits a key tile only when their group ranges overlap
-or either holds a global token, so the off-diagonal tiles of the block-diagonal pattern are
-skipped. Inside a visited tile the mask comes from the group ids of its rows and columns.
+-> token, global tokens (negative ids) first); the forward returns perm and the backward reuses
+it. Rows are loaded by index through perm (no permuted copy of q, k, v) and written back at the
+original positions (no un-permute pass). Tiles follow the groups, as in variable-length
+FlashAttention: a tile is at most BLOCK sorted rows of ONE group, and each group starts a new
+tile, so a query tile's keys are exactly its group's sorted span [lo, hi) (visited in BLOCK-wide
+key tiles) plus the global tokens [0, ng) (visited in BG = 16-wide tiles: a ViT has one class
+token, and a 64-wide tile for it would cost as much as a group tile). Inside those tiles every
+pair is allowed: no group ids are loaded. The global tokens' own rows attend to everything: one
+extra program per (batch, head) takes them in BG-row blocks over all keys. The tile table
+(tables()) is built on the device from the sorted ids without a host sync: the grid has
+cdiv(L, BLOCK) tile programs per (batch, head) and each loops over tiles pid, pid + grid, ...,
+since a batch row can have more tiles than cdiv(L, BLOCK) (one partial tile per group).
+Work per (batch, head): sum over groups of ceil(n_g/BLOCK)^2 BLOCK^2 pairs, plus the global
+rows and columns; at ViT-B size (197 tokens, 4 groups, 1 global) 38% of the dense 256 x 256
+tile grid, against 88% for fixed 64-row tiles of the sorted order (the global token's tile
+meets every other). PYSSL_HOMATTN_NO_SKIP=1 visits all non-global keys with the group mask
+loaded per tile instead (what the benchmark compares). Many groups much smaller than BLOCK
+cost up to one partial tile each: at G groups of n < BLOCK tokens the work is G·BLOCK^2.
 
 Top-k mode (topk = K > 0). A program holds whole score rows (BLOCK_M × L_PAD, L_PAD = next power
 of two of L, at most max_topk_l(dtype): 512 for 16-bit inputs, 128 for float32): scores are keyed as (order-preserving int32 of the float32
 score) << 32 | (2^31 − 1 − key index), so one int64 order ranks by score and puts the lower
 index first among ties; tl.sort gives the K-th largest key per row, the kept set is the allowed
 keys at or above it, saved as a bitmask (B, H, L, ceil(L/8)) uint8 (bit j % 8 of byte j // 8 is
-key j) for the backward, which never re-ranks. perm is the identity there.
+key j) for the backward, which never re-ranks. perm is the identity there, and the backward
+runs on the tile table of one group spanning the row (fixed BLOCK tiles from 0).
 
 Backward (both modes): FlashAttention-2's split into two atomic-free kernels: dK/dV by key tiles
-(looping over query tiles) and dQ by query tiles (looping over key tiles), both recomputing P
-from the saved log-sum-exp, with the same tile skipping in group mode and the bitmask in top-k
-mode. delta = rowsum(dO ∘ O) is computed beforehand in PyTorch.
+(looping over the query tiles that can see them: the group's span and the global rows) and dQ
+by query tiles (looping over the same keys as the forward), both recomputing P from the saved
+log-sum-exp; the bitmask in top-k mode. delta = rowsum(dO ∘ O) is computed beforehand in
+PyTorch.
 
 Interpreter notes: loads are converted to float32 (DOT_FP32) because the interpreter does bf16
 arithmetic wrongly; on the GPU 16-bit operands go to tensor cores with fp32 accumulation and fp32
@@ -36,20 +50,21 @@ import os
 from typing import List
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from pyssl.kernels._tiles import dot_options, interpreting, pow2
 
 MAX_TOPK_L = 512          # 16-bit inputs; float32 rows (FMA dots, 32-bit keys) fit up to 128
+BG = 16                   # width of the global-token tiles (rows or keys)
 
 
 def max_topk_l(dtype) -> int:
     """Longest row the top-k kernel holds on chip without register spills (checked on sm_90)."""
     return 128 if dtype == torch.float32 else MAX_TOPK_L
+
+
 _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_BIG = tl.constexpr(1 << 62)
 
 
 @triton.jit
@@ -58,77 +73,144 @@ def _group_mask(gq, gk):
 
 
 @triton.jit
-def _visit(TMIN, TMAX, b, t, NT, lo, hi, SKIP: tl.constexpr):
-    """Whether the tile t of batch b can hold an allowed pair with group range [lo, hi]
-    (always, without SKIP)."""
-    if SKIP:
-        kmin = tl.load(TMIN + b * NT + t)
-        kmax = tl.load(TMAX + b * NT + t)
-        return (lo < 0) | (kmin < 0) | ((kmin <= hi) & (kmax >= lo))
-    else:
-        return t >= 0
+def _load_kv(K, V, PERM, b, base, L, p0, p_hi, dd, dmask, D: tl.constexpr, RN: tl.constexpr,
+             DOT_FP32: tl.constexpr):
+    """Keys and values of the RN sorted positions p0 + [0, RN) below p_hi, loaded through perm."""
+    offs = p0 + tl.arange(0, RN)
+    msk = offs < p_hi
+    tok = tl.load(PERM + b * L + offs, mask=msk, other=0)
+    m2 = msk[:, None] & dmask[None, :]
+    kk = tl.load(K + base + tok[:, None] * D + dd[None, :], mask=m2, other=0.0)
+    vv = tl.load(V + base + tok[:, None] * D + dd[None, :], mask=m2, other=0.0)
+    if DOT_FP32:
+        kk = kk.to(tl.float32)
+        vv = vv.to(tl.float32)
+    return offs, msk, tok, kk, vv
 
 
-# ----------------------------------------------------------------------------------------------
-# _attn_fwd_kernel: program (query tile of BLOCK sorted rows, batch·head). Registers: the q tile
-# (BLOCK × BLOCK_D), the output accumulator (BLOCK × BLOCK_D, fp32), running max and sum per row;
-# k and v tiles of BLOCK rows stream through (shared memory as tl.dot operands). Traffic: q, out
-# once; k, v once per visited tile; the skipped tiles cost two scalar loads.
-# ----------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, PERM, GS, TMIN, TMAX, scale, L, H, NT,
-                     HAS_GROUPS: tl.constexpr, SKIP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    bh = tl.program_id(0)          # batch·head on axis 0 (up to 2^31 − 1; axis 1 stops at 65535)
-    pid_m = tl.program_id(1)
-    b = bh // H
-    base = bh.to(tl.int64) * L * D
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
-    mmask = offs_m < L
-    rows = tl.load(PERM + b * L + offs_m, mask=mmask, other=0)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    q = tl.load(Q + base + rows[:, None] * D + dd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+def _load_q(Q, DO, LSE, DELTA, PERM, b, bh, base, L, p0, p_hi, dd, dmask, D: tl.constexpr,
+            RM: tl.constexpr, WITH_GRAD: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Query side of RM sorted positions: (positions, mask, token ids, q[, dO, lse, delta])."""
+    offs = p0 + tl.arange(0, RM)
+    msk = offs < p_hi
+    tok = tl.load(PERM + b * L + offs, mask=msk, other=0)
+    m2 = msk[:, None] & dmask[None, :]
+    q = tl.load(Q + base + tok[:, None] * D + dd[None, :], mask=m2, other=0.0)
+    do = q
+    lse = tl.zeros((RM,), tl.float32)
+    delta = lse
+    if WITH_GRAD:
+        do = tl.load(DO + base + tok[:, None] * D + dd[None, :], mask=m2, other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * L + tok, mask=msk, other=float("-inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * L + tok, mask=msk, other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    lo = tl.full((), 0, tl.int64)
-    hi = tl.full((), 0, tl.int64)
-    gq = offs_m.to(tl.int64)
-    if HAS_GROUPS:
+        do = do.to(tl.float32)
+    return offs, msk, tok, q, do, lse, delta
+
+
+@triton.jit
+def _pair_mask(BITS, GS, bh, b, L, NB, n0, offs_m, offs_n, mmask, nmask,
+               MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, RM: tl.constexpr,
+               RN: tl.constexpr):
+    """Allowed (query, key) pairs of an RM x RN tile (query positions offs_m, keys offs_n, the
+    key tile starting at n0). Group-aligned tiles need no mask beyond the padding. Without tile
+    skipping (MASK_GROUPS) the sorted group ids decide. Top-k mode runs in token order (perm is
+    the identity) with key tiles starting at multiples of 8, so the tile's kept set is one
+    (RM, RN/8) byte tile of the bitmask: one load per byte, unpacked in registers (a load per
+    bit costs 8x the addresses, which spilled)."""
+    ok = mmask[:, None] & nmask[None, :]
+    if USE_BITS:
+        jb = n0 // 8 + tl.arange(0, RN // 8)
+        byte = tl.load(BITS + (bh.to(tl.int64) * L + offs_m[:, None]) * NB + jb[None, :],
+                       mask=mmask[:, None] & (jb[None, :] < NB), other=0)
+        bit = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+        ok = ok & (tl.reshape(bit, (RM, RN)) == 1)
+    elif MASK_GROUPS:
         gq = tl.load(GS + b * L + offs_m, mask=mmask, other=0)
-        lo = tl.min(tl.where(mmask, gq, _BIG), axis=0)
-        hi = tl.max(tl.where(mmask, gq, -_BIG), axis=0)
-    m_i = tl.full((BLOCK,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK,), tl.float32)
-    acc = tl.zeros((BLOCK, BLOCK_D), tl.float32)
-    for t in range(0, NT):
-        if _visit(TMIN, TMAX, b, t, NT, lo, hi, SKIP):
-            offs_n = t * BLOCK + tl.arange(0, BLOCK)
-            nmask = offs_n < L
-            cols = tl.load(PERM + b * L + offs_n, mask=nmask, other=0)
-            kt = tl.load(K + base + cols[None, :] * D + dd[:, None], mask=dmask[:, None] & nmask[None, :], other=0.0)
-            vv = tl.load(V + base + cols[:, None] * D + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-            if DOT_FP32:
-                kt = kt.to(tl.float32)
-                vv = vv.to(tl.float32)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
-            ok = mmask[:, None] & nmask[None, :]
-            if HAS_GROUPS:
-                gk = tl.load(GS + b * L + offs_n, mask=nmask, other=0)
-                ok = ok & _group_mask(gq, gk)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PRECISION)
-            m_i = m_new
+        gk = tl.load(GS + b * L + offs_n, mask=nmask, other=0)
+        ok = ok & _group_mask(gq, gk)
+    return ok
+
+
+@triton.jit
+def _tile(TAB, NTILE, NG, b, i, TM):
+    """Tile i of batch row b: sorted rows [s, e) of one group, whose keys are [lo, hi)."""
+    t = TAB + (b * TM + i).to(tl.int64) * 4
+    return tl.load(t), tl.load(t + 1), tl.load(t + 2), tl.load(t + 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# _attn_fwd_kernel: program (batch·head, tile slot). Slots 0..P-1 loop over the group tiles
+# i = slot, slot + P, ...: a query tile of BLOCK sorted rows of one group, its keys the global
+# tokens (BG-wide tiles) and the group's span (BLOCK-wide tiles). Slot P takes the global rows
+# in BG-row blocks against every key. Registers: the q tile, the output accumulator
+# (rows × BLOCK_D, fp32), running max and sum per row; k and v tiles stream through (shared
+# memory as tl.dot operands). Traffic: q, out once; k, v once per visiting query tile.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, L, p0, p_hi, lo, hi, ng, scale, dd, dmask,
+               MASK_GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+               RM: tl.constexpr, BLOCK: tl.constexpr, BGC: tl.constexpr,
+               DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_m, mmask, rows, q, _do, _lse, _delta = _load_q(Q, Q, LSE, LSE, PERM, b, bh, base, L, p0, p_hi,
+                                                         dd, dmask, D, RM, False, DOT_FP32)
+    m_i = tl.full((RM,), float("-inf"), tl.float32)
+    l_i = tl.zeros((RM,), tl.float32)
+    acc = tl.zeros((RM, BLOCK_D), tl.float32)
+    for g0 in range(0, ng, BGC):                 # the global tokens: seen by every query
+        offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, base, L, g0, ng, dd, dmask, D, BGC, DOT_FP32)
+        m_i, l_i, acc = _fwd_step(q, kk, vv, mmask[:, None] & nmask[None, :], m_i, l_i, acc, scale,
+                                  DOT_PRECISION)
+    for k0 in range(lo, hi, BLOCK):
+        offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, base, L, k0, hi, dd, dmask, D, BLOCK, DOT_FP32)
+        ok = _pair_mask(LSE, GS, bh, b, L, 1, k0, offs_m, offs_n, mmask, nmask, MASK_GROUPS, False,
+                        RM, BLOCK)
+        m_i, l_i, acc = _fwd_step(q, kk, vv, ok, m_i, l_i, acc, scale, DOT_PRECISION)
     live = l_i > 0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
     lse = tl.where(live, m_i + tl.log(tl.where(live, l_i, 1.0)), float("-inf"))
-    tl.store(O + base + rows[:, None] * D + dd[None, :], out.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    tl.store(O + base + rows[:, None] * D + dd[None, :], out.to(O.dtype.element_ty),
+             mask=mmask[:, None] & dmask[None, :])
     tl.store(LSE + bh.to(tl.int64) * L + rows, lse, mask=mmask)
+
+
+@triton.jit
+def _fwd_step(q, kk, vv, ok, m_i, l_i, acc, scale, DOT_PRECISION: tl.constexpr):
+    s = tl.dot(q, tl.trans(kk), input_precision=DOT_PRECISION) * scale
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, PERM, GS, TAB, NTILE, NG, scale, L, H, TM,
+                     MASK_GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK: tl.constexpr, BGC: tl.constexpr, DOT_FP32: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    bh = tl.program_id(0)          # batch·head on axis 0 (up to 2^31 − 1; axis 1 stops at 65535)
+    slot = tl.program_id(1)
+    P = tl.num_programs(1) - 1
+    b = bh // H
+    base = bh.to(tl.int64) * L * D
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    ng = tl.load(NG + b)
+    if slot == P:
+        for r0 in range(0, ng, BGC):
+            _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, L, r0, ng, ng, L, ng, scale, dd, dmask,
+                       MASK_GROUPS, D, BLOCK_D, BGC, BLOCK, BGC, DOT_FP32, DOT_PRECISION)
+    else:
+        for i in range(slot, tl.load(NTILE + b), P):
+            s, e, lo, hi = _tile(TAB, NTILE, NG, b, i, TM)
+            _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, L, s, e, lo, hi, ng, scale, dd, dmask,
+                       MASK_GROUPS, D, BLOCK_D, BLOCK, BLOCK, BGC, DOT_FP32, DOT_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,135 +273,140 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, L, H, NB, KTH,
              mask=mmask[:, None] & (nb[None, :] < NB))
 
 
+
 @triton.jit
-def _bwd_mask(BITS, GS, bh, b, L, NB, n0, offs_m, offs_n, mmask, nmask,
-              HAS_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """Allowed (query, key) pairs of the tile whose sorted rows are offs_m and columns offs_n
-    (key tile start n0). Top-k mode runs in token order (perm is the identity) and n0 is a
-    multiple of 8, so the tile's kept set is one (BLOCK, BLOCK/8) byte tile of the bitmask: one
-    load per byte, unpacked in registers (a load per bit costs 8x the addresses, which spilled)."""
-    ok = mmask[:, None] & nmask[None, :]
-    if USE_BITS:
-        jb = n0 // 8 + tl.arange(0, BLOCK // 8)
-        byte = tl.load(BITS + (bh.to(tl.int64) * L + offs_m[:, None]) * NB + jb[None, :],
-                       mask=mmask[:, None] & (jb[None, :] < NB), other=0)
-        bit = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
-        ok = ok & (tl.reshape(bit, (BLOCK, BLOCK)) == 1)
-    elif HAS_GROUPS:
-        gq = tl.load(GS + b * L + offs_m, mask=mmask, other=0)
-        gk = tl.load(GS + b * L + offs_n, mask=nmask, other=0)
-        ok = ok & _group_mask(gq, gk)
-    return ok
-
-
-# ----------------------------------------------------------------------------------------------
-# _attn_bwd_dkdv_kernel: program (key tile, batch·head). Registers: k, v tiles and the dK, dV
-# accumulators (BLOCK × BLOCK_D fp32 each); q, dO tiles stream through. Traffic: k, v, dk, dv
-# once; q, dO, lse, delta once per visited query tile.
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, TMIN, TMAX, BITS, scale, L, H, NT, NB,
-                          HAS_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, SKIP: tl.constexpr,
-                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
-    bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = bh // H
-    base = bh.to(tl.int64) * L * D
-    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
-    nmask = offs_n < L
-    cols = tl.load(PERM + b * L + offs_n, mask=nmask, other=0)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    kk = tl.load(K + base + cols[:, None] * D + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-    vv = tl.load(V + base + cols[:, None] * D + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-    if DOT_FP32:
-        kk = kk.to(tl.float32)
-        vv = vv.to(tl.float32)
-    lo = tl.full((), 0, tl.int64)
-    hi = tl.full((), 0, tl.int64)
-    if HAS_GROUPS:
-        lo = tl.load(TMIN + b * NT + pid_n)
-        hi = tl.load(TMAX + b * NT + pid_n)
-    dk = tl.zeros((BLOCK, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK, BLOCK_D), tl.float32)
-    for t in range(0, NT):
-        if _visit(TMIN, TMAX, b, t, NT, lo, hi, SKIP):
-            offs_m = t * BLOCK + tl.arange(0, BLOCK)
-            mmask = offs_m < L
-            rows = tl.load(PERM + b * L + offs_m, mask=mmask, other=0)
-            q = tl.load(Q + base + rows[:, None] * D + dd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
-            do = tl.load(DO + base + rows[:, None] * D + dd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
-            if DOT_FP32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=mmask, other=float("-inf"))
-            delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=mmask, other=0.0)
-            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PRECISION) * scale
-            ok = _bwd_mask(BITS, GS, bh, b, L, NB, pid_n * BLOCK, offs_m, offs_n, mmask, nmask, HAS_GROUPS, USE_BITS,
-                           BLOCK)
-            live = lse != float("-inf")
-            ok = ok & live[:, None]
-            p = tl.where(ok, tl.exp(s - tl.where(live, lse, 0.0)[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-    tl.store(DK + base + cols[:, None] * D + dd[None, :], (dk * scale).to(DK.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
-    tl.store(DV + base + cols[:, None] * D + dd[None, :], dv.to(DV.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
-
-
-# ----------------------------------------------------------------------------------------------
-# _attn_bwd_dq_kernel: program (query tile, batch·head). Registers: q, dO tiles and the dQ
-# accumulator; k, v tiles stream through. Traffic: q, dO, dq once; k, v once per visited tile.
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, TMIN, TMAX, BITS, scale, L, H, NT, NB,
-                        HAS_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, SKIP: tl.constexpr,
-                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
-    bh = tl.program_id(0)          # batch·head on axis 0 (up to 2^31 − 1; axis 1 stops at 65535)
-    pid_m = tl.program_id(1)
-    b = bh // H
-    base = bh.to(tl.int64) * L * D
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
-    mmask = offs_m < L
-    rows = tl.load(PERM + b * L + offs_m, mask=mmask, other=0)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    q = tl.load(Q + base + rows[:, None] * D + dd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
-    do = tl.load(DO + base + rows[:, None] * D + dd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=mmask, other=float("-inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=mmask, other=0.0)
+def _p_ds(a, da, bb, db, lse, delta, ok, scale, DOT_PRECISION: tl.constexpr,
+          TRANSPOSED: tl.constexpr = False):
+    """P recomputed from the saved log-sum-exp, and dS = P ∘ (dO·Vᵀ − delta): (a, da, bb, db) =
+    (q, dO, k, v) with (query, key) tiles, or with TRANSPOSED (k, v, q, dO) and (key, query)
+    tiles, the per-query lse and delta then running along the columns."""
+    s = tl.dot(a, tl.trans(bb), input_precision=DOT_PRECISION) * scale
+    dp = tl.dot(da, tl.trans(db), input_precision=DOT_PRECISION)
     live = lse != float("-inf")
-    lo = tl.full((), 0, tl.int64)
-    hi = tl.full((), 0, tl.int64)
-    if HAS_GROUPS:
-        lo = tl.load(TMIN + b * NT + pid_m)
-        hi = tl.load(TMAX + b * NT + pid_m)
-    dq = tl.zeros((BLOCK, BLOCK_D), tl.float32)
-    for t in range(0, NT):
-        if _visit(TMIN, TMAX, b, t, NT, lo, hi, SKIP):
-            offs_n = t * BLOCK + tl.arange(0, BLOCK)
-            nmask = offs_n < L
-            cols = tl.load(PERM + b * L + offs_n, mask=nmask, other=0)
-            kk = tl.load(K + base + cols[:, None] * D + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-            vv = tl.load(V + base + cols[:, None] * D + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-            if DOT_FP32:
-                kk = kk.to(tl.float32)
-                vv = vv.to(tl.float32)
-            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PRECISION) * scale
-            ok = _bwd_mask(BITS, GS, bh, b, L, NB, t * BLOCK, offs_m, offs_n, mmask, nmask, HAS_GROUPS, USE_BITS,
-                           BLOCK)
-            ok = ok & live[:, None]
-            p = tl.where(ok, tl.exp(s - tl.where(live, lse, 0.0)[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kk.dtype), kk, input_precision=DOT_PRECISION)
-    tl.store(DQ + base + rows[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    lse0 = tl.where(live, lse, 0.0)
+    if TRANSPOSED:
+        p = tl.where(ok & live[None, :], tl.exp(s - lse0[None, :]), 0.0)
+        ds = p * (dp - delta[None, :])
+    else:
+        p = tl.where(ok & live[:, None], tl.exp(s - lse0[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+    return p, ds
+
+
+# ----------------------------------------------------------------------------------------------
+# _attn_bwd_dkdv_kernel: program (batch·head, tile slot), the mirror image of the forward: a
+# key tile (group tile, or BG global keys in slot P) against the queries that see it: the
+# global rows (BG-row tiles) and the group's span (every non-global row for global keys).
+# Registers: k, v tiles and the dK, dV accumulators (rows × BLOCK_D fp32 each); q, dO tiles
+# stream through. Traffic: k, v, dk, dv once; q, dO, lse, delta once per visited query tile.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, L, NB, n0, n_hi, lo, hi,
+                ng, scale, dd, dmask, MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr,
+                D: tl.constexpr, BLOCK_D: tl.constexpr, RN: tl.constexpr, BLOCK: tl.constexpr,
+                BGC: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n, nmask, cols, kk, vv = _load_kv(K, V, PERM, b, base, L, n0, n_hi, dd, dmask, D, RN, DOT_FP32)
+    dk = tl.zeros((RN, BLOCK_D), tl.float32)
+    dv = tl.zeros((RN, BLOCK_D), tl.float32)
+    for g0 in range(0, ng, BGC):                 # the global rows see every key
+        offs_m, mmask, _r, q, do, lse, delta = _load_q(Q, DO, LSE, DELTA, PERM, b, bh, base, L, g0, ng,
+                                                      dd, dmask, D, BGC, True, DOT_FP32)
+        # transposed (keys x global rows): the key tile stays the M side of every product, so
+        # these BG-row blocks use the same tensor-core form as the main loop
+        pt, dst = _p_ds(kk, vv, q, do, lse, delta, nmask[:, None] & mmask[None, :], scale, DOT_PRECISION,
+                        True)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    for m0 in range(lo, hi, BLOCK):
+        offs_m, mmask, _r, q, do, lse, delta = _load_q(Q, DO, LSE, DELTA, PERM, b, bh, base, L, m0, hi,
+                                                      dd, dmask, D, BLOCK, True, DOT_FP32)
+        ok = _pair_mask(BITS, GS, bh, b, L, NB, n0, offs_m, offs_n, mmask, nmask, MASK_GROUPS, USE_BITS,
+                        BLOCK, RN)
+        p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    m2 = nmask[:, None] & dmask[None, :]
+    tl.store(DK + base + cols[:, None] * D + dd[None, :], (dk * scale).to(DK.dtype.element_ty), mask=m2)
+    tl.store(DV + base + cols[:, None] * D + dd[None, :], dv.to(DV.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, TAB, NTILE, NG, BITS, scale, L, H, TM,
+                          NB, MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, D: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BGC: tl.constexpr,
+                          DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    bh = tl.program_id(0)
+    slot = tl.program_id(1)
+    P = tl.num_programs(1) - 1
+    b = bh // H
+    base = bh.to(tl.int64) * L * D
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    ng = tl.load(NG + b)
+    if slot == P:
+        for c0 in range(0, ng, BGC):
+            _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, L, NB, c0, ng, ng, L,
+                        ng, scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BGC, BLOCK, BGC,
+                        DOT_FP32, DOT_PRECISION)
+    else:
+        for i in range(slot, tl.load(NTILE + b), P):
+            s, e, lo, hi = _tile(TAB, NTILE, NG, b, i, TM)
+            _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, L, NB, s, e, lo, hi,
+                        ng, scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BLOCK, BLOCK, BGC,
+                        DOT_FP32, DOT_PRECISION)
+
+
+# ----------------------------------------------------------------------------------------------
+# _attn_bwd_dq_kernel: program (batch·head, tile slot) over the forward's query tiles and keys.
+# Registers: q, dO tiles and the dQ accumulator; k, v tiles stream through. Traffic: q, dO, dq
+# once; k, v once per visited tile.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, L, NB, p0, p_hi, lo, hi, ng,
+              scale, dd, dmask, MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, D: tl.constexpr,
+              BLOCK_D: tl.constexpr, RM: tl.constexpr, BLOCK: tl.constexpr, BGC: tl.constexpr,
+              DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_m, mmask, rows, q, do, lse, delta = _load_q(Q, DO, LSE, DELTA, PERM, b, bh, base, L, p0, p_hi,
+                                                    dd, dmask, D, RM, True, DOT_FP32)
+    dq = tl.zeros((RM, BLOCK_D), tl.float32)
+    for g0 in range(0, ng, BGC):
+        offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, base, L, g0, ng, dd, dmask, D, BGC, DOT_FP32)
+        p, ds = _p_ds(q, do, kk, vv, lse, delta, mmask[:, None] & nmask[None, :], scale, DOT_PRECISION)
+        dq += tl.dot(ds.to(kk.dtype), kk, input_precision=DOT_PRECISION)
+    for k0 in range(lo, hi, BLOCK):
+        offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, base, L, k0, hi, dd, dmask, D, BLOCK, DOT_FP32)
+        ok = _pair_mask(BITS, GS, bh, b, L, NB, k0, offs_m, offs_n, mmask, nmask, MASK_GROUPS, USE_BITS,
+                        RM, BLOCK)
+        p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
+        dq += tl.dot(ds.to(kk.dtype), kk, input_precision=DOT_PRECISION)
+    tl.store(DQ + base + rows[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=mmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, TAB, NTILE, NG, BITS, scale, L, H, TM, NB,
+                        MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, D: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BGC: tl.constexpr,
+                        DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    bh = tl.program_id(0)
+    slot = tl.program_id(1)
+    P = tl.num_programs(1) - 1
+    b = bh // H
+    base = bh.to(tl.int64) * L * D
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    ng = tl.load(NG + b)
+    if slot == P:
+        for r0 in range(0, ng, BGC):
+            _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, L, NB, r0, ng, ng, L, ng,
+                      scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BGC, BLOCK, BGC,
+                      DOT_FP32, DOT_PRECISION)
+    else:
+        for i in range(slot, tl.load(NTILE + b), P):
+            s, e, lo, hi = _tile(TAB, NTILE, NG, b, i, TM)
+            _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, L, NB, s, e, lo, hi, ng,
+                      scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BLOCK, BLOCK, BGC,
+                      DOT_FP32, DOT_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,17 +414,23 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, TMIN, TMAX, BITS,
 # ----------------------------------------------------------------------------------------------
 def _block(L: int, dtype) -> int:
     # the interpreter (~1 ms a program) takes one tile for short rows and 16-row tiles beyond
-    # 32, so that tests cover multi-tile rows and skipped tiles. On the GPU 64-row tiles for
-    # 16-bit inputs (tensor cores) and 32 for float32 (FMA dots; 64 spills registers).
+    # 32, so that tests cover multi-tile groups and several tiles per slot. On the GPU 64-row
+    # tiles for 16-bit inputs (tensor cores) and 32 for float32 (FMA dots; 64 spills registers).
     if interpreting():
         return 32 if L <= 32 else 16
     return 32 if dtype == torch.float32 else 64
 
 
-def _bwd_warps(dtype) -> int:
-    # float32 tiles (FMA dots) hold twice the registers of 16-bit ones: with 4 warps the dK/dV
-    # kernel spills under Triton 3.6 (the GPU machine's), with 8 it does not under 3.6 or 3.7
-    return 8 if dtype == torch.float32 else 4
+def _warps(kernel, dtype, use_bits: bool = False) -> int:
+    """Warps per program, chosen with ptxas -v so that no configuration spills under Triton 3.6
+    (the GPU machine's) or 3.7: 16-bit tiles (tensor cores) take 4; float32 tiles (FMA dots)
+    hold twice the registers, and ptxas's allocation differs by kernel: the forward and the
+    top-k dK/dV need 8, the group dK/dV and dQ 4."""
+    if dtype != torch.float32:
+        return 4
+    if kernel is _attn_fwd_kernel or (kernel is _attn_bwd_dkdv_kernel and use_bits):
+        return 8
+    return 4
 
 
 def _topk_warps(dtype) -> int:
@@ -350,43 +443,63 @@ def _skip() -> bool:
     return os.environ.get("PYSSL_HOMATTN_NO_SKIP", "0") != "1"
 
 
-def visited_fraction(groups, L: int, block: int = 64) -> float:
-    """Fraction of (query tile, key tile) pairs the group-mode kernels visit after sorting."""
-    B = groups.shape[0]
-    _, _, tmin, tmax, nt = plan(groups, B, L, block, groups.device)
-    lo, hi = tmin[:, :, None], tmax[:, :, None]
-    klo, khi = tmin[:, None, :], tmax[:, None, :]
-    visit = (lo < 0) | (klo < 0) | ((klo <= hi) & (khi >= lo))
-    return float(visit.float().mean())
-
-
-def plan(groups, B: int, L: int, block: int, device):
-    """perm (B, L) int64: sorted position -> token (groups ascending, stable; global first),
-    the sorted group ids and each tile's smallest and largest id (B, NT)."""
-    nt = triton.cdiv(L, block)
+def plan(groups, B: int, L: int, block: int, device, skip: bool = True):
+    """perm (B, L) int64: sorted position -> token (groups ascending, stable; global first), and
+    the tile table of tables()."""
     if groups is None:
         perm = torch.arange(L, device=device, dtype=torch.int64).expand(B, L).contiguous()
-        return perm, None, None, None, nt
-    perm = torch.sort(groups, dim=1, stable=True).indices.contiguous()
-    return (perm,) + tables(groups, perm, B, L, block)
+    else:
+        perm = torch.sort(groups, dim=1, stable=True).indices.contiguous()
+    return (perm,) + tables(groups, perm, B, L, block, skip)
 
 
-def tables(groups, perm, B, L, block):
-    """Sorted ids and tile tables for a permutation (the backward reuses the forward's sort):
-    the tiles' smallest and largest ids, the last tile padded with its last id."""
-    nt = triton.cdiv(L, block)
-    if groups is None:
-        return None, None, None, nt
-    gs = groups.gather(1, perm)
-    pad = nt * block - L
-    gp = torch.cat([gs, gs[:, -1:].expand(B, pad)], 1) if pad else gs
-    t = gp.view(B, nt, block)
-    return gs.contiguous(), t.amin(2).contiguous(), t.amax(2).contiguous(), nt
+def tables(groups, perm, B, L, block, skip: bool = True):
+    """The group tiles of a sorted order (the backward reuses the forward's sort), built on the
+    device without a host sync: gs (B, L) the sorted ids, tab (B, L + 1, 4) int32 with row i =
+    tile i's sorted rows [s, e) and key span [lo, hi) (the group's span; all non-global rows
+    without skip), ntile (B,) and ng (B,) the number of global tokens. groups None is one group."""
+    dev = perm.device
+    gs = (torch.zeros((B, L), dtype=torch.int64, device=dev) if groups is None
+          else groups.gather(1, perm).contiguous())
+    pos = torch.arange(L, device=dev, dtype=torch.int64).expand(B, L)
+    glob = gs < 0
+    ng = glob.sum(1)
+    prev = torch.cat([gs[:, :1], gs[:, :-1]], 1)
+    start = ~glob & ((pos == ng[:, None]) | (gs != prev))
+    gstart = torch.cummax(torch.where(start, pos, 0), 1).values
+    after = torch.cat([torch.where(start, pos, L)[:, 1:], torch.full((B, 1), L, device=dev)], 1)
+    gend = torch.flip(torch.cummin(torch.flip(after, [1]), 1).values, [1])
+    first = ~glob & ((pos - gstart) % block == 0)
+    idx = torch.where(first, torch.cumsum(first, 1) - 1, L)
+    lo, hi = (gstart, gend) if skip else (ng[:, None].expand(B, L), torch.full_like(gend, L))
+    ent = torch.stack([pos, torch.minimum(pos + block, gend), lo, hi], -1).to(torch.int32)
+    tab = torch.zeros((B, L + 1, 4), dtype=torch.int32, device=dev)
+    tab.scatter_(1, idx[..., None].expand(B, L, 4), ent)
+    return gs, tab, first.sum(1).to(torch.int32), ng.to(torch.int32)
+
+
+def visited_fraction(groups, L: int, block: int = 64, skip: bool = True) -> float:
+    """Work of the group-mode kernels (query x key pairs in the tiles they compute, padding
+    included) over the dense tile grid's (cdiv(L, block) * block)^2, averaged over the batch."""
+    B = groups.shape[0]
+    _, _, tab, ntile, ng = plan(groups, B, L, block, groups.device, skip)
+    total = 0.0
+    for b in range(B):
+        t = tab[b, : int(ntile[b])].long()
+        g = -(-int(ng[b]) // BG) * BG
+        span = (-(-(t[:, 3] - t[:, 2]) // block) * block).sum().item()
+        work = block * span + len(t) * block * g + g * (-(-(L - int(ng[b])) // block) * block + g)
+        total += work / (triton.cdiv(L, block) * block) ** 2
+    return total / B
+
+
+def _grid(B, H, L, block):
+    # cdiv(L, block) tile slots (each loops over its share of the tiles) + the global slot
+    return (B * H, triton.cdiv(L, block) + 1)
 
 
 def forward(q, k, v, groups, topk: int, scale: float):
     B, H, L, D = q.shape
-    interp = interpreting()
     out = torch.empty_like(q)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     bd = pow2(D, lo=16)
@@ -404,44 +517,43 @@ def forward(q, k, v, groups, topk: int, scale: float):
         perm = torch.empty(0, dtype=torch.int64, device=q.device)
         return out, lse, bits, perm
     block = _block(L, q.dtype)
-    perm, gs, tmin, tmax, nt = plan(groups, B, L, block, q.device)
-    grid = (B * H, nt)
-    _attn_fwd_kernel[grid](q, k, v, out, lse, perm, gs if gs is not None else dummy,
-                           tmin if tmin is not None else dummy, tmax if tmax is not None else dummy,
-                           float(scale), L, H, nt, HAS_GROUPS=groups is not None,
-                           SKIP=groups is not None and _skip(), D=D, BLOCK_D=bd,
-                           BLOCK=block, num_warps=4, num_stages=2, **dot_options(q.dtype))
+    skip = _skip()
+    perm, gs, tab, ntile, ng = plan(groups, B, L, block, q.device, skip)
+    _attn_fwd_kernel[_grid(B, H, L, block)](q, k, v, out, lse, perm, gs, tab, ntile, ng, float(scale), L, H,
+                                            L + 1, MASK_GROUPS=groups is not None and not skip, D=D,
+                                            BLOCK_D=bd, BLOCK=block, BGC=BG,
+                                            num_warps=_warps(_attn_fwd_kernel, q.dtype), num_stages=2,
+                                            **dot_options(q.dtype))
     return out, lse, torch.empty(0, dtype=torch.uint8, device=q.device), perm
 
 
 def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: float):
     B, H, L, D = q.shape
-    interp = interpreting()
     block = _block(L, q.dtype)
     bd = pow2(D, lo=16)
     delta = (dout.float() * out.float()).sum(-1).contiguous()
-    dummy = torch.zeros(1, dtype=torch.int64, device=q.device)
+    skip = _skip()
     if topk:
+        # token order, one group spanning the row: fixed tiles from 0 and the kept-set bitmask
         perm = torch.arange(L, device=q.device, dtype=torch.int64).expand(B, L).contiguous()
-        gs = tmin = tmax = None
-        nt = triton.cdiv(L, block)
-        has_groups = False
+        gs, tab, ntile, ng = tables(None, perm, B, L, block)
         nb = bits.shape[-1]
+        mask_groups = False
     else:
-        gs, tmin, tmax, nt = tables(groups, perm, B, L, block)
-        has_groups = groups is not None
+        gs, tab, ntile, ng = tables(groups, perm, B, L, block, skip)
         nb = 1
         bits = torch.zeros(1, dtype=torch.uint8, device=q.device)
+        mask_groups = groups is not None and not skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(HAS_GROUPS=has_groups, USE_BITS=bool(topk), SKIP=has_groups and _skip(), D=D,
-                  BLOCK_D=bd, BLOCK=block,
-                  num_warps=_bwd_warps(q.dtype), num_stages=2, **dot_options(q.dtype))
-    g_args = (perm, gs if gs is not None else dummy, tmin if tmin is not None else dummy,
-              tmax if tmax is not None else dummy, bits)
-    _attn_bwd_dkdv_kernel[(B * H, nt)](q, k, v, dout, lse, delta, dk, dv, *g_args, float(scale), L, H, nt, nb,
-                                       **common)
-    _attn_bwd_dq_kernel[(B * H, nt)](q, k, v, dout, lse, delta, dq, *g_args, float(scale), L, H, nt, nb,
-                                     **common)
+    common = dict(MASK_GROUPS=mask_groups, USE_BITS=bool(topk), D=D, BLOCK_D=bd, BLOCK=block, BGC=BG,
+                  num_stages=2, **dot_options(q.dtype))
+    grid = _grid(B, H, L, block)
+    _attn_bwd_dkdv_kernel[grid](q, k, v, dout, lse, delta, dk, dv, perm, gs, tab, ntile, ng, bits,
+                                float(scale), L, H, L + 1, nb,
+                                num_warps=_warps(_attn_bwd_dkdv_kernel, q.dtype, bool(topk)), **common)
+    _attn_bwd_dq_kernel[grid](q, k, v, dout, lse, delta, dq, perm, gs, tab, ntile, ng, bits,
+                              float(scale), L, H, L + 1, nb, num_warps=_warps(_attn_bwd_dq_kernel, q.dtype),
+                              **common)
     return dq, dk, dv
 
 
@@ -452,14 +564,18 @@ def _aligned(sig: dict) -> List[str]:
     return [n for n, t in sig.items() if t.startswith("*")]
 
 
-def _fwd_case(dtype, has_groups):
+_TABLE_SIG = dict(PERM="*i64", GS="*i64", TAB="*i32", NTILE="*i32", NG="*i32")
+
+
+def _fwd_case(dtype, mask_groups):
     t = "*" + _TL_NAME[dtype]
-    sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", PERM="*i64", GS="*i64", TMIN="*i64", TMAX="*i64",
-               scale="fp32", L="i32", H="i32", NT="i32", HAS_GROUPS="constexpr", SKIP="constexpr", D="constexpr",
-               BLOCK_D="constexpr", BLOCK="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
-    const = dict(HAS_GROUPS=has_groups, SKIP=has_groups, D=64, BLOCK_D=64, BLOCK=32 if dtype == torch.float32 else 64,
-                 **dot_options(dtype, interpret=False))
-    return (_attn_fwd_kernel, sig, const, dict(num_warps=4, num_stages=2), _aligned(sig))
+    sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", **_TABLE_SIG, scale="fp32", L="i32", H="i32", TM="i32",
+               MASK_GROUPS="constexpr", D="constexpr", BLOCK_D="constexpr", BLOCK="constexpr",
+               BGC="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
+    const = dict(MASK_GROUPS=mask_groups, D=64, BLOCK_D=64, BLOCK=32 if dtype == torch.float32 else 64,
+                 BGC=BG, **dot_options(dtype, interpret=False))
+    return (_attn_fwd_kernel, sig, const, dict(num_warps=_warps(_attn_fwd_kernel, dtype), num_stages=2),
+            _aligned(sig))
 
 
 def _topk_case(dtype, l_pad):
@@ -471,23 +587,22 @@ def _topk_case(dtype, l_pad):
     return (_attn_topk_fwd_kernel, sig, const, dict(num_warps=_topk_warps(dtype)), _aligned(sig))
 
 
-def _bwd_case(kernel, dtype, use_bits):
+def _bwd_case(kernel, dtype, use_bits, mask_groups=False):
     t = "*" + _TL_NAME[dtype]
     names = ["Q", "K", "V", "DO", "LSE", "DELTA"] + (["DK", "DV"] if kernel is _attn_bwd_dkdv_kernel else ["DQ"])
     sig = {n: (t if n in ("Q", "K", "V", "DO", "DK", "DV", "DQ") else "*fp32") for n in names}
-    sig.update(PERM="*i64", GS="*i64", TMIN="*i64", TMAX="*i64", BITS="*u8", scale="fp32", L="i32",
-               H="i32", NT="i32", NB="i32", HAS_GROUPS="constexpr", USE_BITS="constexpr", SKIP="constexpr",
-               D="constexpr",
-               BLOCK_D="constexpr", BLOCK="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
-    const = dict(HAS_GROUPS=not use_bits, USE_BITS=use_bits, SKIP=not use_bits, D=64, BLOCK_D=64,
-                 BLOCK=32 if dtype == torch.float32 else 64, **dot_options(dtype, interpret=False))
-    return (kernel, sig, const, dict(num_warps=_bwd_warps(dtype), num_stages=2), _aligned(sig))
+    sig.update(**_TABLE_SIG, BITS="*u8", scale="fp32", L="i32", H="i32", TM="i32", NB="i32",
+               MASK_GROUPS="constexpr", USE_BITS="constexpr", D="constexpr", BLOCK_D="constexpr",
+               BLOCK="constexpr", BGC="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
+    const = dict(MASK_GROUPS=mask_groups, USE_BITS=use_bits, D=64, BLOCK_D=64,
+                 BLOCK=32 if dtype == torch.float32 else 64, BGC=BG, **dot_options(dtype, interpret=False))
+    return (kernel, sig, const, dict(num_warps=_warps(kernel, dtype, use_bits), num_stages=2), _aligned(sig))
 
 
 COMPILE_CASES = [
-    _fwd_case(torch.bfloat16, True),
-    _fwd_case(torch.float16, False),
-    _fwd_case(torch.float32, True),
+    _fwd_case(torch.bfloat16, False),
+    _fwd_case(torch.float16, True),
+    _fwd_case(torch.float32, False),
     _topk_case(torch.bfloat16, 256),
     _topk_case(torch.float16, 512),
     _topk_case(torch.float32, 128),
@@ -495,9 +610,12 @@ COMPILE_CASES = [
     _bwd_case(_attn_bwd_dq_kernel, torch.bfloat16, False),
     _bwd_case(_attn_bwd_dkdv_kernel, torch.bfloat16, True),
     _bwd_case(_attn_bwd_dq_kernel, torch.bfloat16, True),
+    _bwd_case(_attn_bwd_dkdv_kernel, torch.bfloat16, False, mask_groups=True),
+    _bwd_case(_attn_bwd_dq_kernel, torch.bfloat16, False, mask_groups=True),
     _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, False),
     _bwd_case(_attn_bwd_dq_kernel, torch.float32, False),
     _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, True),
 ]
 
-__all__ = ["forward", "backward", "plan", "visited_fraction", "max_topk_l", "MAX_TOPK_L", "COMPILE_CASES"]
+__all__ = ["forward", "backward", "plan", "tables", "visited_fraction", "max_topk_l", "MAX_TOPK_L", "BG",
+           "COMPILE_CASES"]

@@ -198,10 +198,54 @@ def test_visited_fraction_at_vit_and_long_sizes():
     from pyssl.kernels import homologous_attention as K
     vit = _groups(8, 197, 4, n_global=1)
     long = _groups(2, 4096, 4, n_global=0)
-    # 197 tokens in 64-row tiles: only 2 of 16 tile pairs are skippable (globals sit in tile 0)
-    assert K.visited_fraction(vit, 197, 64) == pytest.approx(14 / 16)
-    # 4096 tokens, 4 groups of 1024: only the 16-row diagonal blocks remain (one in four)
+    # 197 tokens, 4 groups of 49 and a class token, 64-row tiles: each group is one tile that
+    # meets its own span (64) and a 16-wide global tile; the global row block (16) meets all
+    # 256 + 16 keys: (4 * 64 * 80 + 16 * 272) / 256^2. Fixed 64-row tiles of the sorted order
+    # visited 14 of 16 tile pairs (the class token's tile meets every other).
+    assert K.visited_fraction(vit, 197, 64) == pytest.approx((4 * 64 * 80 + 16 * 272) / 256 ** 2)
+    # 4096 tokens, 4 groups of 1024: only the 16-tile diagonal blocks remain (one in four)
     assert K.visited_fraction(long, 4096, 64) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_group_tiles_partition_the_sorted_rows(skip):
+    """The tile table: tiles cover the non-global sorted rows in order, each inside one group,
+    at most `block` rows, its key span the group's (all non-global rows without skipping)."""
+    from pyssl.kernels import homologous_attention as K
+    groups = _groups(3, 90, 7, n_global=5, uneven=False, seed=3)
+    groups[1, :5] = torch.tensor([2, 2, 2, 2, 2])      # a row without global tokens
+    groups[2] = torch.where(groups[2] == 3, 1, groups[2])   # a group of 2x the others
+    perm, gs, tab, ntile, ng = K.plan(groups, 3, 90, 8, groups.device, skip)
+    for b in range(3):
+        n_g = int((groups[b] < 0).sum())
+        assert int(ng[b]) == n_g and (gs[b, :n_g] < 0).all() and (gs[b, n_g:] >= 0).all()
+        t = tab[b, : int(ntile[b])].tolist()
+        assert t[0][0] == n_g and t[-1][1] == 90
+        for (s, e, lo, hi), nxt in zip(t, t[1:] + [[90]]):
+            assert nxt[0] == e and 0 < e - s <= 8
+            ids = gs[b, s:e]
+            assert (ids == ids[0]).all()
+            span = (gs[b] == ids[0]).nonzero().view(-1)
+            want = (int(span[0]), int(span[-1]) + 1) if skip else (n_g, 90)
+            assert (lo, hi) == want
+            assert s == lo or not skip or (s - lo) % 8 == 0
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("skip", [True, False])
+def test_many_small_groups_and_global_blocks(backend, skip, monkeypatch):
+    """More group tiles than tile slots (10 groups of 4-5 tokens in L = 64: the Triton slots
+    loop over tiles), more global tokens than one 16-wide global block (20, anywhere in the
+    row), no groups at all, and the same with tile skipping off (PYSSL_HOMATTN_NO_SKIP=1: the
+    group ids masked per tile)."""
+    if not skip:
+        monkeypatch.setenv("PYSSL_HOMATTN_NO_SKIP", "1")
+    dev = device_for(backend)
+    q, k, v = (t.requires_grad_() for t in _qkv(b=2, h=1, l=64, d=8, device=dev, seed=7))
+    groups = _groups(2, 64, 10, n_global=20, seed=7)
+    groups[1] = groups[1][torch.randperm(64, generator=torch.Generator().manual_seed(1))]
+    _check_against_reference(q, k, v, groups.to(dev), None, backend)
+    _check_against_reference(q, k, v, None, None, backend)
 
 
 def test_backends_say_why_they_cannot_serve():
