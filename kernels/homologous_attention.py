@@ -410,6 +410,70 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, TAB, NTILE, NG, B
 
 
 # ----------------------------------------------------------------------------------------------
+# _plan_kernel: program per batch row: the tile table of tables() from the sorted group ids in one
+# launch (the torch version is ~25 small kernels, each launched in the forward and the backward).
+# The whole row sits in registers (L_PAD = next power of two of L); group starts and ends by
+# max/min scans, tile slots by a prefix sum. Traffic: the row of ids once, the table once.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _max_i32(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min_i32(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _plan_kernel(GS, TAB, NTILE, NG, L, TM, BLOCK: tl.constexpr, SKIP: tl.constexpr, L_PAD: tl.constexpr):
+    b = tl.program_id(0)
+    row = GS + b.to(tl.int64) * L
+    pos = tl.arange(0, L_PAD)
+    inb = pos < L
+    g = tl.load(row + pos, mask=inb, other=0)
+    g_prev = tl.load(row + pos - 1, mask=inb & (pos > 0), other=0)
+    g_next = tl.load(row + pos + 1, mask=(pos + 1) < L, other=0)
+    glob = inb & (g < 0)
+    ng = tl.sum(glob.to(tl.int32), axis=0)
+    start = inb & (g >= 0) & ((pos == ng) | (g != g_prev))
+    start_next = ((pos + 1) < L) & (g_next >= 0) & (((pos + 1) == ng) | (g_next != g))
+    gstart = tl.associative_scan(tl.where(start, pos, 0), 0, _max_i32)
+    gend = tl.associative_scan(tl.where(start_next, pos + 1, L), 0, _min_i32, reverse=True)
+    first = inb & (g >= 0) & ((pos - gstart) % BLOCK == 0)
+    idx = tl.cumsum(first.to(tl.int32), axis=0) - 1
+    if SKIP:
+        lo = gstart
+        hi = gend
+    else:
+        lo = tl.zeros_like(pos) + ng
+        hi = tl.zeros_like(pos) + L
+    t = TAB + (b.to(tl.int64) * TM + idx) * 4
+    tl.store(t, pos, mask=first)
+    tl.store(t + 1, tl.minimum(pos + BLOCK, gend), mask=first)
+    tl.store(t + 2, lo, mask=first)
+    tl.store(t + 3, hi, mask=first)
+    tl.store(NTILE + b, tl.sum(first.to(tl.int32), axis=0))
+    tl.store(NG + b, ng)
+
+
+# ----------------------------------------------------------------------------------------------
+# _delta_kernel: delta = rowsum(dO ∘ O) in float32 for BLOCK_R rows per program, read once in
+# the input dtype (no float32 copies of O and dO).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _delta_kernel(O, DO, DELTA, R, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < R
+    dd = tl.arange(0, BLOCK_D)
+    off = r.to(tl.int64)[:, None] * D + dd[None, :]
+    m2 = rm[:, None] & (dd < D)[None, :]
+    o = tl.load(O + off, mask=m2, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=m2, other=0.0).to(tl.float32)
+    tl.store(DELTA + r, tl.sum(o * do, axis=1), mask=rm)
+
+
+# ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
 def _block(L: int, dtype) -> int:
@@ -453,11 +517,37 @@ def plan(groups, B: int, L: int, block: int, device, skip: bool = True):
     return (perm,) + tables(groups, perm, B, L, block, skip)
 
 
+MAX_PLAN_L = 8192   # rows the plan kernel holds in registers; longer rows use _tables_torch
+
+
 def tables(groups, perm, B, L, block, skip: bool = True):
     """The group tiles of a sorted order (the backward reuses the forward's sort), built on the
     device without a host sync: gs (B, L) the sorted ids, tab (B, L + 1, 4) int32 with row i =
     tile i's sorted rows [s, e) and key span [lo, hi) (the group's span; all non-global rows
-    without skip), ntile (B,) and ng (B,) the number of global tokens. groups None is one group."""
+    without skip), ntile (B,) and ng (B,) the number of global tokens. groups None is one group.
+    One launch of _plan_kernel (rows up to MAX_PLAN_L), else the torch version."""
+    dev = perm.device
+    if L > MAX_PLAN_L:
+        return _tables_torch(groups, perm, B, L, block, skip)
+    gs = (torch.zeros((B, L), dtype=torch.int64, device=dev) if groups is None
+          else groups.gather(1, perm).contiguous())
+    tab = torch.zeros((B, L + 1, 4), dtype=torch.int32, device=dev)
+    ntile = torch.empty(B, dtype=torch.int32, device=dev)
+    ng = torch.empty(B, dtype=torch.int32, device=dev)
+    lp = pow2(L, lo=16)
+    _plan_kernel[(B,)](gs, tab, ntile, ng, L, L + 1, BLOCK=block, SKIP=skip, L_PAD=lp,
+                       num_warps=_plan_warps(lp))
+    return gs, tab, ntile, ng
+
+
+def _plan_warps(l_pad: int) -> int:
+    # 8 warps hold 8192 int64 ids (three shifted copies) in 255 registers without spills under
+    # Triton 3.6 and 3.7; 16 warps cap registers at 128 and spill
+    return 4 if l_pad <= 1024 else 8
+
+
+def _tables_torch(groups, perm, B, L, block, skip: bool = True):
+    """tables() in torch operations (rows longer than MAX_PLAN_L; the plan kernel's oracle)."""
     dev = perm.device
     gs = (torch.zeros((B, L), dtype=torch.int64, device=dev) if groups is None
           else groups.gather(1, perm).contiguous())
@@ -531,7 +621,9 @@ def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: floa
     B, H, L, D = q.shape
     block = _block(L, q.dtype)
     bd = pow2(D, lo=16)
-    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    _delta_kernel[(triton.cdiv(B * H * L, 64),)](out, dout, delta, B * H * L, D=D, BLOCK_D=bd, BLOCK_R=64,
+                                                 num_warps=4)
     skip = _skip()
     if topk:
         # token order, one group spanning the row: fixed tiles from 0 and the kept-set bitmask
@@ -599,7 +691,25 @@ def _bwd_case(kernel, dtype, use_bits, mask_groups=False):
     return (kernel, sig, const, dict(num_warps=_warps(kernel, dtype, use_bits), num_stages=2), _aligned(sig))
 
 
+def _plan_case(l_pad, skip):
+    sig = dict(GS="*i64", TAB="*i32", NTILE="*i32", NG="*i32", L="i32", TM="i32", BLOCK="constexpr",
+               SKIP="constexpr", L_PAD="constexpr")
+    return (_plan_kernel, sig, dict(BLOCK=64, SKIP=skip, L_PAD=l_pad), dict(num_warps=_plan_warps(l_pad)),
+            _aligned(sig))
+
+
+def _delta_case(dtype):
+    t = "*" + _TL_NAME[dtype]
+    sig = dict(O=t, DO=t, DELTA="*fp32", R="i32", D="constexpr", BLOCK_D="constexpr", BLOCK_R="constexpr")
+    return (_delta_kernel, sig, dict(D=64, BLOCK_D=64, BLOCK_R=64), dict(num_warps=4), _aligned(sig))
+
+
 COMPILE_CASES = [
+    _plan_case(256, True),
+    _plan_case(4096, True),
+    _plan_case(MAX_PLAN_L, False),
+    _delta_case(torch.bfloat16),
+    _delta_case(torch.float32),
     _fwd_case(torch.bfloat16, False),
     _fwd_case(torch.float16, True),
     _fwd_case(torch.float32, False),
@@ -617,5 +727,5 @@ COMPILE_CASES = [
     _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, True),
 ]
 
-__all__ = ["forward", "backward", "plan", "tables", "visited_fraction", "max_topk_l", "MAX_TOPK_L", "BG",
+__all__ = ["forward", "backward", "plan", "tables", "MAX_PLAN_L", "visited_fraction", "max_topk_l", "MAX_TOPK_L", "BG",
            "COMPILE_CASES"]

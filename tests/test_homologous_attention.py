@@ -231,6 +231,21 @@ def test_group_tiles_partition_the_sorted_rows(skip):
             assert s == lo or not skip or (s - lo) % 8 == 0
 
 
+@pytest.mark.parametrize("b,l,n,n_global,block", [(3, 90, 7, 5, 8), (2, 197, 4, 1, 64),
+                                                    (2, 64, 10, 20, 16), (1, 300, 3, 0, 16)])
+def test_plan_kernel_equals_torch_tables(b, l, n, n_global, block):
+    """The one-launch plan kernel builds the same tile table as the torch version (which serves
+    rows longer than MAX_PLAN_L), with and without skipping and without groups."""
+    from pyssl.kernels import homologous_attention as K
+    groups = _groups(b, l, n, n_global=n_global, seed=1)
+    perm = torch.sort(groups, dim=1, stable=True).indices
+    for g, skip in ((groups, True), (groups, False), (None, True)):
+        gs, tab, nt, ng = K.tables(g, perm, b, l, block, skip)
+        gs2, tab2, nt2, ng2 = K._tables_torch(g, perm, b, l, block, skip)
+        assert torch.equal(gs, gs2) and torch.equal(nt, nt2) and torch.equal(ng, ng2)
+        assert torch.equal(tab[:, :l], tab2[:, :l])    # row l: the torch version's discard slot
+
+
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("skip", [True, False])
 def test_many_small_groups_and_global_blocks(backend, skip, monkeypatch):
