@@ -73,15 +73,15 @@ def _group_mask(gq, gk):
 
 
 @triton.jit
-def _load_kv(K, V, PERM, b, base, L, p0, p_hi, dd, dmask, D: tl.constexpr, RN: tl.constexpr,
+def _load_kv(K, V, PERM, b, ibase, SL, L, p0, p_hi, dd, dmask, D: tl.constexpr, RN: tl.constexpr,
              DOT_FP32: tl.constexpr):
     """Keys and values of the RN sorted positions p0 + [0, RN) below p_hi, loaded through perm."""
     offs = p0 + tl.arange(0, RN)
     msk = offs < p_hi
     tok = tl.load(PERM + b * L + offs, mask=msk, other=0)
     m2 = msk[:, None] & dmask[None, :]
-    kk = tl.load(K + base + tok[:, None] * D + dd[None, :], mask=m2, other=0.0)
-    vv = tl.load(V + base + tok[:, None] * D + dd[None, :], mask=m2, other=0.0)
+    kk = tl.load(K + ibase + tok[:, None] * SL + dd[None, :], mask=m2, other=0.0)
+    vv = tl.load(V + ibase + tok[:, None] * SL + dd[None, :], mask=m2, other=0.0)
     if DOT_FP32:
         kk = kk.to(tl.float32)
         vv = vv.to(tl.float32)
@@ -89,14 +89,14 @@ def _load_kv(K, V, PERM, b, base, L, p0, p_hi, dd, dmask, D: tl.constexpr, RN: t
 
 
 @triton.jit
-def _load_q(Q, DO, LSE, DELTA, PERM, b, bh, base, L, p0, p_hi, dd, dmask, D: tl.constexpr,
+def _load_q(Q, DO, LSE, DELTA, PERM, b, bh, ibase, SL, base, L, p0, p_hi, dd, dmask, D: tl.constexpr,
             RM: tl.constexpr, WITH_GRAD: tl.constexpr, DOT_FP32: tl.constexpr):
     """Query side of RM sorted positions: (positions, mask, token ids, q[, dO, lse, delta])."""
     offs = p0 + tl.arange(0, RM)
     msk = offs < p_hi
     tok = tl.load(PERM + b * L + offs, mask=msk, other=0)
     m2 = msk[:, None] & dmask[None, :]
-    q = tl.load(Q + base + tok[:, None] * D + dd[None, :], mask=m2, other=0.0)
+    q = tl.load(Q + ibase + tok[:, None] * SL + dd[None, :], mask=m2, other=0.0)
     do = q
     lse = tl.zeros((RM,), tl.float32)
     delta = lse
@@ -150,21 +150,21 @@ def _tile(TAB, NTILE, NG, b, i, TM):
 # memory as tl.dot operands). Traffic: q, out once; k, v once per visiting query tile.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, L, p0, p_hi, lo, hi, ng, scale, dd, dmask,
+def _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, ibase, SL, L, p0, p_hi, lo, hi, ng, scale, dd, dmask,
                MASK_GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                RM: tl.constexpr, BLOCK: tl.constexpr, BGC: tl.constexpr,
                DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_m, mmask, rows, q, _do, _lse, _delta = _load_q(Q, Q, LSE, LSE, PERM, b, bh, base, L, p0, p_hi,
+    offs_m, mmask, rows, q, _do, _lse, _delta = _load_q(Q, Q, LSE, LSE, PERM, b, bh, ibase, SL, base, L, p0, p_hi,
                                                          dd, dmask, D, RM, False, DOT_FP32)
     m_i = tl.full((RM,), float("-inf"), tl.float32)
     l_i = tl.zeros((RM,), tl.float32)
     acc = tl.zeros((RM, BLOCK_D), tl.float32)
     for g0 in range(0, ng, BGC):                 # the global tokens: seen by every query
-        offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, base, L, g0, ng, dd, dmask, D, BGC, DOT_FP32)
+        offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, ibase, SL, L, g0, ng, dd, dmask, D, BGC, DOT_FP32)
         m_i, l_i, acc = _fwd_step(q, kk, vv, mmask[:, None] & nmask[None, :], m_i, l_i, acc, scale,
                                   DOT_PRECISION)
     for k0 in range(lo, hi, BLOCK):
-        offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, base, L, k0, hi, dd, dmask, D, BLOCK, DOT_FP32)
+        offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, ibase, SL, L, k0, hi, dd, dmask, D, BLOCK, DOT_FP32)
         ok = _pair_mask(LSE, GS, bh, b, L, 1, k0, offs_m, offs_n, mmask, nmask, MASK_GROUPS, False,
                         RM, BLOCK)
         m_i, l_i, acc = _fwd_step(q, kk, vv, ok, m_i, l_i, acc, scale, DOT_PRECISION)
@@ -190,7 +190,7 @@ def _fwd_step(q, kk, vv, ok, m_i, l_i, acc, scale, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, PERM, GS, TAB, NTILE, NG, scale, L, H, TM,
+def _attn_fwd_kernel(Q, K, V, O, LSE, PERM, GS, TAB, NTILE, NG, scale, SB, SH, SL, L, H, TM,
                      MASK_GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK: tl.constexpr, BGC: tl.constexpr, DOT_FP32: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
@@ -198,18 +198,19 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PERM, GS, TAB, NTILE, NG, scale, L, H, TM,
     slot = tl.program_id(1)
     P = tl.num_programs(1) - 1
     b = bh // H
-    base = bh.to(tl.int64) * L * D
+    base = bh.to(tl.int64) * L * D                                     # outputs, dO: contiguous
+    ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH           # q, k, v: strided rows
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
     ng = tl.load(NG + b)
     if slot == P:
         for r0 in range(0, ng, BGC):
-            _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, L, r0, ng, ng, L, ng, scale, dd, dmask,
+            _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, ibase, SL, L, r0, ng, ng, L, ng, scale, dd, dmask,
                        MASK_GROUPS, D, BLOCK_D, BGC, BLOCK, BGC, DOT_FP32, DOT_PRECISION)
     else:
         for i in range(slot, tl.load(NTILE + b), P):
             s, e, lo, hi = _tile(TAB, NTILE, NG, b, i, TM)
-            _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, L, s, e, lo, hi, ng, scale, dd, dmask,
+            _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, ibase, SL, L, s, e, lo, hi, ng, scale, dd, dmask,
                        MASK_GROUPS, D, BLOCK_D, BLOCK, BLOCK, BGC, DOT_FP32, DOT_PRECISION)
 
 
@@ -220,7 +221,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PERM, GS, TAB, NTILE, NG, scale, L, H, TM,
 # program (L/BLOCK_M times per head, from L2).
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, L, H, NB, KTH,
+def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L, H, NB, KTH,
                           HAS_GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
@@ -228,15 +229,16 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, L, H, NB, KTH,
     pid_m = tl.program_id(1)
     b = bh // H
     base = bh.to(tl.int64) * L * D
+    ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = rows < L
     cols = tl.arange(0, L_PAD)
     nmask = cols < L
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    q = tl.load(Q + base + rows[:, None] * D + dd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
-    kt = tl.load(K + base + cols[None, :] * D + dd[:, None], mask=dmask[:, None] & nmask[None, :], other=0.0)
-    vv = tl.load(V + base + cols[:, None] * D + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(Q + ibase + rows[:, None] * SL + dd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+    kt = tl.load(K + ibase + cols[None, :] * SL + dd[:, None], mask=dmask[:, None] & nmask[None, :], other=0.0)
+    vv = tl.load(V + ibase + cols[:, None] * SL + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
         kt = kt.to(tl.float32)
@@ -301,15 +303,15 @@ def _p_ds(a, da, bb, db, lse, delta, ok, scale, DOT_PRECISION: tl.constexpr,
 # stream through. Traffic: k, v, dk, dv once; q, dO, lse, delta once per visited query tile.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, L, NB, n0, n_hi, lo, hi,
+def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, n0, n_hi, lo, hi,
                 ng, scale, dd, dmask, MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, RN: tl.constexpr, BLOCK: tl.constexpr,
                 BGC: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_n, nmask, cols, kk, vv = _load_kv(K, V, PERM, b, base, L, n0, n_hi, dd, dmask, D, RN, DOT_FP32)
+    offs_n, nmask, cols, kk, vv = _load_kv(K, V, PERM, b, ibase, SL, L, n0, n_hi, dd, dmask, D, RN, DOT_FP32)
     dk = tl.zeros((RN, BLOCK_D), tl.float32)
     dv = tl.zeros((RN, BLOCK_D), tl.float32)
     for g0 in range(0, ng, BGC):                 # the global rows see every key
-        offs_m, mmask, _r, q, do, lse, delta = _load_q(Q, DO, LSE, DELTA, PERM, b, bh, base, L, g0, ng,
+        offs_m, mmask, _r, q, do, lse, delta = _load_q(Q, DO, LSE, DELTA, PERM, b, bh, ibase, SL, base, L, g0, ng,
                                                       dd, dmask, D, BGC, True, DOT_FP32)
         # transposed (keys x global rows): the key tile stays the M side of every product, so
         # these BG-row blocks use the same tensor-core form as the main loop
@@ -318,7 +320,7 @@ def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, L,
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
     for m0 in range(lo, hi, BLOCK):
-        offs_m, mmask, _r, q, do, lse, delta = _load_q(Q, DO, LSE, DELTA, PERM, b, bh, base, L, m0, hi,
+        offs_m, mmask, _r, q, do, lse, delta = _load_q(Q, DO, LSE, DELTA, PERM, b, bh, ibase, SL, base, L, m0, hi,
                                                       dd, dmask, D, BLOCK, True, DOT_FP32)
         ok = _pair_mask(BITS, GS, bh, b, L, NB, n0, offs_m, offs_n, mmask, nmask, MASK_GROUPS, USE_BITS,
                         BLOCK, RN)
@@ -331,7 +333,7 @@ def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, L,
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, TAB, NTILE, NG, BITS, scale, L, H, TM,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, TAB, NTILE, NG, BITS, scale, SB, SH, SL, L, H, TM,
                           NB, MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, D: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BGC: tl.constexpr,
                           DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -339,19 +341,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, TAB, NTILE,
     slot = tl.program_id(1)
     P = tl.num_programs(1) - 1
     b = bh // H
-    base = bh.to(tl.int64) * L * D
+    base = bh.to(tl.int64) * L * D                                     # outputs, dO: contiguous
+    ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH           # q, k, v: strided rows
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
     ng = tl.load(NG + b)
     if slot == P:
         for c0 in range(0, ng, BGC):
-            _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, L, NB, c0, ng, ng, L,
+            _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, c0, ng, ng, L,
                         ng, scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BGC, BLOCK, BGC,
                         DOT_FP32, DOT_PRECISION)
     else:
         for i in range(slot, tl.load(NTILE + b), P):
             s, e, lo, hi = _tile(TAB, NTILE, NG, b, i, TM)
-            _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, L, NB, s, e, lo, hi,
+            _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, s, e, lo, hi,
                         ng, scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BLOCK, BLOCK, BGC,
                         DOT_FP32, DOT_PRECISION)
 
@@ -362,19 +365,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, TAB, NTILE,
 # once; k, v once per visited tile.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, L, NB, p0, p_hi, lo, hi, ng,
+def _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, p0, p_hi, lo, hi, ng,
               scale, dd, dmask, MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, D: tl.constexpr,
               BLOCK_D: tl.constexpr, RM: tl.constexpr, BLOCK: tl.constexpr, BGC: tl.constexpr,
               DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_m, mmask, rows, q, do, lse, delta = _load_q(Q, DO, LSE, DELTA, PERM, b, bh, base, L, p0, p_hi,
+    offs_m, mmask, rows, q, do, lse, delta = _load_q(Q, DO, LSE, DELTA, PERM, b, bh, ibase, SL, base, L, p0, p_hi,
                                                     dd, dmask, D, RM, True, DOT_FP32)
     dq = tl.zeros((RM, BLOCK_D), tl.float32)
     for g0 in range(0, ng, BGC):
-        offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, base, L, g0, ng, dd, dmask, D, BGC, DOT_FP32)
+        offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, ibase, SL, L, g0, ng, dd, dmask, D, BGC, DOT_FP32)
         p, ds = _p_ds(q, do, kk, vv, lse, delta, mmask[:, None] & nmask[None, :], scale, DOT_PRECISION)
         dq += tl.dot(ds.to(kk.dtype), kk, input_precision=DOT_PRECISION)
     for k0 in range(lo, hi, BLOCK):
-        offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, base, L, k0, hi, dd, dmask, D, BLOCK, DOT_FP32)
+        offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, ibase, SL, L, k0, hi, dd, dmask, D, BLOCK, DOT_FP32)
         ok = _pair_mask(BITS, GS, bh, b, L, NB, k0, offs_m, offs_n, mmask, nmask, MASK_GROUPS, USE_BITS,
                         RM, BLOCK)
         p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
@@ -384,7 +387,7 @@ def _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, L, NB, p
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, TAB, NTILE, NG, BITS, scale, L, H, TM, NB,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, TAB, NTILE, NG, BITS, scale, SB, SH, SL, L, H, TM, NB,
                         MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, D: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BGC: tl.constexpr,
                         DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -392,19 +395,20 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, TAB, NTILE, NG, B
     slot = tl.program_id(1)
     P = tl.num_programs(1) - 1
     b = bh // H
-    base = bh.to(tl.int64) * L * D
+    base = bh.to(tl.int64) * L * D                                     # outputs, dO: contiguous
+    ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH           # q, k, v: strided rows
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
     ng = tl.load(NG + b)
     if slot == P:
         for r0 in range(0, ng, BGC):
-            _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, L, NB, r0, ng, ng, L, ng,
+            _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, r0, ng, ng, L, ng,
                       scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BGC, BLOCK, BGC,
                       DOT_FP32, DOT_PRECISION)
     else:
         for i in range(slot, tl.load(NTILE + b), P):
             s, e, lo, hi = _tile(TAB, NTILE, NG, b, i, TM)
-            _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, L, NB, s, e, lo, hi, ng,
+            _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, s, e, lo, hi, ng,
                       scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BLOCK, BLOCK, BGC,
                       DOT_FP32, DOT_PRECISION)
 
@@ -588,9 +592,19 @@ def _grid(B, H, L, block):
     return (B * H, triton.cdiv(L, block) + 1)
 
 
+def strided_inputs(q, k, v):
+    """q, k, v as the kernels take them: any (batch, head, row) strides shared by the three with
+    unit stride along D (e.g. views of one fused qkv projection, read in place), else
+    contiguous copies. Returns (q, k, v, (stride_b, stride_h, stride_l))."""
+    if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return q, k, v, tuple(q.stride()[:3])
+
+
 def forward(q, k, v, groups, topk: int, scale: float):
     B, H, L, D = q.shape
-    out = torch.empty_like(q)
+    q, k, v, strides = strided_inputs(q, k, v)
+    out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     bd = pow2(D, lo=16)
     dummy = torch.zeros(1, dtype=torch.int64, device=q.device)
@@ -601,7 +615,7 @@ def forward(q, k, v, groups, topk: int, scale: float):
         bm = 16
         grid = (B * H, triton.cdiv(L, bm))
         _attn_topk_fwd_kernel[grid](q, k, v, out, lse, bits, groups if groups is not None else dummy,
-                                    float(scale), L, H, nb, min(topk, lp) - 1,
+                                    float(scale), *strides, L, H, nb, min(topk, lp) - 1,
                                     HAS_GROUPS=groups is not None, D=D, BLOCK_D=bd, BLOCK_M=bm, L_PAD=lp,
                                     num_warps=_topk_warps(q.dtype), **dot_options(q.dtype))
         perm = torch.empty(0, dtype=torch.int64, device=q.device)
@@ -609,8 +623,8 @@ def forward(q, k, v, groups, topk: int, scale: float):
     block = _block(L, q.dtype)
     skip = _skip()
     perm, gs, tab, ntile, ng = plan(groups, B, L, block, q.device, skip)
-    _attn_fwd_kernel[_grid(B, H, L, block)](q, k, v, out, lse, perm, gs, tab, ntile, ng, float(scale), L, H,
-                                            L + 1, MASK_GROUPS=groups is not None and not skip, D=D,
+    _attn_fwd_kernel[_grid(B, H, L, block)](q, k, v, out, lse, perm, gs, tab, ntile, ng, float(scale),
+                                            *strides, L, H, L + 1, MASK_GROUPS=groups is not None and not skip, D=D,
                                             BLOCK_D=bd, BLOCK=block, BGC=BG,
                                             num_warps=_warps(_attn_fwd_kernel, q.dtype), num_stages=2,
                                             **dot_options(q.dtype))
@@ -618,7 +632,9 @@ def forward(q, k, v, groups, topk: int, scale: float):
 
 
 def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: float):
+    """out, dout, lse contiguous; q, k, v as strided_inputs takes them."""
     B, H, L, D = q.shape
+    q, k, v, strides = strided_inputs(q, k, v)
     block = _block(L, q.dtype)
     bd = pow2(D, lo=16)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
@@ -636,15 +652,15 @@ def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: floa
         nb = 1
         bits = torch.zeros(1, dtype=torch.uint8, device=q.device)
         mask_groups = groups is not None and not skip
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty((B, H, L, D), dtype=q.dtype, device=q.device) for _ in range(3))
     common = dict(MASK_GROUPS=mask_groups, USE_BITS=bool(topk), D=D, BLOCK_D=bd, BLOCK=block, BGC=BG,
                   num_stages=2, **dot_options(q.dtype))
     grid = _grid(B, H, L, block)
     _attn_bwd_dkdv_kernel[grid](q, k, v, dout, lse, delta, dk, dv, perm, gs, tab, ntile, ng, bits,
-                                float(scale), L, H, L + 1, nb,
+                                float(scale), *strides, L, H, L + 1, nb,
                                 num_warps=_warps(_attn_bwd_dkdv_kernel, q.dtype, bool(topk)), **common)
     _attn_bwd_dq_kernel[grid](q, k, v, dout, lse, delta, dq, perm, gs, tab, ntile, ng, bits,
-                              float(scale), L, H, L + 1, nb, num_warps=_warps(_attn_bwd_dq_kernel, q.dtype),
+                              float(scale), *strides, L, H, L + 1, nb, num_warps=_warps(_attn_bwd_dq_kernel, q.dtype),
                               **common)
     return dq, dk, dv
 
@@ -653,15 +669,18 @@ def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: floa
 # Ahead-of-time compile cases (tests/test_triton_compile.py): the GPU launches at d = 64.
 # ----------------------------------------------------------------------------------------------
 def _aligned(sig: dict) -> List[str]:
-    return [n for n, t in sig.items() if t.startswith("*")]
+    # pointers, and the strides a launch sees as multiples of 16 (row strides of D = 64 views)
+    return [n for n, t in sig.items() if t.startswith("*") or n in ("SB", "SH", "SL")]
 
 
 _TABLE_SIG = dict(PERM="*i64", GS="*i64", TAB="*i32", NTILE="*i32", NG="*i32")
+_STRIDES = dict(SB="i32", SH="i32", SL="i32")
 
 
 def _fwd_case(dtype, mask_groups):
     t = "*" + _TL_NAME[dtype]
-    sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", **_TABLE_SIG, scale="fp32", L="i32", H="i32", TM="i32",
+    sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", **_TABLE_SIG, scale="fp32", **_STRIDES, L="i32", H="i32",
+               TM="i32",
                MASK_GROUPS="constexpr", D="constexpr", BLOCK_D="constexpr", BLOCK="constexpr",
                BGC="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
     const = dict(MASK_GROUPS=mask_groups, D=64, BLOCK_D=64, BLOCK=32 if dtype == torch.float32 else 64,
@@ -672,7 +691,7 @@ def _fwd_case(dtype, mask_groups):
 
 def _topk_case(dtype, l_pad):
     t = "*" + _TL_NAME[dtype]
-    sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", BITS="*u8", G="*i64", scale="fp32", L="i32", H="i32",
+    sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", BITS="*u8", G="*i64", scale="fp32", **_STRIDES, L="i32", H="i32",
                NB="i32", KTH="i32", HAS_GROUPS="constexpr", D="constexpr", BLOCK_D="constexpr",
                BLOCK_M="constexpr", L_PAD="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
     const = dict(HAS_GROUPS=True, D=64, BLOCK_D=64, BLOCK_M=16, L_PAD=l_pad, **dot_options(dtype, interpret=False))
@@ -683,7 +702,7 @@ def _bwd_case(kernel, dtype, use_bits, mask_groups=False):
     t = "*" + _TL_NAME[dtype]
     names = ["Q", "K", "V", "DO", "LSE", "DELTA"] + (["DK", "DV"] if kernel is _attn_bwd_dkdv_kernel else ["DQ"])
     sig = {n: (t if n in ("Q", "K", "V", "DO", "DK", "DV", "DQ") else "*fp32") for n in names}
-    sig.update(**_TABLE_SIG, BITS="*u8", scale="fp32", L="i32", H="i32", TM="i32", NB="i32",
+    sig.update(**_TABLE_SIG, BITS="*u8", scale="fp32", **_STRIDES, L="i32", H="i32", TM="i32", NB="i32",
                MASK_GROUPS="constexpr", USE_BITS="constexpr", D="constexpr", BLOCK_D="constexpr",
                BLOCK="constexpr", BGC="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
     const = dict(MASK_GROUPS=mask_groups, USE_BITS=use_bits, D=64, BLOCK_D=64,
@@ -727,5 +746,5 @@ COMPILE_CASES = [
     _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, True),
 ]
 
-__all__ = ["forward", "backward", "plan", "tables", "MAX_PLAN_L", "visited_fraction", "max_topk_l", "MAX_TOPK_L", "BG",
+__all__ = ["forward", "backward", "strided_inputs", "plan", "tables", "MAX_PLAN_L", "visited_fraction", "max_topk_l", "MAX_TOPK_L", "BG",
            "COMPILE_CASES"]

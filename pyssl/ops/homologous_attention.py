@@ -321,11 +321,12 @@ def _attn_op(q: Tensor, k: Tensor, v: Tensor, groups: Optional[Tensor], topk: in
         return out, lse, keep, no_perm
     if backend == "triton":
         from pyssl.kernels import homologous_attention as K
-        return K.forward(q.contiguous(), k.contiguous(), v.contiguous(), g, topk, scale)
+        return K.forward(q, k, v, g, topk, scale)   # strided q, k, v read in place
     if groups is not None and not topk:
         out, lse = _torch_grouped_forward(q, k, v, groups, scale)
-        return out, lse, torch.empty(0, dtype=torch.uint8, device=q.device), no_perm
-    return _torch_forward(q, k, v, groups, topk, scale) + (no_perm,)
+        return out.contiguous(), lse, torch.empty(0, dtype=torch.uint8, device=q.device), no_perm
+    out, lse, keep = _torch_forward(q, k, v, groups, topk, scale)
+    return out.contiguous(), lse, keep, no_perm
 
 
 @_attn_op.register_fake
@@ -336,7 +337,8 @@ def _(q, k, v, groups, topk, scale, backend):
         perm = q.new_empty((b, l), dtype=torch.int64)
     else:
         perm = q.new_empty(0, dtype=torch.int64)
-    return torch.empty_like(q), q.new_empty((b, h, l), dtype=_acc_dtype(q.dtype)), keep, perm
+    # outputs are contiguous whatever the strides of q, k, v
+    return q.new_empty(q.shape), q.new_empty((b, h, l), dtype=_acc_dtype(q.dtype)), keep, perm
 
 
 @torch.library.custom_op("pyssl::homologous_attention_backward", mutates_args=())
@@ -350,16 +352,18 @@ def _attn_bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse
             lse.contiguous(), g, keep.contiguous(), topk, scale))
     if backend == "triton":
         from pyssl.kernels import homologous_attention as K
-        return tuple(K.backward(q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
+        return tuple(K.backward(q, k, v, out.contiguous(),
                                 dout.contiguous(), lse.contiguous(), g, keep.contiguous(), perm, topk, scale))
     if groups is not None and not topk:
-        return _torch_grouped_backward(q, k, v, out, dout, lse, groups, scale)
-    return _torch_backward(q, k, v, out, dout, lse, groups, keep, topk, scale)
+        grads = _torch_grouped_backward(q, k, v, out, dout, lse, groups, scale)
+    else:
+        grads = _torch_backward(q, k, v, out, dout, lse, groups, keep, topk, scale)
+    return tuple(t.contiguous() for t in grads)
 
 
 @_attn_bwd_op.register_fake
 def _(q, k, v, out, dout, lse, groups, keep, perm, topk, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):
