@@ -8,11 +8,18 @@
 // 2*stream + ext), Box–Muller, radius uniform extended to 2^-64 when its word is 0). Uniforms
 // are bit-equal to the other backends; logf/sincospif are CUDA's full-precision versions.
 //
-// Tiling: one thread per quad of 4 elements; blockIdx.x = output row (rows may exceed 65535),
-// blockIdx.y strides over the quads of the row. Everything lives in registers: 4 Philox words,
-// 4 normals. Traffic: each output element is written once (one 16-byte store per thread for
-// float32, 8-byte for 16-bit types, when the row is aligned); the image row is read through L2,
-// where it stays because all its samples read it; a and b are 2·C floats.
+// The per-quad arithmetic (Philox, Box–Muller, the affine map, the channel bookkeeping) lives in
+// noise_quad.h, shared with a host driver that tests it against the CPU backend.
+//
+// Tiling. Logical order with HW % 4 == 0 (the common case): grid (output row, chunk, channel),
+// 256 threads of 4 quads each (coalesced), so a_c, b_c and the row's counter words are block
+// constants; x is one 16-byte load per quad, the output one 16-byte (float32) or 8-byte
+// (16-bit) store. Otherwise (channels_last, or quads straddling channels): one quad per thread,
+// grid (output row, quad blocks, striding), the channel found per element, scalar stores. Everything lives in
+// registers: 4 Philox words, 4 normals. Traffic: each output element written once; the image
+// row read through L2, where it stays because all its samples read it; a, b are 2·C floats.
+// The arithmetic, not the traffic, bounds the kernel: Philox-10 is ~60 integer instructions per
+// quad and the full-precision log/sqrt/sincospi ~120 more (SASS of the sm_90 build).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -22,32 +29,65 @@
 
 #include <cstdint>
 
+#include "noise_quad.h"
+
 namespace {
 
-constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+using pyssl_noise::Row;
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2,
-                                              uint32_t& c3, uint32_t k0, uint32_t k1) {
-#pragma unroll
-  for (int r = 0; r < 10; ++r) {
-    const uint32_t hi0 = __umulhi(kM0, c0), lo0 = kM0 * c0;
-    const uint32_t hi1 = __umulhi(kM1, c2), lo1 = kM1 * c2;
-    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
-    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
-    k0 += kW0; k1 += kW1;
-  }
-}
-
-__device__ __forceinline__ float unit32(uint32_t w) { return (__uint2float_rn(w) + 0.5f) * 2.3283064365386963e-10f; }
-__device__ __forceinline__ float unit64(uint32_t w) { return (__uint2float_rn(w) + 0.5f) * 5.421010862427522e-20f; }
 
 template <typename T> __device__ __forceinline__ T to_out(float v);
 template <> __device__ __forceinline__ float to_out<float>(float v) { return v; }
 template <> __device__ __forceinline__ at::BFloat16 to_out<at::BFloat16>(float v) { return at::BFloat16(v); }
 template <> __device__ __forceinline__ at::Half to_out<at::Half>(float v) { return at::Half(v); }
 
+__device__ __forceinline__ Row row_of(int64_t r, const float* x, const int64_t* row_src,
+                                      const int64_t* row_sample, const int64_t* ids, int64_t E,
+                                      float sigma, uint32_t k0, uint32_t k1, uint32_t c3) {
+  const int64_t src = row_src[r];
+  return Row{x + src * E, (uint32_t)row_sample[r], (uint32_t)ids[src], c3, k0, k1, sigma};
+}
+
+// 4 outputs as one store: 16 bytes of float32, 8 bytes of bf16/fp16 (rounded to nearest even,
+// as at::BFloat16/at::Half convert). Inline PTX: written as a float4/uint2 store, NVVM split it
+// into 4 (2) scalar stores (seen in the sm_90 PTX), having lost the pointer's alignment. The
+// callers guarantee it (row and quad offsets are multiples of 4 elements, aligned base).
+__device__ __forceinline__ void store4(float* p, const float y[4]) {
+  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(y[0]), "f"(y[1]), "f"(y[2]), "f"(y[3])
+               : "memory");
+}
+__device__ __forceinline__ void store4_16(void* p, uint32_t lo, uint32_t hi) {
+  asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(lo), "r"(hi) : "memory");
+}
+__device__ __forceinline__ void store4(at::BFloat16* p, const float y[4]) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(y[0], y[1]), hi = __floats2bfloat162_rn(y[2], y[3]);
+  store4_16(p, *reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+}
+__device__ __forceinline__ void store4(at::Half* p, const float y[4]) {
+  const __half2 lo = __floats2half2_rn(y[0], y[1]), hi = __floats2half2_rn(y[2], y[3]);
+  store4_16(p, *reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+}
+
+// Logical order with HW % 4 == 0 (every quad inside one channel), the common case: grid
+// (R, chunks, C); a block owns kThreads * kQuadsPerThread quads of one channel of one output
+// row, so a_c, b_c and the row's counter words are block constants.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+noise_channel_kernel(const float* __restrict__ x, const int64_t* __restrict__ row_src,
+                     const int64_t* __restrict__ row_sample, const int64_t* __restrict__ ids,
+                     const float* __restrict__ a, const float* __restrict__ b, T* __restrict__ out,
+                     float sigma, uint32_t k0, uint32_t k1, uint32_t c3, int64_t E, int64_t HW) {
+  const int64_t r = blockIdx.x;
+  const int c = blockIdx.z;
+  const Row row = row_of(r, x, row_src, row_sample, ids, E, sigma, k0, k1, c3);
+  T* o = out + r * E;
+  pyssl_noise::channel_block(row, __ldg(a + c), __ldg(b + c), HW, c, blockIdx.y, kThreads, threadIdx.x,
+                             [&](int64_t e0, const float* y) { store4(o + e0, y); });
+}
+
+// Any layout and HW: one thread per quad of the row in logical order (quads may straddle
+// channels), blockIdx.x = output row, blockIdx.y strides over the quads; each element is stored
+// at its logical position or, channels_last, at (e - c*HW)*C + c.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 noise_kernel(const float* __restrict__ x, const int64_t* __restrict__ row_src,
@@ -56,60 +96,12 @@ noise_kernel(const float* __restrict__ x, const int64_t* __restrict__ row_src,
              float sigma, uint32_t k0, uint32_t k1, uint32_t c3, int64_t E, int64_t C, int64_t HW,
              bool channels_last) {
   const int64_t r = blockIdx.x;
-  const int64_t src = row_src[r];
-  const uint32_t sample = (uint32_t)row_sample[r];
-  const uint32_t image = (uint32_t)ids[src];
-  const float* xr = x + src * E;
+  const Row row = row_of(r, x, row_src, row_sample, ids, E, sigma, k0, k1, c3);
   T* o = out + r * E;
-  const int64_t nq = (E + 3) >> 2;
-  const bool vec = !channels_last && (E & 3) == 0 &&
-                   (reinterpret_cast<uintptr_t>(out) % (4 * sizeof(T))) == 0;
-  for (int64_t q = (int64_t)blockIdx.y * kThreads + threadIdx.x; q < nq; q += (int64_t)gridDim.y * kThreads) {
-    uint32_t w0 = (uint32_t)q, w1 = sample, w2 = image, w3 = c3;
-    philox4x32_10(w0, w1, w2, w3, k0, k1);
-    float ua = unit32(w0), ub = unit32(w2);
-    if (w0 == 0 || w2 == 0) {   // probability 2^-31 per quad: extend the radius uniform
-      uint32_t v0 = (uint32_t)q, v1 = sample, v2 = image, v3 = c3 | 1u;
-      philox4x32_10(v0, v1, v2, v3, k0, k1);
-      if (w0 == 0) ua = unit64(v0);
-      if (w2 == 0) ub = unit64(v1);
-    }
-    const float ra = sqrtf(-2.0f * logf(ua));
-    const float rb = sqrtf(-2.0f * logf(ub));
-    float sa, ca, sb, cb;
-    sincospif(2.0f * unit32(w1), &sa, &ca);   // sin/cos(2π t), 2t exact
-    sincospif(2.0f * unit32(w3), &sb, &cb);
-    const float z[4] = {ra * ca, ra * sa, rb * cb, rb * sb};
-    const int64_t e0 = q << 2;
-    // channel of each element: one division per quad (32-bit when it fits), then steps
-    int64_t cq[4];
-    int64_t c = E < (int64_t(1) << 32) ? (int64_t)((uint32_t)e0 / (uint32_t)HW) : e0 / HW;
-    int64_t next = (c + 1) * HW;
-    T y[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int64_t e = e0 + k;
-      while (e >= next) { ++c; next += HW; }
-      cq[k] = c;
-      if (e < E) {
-        const float ac = __ldg(a + c);
-        y[k] = to_out<T>(ac * __ldg(xr + e) + (ac * sigma) * z[k] + __ldg(b + c));
-      }
-    }
-    if (vec) {
-      struct alignas(4 * sizeof(T)) Pack { T v[4]; };
-      Pack p;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) p.v[k] = y[k];
-      *reinterpret_cast<Pack*>(o + e0) = p;
-    } else {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int64_t e = e0 + k;
-        if (e < E) o[channels_last ? (e - cq[k] * HW) * C + cq[k] : e] = y[k];
-      }
-    }
-  }
+  pyssl_noise::general_thread(row, a, b, E, HW, blockIdx.y, gridDim.y, kThreads, threadIdx.x,
+                              [&](int64_t e, int64_t c, float v) {
+                                o[channels_last ? (e - c * HW) * C + c : e] = to_out<T>(v);
+                              });
 }
 
 }  // namespace
@@ -130,18 +122,31 @@ void gaussian_noise_cuda(at::Tensor x, at::Tensor row_src, at::Tensor row_sample
   if (R == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t E = x.size(1);
-  const int64_t nq = (E + 3) / 4;
-  const int64_t blocks_y = std::min<int64_t>((nq + kThreads - 1) / kThreads, 65535);
-  const dim3 grid((unsigned)R, (unsigned)blocks_y);
   auto st = c10::cuda::getCurrentCUDAStream();
   const uint32_t k0 = (uint32_t)(uint64_t)seed, k1 = (uint32_t)((uint64_t)seed >> 32);
   const uint32_t c3 = (uint32_t)(2 * stream);
+  constexpr int64_t per_block = (int64_t)kThreads * pyssl_noise::kQuadsPerThread;
+  const int64_t chunks = (HW / 4 + per_block - 1) / per_block;
+  // x rows and the output are 16-byte aligned when E % 4 == 0 (torch allocations are)
+  const bool per_channel = !channels_last && HW % 4 == 0 && HW > 0 && chunks <= 65535 && C <= 65535 &&
+                           reinterpret_cast<uintptr_t>(x.data_ptr<float>()) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(out.data_ptr()) % (4 * out.element_size()) == 0;
   auto go = [&](auto* o) {
     using T = std::remove_pointer_t<decltype(o)>;
-    noise_kernel<T><<<grid, kThreads, 0, st>>>(
-        x.data_ptr<float>(), row_src.data_ptr<int64_t>(), row_sample.data_ptr<int64_t>(),
-        image_ids.data_ptr<int64_t>(), a.data_ptr<float>(), b.data_ptr<float>(), o, (float)sigma,
-        k0, k1, c3, E, C, HW, channels_last);
+    if (per_channel) {
+      const dim3 grid((unsigned)R, (unsigned)chunks, (unsigned)C);
+      noise_channel_kernel<T><<<grid, kThreads, 0, st>>>(
+          x.data_ptr<float>(), row_src.data_ptr<int64_t>(), row_sample.data_ptr<int64_t>(),
+          image_ids.data_ptr<int64_t>(), a.data_ptr<float>(), b.data_ptr<float>(), o, (float)sigma,
+          k0, k1, c3, E, HW);
+    } else {
+      const int64_t nq = (E + 3) / 4;
+      const dim3 grid((unsigned)R, (unsigned)std::min<int64_t>((nq + kThreads - 1) / kThreads, 65535));
+      noise_kernel<T><<<grid, kThreads, 0, st>>>(
+          x.data_ptr<float>(), row_src.data_ptr<int64_t>(), row_sample.data_ptr<int64_t>(),
+          image_ids.data_ptr<int64_t>(), a.data_ptr<float>(), b.data_ptr<float>(), o, (float)sigma,
+          k0, k1, c3, E, C, HW, channels_last);
+    }
   };
   if (out.scalar_type() == at::kFloat) go(out.data_ptr<float>());
   else if (out.scalar_type() == at::kBFloat16) go(out.data_ptr<at::BFloat16>());

@@ -270,3 +270,109 @@ def test_bad_x_and_types():
         pyssl.gaussian_noise(torch.zeros(2, 3), 1.5, 0.5, seed=0)
     with pytest.raises(ValueError, match="backend='cuda' cannot serve"):
         pyssl.gaussian_noise(torch.zeros(2, 3), 1, 0.5, seed=0, backend="cuda")
+
+
+# ---------------------------------------------------------------- the CUDA kernels, driven on the host
+
+_DRIVER = r"""
+// Walks the grids of csrc/noise_cuda.cu's kernels on the host through csrc/noise_quad.h.
+#include "noise_quad.h"
+#include <cmath>
+#include <cstdio>
+#include <vector>
+using namespace pyssl_noise;
+template <typename T> static void rd(FILE* f, T* p, size_t n) { if (fread(p, sizeof(T), n, f) != n) throw 1; }
+int main(int argc, char** argv) {
+  FILE* f = fopen(argv[1], "rb");
+  int64_t h[8];  // B, C, HW, R, seed, stream, mode (0 per-channel, 1 general, 2 general channels_last), threads
+  rd(f, h, 8);
+  const int64_t B = h[0], C = h[1], HW = h[2], R = h[3], E = C * HW, mode = h[6];
+  const int threads = (int)h[7];
+  const uint64_t seed = (uint64_t)h[4];
+  float sigma; rd(f, &sigma, 1);
+  std::vector<float> x(B * E), a(C), b(C);
+  std::vector<int64_t> src(R), smp(R), ids(B);
+  rd(f, x.data(), x.size()); rd(f, a.data(), C); rd(f, b.data(), C);
+  rd(f, src.data(), R); rd(f, smp.data(), R); rd(f, ids.data(), B);
+  fclose(f);
+  std::vector<float> out(R * E, NAN);
+  for (int64_t r = 0; r < R; ++r) {
+    const Row row{x.data() + src[r] * E, (uint32_t)smp[r], (uint32_t)ids[src[r]], (uint32_t)(2 * h[5]),
+                  (uint32_t)seed, (uint32_t)(seed >> 32), sigma};
+    float* o = out.data() + r * E;
+    if (mode == 0) {
+      const int64_t per_block = (int64_t)threads * kQuadsPerThread, chunks = (HW / 4 + per_block - 1) / per_block;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t by = 0; by < chunks; ++by)
+          for (int t = 0; t < threads; ++t)
+            channel_block(row, a[c], b[c], HW, c, by, threads, t,
+                          [&](int64_t e0, const float* y) { for (int k = 0; k < 4; ++k) o[e0 + k] = y[k]; });
+    } else {
+      const int64_t nq = (E + 3) / 4, blocks = std::min<int64_t>((nq + threads - 1) / threads, 3);
+      for (int64_t by = 0; by < blocks; ++by)
+        for (int t = 0; t < threads; ++t)
+          general_thread(row, a.data(), b.data(), E, HW, by, blocks, threads, t,
+                         [&](int64_t e, int64_t c, float v) { o[mode == 2 ? (e - c * HW) * C + c : e] = v; });
+    }
+  }
+  f = fopen(argv[2], "wb");
+  fwrite(out.data(), sizeof(float), out.size(), f);
+  fclose(f);
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def noise_driver(tmp_path_factory):
+    import pathlib
+    import shutil
+    import subprocess
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler: the CUDA kernels' host driver is not built")
+    d = tmp_path_factory.mktemp("noise_driver")
+    (d / "driver.cpp").write_text(_DRIVER)
+    csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+    r = subprocess.run([cxx, "-std=c++17", "-O2", "-I", str(csrc), str(d / "driver.cpp"), "-o", str(d / "driver")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d / "driver"
+
+
+@pytest.mark.parametrize("chw,mode,threads", [((3, 8, 8), 0, 4), ((3, 16, 16), 0, 8), ((3, 8, 8), 1, 8),
+                                              ((3, 8, 8), 2, 8), ((3, 5, 5), 1, 4), ((3, 5, 5), 2, 4),
+                                              ((1, 3, 7), 1, 2)],
+                         ids=["channel", "channel-chunks", "general", "general-cl", "straddle", "straddle-cl",
+                              "one-channel-odd"])
+def test_cuda_kernel_quads_on_the_host(noise_driver, chw, mode, threads, tmp_path):
+    """csrc/noise_cuda.cu's per-quad arithmetic and index bookkeeping (csrc/noise_quad.h), walked
+    over the kernels' grids on the host (per-channel kernel: chunks of threads x 4 quads; general
+    kernel: grid-striding quads that straddle channels, logical and channels_last stores), against
+    the CPU backend; every output written (NaN-poisoned), the extension draw included (seed)."""
+    import subprocess
+    c, hh, ww = chw
+    hw = hh * ww
+    x = _x(b=2, c=c, h=hh, w=ww, seed=5)
+    ids = torch.tensor([0, 9], dtype=torch.int64)
+    row_src = torch.tensor([0, 1, 0, 1, 1], dtype=torch.int64)
+    row_sample = torch.tensor([0, 0, 3, 7, 1000], dtype=torch.int64)
+    a = torch.tensor([2.0, 0.5, 3.0][:c])
+    b = torch.tensor([-0.1, 0.2, 0.0][:c])
+    sigma, seed, stream = 0.5, ZERO_W0_SEED, 0   # row 0: image 0, sample 0, quad 0 -> extension
+    header = np.array([2, c, hw, 5, seed, stream, mode, threads], dtype=np.int64)
+    with open(tmp_path / "in.bin", "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.float32(sigma).tobytes())
+        for t in (x.reshape(2, -1), a, b, row_src, row_sample, ids):
+            f.write(t.numpy().tobytes())
+    r = subprocess.run([str(noise_driver), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32)).view(5, -1)
+    assert not got.isnan().any(), "an output element was never written"
+    want = N.noise_rows(x, row_src, row_sample, sigma, seed=seed, image_ids=ids, a=a, b=b,
+                        out_dtype=torch.float32, channels_last=mode == 2, backend="cpu")
+    want = (want.permute(0, 2, 3, 1) if mode == 2 else want).reshape(5, -1)
+    torch.testing.assert_close(got, want, atol=ATOL32, rtol=1e-5)
+    assert float(got[0, :2].sub(x[0].reshape(-1)[:2] * a[0] + b[0]).abs().max()) > 0   # noise present

@@ -1,0 +1,182 @@
+// The per-quad arithmetic of the CUDA noise kernels (csrc/noise_cuda.cu), written once for the
+// device and the host. The kernels call these functions; tests/test_build.py compiles this
+// header as plain C++ with a host driver that walks the same grid as the kernels and checks the
+// result against the CPU backend, so the counters, the channel bookkeeping and both storage
+// layouts are exercised without a GPU. The host versions of the CUDA intrinsics (umulhi,
+// uint2float_rn, sincospif) compute the same values; only logf/sincospif may differ by an ulp.
+//
+// Counter scheme (pyssl/ops/noise.py): Philox4x32-10 keyed by the 64-bit seed (k0, k1), counter
+// (element quad q = e/4, sample, image id, 2*stream + ext); the four words give the radius
+// uniforms (words 0, 2) and angle uniforms (words 1, 3) of two Box–Muller pairs; a radius word of
+// 0 takes 32 more bits from the ext = 1 draw (radius uniform resolution 2^-64).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PYSSL_HD __host__ __device__ __forceinline__
+#else
+#define PYSSL_HD inline
+#endif
+
+namespace pyssl_noise {
+
+constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+
+PYSSL_HD uint32_t umulhi(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return (uint32_t)(((uint64_t)a * b) >> 32);
+#endif
+}
+
+PYSSL_HD float u2f(uint32_t w) {
+#if defined(__CUDA_ARCH__)
+  return __uint2float_rn(w);
+#else
+  return (float)w;   // round to nearest even, as __uint2float_rn
+#endif
+}
+
+PYSSL_HD void sincospi(float t, float* s, float* c) {
+#if defined(__CUDA_ARCH__)
+  sincospif(t, s, c);
+#else
+  *s = (float)std::sin(M_PI * (double)t);
+  *c = (float)std::cos(M_PI * (double)t);
+#endif
+}
+
+PYSSL_HD float ldg(const float* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+PYSSL_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+                            uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t hi0 = umulhi(kM0, c0), lo0 = kM0 * c0;
+    const uint32_t hi1 = umulhi(kM1, c2), lo1 = kM1 * c2;
+    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+    k0 += kW0; k1 += kW1;
+  }
+}
+
+PYSSL_HD float unit32(uint32_t w) { return (u2f(w) + 0.5f) * 2.3283064365386963e-10f; }
+PYSSL_HD float unit64(uint32_t w) { return (u2f(w) + 0.5f) * 5.421010862427522e-20f; }
+
+// The four standard normals of quad q (elements 4q .. 4q+3).
+PYSSL_HD void normals4(uint32_t q, uint32_t sample, uint32_t image, uint32_t c3, uint32_t k0,
+                       uint32_t k1, float z[4]) {
+  uint32_t w0 = q, w1 = sample, w2 = image, w3 = c3;
+  philox4x32_10(w0, w1, w2, w3, k0, k1);
+  float ua = unit32(w0), ub = unit32(w2);
+  if (w0 == 0 || w2 == 0) {   // probability 2^-31 per quad: extend the radius uniform
+    uint32_t v0 = q, v1 = sample, v2 = image, v3 = c3 | 1u;
+    philox4x32_10(v0, v1, v2, v3, k0, k1);
+    if (w0 == 0) ua = unit64(v0);
+    if (w2 == 0) ub = unit64(v1);
+  }
+  const float ra = sqrtf(-2.0f * logf(ua));
+  const float rb = sqrtf(-2.0f * logf(ub));
+  float sa, ca, sb, cb;
+  sincospi(2.0f * unit32(w1), &sa, &ca);   // sin/cos(2π t), 2t exact
+  sincospi(2.0f * unit32(w3), &sb, &cb);
+  z[0] = ra * ca; z[1] = ra * sa; z[2] = rb * cb; z[3] = rb * sb;
+}
+
+// One output row's constants: the image row, the counter words of the row, sigma.
+struct Row {
+  const float* x;   // the source image, logical (C, HW) order
+  uint32_t sample, image, c3, k0, k1;
+  float sigma;
+};
+
+// y = a_c (x + sigma z) + b_c, in this association on every path (a_c x + (a_c sigma) z + b_c).
+PYSSL_HD float affine(float ac, float bc, float sigma, float x, float z) {
+  return ac * x + (ac * sigma) * z + bc;
+}
+
+// Fast path: quad qc of channel c, the whole quad inside the channel (HW % 4 == 0, logical
+// order). The kernel has a_c, b_c per block; one 16-byte load of x.
+PYSSL_HD void quad_in_channel(const Row& row, float ac, float bc, int64_t HW, int64_t c, int64_t qc,
+                              float y[4]) {
+  const int64_t e0 = c * HW + 4 * qc;
+  float z[4];
+  normals4((uint32_t)(e0 >> 2), row.sample, row.image, row.c3, row.k0, row.k1, z);
+#if defined(__CUDA_ARCH__)
+  const float4 xv = __ldg(reinterpret_cast<const float4*>(row.x + e0));
+  y[0] = affine(ac, bc, row.sigma, xv.x, z[0]);
+  y[1] = affine(ac, bc, row.sigma, xv.y, z[1]);
+  y[2] = affine(ac, bc, row.sigma, xv.z, z[2]);
+  y[3] = affine(ac, bc, row.sigma, xv.w, z[3]);
+#else
+  for (int k = 0; k < 4; ++k) y[k] = affine(ac, bc, row.sigma, row.x[e0 + k], z[k]);
+#endif
+}
+
+// Quads per thread in the per-channel kernel: the block preamble (row lookups, a_c, b_c, the
+// output pointer: ~80 instructions) is paid once for 4 quads instead of once per quad.
+constexpr int kQuadsPerThread = 4;
+
+// The quads of thread `tid` in block `by` of channel c (block size `threads`): quads
+// by * threads * kQuadsPerThread + j * threads + tid, j < kQuadsPerThread (coalesced per j).
+// Store(e0, y) writes the 4 outputs of logical elements e0 .. e0 + 3.
+template <typename Store>
+PYSSL_HD void channel_block(const Row& row, float ac, float bc, int64_t HW, int64_t c, int64_t by,
+                            int threads, int tid, Store store) {
+  const int64_t nqc = HW / 4;
+  const int64_t q0 = by * threads * kQuadsPerThread + tid;
+  for (int j = 0; j < kQuadsPerThread; ++j) {
+    const int64_t qc = q0 + (int64_t)j * threads;
+    if (qc < nqc) {
+      float y[4];
+      quad_in_channel(row, ac, bc, HW, c, qc, y);
+      store(c * HW + 4 * qc, y);
+    }
+  }
+}
+
+// General path: quad q of the row in logical order, any HW; elements beyond E are not written.
+// Store(e, c, v) writes logical element e (channel c) wherever the layout puts it.
+template <typename Store>
+PYSSL_HD void quad_general(const Row& row, const float* a, const float* b, int64_t E, int64_t HW,
+                           int64_t q, Store store) {
+  float z[4];
+  normals4((uint32_t)q, row.sample, row.image, row.c3, row.k0, row.k1, z);
+  const int64_t e0 = q << 2;
+  // channel of each element: one division per quad (32-bit when it fits), then steps
+  int64_t c = E < (int64_t(1) << 32) ? (int64_t)((uint32_t)e0 / (uint32_t)HW) : e0 / HW;
+  int64_t next = (c + 1) * HW;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = 0; k < 4; ++k) {
+    const int64_t e = e0 + k;
+    while (e >= next) { ++c; next += HW; }
+    if (e < E) {
+      const float ac = ldg(a + c);
+      store(e, c, affine(ac, ldg(b + c), row.sigma, ldg(row.x + e), z[k]));
+    }
+  }
+}
+
+// The quads of thread `tid` in block `by` of the general kernel (grid stride `blocks` blocks).
+template <typename Store>
+PYSSL_HD void general_thread(const Row& row, const float* a, const float* b, int64_t E, int64_t HW,
+                             int64_t by, int64_t blocks, int threads, int tid, Store store) {
+  const int64_t nq = (E + 3) >> 2;
+  for (int64_t q = by * threads + tid; q < nq; q += blocks * threads) quad_general(row, a, b, E, HW, q, store);
+}
+
+}  // namespace pyssl_noise
