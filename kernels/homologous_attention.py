@@ -135,6 +135,21 @@ def _pair_mask(BITS, GS, bh, b, L, NB, n0, offs_m, offs_n, mmask, nmask,
 
 
 @triton.jit
+def _program(NG, L, H, SB, SH, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (batch·head, slot) program of the group-mode kernels: batch·head on axis 0 (up to
+    2^31 − 1; axis 1 stops at 65535), the tile slot (the last one takes the global tokens), the
+    offsets of the contiguous outputs / dO (base) and of the strided q, k, v (ibase), the number
+    of global tokens of the batch row."""
+    bh = tl.program_id(0)
+    slot = tl.program_id(1)
+    b = bh // H
+    base = bh.to(tl.int64) * L * D
+    ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH
+    dd = tl.arange(0, BLOCK_D)
+    return bh, slot, tl.num_programs(1) - 1, b, base, ibase, dd, dd < D, tl.load(NG + b)
+
+
+@triton.jit
 def _tile(TAB, NTILE, NG, b, i, TM):
     """Tile i of batch row b: sorted rows [s, e) of one group, whose keys are [lo, hi)."""
     t = TAB + (b * TM + i).to(tl.int64) * 4
@@ -194,15 +209,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PERM, GS, TAB, NTILE, NG, scale, SB, SH, S
                      MASK_GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK: tl.constexpr, BGC: tl.constexpr, DOT_FP32: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    bh = tl.program_id(0)          # batch·head on axis 0 (up to 2^31 − 1; axis 1 stops at 65535)
-    slot = tl.program_id(1)
-    P = tl.num_programs(1) - 1
-    b = bh // H
-    base = bh.to(tl.int64) * L * D                                     # outputs, dO: contiguous
-    ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH           # q, k, v: strided rows
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    ng = tl.load(NG + b)
+    bh, slot, P, b, base, ibase, dd, dmask, ng = _program(NG, L, H, SB, SH, D, BLOCK_D)
     if slot == P:
         for r0 in range(0, ng, BGC):
             _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, ibase, SL, L, r0, ng, ng, L, ng, scale, dd, dmask,
@@ -337,15 +344,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, TAB, NTILE,
                           NB, MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, D: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BGC: tl.constexpr,
                           DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    bh = tl.program_id(0)
-    slot = tl.program_id(1)
-    P = tl.num_programs(1) - 1
-    b = bh // H
-    base = bh.to(tl.int64) * L * D                                     # outputs, dO: contiguous
-    ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH           # q, k, v: strided rows
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    ng = tl.load(NG + b)
+    bh, slot, P, b, base, ibase, dd, dmask, ng = _program(NG, L, H, SB, SH, D, BLOCK_D)
     if slot == P:
         for c0 in range(0, ng, BGC):
             _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, c0, ng, ng, L,
@@ -391,15 +390,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, TAB, NTILE, NG, B
                         MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, D: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BGC: tl.constexpr,
                         DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    bh = tl.program_id(0)
-    slot = tl.program_id(1)
-    P = tl.num_programs(1) - 1
-    b = bh // H
-    base = bh.to(tl.int64) * L * D                                     # outputs, dO: contiguous
-    ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH           # q, k, v: strided rows
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    ng = tl.load(NG + b)
+    bh, slot, P, b, base, ibase, dd, dmask, ng = _program(NG, L, H, SB, SH, D, BLOCK_D)
     if slot == P:
         for r0 in range(0, ng, BGC):
             _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, r0, ng, ng, L, ng,
