@@ -6,7 +6,7 @@
 // with z from the counter scheme of pyssl/ops/noise.py: Philox4x32-10 on the counter
 // (e / 4, sample, image id, 2*stream + ext), one draw per quad of elements, Box–Muller with a
 // radius uniform extended to 2^-64 when its 32-bit word is 0. The Philox words and uniforms are
-// bit-equal to the other backends; log and sin/cos are the polynomials below (~2 ulp).
+// bit-equal to the other backends; log and sin/cos are the polynomials of noise_quad.h (~2 ulp).
 //
 // Work split: OpenMP over (row, block of BLOCK_E elements). Per block the Philox words of its
 // quads go to a small stack buffer (4 * 4 * BLOCK_Q bytes), the normals to another, then one
@@ -24,10 +24,18 @@
 #include <cstring>
 #include <vector>
 
+#include "noise_quad.h"
+
 namespace {
 
-constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+using pyssl_noise::kM0;
+using pyssl_noise::kM1;
+using pyssl_noise::kW0;
+using pyssl_noise::kW1;
+using pyssl_noise::log_pos;
+using pyssl_noise::sincos_turns;
+using pyssl_noise::unit32;
+using pyssl_noise::unit64;
 constexpr int BLOCK_Q = 256;            // quads per block: 1024 elements, 4 KiB of normals
 constexpr int BLOCK_E = 4 * BLOCK_Q;
 
@@ -43,43 +51,6 @@ inline void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3
     k0 += kW0; k1 += kW1;
   }
 }
-
-inline float bits_to_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
-inline uint32_t float_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
-
-// ln(u) for normal u > 0: u = m·2^k with m in [√½, √2), ln m = 2·atanh(s), s = (m−1)/(m+1),
-// |s| ≤ 0.1716 so five odd terms reach float precision. Branch-free: vectorizes.
-inline float log_pos(float u) {
-  uint32_t bits = float_to_bits(u);
-  int32_t k = (int32_t)(bits >> 23) - 127;
-  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);
-  const bool big = m > 1.41421356f;
-  m = big ? 0.5f * m : m;
-  k = big ? k + 1 : k;
-  const float s = (m - 1.0f) / (m + 1.0f);
-  const float s2 = s * s;
-  const float p = 1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
-  return (float)k * 0.693147180559945f + 2.0f * s * p;
-}
-
-// (cos 2πt, sin 2πt) for t in [0, 1]: t = q/4 + f with |f| ≤ 1/8 (exact in float), then
-// Taylor polynomials on [−π/4, π/4] (truncation < 4e-9) and a quadrant swap.
-inline void sincos_turns(float t, float& c_out, float& s_out) {
-  const int qi = (int)(4.0f * t + 0.5f);       // round(4t), t >= 0
-  const float f = t - 0.25f * (float)qi;
-  const int q = qi & 3;
-  const float x = f * 6.28318530717958648f;
-  const float x2 = x * x;
-  const float s = x * (1.0f + x2 * (-1.0f / 6 + x2 * (1.0f / 120 + x2 * (-1.0f / 5040 + x2 * (1.0f / 362880)))));
-  const float c = 1.0f + x2 * (-0.5f + x2 * (1.0f / 24 + x2 * (-1.0f / 720 + x2 * (1.0f / 40320 + x2 * (-1.0f / 3628800)))));
-  const float cs = (q & 1) ? s : c;     // the value that lands on cos
-  const float sn = (q & 1) ? c : s;
-  c_out = (q == 1 || q == 2) ? -cs : cs;
-  s_out = (q >= 2) ? -sn : sn;
-}
-
-inline float unit32(uint32_t w) { return ((float)w + 0.5f) * 2.3283064365386963e-10f; }   // 2^-32
-inline float unit64(uint32_t w) { return ((float)w + 0.5f) * 5.421010862427522e-20f; }    // 2^-64
 
 // Standard normals of elements [e0, e0 + n) of one (image, sample), e0 any: the quads covering
 // the range are drawn, the range is copied out.

@@ -6,7 +6,7 @@
 //     out[r, e] = a[c(e)] * (x[row_src[r], e] + sigma * z(seed, image_ids[row_src[r]], row_sample[r], e)) + b[c(e)]
 // with z from the counter scheme of pyssl/ops/noise.py (Philox4x32-10 on (e/4, sample, image id,
 // 2*stream + ext), Box–Muller, radius uniform extended to 2^-64 when its word is 0). Uniforms
-// are bit-equal to the other backends; logf/sincospif are CUDA's full-precision versions.
+// are bit-equal to the other backends; log and sin/cos are the CPU backend's polynomials (~2 ulp).
 //
 // The per-quad arithmetic (Philox, Box–Muller, the affine map, the channel bookkeeping) lives in
 // noise_quad.h, shared with a host driver that tests it against the CPU backend.
@@ -18,8 +18,11 @@
 // grid (output row, quad blocks, striding), the channel found per element, scalar stores. Everything lives in
 // registers: 4 Philox words, 4 normals. Traffic: each output element written once; the image
 // row read through L2, where it stays because all its samples read it; a, b are 2·C floats.
-// The arithmetic, not the traffic, bounds the kernel: Philox-10 is ~60 integer instructions per
-// quad and the full-precision log/sqrt/sincospi ~120 more (SASS of the sm_90 build).
+// The arithmetic, not the traffic, bounds the kernel (SASS of the sm_90 build, per quad):
+// Philox-10 ~65 integer instructions, Box–Muller and the affine map ~110 float ones (the same
+// with CUDA's logf/sincospif, which the shared polynomials replaced), ~240 in all with the
+// address and loop work: ~60 per element against 2 bytes written per bf16 element, so the
+// kernel is issue-bound well below the memory bandwidth (an estimate until timed on a GPU).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>

@@ -3,7 +3,8 @@
 // header as plain C++ with a host driver that walks the same grid as the kernels and checks the
 // result against the CPU backend, so the counters, the channel bookkeeping and both storage
 // layouts are exercised without a GPU. The host versions of the CUDA intrinsics (umulhi,
-// uint2float_rn, sincospif) compute the same values; only logf/sincospif may differ by an ulp.
+// uint2float_rn, float/bit casts) compute the same values. csrc/noise_cpu.cpp takes its log and
+// sin/cos from here too (its Philox stays its own: a 64-bit product form that vectorizes).
 //
 // Counter scheme (pyssl/ops/noise.py): Philox4x32-10 keyed by the 64-bit seed (k0, k1), counter
 // (element quad q = e/4, sample, image id, 2*stream + ext); the four words give the radius
@@ -13,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define PYSSL_HD __host__ __device__ __forceinline__
@@ -41,15 +43,6 @@ PYSSL_HD float u2f(uint32_t w) {
 #endif
 }
 
-PYSSL_HD void sincospi(float t, float* s, float* c) {
-#if defined(__CUDA_ARCH__)
-  sincospif(t, s, c);
-#else
-  *s = (float)std::sin(M_PI * (double)t);
-  *c = (float)std::cos(M_PI * (double)t);
-#endif
-}
-
 PYSSL_HD float ldg(const float* p) {
 #if defined(__CUDA_ARCH__)
   return __ldg(p);
@@ -72,8 +65,57 @@ PYSSL_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& 
   }
 }
 
-PYSSL_HD float unit32(uint32_t w) { return (u2f(w) + 0.5f) * 2.3283064365386963e-10f; }
-PYSSL_HD float unit64(uint32_t w) { return (u2f(w) + 0.5f) * 5.421010862427522e-20f; }
+PYSSL_HD float unit32(uint32_t w) { return (u2f(w) + 0.5f) * 2.3283064365386963e-10f; }   // 2^-32
+PYSSL_HD float unit64(uint32_t w) { return (u2f(w) + 0.5f) * 5.421010862427522e-20f; }    // 2^-64
+
+PYSSL_HD float bits_to_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f; std::memcpy(&f, &b, 4); return f;
+#endif
+}
+PYSSL_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t b; std::memcpy(&b, &f, 4); return b;
+#endif
+}
+
+// The transcendental functions of Box–Muller, the same polynomials on every C++/CUDA path (~2
+// ulp; branch-free, so the CPU loops vectorize; on the GPU as many instructions as CUDA's
+// logf + sincospif, and the host driver test runs the very arithmetic the kernels do).
+// ln(u) for normal u > 0: u = m·2^k with m in [√½, √2), ln m = 2·atanh(s), s = (m−1)/(m+1),
+// |s| ≤ 0.1716 so five odd terms reach float precision.
+PYSSL_HD float log_pos(float u) {
+  uint32_t bits = float_to_bits(u);
+  int32_t k = (int32_t)(bits >> 23) - 127;
+  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);
+  const bool big = m > 1.41421356f;
+  m = big ? 0.5f * m : m;
+  k = big ? k + 1 : k;
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s2 = s * s;
+  const float p = 1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
+  return (float)k * 0.693147180559945f + 2.0f * s * p;
+}
+
+// (cos 2πt, sin 2πt) for t in [0, 1]: t = q/4 + f with |f| ≤ 1/8 (exact in float), then
+// Taylor polynomials on [−π/4, π/4] (truncation < 4e-9) and a quadrant swap.
+PYSSL_HD void sincos_turns(float t, float& c_out, float& s_out) {
+  const int qi = (int)(4.0f * t + 0.5f);       // round(4t), t >= 0
+  const float f = t - 0.25f * (float)qi;
+  const int q = qi & 3;
+  const float x = f * 6.28318530717958648f;
+  const float x2 = x * x;
+  const float s = x * (1.0f + x2 * (-1.0f / 6 + x2 * (1.0f / 120 + x2 * (-1.0f / 5040 + x2 * (1.0f / 362880)))));
+  const float c = 1.0f + x2 * (-0.5f + x2 * (1.0f / 24 + x2 * (-1.0f / 720 + x2 * (1.0f / 40320 + x2 * (-1.0f / 3628800)))));
+  const float cs = (q & 1) ? s : c;     // the value that lands on cos
+  const float sn = (q & 1) ? c : s;
+  c_out = (q == 1 || q == 2) ? -cs : cs;
+  s_out = (q >= 2) ? -sn : sn;
+}
 
 // The four standard normals of quad q (elements 4q .. 4q+3).
 PYSSL_HD void normals4(uint32_t q, uint32_t sample, uint32_t image, uint32_t c3, uint32_t k0,
@@ -87,11 +129,11 @@ PYSSL_HD void normals4(uint32_t q, uint32_t sample, uint32_t image, uint32_t c3,
     if (w0 == 0) ua = unit64(v0);
     if (w2 == 0) ub = unit64(v1);
   }
-  const float ra = sqrtf(-2.0f * logf(ua));
-  const float rb = sqrtf(-2.0f * logf(ub));
+  const float ra = sqrtf(-2.0f * log_pos(ua));
+  const float rb = sqrtf(-2.0f * log_pos(ub));
   float sa, ca, sb, cb;
-  sincospi(2.0f * unit32(w1), &sa, &ca);   // sin/cos(2π t), 2t exact
-  sincospi(2.0f * unit32(w3), &sb, &cb);
+  sincos_turns(unit32(w1), ca, sa);
+  sincos_turns(unit32(w3), cb, sb);
   z[0] = ra * ca; z[1] = ra * sa; z[2] = rb * cb; z[3] = rb * sb;
 }
 

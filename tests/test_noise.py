@@ -374,5 +374,6 @@ def test_cuda_kernel_quads_on_the_host(noise_driver, chw, mode, threads, tmp_pat
     want = N.noise_rows(x, row_src, row_sample, sigma, seed=seed, image_ids=ids, a=a, b=b,
                         out_dtype=torch.float32, channels_last=mode == 2, backend="cpu")
     want = (want.permute(0, 2, 3, 1) if mode == 2 else want).reshape(5, -1)
-    torch.testing.assert_close(got, want, atol=ATOL32, rtol=1e-5)
+    # the same polynomials as the CPU backend: equal up to the compilers' FMA contractions
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     assert float(got[0, :2].sub(x[0].reshape(-1)[:2] * a[0] + b[0]).abs().max()) > 0   # noise present
