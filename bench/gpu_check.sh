@@ -52,6 +52,12 @@ step "bench (GPU cases)" 200 "$OUT/bench.log" $PY -m bench --cases mlcd_1m_sampl
 step "bench homattn" 120 "$OUT/bench_attn.log" $PY -m bench --cases homattn_vitb,homattn_long
 step "bench homattn noskip" 60 "$OUT/bench_attn.log" env PYSSL_HOMATTN_NO_SKIP=1 \
   $PY -m bench --cases homattn_vitb,homattn_long --impls pyssl-triton --tag noskip --no-memory
+# Triton tile variants of the attention (kernels/homologous_attention.py, PYSSL_HOMATTN_TRITON)
+for variant in "st3:num_stages=3" "fwd128:fwd.BLOCK_M=128,fwd.num_warps=8,fwd.num_stages=3"; do
+  tag=${variant%%:*}
+  step "homattn $tag" 45 "$OUT/bench_attn.log" env PYSSL_HOMATTN_TRITON=${variant#*:} \
+    $PY -m bench --cases homattn_vitb,homattn_long --impls pyssl-triton --tag "$tag" --no-memory
+done
 # certification of 4 ImageNet images with a ResNet-50 runs ~40k forwards per impl: no memory pass
 step "bench certify_resnet" 120 "$OUT/bench_certify.log" $PY -m bench --cases certify_resnet --no-memory
 

@@ -47,7 +47,7 @@ inputs use input_precision="ieee".
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
@@ -207,18 +207,18 @@ def _fwd_step(q, kk, vv, ok, m_i, l_i, acc, scale, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, PERM, GS, TAB, NTILE, NG, scale, SB, SH, SL, L, H, TM,
                      MASK_GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK: tl.constexpr, BGC: tl.constexpr, DOT_FP32: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BGC: tl.constexpr, DOT_FP32: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     bh, slot, P, b, base, ibase, dd, dmask, ng = _program(NG, L, H, SB, SH, D, BLOCK_D)
     if slot == P:
         for r0 in range(0, ng, BGC):
             _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, ibase, SL, L, r0, ng, ng, L, ng, scale, dd, dmask,
-                       MASK_GROUPS, D, BLOCK_D, BGC, BLOCK, BGC, DOT_FP32, DOT_PRECISION)
+                       MASK_GROUPS, D, BLOCK_D, BGC, BLOCK_N, BGC, DOT_FP32, DOT_PRECISION)
     else:
         for i in range(slot, tl.load(NTILE + b), P):
             s, e, lo, hi = _tile(TAB, NTILE, NG, b, i, TM)
             _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, ibase, SL, L, s, e, lo, hi, ng, scale, dd, dmask,
-                       MASK_GROUPS, D, BLOCK_D, BLOCK, BLOCK, BGC, DOT_FP32, DOT_PRECISION)
+                       MASK_GROUPS, D, BLOCK_D, BLOCK_M, BLOCK_N, BGC, DOT_FP32, DOT_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,19 +342,19 @@ def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ib
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, TAB, NTILE, NG, BITS, scale, SB, SH, SL, L, H, TM,
                           NB, MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, D: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BGC: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BGC: tl.constexpr,
                           DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     bh, slot, P, b, base, ibase, dd, dmask, ng = _program(NG, L, H, SB, SH, D, BLOCK_D)
     if slot == P:
         for c0 in range(0, ng, BGC):
             _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, c0, ng, ng, L,
-                        ng, scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BGC, BLOCK, BGC,
+                        ng, scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BGC, BLOCK_N, BGC,
                         DOT_FP32, DOT_PRECISION)
     else:
         for i in range(slot, tl.load(NTILE + b), P):
             s, e, lo, hi = _tile(TAB, NTILE, NG, b, i, TM)
             _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, s, e, lo, hi,
-                        ng, scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BLOCK, BLOCK, BGC,
+                        ng, scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BLOCK_M, BLOCK_N, BGC,
                         DOT_FP32, DOT_PRECISION)
 
 
@@ -388,19 +388,19 @@ def _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, S
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, TAB, NTILE, NG, BITS, scale, SB, SH, SL, L, H, TM, NB,
                         MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, D: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BGC: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BGC: tl.constexpr,
                         DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     bh, slot, P, b, base, ibase, dd, dmask, ng = _program(NG, L, H, SB, SH, D, BLOCK_D)
     if slot == P:
         for r0 in range(0, ng, BGC):
             _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, r0, ng, ng, L, ng,
-                      scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BGC, BLOCK, BGC,
+                      scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BGC, BLOCK_N, BGC,
                       DOT_FP32, DOT_PRECISION)
     else:
         for i in range(slot, tl.load(NTILE + b), P):
             s, e, lo, hi = _tile(TAB, NTILE, NG, b, i, TM)
             _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, s, e, lo, hi, ng,
-                      scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BLOCK, BLOCK, BGC,
+                      scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BLOCK_M, BLOCK_N, BGC,
                       DOT_FP32, DOT_PRECISION)
 
 
@@ -471,20 +471,54 @@ def _delta_kernel(O, DO, DELTA, R, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
-def _block(L: int, dtype) -> int:
-    # the interpreter (~1 ms a program) takes one tile for short rows and 16-row tiles beyond
-    # 32, so that tests cover multi-tile groups and several tiles per slot. On the GPU 64-row
-    # tiles for 16-bit inputs (tensor cores) and 32 for float32 (FMA dots; 64 spills registers).
+_ENV = "PYSSL_HOMATTN_TRITON"
+_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
+def _config(L: int, dtype, phase: str = "fwd") -> dict:
+    """Tile configuration of the group-mode kernels: BLOCK_M rows per tile (the tile table's
+    granularity: query tiles of the forward and dQ, key tiles of dK/dV), BLOCK_N rows per step
+    of the streamed side, num_warps (None: _warps per kernel), num_stages.
+
+    The interpreter (~1 ms a program) takes one tile for short rows and 16-row tiles beyond 32,
+    so that tests cover multi-tile groups and several tiles per slot. On the GPU 64-row tiles
+    for 16-bit inputs (tensor cores) and 32 for float32 (FMA dots; 64 spills registers).
+    PYSSL_HOMATTN_TRITON="num_stages=3,fwd.BLOCK_M=128,fwd.num_warps=8" overrides any of the
+    keys, for both phases or, prefixed "fwd." / "bwd.", for the forward or the backward (dK/dV
+    and dQ share the backward's tile table); read on every call, for timing
+    variants on a GPU without code changes; a malformed value raises ValueError. Variants that
+    bench/gpu_check.sh times are compile cases (spill-free under Triton 3.6 and 3.7)."""
     if interpreting():
-        return 32 if L <= 32 else 16
-    return 32 if dtype == torch.float32 else 64
+        b = 32 if L <= 32 else 16
+    else:
+        b = 32 if dtype == torch.float32 else 64
+    cfg = dict(BLOCK_M=b, BLOCK_N=b, num_warps=None, num_stages=2)
+    spec = os.environ.get(_ENV, "").strip()
+    for item in filter(None, (t.strip() for t in spec.split(","))):
+        key, _, val = item.partition("=")
+        where, _, key = key.strip().rpartition(".")
+        try:
+            v = int(val)
+        except ValueError:
+            v = -1
+        pow2_key = key != "num_stages"
+        if (where not in ("", "fwd", "bwd") or key not in _KEYS or v < 1 or (pow2_key and v & (v - 1))
+                or (key.startswith("BLOCK") and v < 16)):
+            raise ValueError(f"{_ENV}={spec!r}: bad entry {item!r}; expected comma-separated "
+                             f"[fwd.|bwd.]KEY=INT with KEY in {_KEYS} (BLOCK_* and num_warps powers "
+                             f"of two, BLOCK_* >= 16)")
+        if where in ("", phase):
+            cfg[key] = v
+    return cfg
 
 
-def _warps(kernel, dtype, use_bits: bool = False) -> int:
+def _warps(kernel, dtype, use_bits: bool = False, cfg: Optional[dict] = None) -> int:
     """Warps per program, chosen with ptxas -v so that no configuration spills under Triton 3.6
     (the GPU machine's) or 3.7: 16-bit tiles (tensor cores) take 4; float32 tiles (FMA dots)
     hold twice the registers, and ptxas's allocation differs by kernel: the forward and the
-    top-k dK/dV need 8, the group dK/dV and dQ 4."""
+    top-k dK/dV need 8, the group dK/dV and dQ 4. cfg["num_warps"], when set, wins."""
+    if cfg is not None and cfg.get("num_warps"):
+        return cfg["num_warps"]
     if dtype != torch.float32:
         return 4
     if kernel is _attn_fwd_kernel or (kernel is _attn_bwd_dkdv_kernel and use_bits):
@@ -611,14 +645,14 @@ def forward(q, k, v, groups, topk: int, scale: float):
                                     num_warps=_topk_warps(q.dtype), **dot_options(q.dtype))
         perm = torch.empty(0, dtype=torch.int64, device=q.device)
         return out, lse, bits, perm
-    block = _block(L, q.dtype)
+    cfg = _config(L, q.dtype)
     skip = _skip()
-    perm, gs, tab, ntile, ng = plan(groups, B, L, block, q.device, skip)
-    _attn_fwd_kernel[_grid(B, H, L, block)](q, k, v, out, lse, perm, gs, tab, ntile, ng, float(scale),
-                                            *strides, L, H, L + 1, MASK_GROUPS=groups is not None and not skip, D=D,
-                                            BLOCK_D=bd, BLOCK=block, BGC=BG,
-                                            num_warps=_warps(_attn_fwd_kernel, q.dtype), num_stages=2,
-                                            **dot_options(q.dtype))
+    perm, gs, tab, ntile, ng = plan(groups, B, L, cfg["BLOCK_M"], q.device, skip)
+    _attn_fwd_kernel[_grid(B, H, L, cfg["BLOCK_M"])](
+        q, k, v, out, lse, perm, gs, tab, ntile, ng, float(scale), *strides, L, H, L + 1,
+        MASK_GROUPS=groups is not None and not skip, D=D, BLOCK_D=bd, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BGC=BG, num_warps=_warps(_attn_fwd_kernel, q.dtype, cfg=cfg),
+        num_stages=cfg["num_stages"], **dot_options(q.dtype))
     return out, lse, torch.empty(0, dtype=torch.uint8, device=q.device), perm
 
 
@@ -626,7 +660,8 @@ def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: floa
     """out, dout, lse contiguous; q, k, v as strided_inputs takes them."""
     B, H, L, D = q.shape
     q, k, v, strides = strided_inputs(q, k, v)
-    block = _block(L, q.dtype)
+    cfg = _config(L, q.dtype, "bwd")
+    block = cfg["BLOCK_M"]
     bd = pow2(D, lo=16)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     _delta_kernel[(triton.cdiv(B * H * L, 64),)](out, dout, delta, B * H * L, D=D, BLOCK_D=bd, BLOCK_R=64,
@@ -644,15 +679,15 @@ def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: floa
         bits = torch.zeros(1, dtype=torch.uint8, device=q.device)
         mask_groups = groups is not None and not skip
     dq, dk, dv = (torch.empty((B, H, L, D), dtype=q.dtype, device=q.device) for _ in range(3))
-    common = dict(MASK_GROUPS=mask_groups, USE_BITS=bool(topk), D=D, BLOCK_D=bd, BLOCK=block, BGC=BG,
-                  num_stages=2, **dot_options(q.dtype))
+    common = dict(MASK_GROUPS=mask_groups, USE_BITS=bool(topk), D=D, BLOCK_D=bd, BLOCK_M=block,
+                  BLOCK_N=cfg["BLOCK_N"], BGC=BG, num_stages=cfg["num_stages"], **dot_options(q.dtype))
     grid = _grid(B, H, L, block)
     _attn_bwd_dkdv_kernel[grid](q, k, v, dout, lse, delta, dk, dv, perm, gs, tab, ntile, ng, bits,
                                 float(scale), *strides, L, H, L + 1, nb,
-                                num_warps=_warps(_attn_bwd_dkdv_kernel, q.dtype, bool(topk)), **common)
+                                num_warps=_warps(_attn_bwd_dkdv_kernel, q.dtype, bool(topk), cfg), **common)
     _attn_bwd_dq_kernel[grid](q, k, v, dout, lse, delta, dq, perm, gs, tab, ntile, ng, bits,
-                              float(scale), *strides, L, H, L + 1, nb, num_warps=_warps(_attn_bwd_dq_kernel, q.dtype),
-                              **common)
+                              float(scale), *strides, L, H, L + 1, nb,
+                              num_warps=_warps(_attn_bwd_dq_kernel, q.dtype, cfg=cfg), **common)
     return dq, dk, dv
 
 
@@ -668,15 +703,24 @@ _TABLE_SIG = dict(PERM="*i64", GS="*i64", TAB="*i32", NTILE="*i32", NG="*i32")
 _STRIDES = dict(SB="i32", SH="i32", SL="i32")
 
 
-def _fwd_case(dtype, mask_groups):
+def _tiles(dtype, tiles):
+    """(BLOCK_M, BLOCK_N, options): the default GPU configuration, or tiles = (BLOCK_M, BLOCK_N,
+    num_warps, num_stages), a variant bench/gpu_check.sh times through PYSSL_HOMATTN_TRITON."""
+    if tiles is None:
+        b = 32 if dtype == torch.float32 else 64
+        return b, b, None, 2
+    return tiles
+
+
+def _fwd_case(dtype, mask_groups, tiles=None):
     t = "*" + _TL_NAME[dtype]
     sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", **_TABLE_SIG, scale="fp32", **_STRIDES, L="i32", H="i32",
-               TM="i32",
-               MASK_GROUPS="constexpr", D="constexpr", BLOCK_D="constexpr", BLOCK="constexpr",
-               BGC="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
-    const = dict(MASK_GROUPS=mask_groups, D=64, BLOCK_D=64, BLOCK=32 if dtype == torch.float32 else 64,
-                 BGC=BG, **dot_options(dtype, interpret=False))
-    return (_attn_fwd_kernel, sig, const, dict(num_warps=_warps(_attn_fwd_kernel, dtype), num_stages=2),
+               TM="i32", MASK_GROUPS="constexpr", D="constexpr", BLOCK_D="constexpr", BLOCK_M="constexpr",
+               BLOCK_N="constexpr", BGC="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
+    bm, bn, nw, ns = _tiles(dtype, tiles)
+    const = dict(MASK_GROUPS=mask_groups, D=64, BLOCK_D=64, BLOCK_M=bm, BLOCK_N=bn, BGC=BG,
+                 **dot_options(dtype, interpret=False))
+    return (_attn_fwd_kernel, sig, const, dict(num_warps=nw or _warps(_attn_fwd_kernel, dtype), num_stages=ns),
             _aligned(sig))
 
 
@@ -689,16 +733,19 @@ def _topk_case(dtype, l_pad):
     return (_attn_topk_fwd_kernel, sig, const, dict(num_warps=_topk_warps(dtype)), _aligned(sig))
 
 
-def _bwd_case(kernel, dtype, use_bits, mask_groups=False):
+def _bwd_case(kernel, dtype, use_bits, mask_groups=False, tiles=None):
     t = "*" + _TL_NAME[dtype]
     names = ["Q", "K", "V", "DO", "LSE", "DELTA"] + (["DK", "DV"] if kernel is _attn_bwd_dkdv_kernel else ["DQ"])
     sig = {n: (t if n in ("Q", "K", "V", "DO", "DK", "DV", "DQ") else "*fp32") for n in names}
     sig.update(**_TABLE_SIG, BITS="*u8", scale="fp32", **_STRIDES, L="i32", H="i32", TM="i32", NB="i32",
                MASK_GROUPS="constexpr", USE_BITS="constexpr", D="constexpr", BLOCK_D="constexpr",
-               BLOCK="constexpr", BGC="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
-    const = dict(MASK_GROUPS=mask_groups, USE_BITS=use_bits, D=64, BLOCK_D=64,
-                 BLOCK=32 if dtype == torch.float32 else 64, BGC=BG, **dot_options(dtype, interpret=False))
-    return (kernel, sig, const, dict(num_warps=_warps(kernel, dtype, use_bits), num_stages=2), _aligned(sig))
+               BLOCK_M="constexpr", BLOCK_N="constexpr", BGC="constexpr", DOT_FP32="constexpr",
+               DOT_PRECISION="constexpr")
+    bm, bn, nw, ns = _tiles(dtype, tiles)
+    const = dict(MASK_GROUPS=mask_groups, USE_BITS=use_bits, D=64, BLOCK_D=64, BLOCK_M=bm, BLOCK_N=bn, BGC=BG,
+                 **dot_options(dtype, interpret=False))
+    return (kernel, sig, const, dict(num_warps=nw or _warps(kernel, dtype, use_bits), num_stages=ns),
+            _aligned(sig))
 
 
 def _plan_case(l_pad, skip):
@@ -735,6 +782,12 @@ COMPILE_CASES = [
     _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, False),
     _bwd_case(_attn_bwd_dq_kernel, torch.float32, False),
     _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, True),
+    # the variants bench/gpu_check.sh times (PYSSL_HOMATTN_TRITON): "num_stages=3" and
+    # "fwd.BLOCK_M=128,fwd.num_warps=8,fwd.num_stages=3" (128-row key tiles spill in dK/dV)
+    _fwd_case(torch.bfloat16, False, tiles=(64, 64, 4, 3)),
+    _bwd_case(_attn_bwd_dkdv_kernel, torch.bfloat16, False, tiles=(64, 64, 4, 3)),
+    _bwd_case(_attn_bwd_dq_kernel, torch.bfloat16, False, tiles=(64, 64, 4, 3)),
+    _fwd_case(torch.bfloat16, False, tiles=(128, 64, 8, 3)),
 ]
 
 __all__ = ["forward", "backward", "strided_inputs", "plan", "tables", "MAX_PLAN_L", "visited_fraction", "max_topk_l", "MAX_TOPK_L", "BG",

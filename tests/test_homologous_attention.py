@@ -182,7 +182,7 @@ def test_long_rows_with_skipped_tiles(backend, topk):
     q, k, v = (t.requires_grad_() for t in _qkv(b=2, h=2, l=70, d=16, device=dev))
     groups = _groups(2, 70, 4, n_global=0).to(dev)
     if backend == "triton" and topk is None:
-        assert K.visited_fraction(groups, 70, K._block(70, q.dtype)) < 0.7
+        assert K.visited_fraction(groups, 70, K._config(70, q.dtype)["BLOCK_M"]) < 0.7
     _check_against_reference(q, k, v, groups, topk, backend)
 
 
@@ -224,6 +224,27 @@ def test_strided_qkv_views(backend, topk):
     got, = torch.autograd.grad(out, qkv, g)
     want, = torch.autograd.grad(ref, qkv, g)
     torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["fwd.BLOCK_M=32,bwd.BLOCK_N=32,num_stages=3", "BLOCK_M=16,BLOCK_N=32"])
+def test_triton_tile_overrides(spec, monkeypatch):
+    """PYSSL_HOMATTN_TRITON (the GPU sweep's knob): tiles of BLOCK_M rows streamed against
+    BLOCK_N-row steps, forward and backward configured apart, top-k's backward on the same
+    tiles, all still equal to the reference."""
+    monkeypatch.setenv("PYSSL_HOMATTN_TRITON", spec)
+    dev = device_for("triton")
+    q, k, v = (t.requires_grad_() for t in _qkv(b=2, h=1, l=70, d=8, device=dev, seed=9))
+    groups = _groups(2, 70, 3, n_global=2, seed=9).to(dev)
+    _check_against_reference(q, k, v, groups, None, "triton")
+    _check_against_reference(q, k, v, groups, 6, "triton")
+
+
+@pytest.mark.parametrize("spec", ["BLOCK_M=48", "bwd.BLOCK_N=8", "num_warps=3", "dq.BLOCK_M=64", "tiles=64"])
+def test_triton_tile_override_rejects_bad_values(spec, monkeypatch):
+    monkeypatch.setenv("PYSSL_HOMATTN_TRITON", spec)
+    q, k, v = _qkv(device=device_for("triton"))
+    with pytest.raises(ValueError, match="PYSSL_HOMATTN_TRITON"):
+        pyssl.homologous_attention(q, k, v, _groups(2, 21, 3).to(q.device), backend="triton")
 
 
 def test_visited_fraction_at_vit_and_long_sizes():
