@@ -118,7 +118,10 @@ void gaussian_noise_cuda(at::Tensor x, at::Tensor row_src, at::Tensor row_sample
   TORCH_CHECK(x.size(1) == C * HW, "x has ", x.size(1), " elements per image, expected C*HW = ", C * HW);
   TORCH_CHECK(row_src.dtype() == at::kLong && row_sample.dtype() == at::kLong && image_ids.dtype() == at::kLong,
               "row_src, row_sample and image_ids must be int64");
-  TORCH_CHECK(a.dtype() == at::kFloat && b.dtype() == at::kFloat && a.numel() == C && b.numel() == C, "a, b must be float32 (C,)");
+  TORCH_CHECK(row_src.is_contiguous() && row_sample.is_contiguous() && image_ids.is_contiguous(),
+              "row_src, row_sample and image_ids must be contiguous");
+  TORCH_CHECK(a.dtype() == at::kFloat && b.dtype() == at::kFloat && a.numel() == C && b.numel() == C &&
+              a.is_contiguous() && b.is_contiguous(), "a, b must be contiguous float32 (C,)");
   TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == row_src.numel() && out.size(1) == x.size(1),
               "out must be contiguous (R, E)");
   const int64_t R = row_src.numel();

@@ -243,9 +243,11 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L, H, NB,
     nmask = cols < L
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    q = tl.load(Q + ibase + rows[:, None] * SL + dd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
-    kt = tl.load(K + ibase + cols[None, :] * SL + dd[:, None], mask=dmask[:, None] & nmask[None, :], other=0.0)
-    vv = tl.load(V + ibase + cols[:, None] * SL + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+    r64 = rows.to(tl.int64)        # row strides of strided views can be large: int64 offsets
+    c64 = cols.to(tl.int64)
+    q = tl.load(Q + ibase + r64[:, None] * SL + dd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+    kt = tl.load(K + ibase + c64[None, :] * SL + dd[:, None], mask=dmask[:, None] & nmask[None, :], other=0.0)
+    vv = tl.load(V + ibase + c64[:, None] * SL + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
         kt = kt.to(tl.float32)
@@ -613,8 +615,9 @@ def visited_fraction(groups, L: int, block: int = 64, skip: bool = True) -> floa
 
 
 def _grid(B, H, L, block):
-    # cdiv(L, block) tile slots (each loops over its share of the tiles) + the global slot
-    return (B * H, triton.cdiv(L, block) + 1)
+    # cdiv(L, block) tile slots (each loops over its share of the tiles; at most 65534, since
+    # grid axis 1 stops at 65535) + the global slot
+    return (B * H, min(triton.cdiv(L, block), 65534) + 1)
 
 
 def strided_inputs(q, k, v):
