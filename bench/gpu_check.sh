@@ -19,6 +19,8 @@ log "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$OUT/gpu_check.log"
 if [ -d bench/.wheels ]; then
   $PY -m pip install -q --no-deps --no-index bench/.wheels/*.whl 2>&1 | tail -2 | tee -a "$OUT/gpu_check.log"
+else
+  log "no bench/.wheels: the MLCD peers (liger-kernel, cut-cross-entropy) are skipped unless the image has them (make gpu-wheels here, then carry bench/.wheels)"
 fi
 
 log "build"
