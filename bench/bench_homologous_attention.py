@@ -124,20 +124,24 @@ def _flops(inp):
     return 14.0 * inp["pairs"] * inp["q"].shape[-1]
 
 
+def _impls(backend):
+    """The peers, then our torch fallback and the backend under test."""
+    return {"naive": attn_naive, "sdpa_mask": attn_sdpa_mask, "flex": attn_flex,
+            "pyssl-torch": attn_pyssl("torch"), f"pyssl-{backend}": attn_pyssl(backend)}
+
+
 CASES = [
     Case("homattn_cpu", "cpu",
          _sizes(lambda dev: _problem(16, 12, 197, 64, 4, 1, torch.float32, dev),
                 lambda dev: _problem(2, 2, 23, 8, 4, 1, torch.float32, dev)),
-         {"naive": attn_naive, "sdpa_mask": attn_sdpa_mask, "flex": attn_flex,
-          "pyssl-torch": attn_pyssl("torch"), "pyssl-cpu": attn_pyssl("cpu")},
+         _impls("cpu"),
          flops=_flops, repeats=7, warmup=2,
          notes="B=16, H=12, L=197, d=64, 4 interleaved groups + 1 global token, fp32, forward+backward "
                "(flex: forward only, FlexAttention has no CPU backward)."),
     Case("homattn_vitb", "cuda",
          _sizes(lambda dev: _problem(256, 12, 197, 64, 4, 1, torch.bfloat16, dev),
                 lambda dev: _problem(2, 2, 23, 8, 4, 1, torch.float32, dev)),
-         {"naive": attn_naive, "sdpa_mask": attn_sdpa_mask, "flex": attn_flex,
-          "pyssl-torch": attn_pyssl("torch"), "pyssl-triton": attn_pyssl("triton")},
+         _impls("triton"),
          flops=_flops, repeats=10, warmup=3,
          notes="B=256, H=12, L=197, d=64, 4 groups + 1 global token, bf16, forward+backward. "
                "pyssl-triton[noskip] (PYSSL_HOMATTN_NO_SKIP=1) meets every key tile with the group ids "
@@ -145,8 +149,7 @@ CASES = [
     Case("homattn_long", "cuda",
          _sizes(lambda dev: _problem(4, 16, 4096, 64, 4, 0, torch.bfloat16, dev),
                 lambda dev: _problem(1, 2, 64, 8, 4, 0, torch.float32, dev)),
-         {"naive": attn_naive, "sdpa_mask": attn_sdpa_mask, "flex": attn_flex,
-          "pyssl-torch": attn_pyssl("torch"), "pyssl-triton": attn_pyssl("triton")},
+         _impls("triton"),
          flops=_flops, repeats=10, warmup=3,
          notes="B=4, H=16, L=4096, d=64, 4 groups, bf16, forward+backward (see homattn_vitb for [noskip])."),
 ]

@@ -150,7 +150,7 @@ def _program(NG, L, H, SB, SH, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _tile(TAB, NTILE, NG, b, i, TM):
+def _tile(TAB, b, i, TM):
     """Tile i of batch row b: sorted rows [s, e) of one group, whose keys are [lo, hi)."""
     t = TAB + (b * TM + i).to(tl.int64) * 4
     return tl.load(t), tl.load(t + 1), tl.load(t + 2), tl.load(t + 3)
@@ -216,7 +216,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PERM, GS, TAB, NTILE, NG, scale, SB, SH, S
                        MASK_GROUPS, D, BLOCK_D, BGC, BLOCK_N, BGC, DOT_FP32, DOT_PRECISION)
     else:
         for i in range(slot, tl.load(NTILE + b), P):
-            s, e, lo, hi = _tile(TAB, NTILE, NG, b, i, TM)
+            s, e, lo, hi = _tile(TAB, b, i, TM)
             _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, ibase, SL, L, s, e, lo, hi, ng, scale, dd, dmask,
                        MASK_GROUPS, D, BLOCK_D, BLOCK_M, BLOCK_N, BGC, DOT_FP32, DOT_PRECISION)
 
@@ -354,7 +354,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, TAB, NTILE,
                         DOT_FP32, DOT_PRECISION)
     else:
         for i in range(slot, tl.load(NTILE + b), P):
-            s, e, lo, hi = _tile(TAB, NTILE, NG, b, i, TM)
+            s, e, lo, hi = _tile(TAB, b, i, TM)
             _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, s, e, lo, hi,
                         ng, scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BLOCK_M, BLOCK_N, BGC,
                         DOT_FP32, DOT_PRECISION)
@@ -400,7 +400,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, TAB, NTILE, NG, B
                       DOT_FP32, DOT_PRECISION)
     else:
         for i in range(slot, tl.load(NTILE + b), P):
-            s, e, lo, hi = _tile(TAB, NTILE, NG, b, i, TM)
+            s, e, lo, hi = _tile(TAB, b, i, TM)
             _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, s, e, lo, hi, ng,
                       scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BLOCK_M, BLOCK_N, BGC,
                       DOT_FP32, DOT_PRECISION)
@@ -477,6 +477,10 @@ _ENV = "PYSSL_HOMATTN_TRITON"
 _KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
+def _gpu_block(dtype) -> int:
+    return 32 if dtype == torch.float32 else 64
+
+
 def _config(L: int, dtype, phase: str = "fwd") -> dict:
     """Tile configuration of the group-mode kernels: BLOCK_M rows per tile (the tile table's
     granularity: query tiles of the forward and dQ, key tiles of dK/dV), BLOCK_N rows per step
@@ -490,10 +494,7 @@ def _config(L: int, dtype, phase: str = "fwd") -> dict:
     and dQ share the backward's tile table); read on every call, for timing
     variants on a GPU without code changes; a malformed value raises ValueError. Variants that
     bench/gpu_check.sh times are compile cases (spill-free under Triton 3.6 and 3.7)."""
-    if interpreting():
-        b = 32 if L <= 32 else 16
-    else:
-        b = 32 if dtype == torch.float32 else 64
+    b = (32 if L <= 32 else 16) if interpreting() else _gpu_block(dtype)
     cfg = dict(BLOCK_M=b, BLOCK_N=b, num_warps=None, num_stages=2)
     spec = os.environ.get(_ENV, "").strip()
     for item in filter(None, (t.strip() for t in spec.split(","))):
@@ -710,8 +711,7 @@ def _tiles(dtype, tiles):
     """(BLOCK_M, BLOCK_N, options): the default GPU configuration, or tiles = (BLOCK_M, BLOCK_N,
     num_warps, num_stages), a variant bench/gpu_check.sh times through PYSSL_HOMATTN_TRITON."""
     if tiles is None:
-        b = 32 if dtype == torch.float32 else 64
-        return b, b, None, 2
+        return _gpu_block(dtype), _gpu_block(dtype), None, 2
     return tiles
 
 

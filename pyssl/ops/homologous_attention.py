@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
