@@ -20,18 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from pyssl import _checks
 from pyssl.ops import knn as _knn
 
 
 def _progress(progress: Optional[bool]) -> bool:
     return sys.stderr.isatty() if progress is None else bool(progress)
-
-
-def _check_int(fn, name, v, lo=1):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{fn}: {name} must be ≥ {lo}, got {v}")
 
 
 def _use_gpu(gpu: Optional[bool], x: Tensor) -> bool:
@@ -57,16 +51,15 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
     backend: "auto" (faiss if importable), "faiss" or "torch"; both start from the same centroids.
     """
     fn = "kmeans"
-    _check_int(fn, "k", k)
-    _check_int(fn, "max_points_per_centroid", max_points_per_centroid)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{fn}: seed must be an int, got {type(seed).__name__}")
+    k = _checks.integer(fn, "k", k, lo=1)
+    max_points_per_centroid = _checks.integer(fn, "max_points_per_centroid", max_points_per_centroid, lo=1)
+    seed = _checks.integer(fn, "seed", seed)
     if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] > k * max_points_per_centroid:
         # a memmap larger than the training sample: read only the sampled rows
         keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
         x = x[np.sort(keep[: k * max_points_per_centroid].numpy())]
     x = _knn.as_float_tensor("x", fn, x)
-    _check_int(fn, "niter", niter, lo=0)
+    niter = _checks.integer(fn, "niter", niter, lo=0)
     n, d = x.shape
     if k > n:
         raise ValueError(f"{fn}: k={k} is larger than the number of points ({n})")
@@ -146,7 +139,7 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
     written there batch by batch and returned as tensors sharing their memory.
     """
     fn = "topk_assign"
-    _check_int(fn, "l", l)
+    l = _checks.integer(fn, "l", l, lo=1)
     cent = _knn.as_float_tensor("centroids", fn, centroids)
     if isinstance(x, np.ndarray):
         if x.ndim != 2 or x.shape[0] == 0:
@@ -161,7 +154,7 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
         raise ValueError(f"{fn}: l={l} is larger than the number of centroids ({cent.shape[0]})")
     if batch_size is None:
         batch_size = max(1, min(n, (1 << 26) // max(cent.shape[0], 1), 65536))
-    _check_int(fn, "batch_size", batch_size)
+    batch_size = _checks.integer(fn, "batch_size", batch_size, lo=1)
     dev = torch.device("cuda") if _use_gpu(gpu, cent if not isinstance(x, Tensor) else x) else cent.device
     cn = F.normalize(cent.detach().to(dev, torch.float32), dim=1)
     if out is not None:

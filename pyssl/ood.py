@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pyssl import _checks
 from pyssl.ops import knn as _knn
 
 
@@ -33,10 +34,7 @@ def msp(logits) -> Tensor:
 
 def energy(logits, temperature: float = 1.0) -> Tensor:
     """Negative free energy T·logsumexp(logits / T) (Liu et al. 2020)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"energy: temperature must be a number, got {type(temperature).__name__}")
-    if not np.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"energy: temperature must be a finite positive number, got {temperature!r}")
+    temperature = _checks.real("energy", "temperature", temperature, positive=True)
     return temperature * torch.logsumexp(_logits("energy", logits) / temperature, dim=1)
 
 
@@ -53,10 +51,7 @@ class KNNScorer:
     """
 
     def __init__(self, k: int = 50, *, normalize: bool = True, gpu: Optional[bool] = None, backend: str = "auto"):
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"KNNScorer: k must be an int, got {type(k).__name__}")
-        if k < 1:
-            raise ValueError(f"KNNScorer: k must be ≥ 1, got {k}")
+        k = _checks.integer("KNNScorer", "k", k, lo=1)
         if backend not in _knn.BACKENDS:
             raise ValueError(f"KNNScorer: backend must be one of {_knn.BACKENDS}, got {backend!r}")
         if gpu and not torch.cuda.is_available():

@@ -28,27 +28,20 @@ batch is padded with rows whose votes land in a discarded slot).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from pyssl import _checks
 from pyssl.ops import noise as _noise
 
 
-def _check_count(fn, name, v, lo=1):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{fn}: {name} must be >= {lo}, got {v}")
-    return v
-
-
 def _check_alpha(fn, alpha):
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha < 1.0):
-        raise ValueError(f"{fn}: alpha must be a number in (0, 1), got {alpha!r}")
-    return float(alpha)
+    alpha = _checks.real(fn, "alpha", alpha)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"{fn}: alpha must be in (0, 1), got {alpha!r}")
+    return alpha
 
 
 def _progress(total, desc, enabled):
@@ -78,10 +71,10 @@ class Smooth:
         fn = "Smooth"
         if not callable(model):
             raise TypeError(f"{fn}: model must be callable, got {type(model).__name__}")
-        _check_count(fn, "num_classes", num_classes, lo=2)
-        self.sigma = _noise._check_sigma(fn, sigma)
-        _check_count(fn, "batch_size", batch_size)
-        _noise._check_int(fn, "seed", seed, 0, _noise.SEED_LIMIT)
+        num_classes = _checks.integer(fn, "num_classes", num_classes, lo=2)
+        self.sigma = _checks.real(fn, "sigma", sigma, nonnegative=True)
+        batch_size = _checks.integer(fn, "batch_size", batch_size, lo=1)
+        seed = _checks.integer(fn, "seed", seed, lo=0, hi=_noise.SEED_LIMIT - 1)
         if autocast not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"{fn}: autocast must be None, torch.bfloat16 or torch.float16, got {autocast}")
         self.model = model
@@ -158,7 +151,7 @@ class Smooth:
     def predict(self, x: Tensor, n: int, alpha: float, *, image_ids=None) -> Tensor:
         """Class per image, −1 where the top two counts of n samples are not separated at alpha."""
         fn = "Smooth.predict"
-        _check_count(fn, "n", n)
+        n = _checks.integer(fn, "n", n, lo=1)
         if n > _noise.SAMPLE_LIMIT:
             raise ValueError(f"{fn}: n must be <= 2^32 (the sample counter), got {n}")
         alpha = _check_alpha(fn, alpha)
@@ -179,8 +172,8 @@ class Smooth:
                 ) -> Tuple[Tensor, Tensor]:
         """(prediction (B,), radius (B,)): selection from n0 samples, certification from n more."""
         fn = "Smooth.certify"
-        _check_count(fn, "n0", n0)
-        _check_count(fn, "n", n)
+        n0 = _checks.integer(fn, "n0", n0, lo=1)
+        n = _checks.integer(fn, "n", n, lo=1)
         alpha = _check_alpha(fn, alpha)
         if n0 + n > _noise.SAMPLE_LIMIT:
             raise ValueError(f"{fn}: n0 + n must be <= 2^32, got {n0 + n}")
@@ -274,8 +267,7 @@ def certified_accuracy(prediction: Tensor, radius: Tensor, labels: Tensor,
     """Fraction of images with prediction == label and radius >= r, for each r in radii."""
     fn = "certified_accuracy"
     for name, t in (("prediction", prediction), ("radius", radius), ("labels", labels)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        _checks.tensor(fn, name, t)
         if t.dim() != 1:
             raise ValueError(f"{fn}: {name} must be 1-d, got shape {tuple(t.shape)}")
     if not (prediction.shape == radius.shape == labels.shape):

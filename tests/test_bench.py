@@ -5,7 +5,6 @@ import json
 import torch
 from tqdm import tqdm
 
-import pyssl
 from pyssl import reference as R
 from bench import harness
 from bench import bench_mlcd_loss as B

@@ -1,5 +1,4 @@
 """pyssl.Smooth and pyssl.certified_accuracy: the counts, the statistics, Cohen et al.'s rules."""
-import math
 
 import numpy as np
 import pytest

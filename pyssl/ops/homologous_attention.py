@@ -31,13 +31,12 @@ Backends:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from pyssl import _dispatch
+from pyssl import _checks, _dispatch
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
@@ -51,8 +50,7 @@ CHUNK_ELEMS = 1 << 24
 
 def _check_inputs(fn, q, k, v, groups, topk, scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        _checks.tensor(fn, name, t)
         if t.dim() != 4:
             raise ValueError(f"{fn}: {name} must be (B, H, L, d), got shape {tuple(t.shape)}")
         if t.dtype not in _FLOATS:
@@ -67,27 +65,15 @@ def _check_inputs(fn, q, k, v, groups, topk, scale):
     if q.numel() == 0:
         raise ValueError(f"{fn}: q is empty (shape {tuple(q.shape)})")
     b, _, l, d = q.shape
-    if groups is not None:
-        if not isinstance(groups, Tensor):
-            raise TypeError(f"{fn}: groups must be a torch.Tensor or None, got {type(groups).__name__}")
-        if groups.dtype.is_floating_point or groups.dtype == torch.bool or groups.is_complex():
-            raise ValueError(f"{fn}: groups must be an integer tensor, got {groups.dtype}")
+    if _checks.tensor(fn, "groups", groups, optional=True) is not None:
+        _checks.integer_tensor(fn, "groups", groups)
         if groups.shape != (b, l):
             raise ValueError(f"{fn}: groups must have shape (B, L) = ({b}, {l}), got {tuple(groups.shape)}")
         if groups.device != q.device:
             raise ValueError(f"{fn}: groups must be on q's device ({q.device}), got {groups.device}")
-    if topk is not None:
-        if isinstance(topk, bool) or not isinstance(topk, int):
-            raise TypeError(f"{fn}: topk must be an int or None, got {type(topk).__name__}")
-        if topk < 1:
-            raise ValueError(f"{fn}: topk must be >= 1, got {topk}")
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"{fn}: scale must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"{fn}: scale must be a finite number or None, got {scale!r}")
-    return float(scale)
+    _checks.integer(fn, "topk", topk, lo=1, optional=True)
+    scale = _checks.real(fn, "scale", scale, optional=True)
+    return 1.0 / math.sqrt(d) if scale is None else scale
 
 
 def _acc_dtype(dtype):

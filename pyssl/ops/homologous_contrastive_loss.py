@@ -24,15 +24,13 @@ The op returns per-token losses; the reduction runs on those (B, L) values here.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pyssl import _dispatch
+from pyssl import _checks, _dispatch
 from pyssl.reference import NORM_EPS
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -40,26 +38,19 @@ CHUNK_ELEMS = 1 << 24
 
 
 def _check(fn, z, groups, temperature, reduction):
-    if not isinstance(z, Tensor):
-        raise TypeError(f"{fn}: z must be a torch.Tensor, got {type(z).__name__}")
+    _checks.tensor(fn, "z", z)
     if z.dim() != 3:
         raise ValueError(f"{fn}: z must be (B, L, E), got shape {tuple(z.shape)}")
     if z.numel() == 0:
         raise ValueError(f"{fn}: z is empty (shape {tuple(z.shape)})")
     if z.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise ValueError(f"{fn}: z must be float32, float64, bfloat16 or float16, got {z.dtype}")
-    if not isinstance(groups, Tensor):
-        raise TypeError(f"{fn}: groups must be a torch.Tensor, got {type(groups).__name__}")
-    if groups.dtype.is_floating_point or groups.dtype == torch.bool or groups.is_complex():
-        raise ValueError(f"{fn}: groups must be an integer tensor, got {groups.dtype}")
+    _checks.integer_tensor(fn, "groups", _checks.tensor(fn, "groups", groups))
     if groups.shape != z.shape[:2]:
         raise ValueError(f"{fn}: groups must have shape (B, L) = {tuple(z.shape[:2])}, got {tuple(groups.shape)}")
     if groups.device != z.device:
         raise ValueError(f"{fn}: groups must be on z's device ({z.device}), got {groups.device}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"{fn}: temperature must be a real number, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
+    _checks.real(fn, "temperature", temperature, positive=True)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pyssl import _dispatch
+from pyssl import _checks, _dispatch
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "cpu", "faiss", "triton", "torch")
@@ -237,8 +237,7 @@ def search(queries: Tensor, bank: Tensor, k: int, *, bank_bias: Optional[Tensor]
         raise ValueError(f"{fn}: queries have D={queries.shape[1]} but the bank has D={bank.shape[1]}")
     if queries.device != bank.device:
         raise ValueError(f"{fn}: queries are on {queries.device} but the bank is on {bank.device}")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{fn}: k must be an int, got {type(k).__name__}")
+    k = _checks.integer(fn, "k", k)
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"{fn}: k must be in [1, {bank.shape[0]}] (the number of bank rows), got {k}")
     chosen = choose_backend(fn, backend, queries, k)

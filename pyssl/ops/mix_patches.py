@@ -11,24 +11,25 @@ generator reproduces the mix on any device. mixed is a gather of patches: differ
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from pyssl import _checks
+
 
 def mix_patches(patches: Tensor, ratio: float = 0.25, *, generator: Optional[torch.Generator] = None
                 ) -> Tuple[Tensor, Tensor, Tensor]:
     fn = "mix_patches"
-    if not isinstance(patches, Tensor):
-        raise TypeError(f"{fn}: patches must be a torch.Tensor, got {type(patches).__name__}")
+    _checks.tensor(fn, "patches", patches)
     if patches.dim() != 3:
         raise ValueError(f"{fn}: patches must be (B, Np, P), got shape {tuple(patches.shape)}")
     if patches.numel() == 0:
         raise ValueError(f"{fn}: patches is empty (shape {tuple(patches.shape)})")
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not (0.0 < ratio <= 1.0):
-        raise ValueError(f"{fn}: ratio must be a number in (0, 1], got {ratio!r}")
+    ratio = _checks.real(fn, "ratio", ratio)
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"{fn}: ratio must be in (0, 1], got {ratio!r}")
     b, np_, _ = patches.shape
     if 1.0 / ratio > b + 0.5:
         raise ValueError(f"{fn}: ratio={ratio} mixes G = round(1/ratio) images per sample, more than the "

@@ -18,14 +18,12 @@ the backward recomputes the logits tile by tile.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from pyssl import _dispatch, _workspace
+from pyssl import _checks, _dispatch, _workspace
 from pyssl.reference import NORM_EPS, SIN_EPS
 
 # loss kinds understood by the op
@@ -47,28 +45,9 @@ _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 # argument checks (shapes and types here, data-dependent checks inside the op)
 # --------------------------------------------------------------------------------------------
 
-def _check_float_tensor(name, t, ndim):
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if t.dtype not in _FLOATS:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16 (float64 for the torch "
-                         f"backend), got {t.dtype}")
-
-
-def _check_number(fn, name, v, positive=False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a number, got {type(v).__name__}")
-    if not math.isfinite(v) or (positive and v <= 0):
-        raise ValueError(f"{fn}: {name} must be a finite{' positive' if positive else ''} number, got {v!r}")
-
-
 def _check_common(fn, x, weight, classes, scale, reduction, margin_grad):
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"{fn}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    _checks.tensor(fn, "x", x)
+    _checks.tensor(fn, "weight", weight)
     if x.dim() != 2:
         raise ValueError(f"{fn}: x must be (N, D), got shape {tuple(x.shape)}")
     if weight.dim() != 2:
@@ -85,16 +64,14 @@ def _check_common(fn, x, weight, classes, scale, reduction, margin_grad):
         raise ValueError(f"{fn}: weight is empty (C = 0)")
     if x.shape[1] == 0 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"{fn}: x has D={x.shape[1]} but weight has D={weight.shape[1]}")
-    if classes is not None:
-        if not isinstance(classes, Tensor):
-            raise TypeError(f"{fn}: classes must be None or a torch.Tensor, got {type(classes).__name__}")
+    if _checks.tensor(fn, "classes", classes, optional=True) is not None:
         if classes.dim() != 1 or classes.numel() == 0:
             raise ValueError(f"{fn}: classes must be a non-empty 1-D tensor, got shape {tuple(classes.shape)}")
         if classes.dtype != torch.int64:
             raise ValueError(f"{fn}: classes must be int64, got {classes.dtype}")
         if classes.device != x.device:
             raise ValueError(f"{fn}: classes is on {classes.device} but x is on {x.device}")
-    _check_number(fn, "scale", scale, positive=True)
+    _checks.real(fn, "scale", scale, positive=True)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if margin_grad not in _MARGIN_GRADS:
@@ -102,8 +79,7 @@ def _check_common(fn, x, weight, classes, scale, reduction, margin_grad):
 
 
 def _check_ids(fn, name, ids, x, ndim):
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(ids).__name__}")
+    _checks.tensor(fn, name, ids)
     if ids.dtype != torch.int64:
         raise ValueError(f"{fn}: {name} must be int64, got {ids.dtype}")
     if ids.dim() != ndim or ids.shape[0] != x.shape[0]:
@@ -513,7 +489,7 @@ def mlcd_loss(x: Tensor, weight: Tensor, positives: Tensor, *, scale: float = 64
     fn = "mlcd_loss"
     _check_common(fn, x, weight, classes, scale, reduction, margin_grad)
     _check_ids(fn, "positives", positives, x, 2)
-    _check_number(fn, "margin", margin)
+    margin = _checks.real(fn, "margin", margin)
     return _run(fn, MLCD, x, weight, positives, classes, scale, 1.0, margin, 0.0, margin_grad,
                 reduction, backend)
 
@@ -530,8 +506,7 @@ def margin_softmax_loss(x: Tensor, weight: Tensor, labels: Tensor, *, scale: flo
     fn = "margin_softmax_loss"
     _check_common(fn, x, weight, classes, scale, reduction, margin_grad)
     _check_ids(fn, "labels", labels, x, 1)
-    for name, v in (("m1", m1), ("m2", m2), ("m3", m3)):
-        _check_number(fn, name, v)
+    m1, m2, m3 = (_checks.real(fn, name, v) for name, v in (("m1", m1), ("m2", m2), ("m3", m3)))
     return _run(fn, SOFTMAX, x, weight, labels[:, None], classes, scale, m1, m2, m3, margin_grad,
                 reduction, backend)
 
@@ -541,19 +516,15 @@ def sample_classes(positives: Tensor, num_classes: int, ratio: float = 0.1, *,
     """S = every positive of the batch ∪ round(ratio·(C − |P|)) other classes drawn uniformly
     without replacement; sorted, unique, int64, on positives' device."""
     fn = "sample_classes"
-    if not isinstance(positives, Tensor):
-        raise TypeError(f"{fn}: positives must be a torch.Tensor, got {type(positives).__name__}")
+    _checks.tensor(fn, "positives", positives)
     if positives.dtype != torch.int64:
         raise ValueError(f"{fn}: positives must be int64, got {positives.dtype}")
     if positives.dim() != 2:
         raise ValueError(f"{fn}: positives must be (N, l), got shape {tuple(positives.shape)}")
     if positives.numel() == 0:
         raise ValueError(f"{fn}: positives is empty")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"{fn}: num_classes must be an int, got {type(num_classes).__name__}")
-    if num_classes < 1:
-        raise ValueError(f"{fn}: num_classes must be positive, got {num_classes}")
-    _check_number(fn, "ratio", ratio)
+    num_classes = _checks.integer(fn, "num_classes", num_classes, lo=1)
+    ratio = _checks.real(fn, "ratio", ratio)
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"{fn}: ratio must be in [0, 1], got {ratio!r}")
     flat = positives.reshape(-1)

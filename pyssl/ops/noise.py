@@ -43,12 +43,12 @@ row block and writes every output element once; none allocates more than the out
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from pyssl import _dispatch
+from pyssl import _checks, _dispatch
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -140,14 +140,6 @@ def philox_normals(seed: int, image_id: Tensor, sample: Tensor, num_elements: in
 # argument checks
 # --------------------------------------------------------------------------------------------
 
-def _check_int(fn, name, v, lo, hi):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
-    if not lo <= v < hi:
-        raise ValueError(f"{fn}: {name} must be in [{lo}, {hi}), got {v}")
-    return v
-
-
 def _channel_affine(fn, x: Tensor, mean, std):
     """(a, b) float32 (C,) on x's device with y = a·v + b; None/None is the identity.
 
@@ -187,8 +179,7 @@ def _channel_affine(fn, x: Tensor, mean, std):
 
 
 def _check_x(fn, x):
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    _checks.tensor(fn, "x", x)
     if x.dim() < 1 or x.shape[0] == 0 or x.numel() == 0:
         raise ValueError(f"{fn}: x must be (B, ...) with B >= 1 and no empty dimension, got shape {tuple(x.shape)}")
     if x.dtype not in _FLOATS + (torch.float64,):
@@ -202,8 +193,7 @@ def _check_image_ids(fn, image_ids, b, device):
         return torch.arange(b, device=device, dtype=torch.int64)
     if not isinstance(image_ids, Tensor):
         image_ids = torch.as_tensor(image_ids, device=device)
-    if image_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise ValueError(f"{fn}: image_ids must be an integer tensor, got {image_ids.dtype}")
+    _checks.integer_tensor(fn, "image_ids", image_ids)
     if image_ids.shape != (b,):
         raise ValueError(f"{fn}: image_ids must have shape ({b},) (one id per image of x), got {tuple(image_ids.shape)}")
     if image_ids.device != device:
@@ -212,14 +202,6 @@ def _check_image_ids(fn, image_ids, b, device):
     if bool(((ids < 0) | (ids >= IMAGE_ID_LIMIT)).any()):
         raise ValueError(f"{fn}: image_ids must be in [0, 2^32), got values from {int(ids.min())} to {int(ids.max())}")
     return ids
-
-
-def _check_sigma(fn, sigma):
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise TypeError(f"{fn}: sigma must be a number, got {type(sigma).__name__}")
-    if not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"{fn}: sigma must be finite and >= 0, got {sigma}")
-    return float(sigma)
 
 
 def _out_memory_format(fn, x, memory_format):
@@ -402,10 +384,10 @@ def gaussian_noise(x: Tensor, num_samples: int, sigma: float, *, seed: int, samp
     Differentiable in x."""
     fn = "gaussian_noise"
     _check_x(fn, x)
-    _check_int(fn, "num_samples", num_samples, 1, SAMPLE_LIMIT)
-    sigma = _check_sigma(fn, sigma)
-    _check_int(fn, "seed", seed, 0, SEED_LIMIT)
-    _check_int(fn, "sample_offset", sample_offset, 0, SAMPLE_LIMIT)
+    num_samples = _checks.integer(fn, "num_samples", num_samples, lo=1, hi=SAMPLE_LIMIT)
+    sigma = _checks.real(fn, "sigma", sigma, nonnegative=True)
+    seed = _checks.integer(fn, "seed", seed, lo=0, hi=SEED_LIMIT - 1)
+    sample_offset = _checks.integer(fn, "sample_offset", sample_offset, lo=0, hi=SAMPLE_LIMIT - 1)
     if sample_offset + num_samples > SAMPLE_LIMIT:
         raise ValueError(f"{fn}: sample_offset + num_samples must be <= 2^32, got {sample_offset + num_samples}")
     if x[0].numel() > ELEMENT_LIMIT:
