@@ -27,8 +27,9 @@ loaded per tile instead (what the benchmark compares). Many groups much smaller 
 cost up to one partial tile each: at G groups of n < BLOCK tokens the work is G·BLOCK^2.
 
 Top-k mode (topk = K > 0). A program holds whole score rows (BLOCK_M × L_PAD, L_PAD = next power
-of two of L, at most max_topk_l(dtype): 512 for 16-bit inputs, 128 for float32): scores are keyed as (order-preserving int32 of the float32
-score) << 32 | (2^31 − 1 − key index), so one int64 order ranks by score and puts the lower
+of two of L, at most max_topk_l(dtype, d): for 16-bit inputs 512 at d <= 64, 256 at d <= 128,
+128 at d <= 256; for float32 128 at d <= 64, else 64): scores are keyed as (order-preserving
+int32 of the float32 score) << 32 | (2^31 − 1 − key index), so one int64 order ranks by score and puts the lower
 index first among ties; tl.sort gives the K-th largest key per row, the kept set is the allowed
 keys at or above it, saved as a bitmask (B, H, L, ceil(L/8)) uint8 (bit j % 8 of byte j // 8 is
 key j) for the backward, which never re-ranks. perm is the identity there, and the backward
@@ -55,13 +56,21 @@ import triton.language as tl
 
 from pyssl.kernels._tiles import dot_options, interpreting, pow2
 
-MAX_TOPK_L = 512          # 16-bit inputs; float32 rows (FMA dots, 32-bit keys) fit up to 128
+MAX_TOPK_L = 512          # 16-bit inputs, d <= 64; float32 rows (FMA dots, 32-bit keys) fit up to 128
+MAX_HEAD_DIM = 256        # widest head the kernels take (BLOCK_D = next power of two of d)
 BG = 16                   # width of the global-token tiles (rows or keys)
 
+# Longest row (L_PAD) of the top-k kernel by (float32 inputs, BLOCK_D): k and v of the whole row
+# sit in shared memory (2·L_PAD·BLOCK_D·element size, at most 227 KiB on sm_90) and the float32
+# rows spill registers beyond these (ptxas -v under Triton 3.6 and 3.7; each is a compile case).
+_TOPK_L = {(False, 64): 512, (False, 128): 256, (False, 256): 128,
+           (True, 64): 128, (True, 128): 64, (True, 256): 64}
 
-def max_topk_l(dtype) -> int:
-    """Longest row the top-k kernel holds on chip without register spills (checked on sm_90)."""
-    return 128 if dtype == torch.float32 else MAX_TOPK_L
+
+def max_topk_l(dtype, d: int = 64) -> int:
+    """Longest row the top-k kernel holds on chip for head dimension d (0: d is too wide)."""
+    bd = max(pow2(d, lo=16), 64)
+    return _TOPK_L.get((dtype == torch.float32, bd), 0)
 
 
 _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -477,11 +486,30 @@ _ENV = "PYSSL_HOMATTN_TRITON"
 _KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
-def _gpu_block(dtype) -> int:
-    return 32 if dtype == torch.float32 else 64
+# GPU tiles of the group-mode kernels by (float32 inputs, BLOCK_D, phase): (BLOCK, warps of the
+# forward / dK/dV / dK/dV with the top-k bitmask / dQ, num_stages). The accumulators are
+# BLOCK x BLOCK_D float32, so wider heads take smaller tiles or more warps; chosen with ptxas -v
+# so that no launch spills registers under Triton 3.6 or 3.7 (every entry is a compile case).
+# 16-bit tiles run on tensor cores, float32 tiles on FMA dots (twice the registers).
+_GPU_TILES = {
+    (False, 64, "fwd"): (64, (4, 4, 4, 4), 2), (False, 64, "bwd"): (64, (4, 4, 4, 4), 2),
+    (True, 64, "fwd"): (32, (8, 4, 8, 4), 2), (True, 64, "bwd"): (32, (8, 4, 8, 4), 2),
+    (False, 128, "fwd"): (64, (8, 8, 8, 8), 2), (False, 128, "bwd"): (32, (8, 8, 8, 4), 1),
+    (True, 128, "fwd"): (32, (4, 8, 8, 8), 3), (True, 128, "bwd"): (32, (4, 8, 8, 8), 2),
+    (False, 256, "fwd"): (32, (8, 8, 8, 8), 2), (False, 256, "bwd"): (32, (8, 8, 8, 8), 2),
+    (True, 256, "fwd"): (16, (8, 8, 8, 8), 2), (True, 256, "bwd"): (16, (8, 8, 8, 8), 1),
+}
 
 
-def _config(L: int, dtype, phase: str = "fwd") -> dict:
+def _gpu_tiles(dtype, d: int, phase: str):
+    return _GPU_TILES[(dtype == torch.float32, max(pow2(d, lo=16), 64), phase)]
+
+
+def _gpu_block(dtype, d: int = 64, phase: str = "fwd") -> int:
+    return _gpu_tiles(dtype, d, phase)[0]
+
+
+def _config(L: int, dtype, phase: str = "fwd", d: int = 64) -> dict:
     """Tile configuration of the group-mode kernels: BLOCK_M rows per tile (the tile table's
     granularity: query tiles of the forward and dQ, key tiles of dK/dV), BLOCK_N rows per step
     of the streamed side, num_warps (None: _warps per kernel), num_stages.
@@ -494,8 +522,11 @@ def _config(L: int, dtype, phase: str = "fwd") -> dict:
     and dQ share the backward's tile table); read on every call, for timing
     variants on a GPU without code changes; a malformed value raises ValueError. Variants that
     bench/gpu_check.sh times are compile cases (spill-free under Triton 3.6 and 3.7)."""
-    b = (32 if L <= 32 else 16) if interpreting() else _gpu_block(dtype)
-    cfg = dict(BLOCK_M=b, BLOCK_N=b, num_warps=None, num_stages=2)
+    if interpreting():
+        b, stages = (32 if L <= 32 else 16), 2
+    else:
+        b, _, stages = _gpu_tiles(dtype, d, phase)
+    cfg = dict(BLOCK_M=b, BLOCK_N=b, num_warps=None, num_stages=stages)
     spec = os.environ.get(_ENV, "").strip()
     for item in filter(None, (t.strip() for t in spec.split(","))):
         key, _, val = item.partition("=")
@@ -515,18 +546,19 @@ def _config(L: int, dtype, phase: str = "fwd") -> dict:
     return cfg
 
 
-def _warps(kernel, dtype, use_bits: bool = False, cfg: Optional[dict] = None) -> int:
-    """Warps per program, chosen with ptxas -v so that no configuration spills under Triton 3.6
-    (the GPU machine's) or 3.7: 16-bit tiles (tensor cores) take 4; float32 tiles (FMA dots)
-    hold twice the registers, and ptxas's allocation differs by kernel: the forward and the
-    top-k dK/dV need 8, the group dK/dV and dQ 4. cfg["num_warps"], when set, wins."""
+def _warps(kernel, dtype, use_bits: bool = False, cfg: Optional[dict] = None, d: int = 64) -> int:
+    """Warps per program from _GPU_TILES (ptxas's allocation differs by kernel: at d <= 64 the
+    float32 forward and top-k dK/dV need 8, the group dK/dV and dQ 4). cfg["num_warps"], when
+    set, wins."""
     if cfg is not None and cfg.get("num_warps"):
         return cfg["num_warps"]
-    if dtype != torch.float32:
-        return 4
-    if kernel is _attn_fwd_kernel or (kernel is _attn_bwd_dkdv_kernel and use_bits):
-        return 8
-    return 4
+    phase = "fwd" if kernel is _attn_fwd_kernel else "bwd"
+    warps = _gpu_tiles(dtype, d, phase)[1]
+    if kernel is _attn_fwd_kernel:
+        return warps[0]
+    if kernel is _attn_bwd_dkdv_kernel:
+        return warps[2] if use_bits else warps[1]
+    return warps[3]
 
 
 def _topk_warps(dtype) -> int:
@@ -649,13 +681,13 @@ def forward(q, k, v, groups, topk: int, scale: float):
                                     num_warps=_topk_warps(q.dtype), **dot_options(q.dtype))
         perm = torch.empty(0, dtype=torch.int64, device=q.device)
         return out, lse, bits, perm
-    cfg = _config(L, q.dtype)
+    cfg = _config(L, q.dtype, "fwd", D)
     skip = _skip()
     perm, gs, tab, ntile, ng = plan(groups, B, L, cfg["BLOCK_M"], q.device, skip)
     _attn_fwd_kernel[_grid(B, H, L, cfg["BLOCK_M"])](
         q, k, v, out, lse, perm, gs, tab, ntile, ng, float(scale), *strides, L, H, L + 1,
         MASK_GROUPS=groups is not None and not skip, D=D, BLOCK_D=bd, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BGC=BG, num_warps=_warps(_attn_fwd_kernel, q.dtype, cfg=cfg),
+        BLOCK_N=cfg["BLOCK_N"], BGC=BG, num_warps=_warps(_attn_fwd_kernel, q.dtype, cfg=cfg, d=D),
         num_stages=cfg["num_stages"], **dot_options(q.dtype))
     return out, lse, torch.empty(0, dtype=torch.uint8, device=q.device), perm
 
@@ -664,7 +696,7 @@ def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: floa
     """out, dout, lse contiguous; q, k, v as strided_inputs takes them."""
     B, H, L, D = q.shape
     q, k, v, strides = strided_inputs(q, k, v)
-    cfg = _config(L, q.dtype, "bwd")
+    cfg = _config(L, q.dtype, "bwd", D)
     block = cfg["BLOCK_M"]
     bd = pow2(D, lo=16)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
@@ -688,10 +720,10 @@ def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: floa
     grid = _grid(B, H, L, block)
     _attn_bwd_dkdv_kernel[grid](q, k, v, dout, lse, delta, dk, dv, perm, gs, tab, ntile, ng, bits,
                                 float(scale), *strides, L, H, L + 1, nb,
-                                num_warps=_warps(_attn_bwd_dkdv_kernel, q.dtype, bool(topk), cfg), **common)
+                                num_warps=_warps(_attn_bwd_dkdv_kernel, q.dtype, bool(topk), cfg, D), **common)
     _attn_bwd_dq_kernel[grid](q, k, v, dout, lse, delta, dq, perm, gs, tab, ntile, ng, bits,
                               float(scale), *strides, L, H, L + 1, nb,
-                              num_warps=_warps(_attn_bwd_dq_kernel, q.dtype, cfg=cfg), **common)
+                              num_warps=_warps(_attn_bwd_dq_kernel, q.dtype, cfg=cfg, d=D), **common)
     return dq, dk, dv
 
 
@@ -707,36 +739,38 @@ _TABLE_SIG = dict(PERM="*i64", GS="*i64", TAB="*i32", NTILE="*i32", NG="*i32")
 _STRIDES = dict(SB="i32", SH="i32", SL="i32")
 
 
-def _tiles(dtype, tiles):
-    """(BLOCK_M, BLOCK_N, options): the default GPU configuration, or tiles = (BLOCK_M, BLOCK_N,
-    num_warps, num_stages), a variant bench/gpu_check.sh times through PYSSL_HOMATTN_TRITON."""
+def _tiles(dtype, tiles, d, phase):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): the default GPU configuration (num_warps None:
+    _warps decides), or tiles, a variant bench/gpu_check.sh times through PYSSL_HOMATTN_TRITON."""
     if tiles is None:
-        return _gpu_block(dtype), _gpu_block(dtype), None, 2
+        b, _, stages = _gpu_tiles(dtype, d, phase)
+        return b, b, None, stages
     return tiles
 
 
-def _fwd_case(dtype, mask_groups, tiles=None):
+def _fwd_case(dtype, mask_groups, tiles=None, d=64):
     t = "*" + _TL_NAME[dtype]
     sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", **_TABLE_SIG, scale="fp32", **_STRIDES, L="i32", H="i32",
                TM="i32", MASK_GROUPS="constexpr", D="constexpr", BLOCK_D="constexpr", BLOCK_M="constexpr",
                BLOCK_N="constexpr", BGC="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
-    bm, bn, nw, ns = _tiles(dtype, tiles)
-    const = dict(MASK_GROUPS=mask_groups, D=64, BLOCK_D=64, BLOCK_M=bm, BLOCK_N=bn, BGC=BG,
+    bm, bn, nw, ns = _tiles(dtype, tiles, d, "fwd")
+    const = dict(MASK_GROUPS=mask_groups, D=d, BLOCK_D=pow2(d, lo=16), BLOCK_M=bm, BLOCK_N=bn, BGC=BG,
                  **dot_options(dtype, interpret=False))
-    return (_attn_fwd_kernel, sig, const, dict(num_warps=nw or _warps(_attn_fwd_kernel, dtype), num_stages=ns),
+    return (_attn_fwd_kernel, sig, const, dict(num_warps=nw or _warps(_attn_fwd_kernel, dtype, d=d), num_stages=ns),
             _aligned(sig))
 
 
-def _topk_case(dtype, l_pad):
+def _topk_case(dtype, l_pad, d=64):
     t = "*" + _TL_NAME[dtype]
     sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", BITS="*u8", G="*i64", scale="fp32", **_STRIDES, L="i32", H="i32",
                NB="i32", KTH="i32", HAS_GROUPS="constexpr", D="constexpr", BLOCK_D="constexpr",
                BLOCK_M="constexpr", L_PAD="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
-    const = dict(HAS_GROUPS=True, D=64, BLOCK_D=64, BLOCK_M=16, L_PAD=l_pad, **dot_options(dtype, interpret=False))
+    const = dict(HAS_GROUPS=True, D=d, BLOCK_D=pow2(d, lo=16), BLOCK_M=16, L_PAD=l_pad,
+                 **dot_options(dtype, interpret=False))
     return (_attn_topk_fwd_kernel, sig, const, dict(num_warps=_topk_warps(dtype)), _aligned(sig))
 
 
-def _bwd_case(kernel, dtype, use_bits, mask_groups=False, tiles=None):
+def _bwd_case(kernel, dtype, use_bits, mask_groups=False, tiles=None, d=64):
     t = "*" + _TL_NAME[dtype]
     names = ["Q", "K", "V", "DO", "LSE", "DELTA"] + (["DK", "DV"] if kernel is _attn_bwd_dkdv_kernel else ["DQ"])
     sig = {n: (t if n in ("Q", "K", "V", "DO", "DK", "DV", "DQ") else "*fp32") for n in names}
@@ -744,10 +778,10 @@ def _bwd_case(kernel, dtype, use_bits, mask_groups=False, tiles=None):
                MASK_GROUPS="constexpr", USE_BITS="constexpr", D="constexpr", BLOCK_D="constexpr",
                BLOCK_M="constexpr", BLOCK_N="constexpr", BGC="constexpr", DOT_FP32="constexpr",
                DOT_PRECISION="constexpr")
-    bm, bn, nw, ns = _tiles(dtype, tiles)
-    const = dict(MASK_GROUPS=mask_groups, USE_BITS=use_bits, D=64, BLOCK_D=64, BLOCK_M=bm, BLOCK_N=bn, BGC=BG,
-                 **dot_options(dtype, interpret=False))
-    return (kernel, sig, const, dict(num_warps=nw or _warps(kernel, dtype, use_bits), num_stages=ns),
+    bm, bn, nw, ns = _tiles(dtype, tiles, d, "bwd")
+    const = dict(MASK_GROUPS=mask_groups, USE_BITS=use_bits, D=d, BLOCK_D=pow2(d, lo=16), BLOCK_M=bm, BLOCK_N=bn,
+                 BGC=BG, **dot_options(dtype, interpret=False))
+    return (kernel, sig, const, dict(num_warps=nw or _warps(kernel, dtype, use_bits, d=d), num_stages=ns),
             _aligned(sig))
 
 
@@ -791,6 +825,17 @@ COMPILE_CASES = [
     _bwd_case(_attn_bwd_dkdv_kernel, torch.bfloat16, False, tiles=(64, 64, 4, 3)),
     _bwd_case(_attn_bwd_dq_kernel, torch.bfloat16, False, tiles=(64, 64, 4, 3)),
     _fwd_case(torch.bfloat16, False, tiles=(128, 64, 8, 3)),
+    # wider heads (ViT-H's d = 80 runs at BLOCK_D = 128): every _GPU_TILES entry and the longest
+    # top-k row each admits
+    *[case for dtype in (torch.bfloat16, torch.float32) for d in (80, 256) for case in (
+        _fwd_case(dtype, False, d=d), _fwd_case(dtype, True, d=d),
+        _bwd_case(_attn_bwd_dkdv_kernel, dtype, False, d=d), _bwd_case(_attn_bwd_dq_kernel, dtype, False, d=d),
+        _bwd_case(_attn_bwd_dkdv_kernel, dtype, True, d=d), _bwd_case(_attn_bwd_dq_kernel, dtype, True, d=d),
+        _bwd_case(_attn_bwd_dkdv_kernel, dtype, False, mask_groups=True, d=d),
+        _bwd_case(_attn_bwd_dq_kernel, dtype, False, mask_groups=True, d=d),
+        _topk_case(dtype, max_topk_l(dtype, d), d=d))],
+    _topk_case(torch.bfloat16, max_topk_l(torch.bfloat16, 128), d=128),
+    _topk_case(torch.float32, max_topk_l(torch.float32, 128), d=128),
 ]
 
 __all__ = ["forward", "backward", "strided_inputs", "plan", "tables", "MAX_PLAN_L", "visited_fraction", "max_topk_l", "MAX_TOPK_L", "BG",

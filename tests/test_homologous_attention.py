@@ -49,6 +49,9 @@ MODES = {
     "topk": dict(n_groups=None, topk=5),
     "group+topk": dict(n_groups=3, topk=4),
     "topk>=allowed": dict(n_groups=3, topk=40),
+    "uneven+group_of_one+topk": dict(n_groups=4, uneven=True, topk=3),
+    # K above a group's own size (5) and below L: global keys fill the rest of the kept set
+    "group+globals2+topk": dict(n_groups=4, n_global=2, topk=6),
 }
 
 
@@ -67,6 +70,36 @@ def test_attention_matches_reference(backend, mode):
     q, k, v = (t.requires_grad_() for t in _qkv(device=dev))
     groups, topk = _case(mode, 2, 21, dev)
     _check_against_reference(q, k, v, groups, topk, backend)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("mode", ["group+globals2", "group+topk"])
+def test_wide_heads(backend, mode):
+    """d = 80 (ViT-H's head): not a power of two, above 64 (the Triton kernels' BLOCK_D = 128
+    configuration, masked columns)."""
+    dev = device_for(backend)
+    q, k, v = (t.requires_grad_() for t in _qkv(l=19, d=80, device=dev))
+    groups, topk = _case(mode, 2, 19, dev)
+    _check_against_reference(q, k, v, groups, topk, backend)
+
+
+def test_triton_limits_follow_the_head_dimension():
+    """The top-k kernel keeps k and v of the whole row in shared memory: the longest row it
+    takes shrinks as d grows, and auto falls back to torch with the reason."""
+    from pyssl.kernels.homologous_attention import MAX_HEAD_DIM, max_topk_l
+    bf = torch.bfloat16
+    assert max_topk_l(bf, 64) == 512 and max_topk_l(bf, 80) == 256 and max_topk_l(bf, 256) == 128
+    assert max_topk_l(torch.float32, 64) == 128 and max_topk_l(torch.float32, 128) == 64
+    assert max_topk_l(bf, 512) == 0
+
+    def triton_reasons(l, d, topk=None):   # meta tensors: only the shape and dtype rules speak
+        rs = HA.not_supported_reasons(torch.empty(1, 1, l, d, dtype=bf, device="meta"), topk=topk)["triton"]
+        return " ".join(r for r in rs if "needs CUDA tensors" not in r)
+
+    assert triton_reasons(300, 64, topk=8) == ""
+    assert "L <= 256 for torch.bfloat16 at d=128, got L=300" in triton_reasons(300, 128, topk=8)
+    assert triton_reasons(300, 128) == ""
+    assert "head dimensions d <= 256, got d=257" in triton_reasons(16, MAX_HEAD_DIM + 1)
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)

@@ -85,12 +85,15 @@ def _backend_checks(q: Tensor, topk: Optional[int] = None):
         r = []
         if q.dtype == torch.float64:
             r.append("the Triton kernels take float32/bfloat16/float16, not float64")
-        if topk:
-            from pyssl.kernels.homologous_attention import max_topk_l
-            lim = max_topk_l(q.dtype)
+        from pyssl.kernels.homologous_attention import MAX_HEAD_DIM, max_topk_l
+        d = q.shape[3]
+        if d > MAX_HEAD_DIM:
+            r.append(f"the Triton kernels take head dimensions d <= {MAX_HEAD_DIM}, got d={d}")
+        elif topk:
+            lim = max_topk_l(q.dtype, d)
             if q.shape[2] > lim:
-                r.append(f"the Triton top-k kernel holds whole score rows on chip: L <= {lim} for "
-                         f"{q.dtype}, got L={q.shape[2]}")
+                r.append(f"the Triton top-k kernel holds whole rows of k and v on chip: L <= {lim} "
+                         f"for {q.dtype} at d={d}, got L={q.shape[2]}")
         return r
 
     return {"triton": triton, "cpu": lambda: [], "torch": lambda: []}
