@@ -389,7 +389,7 @@ def _finish_store(acc, q, V_ROWS, OUT_ROWS, rv, vmask, d0, D, Q_FROM_ACC: tl.con
 #             or SPLITS * N * D fp32 partials written and read back.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _mlcd_grad_dx_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DX, PART_Q,
+def _mlcd_grad_dx_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, GSCALE, DX, PART_Q,
                          N, C, D, stride_x, stride_w, stride_dx, scale, scale_log2e,
                          tiles_per_split,
                          L: tl.constexpr, HAS_CLASSES: tl.constexpr,
@@ -449,6 +449,10 @@ def _mlcd_grad_dx_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DX, PART_Q,
                 w_blk = w_blk.to(tl.float32)
             acc = tl.dot(gw, w_blk, acc, input_precision=DOT_PRECISION)
 
+    # the upstream gradient's factor, kept out of the 16-bit G tiles (see mlcd_grad)
+    gs = tl.load(GSCALE)
+    acc = acc * gs
+    q = q * gs
     if SPLIT_OUT:
         prow = split.to(tl.int64) * N + rows           # row of the (SPLITS * N, D) buffer
         tl.store(DX + prow[:, None] * stride_dx + do[None, :], acc,
@@ -483,7 +487,7 @@ def _mlcd_grad_dx_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DX, PART_Q,
 #             rows read once (FULL_D) or about twice per slice; dw[S] written once.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DW,
+def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, GSCALE, DW,
                          N, C, D, stride_x, stride_w, stride_dw, scale, scale_log2e,
                          L: tl.constexpr, HAS_CLASSES: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -539,6 +543,9 @@ def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, DW,
                 x_blk = x_blk.to(tl.float32)
             acc = tl.dot(tl.trans(gx), x_blk, acc, input_precision=DOT_PRECISION)
 
+    gs = tl.load(GSCALE)       # the upstream gradient's factor (see mlcd_grad)
+    acc = acc * gs
+    r = r * gs
     rw_e = tl.load(RW + cols, mask=cmask, other=0.0, cache_modifier=".cg")   # see the dx kernel
     if HAS_CLASSES:
         # the class ids again, from L2: 64-bit row pointers kept live across the loop cost the
@@ -877,8 +884,14 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     if N == 0 or Cp == 0 or D == 0:
         return dx.zero_(), dw.zero_()
     lse_total = lse_total.to(torch.float32).contiguous()
-    gneg = gneg.to(torch.float32).contiguous()
-    gpos = gpos.to(torch.float32).contiguous()
+    # The G tiles feed 16-bit tensor-core products: with the upstream gradient inside them, a
+    # loss scaler's 2^16 (or a sum over many rows) overflows float16 and 1/N for large N
+    # loses it to subnormals. So the kernels take gneg, gpos divided by their largest magnitude
+    # (|G| <= scale) and multiply the float32 accumulators back (a device scalar: no sync).
+    gscale = torch.maximum(gneg.detach().abs().amax(), gpos.detach().abs().amax()).to(torch.float32)
+    gscale = gscale.clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+    gneg = (gneg.to(torch.float32) / gscale).contiguous()
+    gpos = (gpos.to(torch.float32) / gscale).contiguous()
     cfg = _config(x.dtype, N, Cp, D, _interpreting())
     interpret, flags = _common_flags()
     rx, rw = _inv_norms(x, w, classes, Cp, cfg)
@@ -907,7 +920,7 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     else:
         out, out_q, stride_out = dx, rx, dx.stride(0)     # PART_Q unused without splits
     _mlcd_grad_dx_kernel[(row_blocks, slices, splits)](
-        x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, out, out_q,
+        x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, gscale, out, out_q,
         N, Cp, D, x.stride(0), w.stride(0), stride_out, scale, scale * LOG2E, tiles_per_split,
         SPLIT_OUT=splits > 1, **launch_args(b))
     if splits > 1:
@@ -923,7 +936,7 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     # dw: column blocks x D slices.
     b = _bwd_cfg(cfg, "dw", D)
     _mlcd_grad_dw_kernel[(triton.cdiv(Cp, b["BLOCK_C"]), triton.cdiv(D, b["BLOCK_DO"]))](
-        x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, dw,
+        x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, gscale, dw,
         N, Cp, D, x.stride(0), w.stride(0), dw.stride(0), scale, scale * LOG2E,
         **launch_args(b))
     return dx, dw
@@ -947,7 +960,7 @@ def _bwd_compile_case(kernel, dtype: torch.dtype, b: dict, split_out: bool = Fal
     ptxas check of a candidate configuration builds (see the module docstring)."""
     t = "*" + _TL_DTYPE_NAME[dtype]
     base = dict(X=t, W=t, CLS="*i64", RX="*fp32", RW="*fp32", POS="*i64", LSE="*fp32",
-                GNEG="*fp32", GPOS="*fp32")
+                GNEG="*fp32", GPOS="*fp32", GSCALE="*fp32")
     scalars = dict(N="i32", C="i32", D="i32", stride_x="i32", stride_w="i32")
     const = dict(L="constexpr", HAS_CLASSES="constexpr", BLOCK_N="constexpr",
                  BLOCK_C="constexpr", BLOCK_D="constexpr", BLOCK_DO="constexpr",

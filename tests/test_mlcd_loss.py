@@ -123,6 +123,28 @@ def test_half_precision(backend, dtype):
     torch.testing.assert_close(dw.double(), w64.grad, rtol=2e-2, atol=2e-2 * w64.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fp16_gradients_under_loss_scaling(backend, reduction):
+    """A GradScaler multiplies the loss by 2^k so that small float16 gradients survive: the
+    factor must reach them before they are rounded to float16. Centers of norm 3e4 make the dW
+    entries ~1e-8 at unit upstream gradient, below float16's smallest subnormal (6e-8)."""
+    dev = device_for(backend)
+    x, w, pos = make_problem(n=64, c=300, d=16, device=dev, dtype=torch.float64, seed=3)
+    w = torch.nn.functional.normalize(w, dim=1) * 3e4
+    loss_scale = 2.0 ** 14
+    xh, wh = x.half().requires_grad_(True), w.half().requires_grad_(True)
+    (pyssl.mlcd_loss(xh, wh, pos, scale=16.0, reduction=reduction, backend=backend).float() * loss_scale).backward()
+    x64, w64 = xh.detach().double().requires_grad_(True), wh.detach().double().requires_grad_(True)
+    (R.mlcd_loss(x64, w64, pos, scale=16.0, reduction=reduction) * loss_scale).backward()
+    assert wh.grad.dtype == torch.float16
+    ref_nonzero = w64.grad.abs() > 1e-5
+    assert ref_nonzero.float().mean() > 0.9
+    # nothing flushed to zero that the scaled reference holds well above float16's floor
+    assert not (wh.grad.double()[ref_nonzero] == 0).any()
+    torch.testing.assert_close(wh.grad.double(), w64.grad, rtol=3e-2, atol=3e-2 * w64.grad.abs().max().item())
+    torch.testing.assert_close(xh.grad.double(), x64.grad, rtol=3e-2, atol=3e-2 * x64.grad.abs().max().item())
+
+
 def _hard_case(kind, dev):
     """Scale 64 with features nearly parallel to their positives."""
     g = torch.Generator().manual_seed(11)

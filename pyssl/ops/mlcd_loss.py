@@ -247,19 +247,28 @@ class _Chunked:
             r1 = min(n, r0 + self.rows)
             yield r0, r1, self.buf[: r1 - r0], r0 > 0
 
-    def finish(self, dxhat, dw_acc, x, weight, classes):
-        """Normalization backwards; dw_acc holds rw ⊙ dŴ (see the engine contract)."""
+    def finish(self, dxhat, dw_acc, x, weight, classes, dtype=None):
+        """Normalization backwards; dw_acc holds rw ⊙ dŴ (see the engine contract). The
+        gradients come out in dtype (default: x's)."""
+        dtype = x.dtype if dtype is None else dtype
         dx = (dxhat - self.xhat * (self.xhat * dxhat).sum(1, keepdim=True)) * self.rx[:, None]
         # dW_c = rw_c (dŵ_c − ŵ_c (ŵ_c·dŵ_c)) = acc_c − w_c rw_c² (w_c·acc_c), with no C'×D
         # temporary: the row dots by a batched GEMV, the update in place
         dots = torch.bmm(self.w_eff.unsqueeze(1), dw_acc.unsqueeze(2)).view(-1)
         dw_acc.addcmul_(self.w_eff, (dots * self.rw * self.rw)[:, None], value=-1.0)
         if classes is None:
-            dw = dw_acc.to(weight.dtype)
+            dw = dw_acc.to(dtype)
         else:
-            dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-            dw.index_copy_(0, classes, dw_acc.to(weight.dtype))
-        return dx.to(x.dtype), dw
+            dw = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+            dw.index_copy_(0, classes, dw_acc.to(dtype))
+        return dx.to(dtype), dw
+
+
+def _saved_grad_dtype(dtype):
+    """dtype of the gradients computed in the forward at unit upstream gradient: float16's range
+    would flush small ones to zero before a loss scaler's factor reaches them, so float16
+    gradients wait in float32 until the backward has scaled them (bfloat16 has float32's range)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact,
@@ -285,7 +294,7 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
             st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), lt.contiguous(),
                        g, (gp * row_weight).contiguous(), dxhat[r0:r1], dw_acc, acc)
     if want_grad:
-        dx, dw = st.finish(dxhat, dw_acc, x, weight, classes)
+        dx, dw = st.finish(dxhat, dw_acc, x, weight, classes, _saved_grad_dtype(x.dtype))
     else:
         dx = dw = None
     return rows_out, lse_total, gpos_unit, dx, dw
@@ -397,7 +406,8 @@ def _(x, weight, pos_ids, classes, kind, scale, m1, m2, m3, exact, reduction, ba
     gpos = x.new_empty(pos_ids.shape, dtype=_acc_dtype(x))
     pos_col = pos_ids.new_empty(pos_ids.shape)
     if grad_in_forward:
-        dx, dw = x.new_empty(x.shape), weight.new_empty(weight.shape)
+        gd = _saved_grad_dtype(x.dtype)
+        dx, dw = x.new_empty(x.shape, dtype=gd), weight.new_empty(weight.shape, dtype=gd)
     else:
         dx, dw = x.new_empty(0), weight.new_empty(0)
     return loss, stats, gpos, pos_col, dx, dw
@@ -421,6 +431,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, pos_ids, classes, kind, scale, m1, m2, m3, exact, reduction, backend, gif = inputs
     loss, lse_total, gpos_unit, pos_col, dx, dw = output
     ctx.grad_in_forward = gif
+    ctx.dtype = x.dtype
     ctx.reduction = reduction
     ctx.scale = scale
     ctx.backend = backend
@@ -442,7 +453,7 @@ def _backward(ctx, grad_loss, *unused):
         # products are fresh tensors that autograd's accumulation can take without a copy
         dx, dw = ctx.saved_tensors
         g = grad_loss.to(_acc_dtype(dx))
-        return (dx * g).to(dx.dtype), (dw * g).to(dw.dtype), None, None, None, None, None, None, None, None, None, None, None
+        return (dx * g).to(ctx.dtype), (dw * g).to(ctx.dtype), None, None, None, None, None, None, None, None, None, None, None
     x, weight, classes, pos_col, lse_total, gpos_unit = ctx.saved_tensors
     n = x.shape[0]
     g = grad_loss.to(lse_total.dtype)
