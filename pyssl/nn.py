@@ -1,12 +1,12 @@
 """Modules that own their parameters, built on the functional ops."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from pyssl import _checks
 from pyssl.ops.mlcd_loss import _MARGIN_GRADS, mlcd_loss, sample_classes
 
 
@@ -25,13 +25,13 @@ class MLCDLoss(torch.nn.Module):
                  process_group=None, device=None, dtype=None, backend: str = "auto",
                  generator: Optional[torch.Generator] = None):
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"MLCDLoss: num_classes must be a positive int, got {num_classes!r}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"MLCDLoss: dim must be a positive int, got {dim!r}")
-        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"MLCDLoss: scale must be a finite positive number, got {scale!r}")
-        if not isinstance(sample_ratio, (int, float)) or not 0.0 <= sample_ratio <= 1.0:
+        fn = "MLCDLoss"
+        num_classes = _checks.integer(fn, "num_classes", num_classes, lo=1)
+        dim = _checks.integer(fn, "dim", dim, lo=1)
+        scale = _checks.real(fn, "scale", scale, positive=True)
+        margin = _checks.real(fn, "margin", margin)
+        sample_ratio = _checks.real(fn, "sample_ratio", sample_ratio)
+        if not 0.0 <= sample_ratio <= 1.0:
             raise ValueError(f"MLCDLoss: sample_ratio must be in [0, 1], got {sample_ratio!r}")
         if margin_grad not in _MARGIN_GRADS:
             raise ValueError(f"MLCDLoss: margin_grad must be one of {_MARGIN_GRADS}, got {margin_grad!r}")
@@ -53,10 +53,17 @@ class MLCDLoss(torch.nn.Module):
         torch.nn.init.normal_(self.weight, std=0.01)
 
     def forward(self, x: Tensor, positives: Tensor) -> Tensor:
+        """Loss of features x (N, dim) with their positives (N, l). Mixed precision: float32
+        centers with bfloat16/float16 features (autocast, or a half-precision backbone) are
+        cast to x's dtype for the op, as autocast does for a linear layer's weight; their
+        gradient returns in float32."""
         classes = None
         if self.training and self.sample_ratio < 1.0:
             classes = sample_classes(positives, self.num_classes, self.sample_ratio, generator=self.generator)
-        return mlcd_loss(x, self.weight, positives, scale=self.scale, margin=self.margin, classes=classes,
+        w = self.weight
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != w.dtype:
+            w = w.to(x.dtype)
+        return mlcd_loss(x, w, positives, scale=self.scale, margin=self.margin, classes=classes,
                          margin_grad=self.margin_grad, backend=self.backend)
 
     def extra_repr(self) -> str:

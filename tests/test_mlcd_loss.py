@@ -311,6 +311,36 @@ def test_module_samples_in_training_and_uses_all_in_eval(backend):
     torch.testing.assert_close(full.double(), ref, **F32)
 
 
+def test_module_mixed_precision(backend):
+    """float32 centers with bfloat16 features (a bf16 backbone or autocast): the module casts
+    its centers for the op and their gradient comes back in float32."""
+    dev = device_for(backend)
+    crit = pyssl.nn.MLCDLoss(50, 16, sample_ratio=1.0, backend=backend, device=dev)
+    x, _, pos = make_problem(n=10, c=50, d=16, device=dev)
+    xb = x.bfloat16().requires_grad_(True)
+    loss = crit(xb, pos)
+    loss.backward()
+    assert loss.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+    assert crit.weight.grad.dtype == torch.float32
+    w64 = crit.weight.detach().bfloat16().double().requires_grad_(True)
+    ref = R.mlcd_loss(xb.detach().double(), w64, pos)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-2, atol=0)
+    torch.testing.assert_close(crit.weight.grad.double(), w64.grad, rtol=3e-2,
+                               atol=3e-2 * w64.grad.abs().max().item())
+
+
+def test_module_bad_arguments():
+    for kwargs, err, msg in ((dict(num_classes=True, dim=3), TypeError, "num_classes must be an int"),
+                             (dict(num_classes=10.5, dim=3), TypeError, "num_classes must be an int"),
+                             (dict(num_classes=10, dim=0), ValueError, "dim must be >= 1"),
+                             (dict(num_classes=10, dim=3, margin=float("nan")), ValueError, "margin must be finite"),
+                             (dict(num_classes=10, dim=3, scale=0), ValueError, "scale must be > 0"),
+                             (dict(num_classes=10, dim=3, sample_ratio=1.5), ValueError, "sample_ratio must be in")):
+        with pytest.raises(err, match=msg):
+            pyssl.nn.MLCDLoss(**kwargs)
+
+
 def test_deterministic(backend):
     dev = device_for(backend)
     x, w, pos = make_problem(device=dev)
@@ -430,10 +460,16 @@ def test_bad_input_types_and_other_entry_points():
         pyssl.mlcd_loss(x, w, pos[:, :0])
     with pytest.raises(ValueError, match="classes is on meta"):
         pyssl.mlcd_loss(x, w, pos, classes=torch.arange(10, device="meta"))
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="out of range"):
         pyssl.sample_classes(pos, 3, 0.1)
     with pytest.raises(ValueError, match="num_classes"):
         pyssl.nn.MLCDLoss(0, 8)
+    with pytest.raises(ValueError, match="sample_classes: positives of row 0 contain a duplicated"):
+        pyssl.sample_classes(torch.tensor([[1, 1], [2, 3]]), 10, 0.5)
+    with pytest.raises(ValueError, match="sample_classes: row 1 of positives has no positive"):
+        pyssl.sample_classes(torch.tensor([[1, 2], [-1, -1]]), 10, 0.5)
+    with pytest.raises(ValueError, match="reduction must be"):
+        pyssl.mlcd_loss(x, w, pos, reduction=["mean"])
     with pytest.raises(ValueError, match="backend='cpu' cannot serve"):
         pyssl.mlcd_loss(x.double(), w.double(), pos, backend="cpu")
 

@@ -72,9 +72,9 @@ def _check_common(fn, x, weight, classes, scale, reduction, margin_grad):
         if classes.device != x.device:
             raise ValueError(f"{fn}: classes is on {classes.device} but x is on {x.device}")
     _checks.real(fn, "scale", scale, positive=True)
-    if reduction not in _REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if margin_grad not in _MARGIN_GRADS:
+    if not isinstance(margin_grad, str) or margin_grad not in _MARGIN_GRADS:
         raise ValueError(f"{fn}: margin_grad must be one of {_MARGIN_GRADS}, got {margin_grad!r}")
 
 
@@ -91,9 +91,11 @@ def _check_ids(fn, name, ids, x, ndim):
         raise ValueError(f"{fn}: {name} is on {ids.device} but x is on {x.device}")
 
 
-def _validate_data(pos_ids: Tensor, classes: Optional[Tensor], num_classes: int, kind: int) -> None:
+def _validate_data(pos_ids: Tensor, classes: Optional[Tensor], num_classes: int, kind: int,
+                   fn: Optional[str] = None) -> None:
     """Data-dependent checks: one host sync, done inside the op so torch.compile sees no break."""
-    fn, arg = ("mlcd_loss", "positives") if kind == MLCD else ("margin_softmax_loss", "labels")
+    arg = "positives" if kind == MLCD else "labels"
+    fn = fn or ("mlcd_loss" if kind == MLCD else "margin_softmax_loss")
     valid = pos_ids >= 0
     bad = (pos_ids < (-1 if kind == MLCD else 0)) | (pos_ids >= num_classes)
     if bool(bad.any()):
@@ -538,13 +540,9 @@ def sample_classes(positives: Tensor, num_classes: int, ratio: float = 0.1, *,
     ratio = _checks.real(fn, "ratio", ratio)
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"{fn}: ratio must be in [0, 1], got {ratio!r}")
+    _validate_data(positives, None, num_classes, MLCD, fn)
     flat = positives.reshape(-1)
-    flat = flat[flat >= 0]
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_classes):
-        raise ValueError(f"{fn}: positives hold ids outside [0, {num_classes})")
-    if bool((positives < -1).any()):
-        raise ValueError(f"{fn}: positives hold negative ids other than -1 (padding)")
-    pos = torch.unique(flat)
+    pos = torch.unique(flat[flat >= 0])
     k = int(round(ratio * (num_classes - pos.numel())))
     if k == 0:
         return pos
