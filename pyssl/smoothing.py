@@ -23,8 +23,10 @@ rejects at level alpha.
 
 On CUDA, `autocast=torch.bfloat16` (or float16) runs the model under torch.autocast and writes
 the noise directly in that dtype, and `cuda_graph=True` captures the model forward, the argmax
-and the count update once per call and replays the graph for every batch (the last, partial
-batch is padded with rows whose votes land in a discarded slot).
+and the count update as one CUDA graph per (device, batch size, image shape, dtype, layout) and
+replays it for every batch of every later call (the last, partial batch is padded with rows
+whose votes land in a discarded slot). The graph reads the model's parameters in place, so
+in-place updates are seen; after replacing the model or its buffers, call clear_cuda_graphs().
 """
 from __future__ import annotations
 
@@ -87,12 +89,22 @@ class Smooth:
         self.channels_last = bool(channels_last)
         self.backend = backend
         self.progress = progress
+        self._graphs = {}      # (device, bs, image shape, dtype, channels_last) -> _GraphStep
+        self._affine = {}      # (device, channels) -> (a, b) on that device
+
+    def clear_cuda_graphs(self) -> None:
+        """Drop the captured CUDA graphs (and their static buffers); the next call recaptures."""
+        self._graphs.clear()
 
     # ---------------------------------------------------------------------------------------
     def _prepare(self, fn, x, image_ids):
         _noise._check_x(fn, x)
         ids = _noise._check_image_ids(fn, image_ids, x.shape[0], x.device)
-        a, b = _noise._channel_affine(fn, x, self.mean, self.std)
+        # mean/std are fixed per Smooth: their device copies are made once, not once per call
+        key = (x.device, x.shape[1] if x.dim() > 1 else 0)
+        if key not in self._affine:
+            self._affine[key] = _noise._channel_affine(fn, x, self.mean, self.std)
+        a, b = self._affine[key]
         if self.channels_last and x.dim() != 4:
             raise ValueError(f"{fn}: channels_last needs a 4-d x (B, C, H, W), got shape {tuple(x.shape)}")
         out_dtype = self.autocast if (self.autocast is not None and x.device.type == "cuda") else torch.float32
@@ -109,13 +121,18 @@ class Smooth:
         x = x.to(torch.float32).contiguous()
         total = B * num
         bs = self.batch_size
-        counts = torch.zeros((B + 1) * K, dtype=torch.int64, device=dev)   # last slot: padding
-        use_graph = self.cuda_graph and dev.type == "cuda"
+        use_graph = self.cuda_graph and _graphs_on(dev)
         bar = _progress(total, desc, self.progress)
         ones = torch.ones(bs, dtype=torch.int64, device=dev)
         step = None
         if use_graph:
-            step = _GraphStep(self, x, bs, out_dtype, counts)
+            key = (dev, bs, tuple(x.shape[1:]), out_dtype, self.channels_last)
+            step = self._graphs.get(key)
+            if step is None or step.capacity < B:
+                step = self._graphs[key] = _GraphStep(self, x, bs, out_dtype, max(B, 64))
+            counts = step.begin()
+        else:
+            counts = torch.zeros((B + 1) * K, dtype=torch.int64, device=dev)   # last slot: padding
         with torch.no_grad():
             for r0 in range(0, total, bs):
                 rows = min(bs, total - r0)
@@ -134,7 +151,8 @@ class Smooth:
                     bar.update(rows)
         if bar is not None:
             bar.close()
-        return counts[:B * K].view(B, K)
+        # (a graph's counts buffer is reused by the next call: hand out a copy)
+        return counts[:B * K].view(B, K).clone() if use_graph else counts[:B * K].view(B, K)
 
     def _forward(self, batch: Tensor) -> Tensor:
         if self.autocast is not None and batch.device.type == "cuda":
@@ -201,27 +219,35 @@ def certify_from_counts(c_hat: Tensor, n_a: Tensor, n: int, alpha: float, sigma:
     return pred, torch.from_numpy(radius).float()
 
 
+def _graphs_on(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
 class _GraphStep:
     """One forward batch as a replayed CUDA graph: static noisy input, model, argmax, count update.
 
-    The noise kernel writes into the graph's static input outside the graph (its row tensors
-    change per batch); rows past the end of the last batch vote into the padding slot B."""
+    Captured once and kept by the Smooth for its (device, batch size, image shape, dtype,
+    layout): later calls replay it with no warm-up or capture cost. The counts buffer is static
+    too, with room for `capacity` images and a padding slot after them; begin() zeroes it. The
+    noise kernel writes the static input outside the graph (its row tensors change per batch)."""
 
-    def __init__(self, smooth: Smooth, x: Tensor, bs: int, out_dtype, counts: Tensor):
+    def __init__(self, smooth: Smooth, x: Tensor, bs: int, out_dtype, capacity: int):
         self.smooth = smooth
         self.bs = bs
         self.K = smooth.num_classes
-        self.B = x.shape[0]
-        self.counts = counts
-        shape = (bs,) + tuple(x.shape[1:])
-        self.static_src = torch.full((bs,), self.B, dtype=torch.int64, device=x.device)
-        self.ones = torch.ones(bs, dtype=torch.int64, device=x.device)
-        self.E = x[0].numel()
+        self.capacity = capacity
+        dev = x.device
+        self.counts = torch.zeros((capacity + 1) * self.K, dtype=torch.int64, device=dev)
+        self.static_src = torch.full((bs,), capacity, dtype=torch.int64, device=dev)
+        self.ones = torch.ones(bs, dtype=torch.int64, device=dev)
         self.chw = _noise._chw(x)
-        self.flat = torch.zeros((bs, self.E), dtype=out_dtype, device=x.device)
+        self.flat = torch.zeros((bs, x[0].numel()), dtype=out_dtype, device=dev)
         self.static_in = _noise._as_output(self.flat, x, bs, smooth.channels_last)
         self.graph = None
-        self.shape = shape
+
+    def begin(self) -> Tensor:
+        self.counts.zero_()
+        return self.counts
 
     def _body(self):
         pred = self.smooth._forward(self.static_in).argmax(1)
@@ -229,20 +255,21 @@ class _GraphStep:
 
     def _capture(self):
         with torch.cuda.device(self.counts.device):
-            self._capture_on_device()
-
-    def _capture_on_device(self):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        snapshot = self.counts.clone()
-        with torch.cuda.stream(side):
-            for _ in range(2):           # warm-up outside the graph (allocator, cuDNN choice)
+            current = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                self._body()             # one warm-up outside the graph (allocator, cuDNN choice)
+            current.wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
                 self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        self.counts.copy_(snapshot)      # the warm-up votes do not count
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._body()
+        # the warm-up voted: zero the counts after it, in stream order
+        self.counts.zero_()
+
+    def _replay(self):
+        with torch.cuda.device(self.counts.device):
+            self.graph.replay()
 
     def run(self, x, src, sample, ids, a, b, backend):
         rows = src.shape[0]
@@ -253,13 +280,12 @@ class _GraphStep:
         # x arrives float32 and contiguous (Smooth._counts): the flat view costs nothing
         _noise._noise_rows(x.view(x.shape[0], -1), full_src, full_sample, ids, a, b, s.sigma, s.seed, 0,
                            self.flat.dtype, s.channels_last, self.chw, backend, out=self.flat)
-        # votes of padding rows go to slot B
-        slot = full_src if pad == 0 else torch.cat([src, src.new_full((pad,), self.B)])
-        self.static_src.copy_(slot)
         if self.graph is None:
             self._capture()
-        with torch.cuda.device(self.counts.device):
-            self.graph.replay()
+        # votes of padding rows go to the slot after the last image
+        slot = full_src if pad == 0 else torch.cat([src, src.new_full((pad,), self.capacity)])
+        self.static_src.copy_(slot)
+        self._replay()
 
 
 def certified_accuracy(prediction: Tensor, radius: Tensor, labels: Tensor,

@@ -136,6 +136,49 @@ def test_certified_accuracy():
     torch.testing.assert_close(acc, torch.tensor([3 / 5, 2 / 5, 2 / 5, 1 / 5, 0.0]))
 
 
+def test_graph_step_bookkeeping_without_a_gpu(monkeypatch):
+    """The CUDA-graph path's own logic, run on the CPU with the capture replaced by eager calls:
+    one step kept per shape and reused across calls, its counts buffer zeroed per call and
+    after the warm-up, padding rows of the last partial batch voting into the discarded slot,
+    a larger batch of images growing the buffer, and the votes equal to the plain path's."""
+    from pyssl import smoothing as S
+
+    class Eager:                       # what replay() would run: the captured body
+        def __init__(self, body):
+            self.body = body
+            self.replays = 0
+
+        def replay(self):
+            self.replays += 1
+            self.body()
+
+    captures = []
+
+    def capture(step):
+        step._body()                   # the warm-up votes into the padding slot...
+        step.graph = Eager(step._body)
+        step.counts.zero_()            # ...and is zeroed, as on the GPU
+        captures.append(step)
+
+    monkeypatch.setattr(S, "_graphs_on", lambda dev: True)
+    monkeypatch.setattr(S._GraphStep, "_capture", capture)
+    monkeypatch.setattr(S._GraphStep, "_replay", lambda step: step.graph.replay())
+    x, model, _ = _problem()
+    plain = pyssl.Smooth(model, 2, SIGMA, batch_size=300, seed=2, backend="cpu")
+    graph = pyssl.Smooth(model, 2, SIGMA, batch_size=300, seed=2, backend="cpu", cuda_graph=True)
+    for num, offset, xs in ((100, 0, x), (1000, 100, x), (250, 7, x[:3]), (1000, 100, x)):
+        prep_p, prep_g = plain._prepare("t", xs, None), graph._prepare("t", xs, None)
+        want = plain._counts(xs, num, offset, prep_p, "")
+        got = graph._counts(xs, num, offset, prep_g, "")
+        assert torch.equal(got, want), (num, offset)
+        assert int(got.sum()) == xs.shape[0] * num
+    assert len(captures) == 1 and len(graph._graphs) == 1          # captured once, reused
+    big = torch.cat([x] * 20)                                       # 80 images > capacity 64
+    got = graph._counts(big, 10, 0, graph._prepare("t", big, None), "")
+    assert torch.equal(got, plain._counts(big, 10, 0, plain._prepare("t", big, None), ""))
+    assert len(captures) == 2 and captures[-1].capacity == 80
+
+
 @pytest.mark.skipif(not GPU, reason="CUDA graphs and autocast need a GPU")
 def test_cuda_graph_and_autocast_give_the_same_votes():
     x, model, _ = _problem("cuda")
@@ -144,6 +187,30 @@ def test_cuda_graph_and_autocast_give_the_same_votes():
     assert torch.equal(plain[0], graph[0]) and torch.equal(plain[1], graph[1])
     amp = pyssl.Smooth(model, 2, SIGMA, batch_size=300, seed=2, autocast=torch.bfloat16).certify(x, 100, 1000, 0.001)
     assert amp[0].tolist() == plain[0].tolist()
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs and autocast need a GPU")
+def test_cuda_graph_with_a_conv_net_autocast_and_channels_last():
+    """The benchmark's configuration: a model with parameters (autocast's weight casts inside
+    the capture), channels_last noise, bf16; the graph gives the same votes as eager calls,
+    over two calls that reuse one captured graph."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+    net = net.cuda().eval().to(memory_format=torch.channels_last)
+    x = torch.rand(3, 3, 16, 16, device="cuda")
+    opts = dict(batch_size=128, seed=9, autocast=torch.bfloat16, channels_last=True,
+                mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    eager = pyssl.Smooth(net, 5, 0.25, **opts)
+    graph = pyssl.Smooth(net, 5, 0.25, cuda_graph=True, **opts)
+    for num, offset in ((50, 0), (500, 50)):
+        a = eager._counts(x, num, offset, eager._prepare("t", x, None), "")
+        b = graph._counts(x, num, offset, graph._prepare("t", x, None), "")
+        assert int(b.sum()) == 3 * num
+        # the same noise and model; bf16 kernels chosen under capture may round differently,
+        # which can flip a near-tied argmax now and then, never more
+        assert int((a - b).abs().sum()) <= 0.02 * 3 * num
+    assert len(graph._graphs) == 1
 
 
 # ---------------------------------------------------------------- bad input
