@@ -33,6 +33,7 @@ using pyssl_noise::kM1;
 using pyssl_noise::kW0;
 using pyssl_noise::kW1;
 using pyssl_noise::log_pos;
+using pyssl_noise::log_radius_word;
 using pyssl_noise::sincos_turns;
 using pyssl_noise::unit32;
 using pyssl_noise::unit64;
@@ -66,12 +67,12 @@ struct NormalGen {
       philox4x32_10(a0, a1, a2, a3, k0, k1);
       w[0][i] = a0; w[1][i] = a1; w[2][i] = a2; w[3][i] = a3;
     }
-    alignas(64) float ua[BLOCK_Q], ub[BLOCK_Q];
+    alignas(64) float la[BLOCK_Q], lb[BLOCK_Q];   // ln of the radius uniforms
     int rare = 0;
 #pragma omp simd reduction(| : rare)
     for (int i = 0; i < nq; ++i) {
-      ua[i] = unit32(w[0][i]);
-      ub[i] = unit32(w[2][i]);
+      la[i] = log_radius_word(w[0][i]);
+      lb[i] = log_radius_word(w[2][i]);
       rare |= (int)(w[0][i] == 0) | (int)(w[2][i] == 0);
     }
     if (rare) {   // probability ~2^-31 per quad: the extension draw for a zero radius word
@@ -79,14 +80,14 @@ struct NormalGen {
         if (w[0][i] != 0 && w[2][i] != 0) continue;
         uint32_t v0 = qb + (uint32_t)i, v1 = sample, v2 = image, v3 = c3 | 1u;
         philox4x32_10(v0, v1, v2, v3, k0, k1);
-        if (w[0][i] == 0) ua[i] = unit64(v0);
-        if (w[2][i] == 0) ub[i] = unit64(v1);
+        if (w[0][i] == 0) la[i] = log_pos(unit64(v0));
+        if (w[2][i] == 0) lb[i] = log_pos(unit64(v1));
       }
     }
 #pragma omp simd
     for (int i = 0; i < nq; ++i) {
-      const float ra = std::sqrt(-2.0f * log_pos(ua[i]));
-      const float rb = std::sqrt(-2.0f * log_pos(ub[i]));
+      const float ra = std::sqrt(-2.0f * la[i]);
+      const float rb = std::sqrt(-2.0f * lb[i]);
       float ca, sa, cb, sb;
       sincos_turns(unit32(w[1][i]), ca, sa);
       sincos_turns(unit32(w[3][i]), cb, sb);

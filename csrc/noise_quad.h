@@ -88,6 +88,13 @@ PYSSL_HD uint32_t float_to_bits(float f) {
 // logf + sincospif, and the host driver test runs the very arithmetic the kernels do).
 // ln(u) for normal u > 0: u = m·2^k with m in [√½, √2), ln m = 2·atanh(s), s = (m−1)/(m+1),
 // |s| ≤ 0.1716 so five odd terms reach float precision.
+PYSSL_HD float log_core(float num, float den, float k) {   // k·ln 2 + 2·atanh(num/den)
+  const float s = num / den;
+  const float s2 = s * s;
+  const float p = 1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
+  return k * 0.693147180559945f + 2.0f * s * p;
+}
+
 PYSSL_HD float log_pos(float u) {
   uint32_t bits = float_to_bits(u);
   int32_t k = (int32_t)(bits >> 23) - 127;
@@ -95,10 +102,29 @@ PYSSL_HD float log_pos(float u) {
   const bool big = m > 1.41421356f;
   m = big ? 0.5f * m : m;
   k = big ? k + 1 : k;
-  const float s = (m - 1.0f) / (m + 1.0f);
-  const float s2 = s * s;
-  const float p = 1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
-  return (float)k * 0.693147180559945f + 2.0f * s * p;
+  return log_core(m - 1.0f, m + 1.0f, (float)k);
+}
+
+// ln u of the radius uniform u = (w + ½)·2^-32 of a 32-bit word w ≠ 0. For w < 2^31 from u in
+// float32 (log_pos); for w ≥ 2^31 (u ≥ ½) from c = 1 − u = (~w + ½)·2^-32, which float32 holds
+// to 2^-24 relative, as ln(1 − c) = 2·atanh(−c/(2 − c)) (c ≤ 1 − √½) or −ln 2 + 2·atanh((1 −
+// 2c)/(3 − 2c)): so u near 1 keeps its 2^-32 resolution and r = sqrt(−2 ln u) never rounds to 0
+// (u itself in float32 would round the top 2^7 words to 1 and resolve r² only to 2^-23).
+PYSSL_HD float log_radius_word(uint32_t w) {
+  const float u = unit32(w);
+  const uint32_t bits = float_to_bits(u);
+  int32_t k = (int32_t)(bits >> 23) - 127;
+  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);
+  const bool mbig = m > 1.41421356f;
+  m = mbig ? 0.5f * m : m;
+  k = mbig ? k + 1 : k;
+  const float c = unit32(~w);
+  const bool cbig = c > 0.29289322f;
+  const bool hi = w >= 0x80000000u;
+  const float num = hi ? (cbig ? 1.0f - 2.0f * c : -c) : m - 1.0f;
+  const float den = hi ? (cbig ? 3.0f - 2.0f * c : 2.0f - c) : m + 1.0f;
+  const float kf = hi ? (cbig ? -1.0f : 0.0f) : (float)k;
+  return log_core(num, den, kf);
 }
 
 // (cos 2πt, sin 2πt) for t in [0, 1]: t = q/4 + f with |f| ≤ 1/8 (exact in float), then
@@ -122,15 +148,15 @@ PYSSL_HD void normals4(uint32_t q, uint32_t sample, uint32_t image, uint32_t c3,
                        uint32_t k1, float z[4]) {
   uint32_t w0 = q, w1 = sample, w2 = image, w3 = c3;
   philox4x32_10(w0, w1, w2, w3, k0, k1);
-  float ua = unit32(w0), ub = unit32(w2);
+  float la = log_radius_word(w0), lb = log_radius_word(w2);
   if (w0 == 0 || w2 == 0) {   // probability 2^-31 per quad: extend the radius uniform
     uint32_t v0 = q, v1 = sample, v2 = image, v3 = c3 | 1u;
     philox4x32_10(v0, v1, v2, v3, k0, k1);
-    if (w0 == 0) ua = unit64(v0);
-    if (w2 == 0) ub = unit64(v1);
+    if (w0 == 0) la = log_pos(unit64(v0));
+    if (w2 == 0) lb = log_pos(unit64(v1));
   }
-  const float ra = sqrtf(-2.0f * log_pos(ua));
-  const float rb = sqrtf(-2.0f * log_pos(ub));
+  const float ra = sqrtf(-2.0f * la);
+  const float rb = sqrtf(-2.0f * lb);
   float sa, ca, sb, cb;
   sincos_turns(unit32(w1), ca, sa);
   sincos_turns(unit32(w3), cb, sb);

@@ -34,18 +34,43 @@ _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"
 
 
 @triton.jit
-def _log_pos(u):
-    """ln(u) for normal float32 u > 0 (u = m·2^k, m in [√½, √2), ln m = 2·atanh((m−1)/(m+1)))."""
+def _log_core(num, den, k):
+    """k·ln 2 + 2·atanh(num/den) (|num/den| <= 0.1716: five odd terms)."""
+    s = num / den
+    s2 = s * s
+    p = 1.0 + s2 * (0.3333333333333333 + s2 * (0.2 + s2 * (0.14285714285714285 + s2 * 0.1111111111111111)))
+    return k * 0.693147180559945 + 2.0 * s * p
+
+
+@triton.jit
+def _mantissa(u):
+    """(m, k) with u = m·2^k, m in [√½, √2), for normal float32 u > 0."""
     bits = u.to(tl.uint32, bitcast=True)
     k = (bits >> 23).to(tl.int32) - 127
     m = ((bits & 0x007FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
     big = m > 1.41421356
-    m = tl.where(big, 0.5 * m, m)
-    k = tl.where(big, k + 1, k)
-    s = (m - 1.0) / (m + 1.0)
-    s2 = s * s
-    p = 1.0 + s2 * (0.3333333333333333 + s2 * (0.2 + s2 * (0.14285714285714285 + s2 * 0.1111111111111111)))
-    return k.to(tl.float32) * 0.693147180559945 + 2.0 * s * p
+    return tl.where(big, 0.5 * m, m), tl.where(big, k + 1, k).to(tl.float32)
+
+
+@triton.jit
+def _log_pos(u):
+    """ln(u) for normal float32 u > 0 (ln m = 2·atanh((m−1)/(m+1)))."""
+    m, k = _mantissa(u)
+    return _log_core(m - 1.0, m + 1.0, k)
+
+
+@triton.jit
+def _log_radius_word(w):
+    """ln((w + ½)·2^-32) of uint32 words w ≠ 0; for w >= 2^31 from c = (~w + ½)·2^-32 = 1 − u
+    as ln(1 − c) (csrc/noise_quad.h log_radius_word: u near 1 keeps its 2^-32 resolution)."""
+    m, k = _mantissa(_unit(w, 2.3283064365386963e-10))
+    c = _unit(w ^ 0xFFFFFFFF, 2.3283064365386963e-10)
+    cbig = c > 0.29289322
+    hi = w >= 0x80000000
+    num = tl.where(hi, tl.where(cbig, 1.0 - 2.0 * c, -c), m - 1.0)
+    den = tl.where(hi, tl.where(cbig, 3.0 - 2.0 * c, 2.0 - c), m + 1.0)
+    kf = tl.where(hi, tl.where(cbig, -1.0, 0.0), k)
+    return _log_core(num, den, kf)
 
 
 @triton.jit
@@ -95,15 +120,15 @@ def _noise_kernel(X, ROW_SRC, ROW_SAMPLE, IDS, A, B, OUT, sigma, seed, c3, E, C,
     zero = tl.zeros((BLOCK_Q,), dtype=tl.uint32)
     c3u = c3.to(tl.uint32)
     w0, w1, w2, w3 = tl.philox(seed, qc, zero + sample, zero + image, zero + c3u)
-    ua = _unit(w0, 2.3283064365386963e-10)
-    ub = _unit(w2, 2.3283064365386963e-10)
+    la = _log_radius_word(w0)
+    lb = _log_radius_word(w2)
     rare = (w0 == 0) | (w2 == 0)
     if tl.sum(rare.to(tl.int32), axis=0) > 0:
         v0, v1, v2, v3 = tl.philox(seed, qc, zero + sample, zero + image, zero + (c3u | 1))
-        ua = tl.where(w0 == 0, _unit(v0, 5.421010862427522e-20), ua)
-        ub = tl.where(w2 == 0, _unit(v1, 5.421010862427522e-20), ub)
-    ra = tl.sqrt(-2.0 * _log_pos(ua))
-    rb = tl.sqrt(-2.0 * _log_pos(ub))
+        la = tl.where(w0 == 0, _log_pos(_unit(v0, 5.421010862427522e-20)), la)
+        lb = tl.where(w2 == 0, _log_pos(_unit(v1, 5.421010862427522e-20)), lb)
+    ra = tl.sqrt(-2.0 * la)
+    rb = tl.sqrt(-2.0 * lb)
     ca, sa = _sincos_turns(_unit(w1, 2.3283064365386963e-10))
     cb, sb = _sincos_turns(_unit(w3, 2.3283064365386963e-10))
     # (BLOCK_Q, 2 pairs, 2 coordinates) -> 4·BLOCK_Q elements in the order z0 z1 z2 z3 per quad

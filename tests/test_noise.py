@@ -4,9 +4,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import pyssl
 from pyssl import _dispatch, reference
+from pyssl.kernels import noise as KN
 from pyssl.ops import noise as N
 
 from conftest import BACKENDS, device_for, GPU
@@ -377,3 +380,71 @@ def test_cuda_kernel_quads_on_the_host(noise_driver, chw, mode, threads, tmp_pat
     # the same polynomials as the CPU backend: equal up to the compilers' FMA contractions
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     assert float(got[0, :2].sub(x[0].reshape(-1)[:2] * a[0] + b[0]).abs().max()) > 0   # noise present
+
+
+_RADIUS_DRIVER = r"""
+#include <cstdio>
+#include "noise_quad.h"
+int main() {   // words on stdin, ln of their radius uniform (csrc/noise_quad.h) on stdout
+  unsigned w;
+  while (std::scanf("%u", &w) == 1) std::printf("%.9e\n", (double)pyssl_noise::log_radius_word(w));
+  return 0;
+}
+"""
+
+
+@triton.jit
+def _radius_probe(W, OUT, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    w = tl.load(W + i, mask=i < n, other=1)
+    tl.store(OUT + i, KN._log_radius_word(w), mask=i < n)
+
+
+def _radius_words():
+    top = [(1 << 32) - 1 - i for i in range(300)]                 # u within 2^-24 of 1
+    edges = [1, 2, 3, (1 << 23) - 1, 1 << 23, (1 << 23) + 1, (1 << 31) - 1, 1 << 31, (1 << 31) + 1]
+    # c = 1 − u around 1 − √½, where ln(1 − c) switches its reduction
+    cb = int((1 - 2 ** -0.5) * 2 ** 32)
+    edges += [(1 << 32) - 1 - (cb + d) for d in range(-3, 4)]
+    rnd = torch.randint(1, 1 << 32, (2000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    return torch.tensor(top + edges + rnd.tolist(), dtype=torch.int64)
+
+
+def _exact_log_radius(words):
+    """ln((w + ½)·2⁻³²) in float64 by the form that is exact at both ends."""
+    u = (words.double() + 0.5) * 2.0 ** -32
+    c = ((2 ** 32 - 1 - words).double() + 0.5) * 2.0 ** -32
+    return torch.where(u < 0.5, torch.log(u), torch.log1p(-c))
+
+
+def test_radius_uniform_keeps_its_resolution_near_one(tmp_path):
+    """r = sqrt(−2 ln u) for the radius words on every backend: to float32 precision of the
+    exact (w + ½)·2⁻³², also for the top words, which a float32 u rounds to 1 (r = 0: an atom of
+    probability 2⁻²⁵ per pair and r² resolved to 2⁻²³ only); the smallest r is 2⁻¹⁶."""
+    import shutil
+    import subprocess
+    words = _radius_words()
+    want = _exact_log_radius(words)
+    assert (want < 0).all() and (-2 * want).sqrt().min() > 2 ** -16.5
+    got = {"torch": N._log_radius(words, N._unit(words, 32))}
+
+    dev = device_for("triton")
+    out = torch.empty(words.numel(), dtype=torch.float32, device=dev)
+    w32 = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)   # same bits
+    _radius_probe[(1,)](w32.view(torch.uint32).to(dev), out, words.numel(),
+                        BLOCK=triton.next_power_of_2(words.numel()))
+    got["triton"] = out.double().cpu()
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is not None:
+        import pathlib
+        csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+        (tmp_path / "r.cpp").write_text(_RADIUS_DRIVER)
+        r = subprocess.run([cxx, "-std=c++17", "-O2", "-I", str(csrc), str(tmp_path / "r.cpp"), "-o",
+                            str(tmp_path / "r")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        r = subprocess.run([str(tmp_path / "r")], input=" ".join(map(str, words.tolist())),
+                           capture_output=True, text=True, check=True)
+        got["c++/cuda"] = torch.tensor([float(v) for v in r.stdout.split()], dtype=torch.float64)
+    for name, g in got.items():
+        rel = ((g - want) / want).abs()
+        assert rel.max() < 2e-6, (name, int(words[rel.argmax()]), float(rel.max()))

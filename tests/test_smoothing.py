@@ -71,6 +71,33 @@ def test_certify_equals_cohen_on_the_same_counts(backend):
     assert SIGMA * norm.ppf(0.9) - float(radius[0]) < 0.25
 
 
+def test_certify_subtracts_the_generator_bound(monkeypatch):
+    """The bound is far below a probability's ulp at these sizes, so its subtraction is checked
+    with a stand-in bound large enough to change outcomes: certify asks for the bound of one
+    image's element count and subtracts it from the Clopper–Pearson bound."""
+    from scipy.stats import beta
+    from pyssl import smoothing as S
+    c_hat, n_a = torch.tensor([1, 0]), torch.tensor([990, 990])
+    lower = beta.ppf(0.001, 990, 1000 - 990 + 1)
+    p0, r0 = S.certify_from_counts(c_hat, n_a, 1000, 0.001, 0.5, 0.0)
+    p1, r1 = S.certify_from_counts(c_hat, n_a, 1000, 0.001, 0.5, lower - 0.6)
+    p2, r2 = S.certify_from_counts(c_hat, n_a, 1000, 0.001, 0.5, lower - 0.49)
+    assert p0.tolist() == [1, 0] and p1.tolist() == [1, 0] and p2.tolist() == [-1, -1]
+    torch.testing.assert_close(r1, torch.full((2,), 0.5 * float(norm.ppf(0.6))))
+    assert (r1 < r0).all() and (r2 == 0).all()
+    asked = []
+    monkeypatch.setattr(S._noise, "noise_tv_bound", lambda numel: asked.append(numel) or 0.3)
+    x, model, _ = _problem()
+    pred, radius = pyssl.Smooth(model, 2, SIGMA, seed=5, backend="cpu").certify(x, 100, 2000, 0.001)
+    assert asked == [16]
+    # p = 0.9 and 0.999 still certify with pA_lower − 0.3 > 0.5 (smaller radii); p = 0.8 no longer
+    plain = pyssl.Smooth(model, 2, SIGMA, seed=5, backend="cpu")
+    monkeypatch.setattr(S._noise, "noise_tv_bound", lambda numel: 0.0)
+    pred0, radius0 = plain.certify(x, 100, 2000, 0.001)
+    assert pred0.tolist() == [1, 1, -1, 0] and pred.tolist() == [1, 1, -1, -1]
+    assert (radius[:2] < radius0[:2]).all()
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_predict_equals_cohen_on_the_same_counts(backend):
     x, model, _ = _problem(device_for(backend))

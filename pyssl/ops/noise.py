@@ -15,12 +15,15 @@ The generator (the same on every backend; "the counter scheme"):
       z[4q]   = r_A·cos(2π·t_A),  z[4q+1] = r_A·sin(2π·t_A),   r_A = sqrt(−2·ln u_A)
       z[4q+2] = r_B·cos(2π·t_B),  z[4q+3] = r_B·sin(2π·t_B),   r_B = sqrt(−2·ln u_B)
   with float32 uniforms, computed identically everywhere as float32(float32(w) + ½)·2⁻³²
-  (round-to-nearest; exact for w < 2²³, a relative resolution of 2⁻²⁴ above, and the top 2⁷
-  words round to u = 1, r = 0):
+  (round-to-nearest; exact for w < 2²³, a relative resolution of 2⁻²⁴ above):
       u_A = (w0 + ½)·2⁻³²,  t_A = (w1 + ½)·2⁻³²,  u_B = (w2 + ½)·2⁻³²,  t_B = (w3 + ½)·2⁻³²,
   except that a radius word equal to 0 (probability 2⁻³² per pair) takes 32 more bits from the
   extension draw (ext = 1, words v0..v3): u_A = (v0 + ½)·2⁻⁶⁴ when w0 = 0, u_B = (v1 + ½)·2⁻⁶⁴
   when w2 = 0. The radius uniform thus resolves 2⁻⁶⁴ at the bottom, and r reaches 9.49σ.
+  At the top, ln u for a radius word w >= 2³¹ is taken from c = 1 − u = (~w + ½)·2⁻³² (float32,
+  2⁻²⁴ relative) as ln(1 − c): u near 1 keeps its 2⁻³² resolution, so r² is resolved to 2⁻³¹
+  (not the 2⁻²³ of a float32 u, which rounds the top 2⁷ words to 1 and r to 0: an atom at
+  zero noise of probability 2⁻²⁵ per pair); the smallest radius is 2⁻¹⁶.
 
 Tail bound (noise_tv_bound): for a true Gaussian pair, the radius exceeds the sampler's largest
 r only with probability P(U < 2⁻⁶⁴) = 2⁻⁶⁴. The bound counts that unreachable tail mass for every
@@ -28,9 +31,8 @@ pair of an image: ceil(E/2)·2⁻⁶⁴ for E elements, 2.7e-14 for E = 10^6 (a 
 stops at 6.66σ, leaves 1.2e-4; Triton's tl.randn, which stops at 5.68σ, 2.7e-3). It is a bound on
 the truncated tail, the part of the distance that float rounding of the uniforms cannot explain:
 like every floating-point sampler this one is discrete (float32 uniforms, 2⁻³² resolution at the
-tail end where it matters, 2⁻²⁴ relative in the bulk), which moves each sample by far less than
-the rounding of its float32 output in the bulk, and no sampler's literal TV distance to a
-continuous law is below 1.
+tail end, r² to 2⁻³¹ at the small-radius end, 2⁻²⁴ relative in between), and no sampler's
+literal TV distance to a continuous law is below 1.
 
 Agreement across backends: the Philox words and the uniforms are bit-equal everywhere; the
 normals differ only by the last-place rounding of each backend's log/sqrt/sin/cos (the torch
@@ -101,6 +103,13 @@ def _unit(w: Tensor, scale_exp: int) -> Tensor:
     return (w.to(torch.float32) + 0.5) * (2.0 ** -scale_exp)
 
 
+def _log_radius(w: Tensor, u: Tensor) -> Tensor:
+    """ln of the radius uniform in float64: ln u for words w < 2^31 (and extended draws), and
+    for w >= 2^31 log1p(−c) of c = (~w + ½)·2⁻³² = 1 − u in float32 (module docstring)."""
+    c = _unit(w ^ _MASK32, 32).double()
+    return torch.where(w >= (1 << 31), torch.log1p(-c), torch.log(u.double()))
+
+
 def philox_normals(seed: int, image_id: Tensor, sample: Tensor, num_elements: int,
                    stream: int = 0) -> Tensor:
     """Standard normals z(seed, image_id[r], sample[r], e) for e < num_elements, float32 (R, E).
@@ -128,8 +137,8 @@ def philox_normals(seed: int, image_id: Tensor, sample: Tensor, num_elements: in
         ua[idx] = torch.where(w0[idx] == 0, _unit(v0, 64), ua[idx])
         ub[idx] = torch.where(w2[idx] == 0, _unit(v1, 64), ub[idx])
     ta, tb = _unit(w1, 32).double(), _unit(w3, 32).double()
-    ra = torch.sqrt(-2.0 * torch.log(ua.double()))
-    rb = torch.sqrt(-2.0 * torch.log(ub.double()))
+    ra = torch.sqrt(-2.0 * _log_radius(w0, ua))
+    rb = torch.sqrt(-2.0 * _log_radius(w2, ub))
     two_pi = 2.0 * math.pi
     z = torch.stack([ra * torch.cos(two_pi * ta), ra * torch.sin(two_pi * ta),
                      rb * torch.cos(two_pi * tb), rb * torch.sin(two_pi * tb)], dim=-1)
