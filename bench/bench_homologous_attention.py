@@ -16,6 +16,7 @@ TFLOP/s count only the unmasked pairs: 4·d FLOPs per pair forward, 10·d backwa
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -104,6 +105,7 @@ def attn_flex(inp):
             with torch.no_grad():
                 f(q, k, v, block_mask=bm)
         step.note = f"forward only (no CPU backward); block mask built in {build_ms:.0f} ms, untimed"
+        step.flops_fraction = 4.0 / 14.0     # TFLOP/s of the forward's work (4·d of 14·d per pair)
         return step
     step = _fwd_bwd(lambda q, k, v: f(q, k, v, block_mask=bm), inp)
     step.note = f"block mask built in {build_ms:.0f} ms, untimed"
@@ -121,13 +123,37 @@ def attn_pyssl(backend):
 
 
 def _flops(inp):
+    # unmasked pairs only: forward 4·d (QKᵀ, PV), backward 10·d (recomputed QKᵀ, dV, dP, dQ, dK)
     return 14.0 * inp["pairs"] * inp["q"].shape[-1]
 
 
+def attn_pyssl_noskip(inp):
+    """The Triton kernels with tile skipping off (PYSSL_HOMATTN_NO_SKIP=1, read per call): every
+    key tile visited with the group ids masked in it, what skipping is measured against."""
+    step = attn_pyssl("triton")(inp)
+
+    def noskip():
+        old = os.environ.get("PYSSL_HOMATTN_NO_SKIP")
+        os.environ["PYSSL_HOMATTN_NO_SKIP"] = "1"
+        try:
+            step()
+        finally:
+            if old is None:
+                del os.environ["PYSSL_HOMATTN_NO_SKIP"]
+            else:
+                os.environ["PYSSL_HOMATTN_NO_SKIP"] = old
+    noskip.note = "every key tile visited, group ids masked per tile; FLOP/s counted on unmasked pairs"
+    return noskip
+
+
 def _impls(backend):
-    """The peers, then our torch fallback and the backend under test."""
-    return {"naive": attn_naive, "sdpa_mask": attn_sdpa_mask, "flex": attn_flex,
-            "pyssl-torch": attn_pyssl("torch"), f"pyssl-{backend}": attn_pyssl(backend)}
+    """The peers, then our torch fallback and the backend under test (on the GPU also without
+    tile skipping, measured side by side)."""
+    impls = {"naive": attn_naive, "sdpa_mask": attn_sdpa_mask, "flex": attn_flex,
+             "pyssl-torch": attn_pyssl("torch"), f"pyssl-{backend}": attn_pyssl(backend)}
+    if backend == "triton":
+        impls["pyssl-triton[noskip]"] = attn_pyssl_noskip
+    return impls
 
 
 CASES = [
@@ -145,11 +171,11 @@ CASES = [
          flops=_flops, repeats=10, warmup=3,
          notes="B=256, H=12, L=197, d=64, 4 groups + 1 global token, bf16, forward+backward. "
                "pyssl-triton[noskip] (PYSSL_HOMATTN_NO_SKIP=1) meets every key tile with the group ids "
-               "masked per tile: the difference is what per-group tiles and skipping buy."),
+               "masked per tile: the ratio is what per-group tiles and skipping buy."),
     Case("homattn_long", "cuda",
          _sizes(lambda dev: _problem(4, 16, 4096, 64, 4, 0, torch.bfloat16, dev),
                 lambda dev: _problem(1, 2, 64, 8, 4, 0, torch.float32, dev)),
          _impls("triton"),
          flops=_flops, repeats=10, warmup=3,
-         notes="B=4, H=16, L=4096, d=64, 4 groups, bf16, forward+backward (see homattn_vitb for [noskip])."),
+         notes="B=4, H=16, L=4096, d=64, 4 groups, bf16, forward+backward (pyssl-triton[noskip] as in homattn_vitb)."),
 ]

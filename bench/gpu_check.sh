@@ -52,8 +52,6 @@ step() {  # step NAME MAX_SECONDS LOGFILE command...
 
 step "bench (GPU cases)" 200 "$OUT/bench.log" $PY -m bench --cases mlcd_1m_sampled,mlcd_1m_full,knn_gpu,noise_imagenet
 step "bench homattn" 120 "$OUT/bench_attn.log" $PY -m bench --cases homattn_vitb,homattn_long
-step "bench homattn noskip" 60 "$OUT/bench_attn.log" env PYSSL_HOMATTN_NO_SKIP=1 \
-  $PY -m bench --cases homattn_vitb,homattn_long --impls pyssl-triton --tag noskip --no-memory
 # Triton tile variants of the attention (kernels/homologous_attention.py, PYSSL_HOMATTN_TRITON)
 for variant in "st3:num_stages=3" "fwd128:fwd.BLOCK_M=128,fwd.num_warps=8,fwd.num_stages=3"; do
   tag=${variant%%:*}

@@ -177,9 +177,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+# Dense bf16 tensor-core peak (TFLOP/s) and memory bandwidth (GB/s) from the vendors' data
+# sheets, by device_name(): the targets of the GPU cases are fractions of these.
+PEAKS = {"h200": (989.0, 4800.0), "h100": (989.0, 3350.0), "a100": (312.0, 2039.0)}
+
+
 def run_case(module: str, case: Case, size: str, memory: bool, progress) -> Dict[str, dict]:
     results: Dict[str, dict] = {}
     inputs = case.make_inputs(size, case.device)
+    peak = PEAKS.get(device_name(case.device)) if case.device == "cuda" else None
     for impl, setup in case.impls.items():
         progress.set_postfix_str(f"{case.name}/{impl}")
         entry = {"time_ms": None, "peak_mem_mb": None, "tflops": None, "gbps": None, "note": ""}
@@ -188,10 +194,16 @@ def run_case(module: str, case: Case, size: str, memory: bool, progress) -> Dict
             t = time_step(step, case.device, case.warmup, case.repeats)
             entry["time_ms"] = round(t, 3)
             entry["note"] = getattr(step, "note", "")   # what a setup reports about itself
+            # a step that does part of the case's work (a forward-only peer) says which part
             if case.flops:
-                entry["tflops"] = round(case.flops(inputs) / (t * 1e-3) / 1e12, 3)
+                fl = case.flops(inputs) * getattr(step, "flops_fraction", 1.0)
+                entry["tflops"] = round(fl / (t * 1e-3) / 1e12, 3)
+                if peak:
+                    entry["pct_peak"] = round(100 * entry["tflops"] / peak[0], 1)
             if case.bytes:
                 entry["gbps"] = round(case.bytes(inputs) / (t * 1e-3) / 1e9, 2)
+                if peak:
+                    entry["pct_peak"] = round(100 * entry["gbps"] / peak[1], 1)
             del step
         except Skip as e:
             entry["note"] = str(e)
@@ -256,14 +268,22 @@ def markdown(doc: dict) -> str:
         naive_mem = (impls.get("naive") or {}).get("peak_mem_mb")
         run = doc.get("case_runs", {}).get(case, "")
         lines += [f"### {case}", "", doc.get("notes", {}).get(case, "") + (f" (run: {run})" if run else ""), "",
-                  "| impl | time (ms) | × naive time | peak mem (MB) | × naive mem | TFLOP/s | GB/s | note |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| impl | time (ms) | × naive time | peak mem (MB) | × naive mem | TFLOP/s | GB/s | % of peak | note |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        floor = (impls.get("floor") or {}).get("time_ms")
+        forward = (impls.get("forward") or {}).get("time_ms")
         for impl, e in impls.items():
             t, m = e.get("time_ms"), e.get("peak_mem_mb")
             rt = f"{t / naive:.3f}" if t and naive else ""
             rm = f"{m / naive_mem:.3f}" if m is not None and naive_mem else ""
+            derived = []   # what the targets are stated against: the floor, the model forward
+            if t and floor and impl != "floor":
+                derived.append(f"{t / floor:.2f}× floor")
+            if t and forward and impl != "forward" and not impl.startswith("forward["):
+                derived.append(f"{100 * (t - forward) / t:.1f}% outside the forward")
+            note = "; ".join(derived + ([e["note"]] if e.get("note") else []))
             lines.append(f"| {impl} | {'' if t is None else t} | {rt} | {'' if m is None else m} | {rm} | "
-                         f"{e.get('tflops') or ''} | {e.get('gbps') or ''} | {e.get('note', '')} |")
+                         f"{e.get('tflops') or ''} | {e.get('gbps') or ''} | {e.get('pct_peak') or ''} | {note} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

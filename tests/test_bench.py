@@ -53,3 +53,18 @@ def test_default_run_leaves_out_optional_impls():
     assert "pyssl-torch" not in default and {"naive", "faiss", "pyssl-auto"} <= set(default)
     assert set(select_impls(case, set(), True)) == set(case.impls)
     assert set(select_impls(case, {"pyssl-torch"}, False)) == {"pyssl-torch"}
+
+
+def test_markdown_states_the_targets_references():
+    """The table gives each impl's ratio to the floor and its share of time outside the model
+    forward where the case has those rows, and the % of the GPU's peak the run recorded."""
+    doc = {"date": "d", "machine": "m", "commit": "c", "torch": "t", "triton": "tr", "notes": {},
+           "cases": {"a": {"naive": {"time_ms": 40.0}, "floor": {"time_ms": 10.0},
+                           "pyssl-cpu": {"time_ms": 25.0, "gbps": 2.0, "pct_peak": 41.5}},
+                     "b": {"forward": {"time_ms": 90.0}, "pyssl-auto": {"time_ms": 100.0, "note": "x"}}}}
+    md = harness.markdown(doc)
+    row = next(line for line in md.splitlines() if line.startswith("| pyssl-cpu"))
+    assert "2.50× floor" in row and "| 41.5 |" in row and "0.625" in row
+    row = next(line for line in md.splitlines() if line.startswith("| pyssl-auto"))
+    assert "10.0% outside the forward; x" in row
+    assert "outside the forward" not in next(line for line in md.splitlines() if line.startswith("| forward"))
