@@ -461,7 +461,7 @@ def test_contrastive_loss_matches_reference(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", CL_BACKENDS)
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
 def test_contrastive_loss_float_and_bf16(backend, dtype, tol):
     z = torch.randn(4, 30, 16).to(device_for(backend), dtype).requires_grad_()
     groups = _groups(4, 30, 4, n_global=1).to(z.device)
@@ -495,13 +495,45 @@ def test_contrastive_loss_lone_tokens_and_near_parallel(backend):
                                **(dict(atol=2e-2, rtol=1e-3) if dt == torch.float32 else {}))
 
 
-def test_contrastive_loss_opcheck_and_compile():
+def test_contrastive_loss_torch_backend_keeps_no_score_tensors():
+    """The torch backend's row chunks are recomputed in the backward: what autograd saves is of
+    the order of z, not the B·L·L scores (plain autograd saved ~2.3 such tensors)."""
+    b, l, e = 12, 64, 8
+    z = torch.randn(b, l, e, requires_grad=True)
+    groups = _groups(b, l, 4, n_global=1)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = pyssl.homologous_contrastive_loss(z, groups, backend="torch")
+    assert sum(saved) < b * l * l * 4 / 4, sum(saved)
+    (g,) = torch.autograd.grad(loss, z)
+    zr = z.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.homologous_contrastive_loss(zr, groups), zr)
+    torch.testing.assert_close(g.double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_contrastive_loss_mean_without_positives_is_zero():
+    z = torch.randn(2, 4, 3, requires_grad=True)
+    groups = torch.tensor([[0, 1, 2, -1], [5, -1, 6, 7]])      # every group of one
+    for backend in ("cpu", "torch"):
+        loss = pyssl.homologous_contrastive_loss(z, groups, backend=backend)
+        assert loss.item() == 0.0
+        assert torch.autograd.grad(loss, z)[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_contrastive_loss_opcheck_and_compile(backend):
     from pyssl.ops import homologous_contrastive_loss as HCL
-    z = torch.randn(2, 9, 5)
-    groups = _groups(2, 9, 3)
-    torch.library.opcheck(HCL._rows_op, (z, groups, 0.2, "cpu"))
-    f = torch.compile(lambda t: HCL._rows_op(t, groups, 0.2, "cpu")[0].sum(), fullgraph=True, backend="eager")
-    torch.testing.assert_close(f(z), HCL._rows_op(z, groups, 0.2, "cpu")[0].sum())
+    dev = device_for(backend)
+    z = torch.randn(2, 9, 5, device=dev)
+    groups = _groups(2, 9, 3).to(dev)
+    torch.library.opcheck(HCL._rows_op, (z, groups, 0.2, backend))
+    f = torch.compile(lambda t: HCL._rows_op(t, groups, 0.2, backend)[0].sum(), fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(z), HCL._rows_op(z, groups, 0.2, backend)[0].sum())
 
 
 def test_contrastive_loss_by_hand():

@@ -28,6 +28,7 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from pyssl import _checks, _dispatch
@@ -168,6 +169,13 @@ def _has_positive(groups: Tensor) -> Tensor:
 
 def homologous_contrastive_loss(z: Tensor, groups: Tensor, *, temperature: float = 0.2,
                                 reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Homologous contrastive loss (SPEC §2) of token embeddings z (B, L, E) by group ids (B, L):
+    per token, the log-sum-exp of its cosine/temperature scores against the sample's other
+    valid tokens minus their mean over its own group; tokens with a negative id, or alone in
+    their group, contribute 0. reduction "mean" averages over the tokens that have a positive
+    (0, not NaN, when none has: a batch without pairs adds nothing to a training loss).
+    No backend keeps a B·L·L float tensor for the backward: the Triton and C++ kernels recompute
+    scores from z; the torch backend recomputes its row chunks (activation checkpointing)."""
     fn = "homologous_contrastive_loss"
     _check(fn, z, groups, temperature, reduction)
     chosen = _dispatch.choose(fn, backend, z.device, {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
@@ -179,7 +187,12 @@ def homologous_contrastive_loss(z: Tensor, groups: Tensor, *, temperature: float
         has = _has_positive(groups)
     else:
         per = max(1, CHUNK_ELEMS // max(1, l * l))
-        parts = [_rows(z[i0:i0 + per], groups[i0:i0 + per], float(temperature)) for i0 in range(0, b, per)]
+        rows_of = _rows
+        if torch.is_grad_enabled() and z.requires_grad:
+            # each chunk's L×L scores are recomputed in the backward instead of kept alive
+            def rows_of(zc, gc, t):
+                return torch.utils.checkpoint.checkpoint(_rows, zc, gc, t, use_reentrant=False)
+        parts = [rows_of(z[i0:i0 + per], groups[i0:i0 + per], float(temperature)) for i0 in range(0, b, per)]
         rows = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         has = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     if reduction == "none":
