@@ -124,9 +124,10 @@ def test_kept_set_bitmask_and_lse_agree_across_backends(backend):
         a = HA.attention_with_stats(q.to(dev), k.to(dev), v.to(dev), groups.to(dev), topk=topk, backend=backend)
         a = [t.cpu() for t in a]
         b = HA.attention_with_stats(q, k, v, groups, topk=topk, backend="torch")
+        torch.testing.assert_close(a[0], b[0], atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-6)
-        assert torch.equal(a[2], b[2])
         if topk:
+            assert a[2].shape == (2, 3, 27, 4) and torch.equal(a[2], b[2])
             want = reference.homologous_kept(q, k, groups, topk)
             assert torch.equal(HA.unpack_bits(a[2], 27), want)
             # exactly min(topk, allowed) keys per row
@@ -372,6 +373,31 @@ def test_attention_bad_input(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         pyssl.homologous_attention(q, k, v, **kwargs)
     assert torch.equal(q, before)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("topk", [None, 4])
+def test_attention_leaves_its_inputs_alone(backend, topk):
+    """A successful forward and backward modifies none of q, k, v, groups or the output's
+    gradient (the kernels sort, permute and scale copies only)."""
+    dev = device_for(backend)
+    q, k, v = (t.requires_grad_() for t in _qkv(device=dev))
+    groups = _groups(2, 21, 3, n_global=2).to(dev)
+    saved = [t.detach().clone() for t in (q, k, v, groups)]
+    out = pyssl.homologous_attention(q, k, v, groups, topk=topk, backend=backend)
+    g = torch.randn_like(out)
+    g0 = g.clone()
+    out.backward(g)
+    for t, t0 in zip((q, k, v, groups, g), saved + [g0]):
+        assert torch.equal(t.detach(), t0)
+
+
+def test_attention_mismatched_devices():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="same device"):
+        pyssl.homologous_attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="groups must be on q's device"):
+        pyssl.homologous_attention(q, k, v, _groups(2, 21, 3).to("meta"))
 
 
 def test_attention_bad_shapes():
