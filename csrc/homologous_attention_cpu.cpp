@@ -16,7 +16,8 @@
 // accumulator-type buffers; every product (S = QKᵀ, O = PV; dP = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K,
 // dK = dSᵀ·Q) goes through one register-blocked micro-GEMM (8 rows × two vectors of C held in
 // registers over the whole inner loop), the softmax through a vectorized exp; only the n_q×n_k
-// score block of one set exists per thread, never a B·H·L·L tensor. Memory
+// score block of one set (at most kSetScores elements: large sets are cut into query chunks
+// sharing their gathered keys) exists per thread, never a B·H·L·L tensor. Memory
 // traffic: q, k, v (and out, dout) read once per (batch, head) into cache-resident buffers;
 // masked-out pairs are never computed (the work is Σ_sets n_q·n_k·d instead of L²·d).
 #include <torch/extension.h>
@@ -29,6 +30,7 @@
 #include <cstring>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -38,16 +40,35 @@ using pyssl_cpu::exp_nonpos;
 using pyssl_cpu::gemm;
 
 struct Set {
-  std::vector<int64_t> q;   // query token indices
-  std::vector<int64_t> k;   // key token indices, ascending
+  std::vector<int64_t> q;                        // query token indices
+  std::shared_ptr<const std::vector<int64_t>> k;  // key token indices, ascending
+  bool same_keys = false;                         // k is the previous set's: K, V already gathered
 };
+
+// One set's score blocks (S, and dP, T in the backward) stay under kSetScores elements per
+// thread (4 MB in float32): a set with more queries is cut into query chunks that share its
+// keys, so long rows without groups (one set of L×L) never hold L² floats.
+constexpr int64_t kSetScores = int64_t(1) << 20;
+
+void add_set(std::vector<Set>& out, const std::vector<int64_t>& q, std::vector<int64_t> k) {
+  const int64_t nk = (int64_t)k.size();
+  const size_t per = (size_t)std::max<int64_t>(8, kSetScores / std::max<int64_t>(nk, 1));
+  auto keys = std::make_shared<const std::vector<int64_t>>(std::move(k));
+  for (size_t i = 0; i < q.size(); i += per) {
+    Set s;
+    s.q.assign(q.begin() + i, q.begin() + std::min(q.size(), i + per));
+    s.k = keys;
+    s.same_keys = i > 0;
+    out.push_back(std::move(s));
+  }
+}
 
 std::vector<std::vector<Set>> build_sets(const c10::optional<at::Tensor>& groups, int64_t B, int64_t L) {
   std::vector<std::vector<Set>> sets(B);
   std::vector<int64_t> all(L);
   std::iota(all.begin(), all.end(), 0);
   if (!groups.has_value()) {
-    for (int64_t b = 0; b < B; ++b) sets[b].push_back(Set{all, all});
+    for (int64_t b = 0; b < B; ++b) add_set(sets[b], all, all);
     return sets;
   }
   const int64_t* g = groups->data_ptr<int64_t>();
@@ -62,14 +83,14 @@ std::vector<std::vector<Set>> build_sets(const c10::optional<at::Tensor>& groups
     std::sort(members.begin(), members.end());
     for (size_t i = 0; i < members.size();) {
       size_t j = i;
-      Set s;
-      while (j < members.size() && members[j].first == members[i].first) s.q.push_back(members[j++].second);
-      s.k.resize(s.q.size() + globals.size());
-      std::merge(s.q.begin(), s.q.end(), globals.begin(), globals.end(), s.k.begin());
-      sets[b].push_back(std::move(s));
+      std::vector<int64_t> q;
+      while (j < members.size() && members[j].first == members[i].first) q.push_back(members[j++].second);
+      std::vector<int64_t> k(q.size() + globals.size());
+      std::merge(q.begin(), q.end(), globals.begin(), globals.end(), k.begin());
+      add_set(sets[b], q, std::move(k));
       i = j;
     }
-    if (!globals.empty()) sets[b].push_back(Set{globals, all});
+    if (!globals.empty()) add_set(sets[b], globals, all);
   }
   return sets;
 }
@@ -141,12 +162,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
       const int64_t b = bh / H;
       const int64_t base = bh * L * d;
       for (const Set& st : sets[b]) {
-        const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)st.k.size();
+        const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)(*st.k).size();
         Q.resize(nq * d); K.resize(nk * d); KT.resize(nk * d); V.resize(nk * d); S.resize(nq * nk); O.resize(nq * d);
         gather(qp + base, st.q, d, Q.data());
-        gather(kp + base, st.k, d, K.data());
-        gather(vp + base, st.k, d, V.data());
-        transpose(K.data(), nk, d, KT.data());
+        if (!st.same_keys) {
+          gather(kp + base, (*st.k), d, K.data());
+          gather(vp + base, (*st.k), d, V.data());
+          transpose(K.data(), nk, d, KT.data());
+        }
         gemm(nq, nk, d, Q.data(), d, KT.data(), nk, S.data(), nk);
         for (int64_t i = 0; i < nq; ++i) {
           acc_t* s = S.data() + i * nk;
@@ -154,10 +177,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
 #pragma omp simd
           for (int64_t j = 0; j < nk; ++j) s[j] *= scale;
           if (topk > 0) {
-            topk_row(s, st.k, topk, order, kept);
+            topk_row(s, (*st.k), topk, order, kept);
             uint8_t* row_bits = bits + (bh * L + qi) * nbytes;
             for (int64_t j = 0; j < nk; ++j) {
-              if (kept[j]) row_bits[st.k[j] >> 3] |= (uint8_t)(1u << (st.k[j] & 7));
+              if (kept[j]) row_bits[(*st.k)[j] >> 3] |= (uint8_t)(1u << ((*st.k)[j] & 7));
               else s[j] = ninf;
             }
           }
@@ -213,16 +236,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       std::fill(dK.begin(), dK.end(), acc_t(0));
       std::fill(dV.begin(), dV.end(), acc_t(0));
       for (const Set& st : sets[b]) {
-        const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)st.k.size();
+        const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)(*st.k).size();
         Q.resize(nq * d); K.resize(nk * d); KT.resize(nk * d); V.resize(nk * d); VT.resize(nk * d);
         DO.resize(nq * d); S.resize(nq * nk); DP.resize(nq * nk); T.resize(nq * nk);
         G.resize(std::max(nq, nk) * d); delta.resize(nq);
         gather(qp + base, st.q, d, Q.data());
-        gather(kp + base, st.k, d, K.data());
-        gather(vp + base, st.k, d, V.data());
+        if (!st.same_keys) {
+          gather(kp + base, (*st.k), d, K.data());
+          gather(vp + base, (*st.k), d, V.data());
+          transpose(K.data(), nk, d, KT.data());
+          transpose(V.data(), nk, d, VT.data());
+        }
         gather(dop + base, st.q, d, DO.data());
-        transpose(K.data(), nk, d, KT.data());
-        transpose(V.data(), nk, d, VT.data());
         for (int64_t i = 0; i < nq; ++i) {
           const scalar_t* orow = outp + base + st.q[i] * d;
           acc_t acc = 0;
@@ -240,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
           if (bits) {
             const uint8_t* row_bits = bits + (bh * L + qi) * nbytes;
             for (int64_t j = 0; j < nk; ++j) {
-              const int64_t kj = st.k[j];
+              const int64_t kj = (*st.k)[j];
               if (!((row_bits[kj >> 3] >> (kj & 7)) & 1)) s[j] = ninf;
               else s[j] *= scale;
             }
@@ -261,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
         transpose(S.data(), nq, nk, T.data());
         gemm(nk, d, nq, T.data(), nq, DO.data(), d, G.data(), d);
         for (int64_t j = 0; j < nk; ++j) {
-          acc_t* dvr = dV.data() + st.k[j] * d;
+          acc_t* dvr = dV.data() + (*st.k)[j] * d;
 #pragma omp simd
           for (int64_t c = 0; c < d; ++c) dvr[c] += G[j * d + c];
         }
@@ -275,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
         transpose(DP.data(), nq, nk, T.data());
         gemm(nk, d, nq, T.data(), nq, Q.data(), d, G.data(), d);
         for (int64_t j = 0; j < nk; ++j) {
-          acc_t* dkr = dK.data() + st.k[j] * d;
+          acc_t* dkr = dK.data() + (*st.k)[j] * d;
 #pragma omp simd
           for (int64_t c = 0; c < d; ++c) dkr[c] += scale * G[j * d + c];
         }

@@ -392,6 +392,19 @@ def test_attention_leaves_its_inputs_alone(backend, topk):
         assert torch.equal(t.detach(), t0)
 
 
+@pytest.mark.parametrize("mode", ["no groups", "one group + globals", "topk"])
+def test_cpu_long_rows_are_cut_into_query_chunks(mode):
+    """L = 1200 without groups is one set of 1200 × 1200 scores: the C++ kernel cuts it into
+    query chunks sharing their keys (at most 2^20 scores per thread); results unchanged."""
+    q, k, v = (t.requires_grad_() for t in _qkv(b=1, h=2, l=1200, d=8, seed=5))
+    groups = None
+    if mode == "one group + globals":
+        groups = torch.zeros(1, 1200, dtype=torch.int64)
+        groups[0, ::300] = -1
+    topk = 16 if mode == "topk" else None
+    _check_against_reference(q, k, v, groups, topk, "cpu")
+
+
 def test_attention_mismatched_devices():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="same device"):
