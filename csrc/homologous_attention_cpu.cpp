@@ -162,12 +162,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
       const int64_t b = bh / H;
       const int64_t base = bh * L * d;
       for (const Set& st : sets[b]) {
-        const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)(*st.k).size();
+        const std::vector<int64_t>& keys = *st.k;
+        const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)keys.size();
         Q.resize(nq * d); K.resize(nk * d); KT.resize(nk * d); V.resize(nk * d); S.resize(nq * nk); O.resize(nq * d);
         gather(qp + base, st.q, d, Q.data());
         if (!st.same_keys) {
-          gather(kp + base, (*st.k), d, K.data());
-          gather(vp + base, (*st.k), d, V.data());
+          gather(kp + base, keys, d, K.data());
+          gather(vp + base, keys, d, V.data());
           transpose(K.data(), nk, d, KT.data());
         }
         gemm(nq, nk, d, Q.data(), d, KT.data(), nk, S.data(), nk);
@@ -177,10 +178,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
 #pragma omp simd
           for (int64_t j = 0; j < nk; ++j) s[j] *= scale;
           if (topk > 0) {
-            topk_row(s, (*st.k), topk, order, kept);
+            topk_row(s, keys, topk, order, kept);
             uint8_t* row_bits = bits + (bh * L + qi) * nbytes;
             for (int64_t j = 0; j < nk; ++j) {
-              if (kept[j]) row_bits[(*st.k)[j] >> 3] |= (uint8_t)(1u << ((*st.k)[j] & 7));
+              if (kept[j]) row_bits[keys[j] >> 3] |= (uint8_t)(1u << (keys[j] & 7));
               else s[j] = ninf;
             }
           }
@@ -236,14 +237,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       std::fill(dK.begin(), dK.end(), acc_t(0));
       std::fill(dV.begin(), dV.end(), acc_t(0));
       for (const Set& st : sets[b]) {
-        const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)(*st.k).size();
+        const std::vector<int64_t>& keys = *st.k;
+        const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)keys.size();
         Q.resize(nq * d); K.resize(nk * d); KT.resize(nk * d); V.resize(nk * d); VT.resize(nk * d);
         DO.resize(nq * d); S.resize(nq * nk); DP.resize(nq * nk); T.resize(nq * nk);
         G.resize(std::max(nq, nk) * d); delta.resize(nq);
         gather(qp + base, st.q, d, Q.data());
         if (!st.same_keys) {
-          gather(kp + base, (*st.k), d, K.data());
-          gather(vp + base, (*st.k), d, V.data());
+          gather(kp + base, keys, d, K.data());
+          gather(vp + base, keys, d, V.data());
           transpose(K.data(), nk, d, KT.data());
           transpose(V.data(), nk, d, VT.data());
         }
@@ -265,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
           if (bits) {
             const uint8_t* row_bits = bits + (bh * L + qi) * nbytes;
             for (int64_t j = 0; j < nk; ++j) {
-              const int64_t kj = (*st.k)[j];
+              const int64_t kj = keys[j];
               if (!((row_bits[kj >> 3] >> (kj & 7)) & 1)) s[j] = ninf;
               else s[j] *= scale;
             }
@@ -286,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
         transpose(S.data(), nq, nk, T.data());
         gemm(nk, d, nq, T.data(), nq, DO.data(), d, G.data(), d);
         for (int64_t j = 0; j < nk; ++j) {
-          acc_t* dvr = dV.data() + (*st.k)[j] * d;
+          acc_t* dvr = dV.data() + keys[j] * d;
 #pragma omp simd
           for (int64_t c = 0; c < d; ++c) dvr[c] += G[j * d + c];
         }
@@ -300,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
         transpose(DP.data(), nq, nk, T.data());
         gemm(nk, d, nq, T.data(), nq, Q.data(), d, G.data(), d);
         for (int64_t j = 0; j < nk; ++j) {
-          acc_t* dkr = dK.data() + (*st.k)[j] * d;
+          acc_t* dkr = dK.data() + keys[j] * d;
 #pragma omp simd
           for (int64_t c = 0; c < d; ++c) dkr[c] += scale * G[j * d + c];
         }

@@ -70,10 +70,11 @@ struct NormalGen {
     alignas(64) float la[BLOCK_Q], lb[BLOCK_Q];   // ln of the radius uniforms
     int rare = 0;
 #pragma omp simd reduction(| : rare)
+    for (int i = 0; i < nq; ++i) rare |= (int)(w[0][i] == 0) | (int)(w[2][i] == 0);
+#pragma omp simd
     for (int i = 0; i < nq; ++i) {
       la[i] = log_radius_word(w[0][i]);
       lb[i] = log_radius_word(w[2][i]);
-      rare |= (int)(w[0][i] == 0) | (int)(w[2][i] == 0);
     }
     if (rare) {   // probability ~2^-31 per quad: the extension draw for a zero radius word
       for (int i = 0; i < nq; ++i) {

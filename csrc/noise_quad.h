@@ -111,20 +111,23 @@ PYSSL_HD float log_pos(float u) {
 // 2c)/(3 − 2c)): so u near 1 keeps its 2^-32 resolution and r = sqrt(−2 ln u) never rounds to 0
 // (u itself in float32 would round the top 2^7 words to 1 and resolve r² only to 2^-23).
 PYSSL_HD float log_radius_word(uint32_t w) {
-  const float u = unit32(w);
-  const uint32_t bits = float_to_bits(u);
-  int32_t k = (int32_t)(bits >> 23) - 127;
-  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);
-  const bool mbig = m > 1.41421356f;
-  m = mbig ? 0.5f * m : m;
-  k = mbig ? k + 1 : k;
+  // written as flat selects (no nested conditionals): GCC vectorizes only that form
+  const uint32_t bits = float_to_bits(unit32(w));
+  const float ka = (float)((int32_t)(bits >> 23) - 127);
+  const float ma = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);
+  const bool mbig = ma > 1.41421356f;
+  const float m = mbig ? 0.5f * ma : ma;
+  const float kl = mbig ? ka + 1.0f : ka;
   const float c = unit32(~w);
   const bool cbig = c > 0.29289322f;
-  const bool hi = w >= 0x80000000u;
-  const float num = hi ? (cbig ? 1.0f - 2.0f * c : -c) : m - 1.0f;
-  const float den = hi ? (cbig ? 3.0f - 2.0f * c : 2.0f - c) : m + 1.0f;
-  const float kf = hi ? (cbig ? -1.0f : 0.0f) : (float)k;
-  return log_core(num, den, kf);
+  const float nh = cbig ? 1.0f - 2.0f * c : -c;
+  const float dh = cbig ? 3.0f - 2.0f * c : 2.0f - c;
+  const float kh = cbig ? -1.0f : 0.0f;
+  const bool hi = (int32_t)w < 0;   // w >= 2^31
+  const float num = hi ? nh : m - 1.0f;
+  const float den = hi ? dh : m + 1.0f;
+  const float k = hi ? kh : kl;
+  return log_core(num, den, k);
 }
 
 // (cos 2πt, sin 2πt) for t in [0, 1]: t = q/4 + f with |f| ≤ 1/8 (exact in float), then

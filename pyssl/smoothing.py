@@ -308,11 +308,19 @@ def certified_accuracy(prediction: Tensor, radius: Tensor, labels: Tensor,
         raise ValueError(f"{fn}: prediction and labels must be integer class ids, got {prediction.dtype}, {labels.dtype}")
     if bool(torch.isnan(radius.float()).any()):
         raise ValueError(f"{fn}: radius has NaN entries")
-    r = torch.as_tensor(radii, dtype=torch.float32).reshape(-1)
+    try:
+        r = torch.as_tensor(radii, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{fn}: radii must be a sequence of numbers, got {radii!r}") from None
+    if r.dim() > 1:
+        raise ValueError(f"{fn}: radii must be a number or a 1-d sequence, got shape {tuple(r.shape)}")
+    r = r.reshape(-1)
     if r.numel() == 0:
         raise ValueError(f"{fn}: radii is empty")
     if not bool(torch.isfinite(r).all()):
         raise ValueError(f"{fn}: radii must be finite, got {r.tolist()}")
-    correct = (prediction.cpu() == labels.cpu())
-    rad = radius.detach().float().cpu()
+    # on the inputs' device: no copy of the per-image tensors to the host
+    correct = prediction == labels
+    rad = radius.detach().float()
+    r = r.to(rad.device)
     return (correct[None, :] & (rad[None, :] >= r[:, None])).float().mean(1)

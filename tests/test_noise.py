@@ -165,6 +165,9 @@ def test_tv_bound():
     assert pyssl.noise_tv_bound(3) == 2 * 2.0 ** -64
     with pytest.raises(ValueError, match="numel"):
         pyssl.noise_tv_bound(-1)
+    for bad in (1.5, True):
+        with pytest.raises(TypeError, match="numel must be an int"):
+            pyssl.noise_tv_bound(bad)
 
 
 # ---------------------------------------------------------------- statistics

@@ -274,5 +274,12 @@ def test_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         pyssl.certified_accuracy(torch.zeros(3, dtype=torch.int64), torch.tensor([0.0, float("nan"), 1.0]),
                                  torch.zeros(3, dtype=torch.int64), [0.0])
+    ints = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(TypeError, match="radii must be a sequence of numbers, got None"):
+        pyssl.certified_accuracy(ints, torch.zeros(3), ints, None)
+    with pytest.raises(TypeError, match="radii must be a sequence of numbers"):
+        pyssl.certified_accuracy(ints, torch.zeros(3), ints, ["abc"])
+    with pytest.raises(ValueError, match="radii must be a number or a 1-d sequence"):
+        pyssl.certified_accuracy(ints, torch.zeros(3), ints, [[0.0, 0.5]])
     with pytest.raises(ValueError, match="n must be <= 2"):
         s.predict(x, 2 ** 32 + 1, 0.01)

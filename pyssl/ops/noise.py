@@ -74,8 +74,7 @@ def noise_tv_bound(numel: int) -> float:
     """The generator's tail bound for one noisy image of `numel` elements: the Gaussian tail mass
     no draw reaches, summed over its pairs, ceil(numel/2)·2⁻⁶⁴ (module docstring: "Tail bound").
     Smooth.certify subtracts it from the Clopper–Pearson bound."""
-    if numel < 0:
-        raise ValueError(f"noise_tv_bound: numel must be >= 0, got {numel}")
+    numel = _checks.integer("noise_tv_bound", "numel", numel, lo=0)
     return math.ceil(numel / 2) * 2.0 ** -64
 
 
