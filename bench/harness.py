@@ -42,6 +42,9 @@ class Case:
     impls: Dict[str, Callable[[dict], Callable[[], None]]]   # impl -> setup(inputs) -> step
     flops: Optional[Callable[[dict], float]] = None          # useful FLOPs of one step
     bytes: Optional[Callable[[dict], float]] = None          # bytes moved by one step
+    # MB of the inputs that receive gradients (a step's peak beyond the inputs includes its own
+    # gradients of the same size): the table then states peak / (inputs + gradients)
+    grad_inputs_mb: Optional[Callable[[dict], float]] = None
     repeats: int = 5
     warmup: int = 1
     notes: str = ""
@@ -217,6 +220,9 @@ def run_case(module: str, case: Case, size: str, memory: bool, progress) -> Dict
         if memory and entry["time_ms"] is not None:
             mem, note = measure_memory(module, case, impl, size)
             entry["peak_mem_mb"] = None if mem is None else round(mem, 1)
+            if mem is not None and case.grad_inputs_mb:
+                io = case.grad_inputs_mb(inputs)
+                entry["x_inputs_grads"] = round((io + mem) / (2 * io), 3)
             if note:
                 entry["note"] = (entry["note"] + "; " + note).strip("; ")
         results[impl] = entry
@@ -281,6 +287,8 @@ def markdown(doc: dict) -> str:
                 derived.append(f"{t / floor:.2f}× floor")
             if t and forward and impl != "forward" and not impl.startswith("forward["):
                 derived.append(f"{100 * (t - forward) / t:.1f}% outside the forward")
+            if e.get("x_inputs_grads"):
+                derived.append(f"peak {e['x_inputs_grads']:.2f}× inputs+grads")
             note = "; ".join(derived + ([e["note"]] if e.get("note") else []))
             lines.append(f"| {impl} | {'' if t is None else t} | {rt} | {'' if m is None else m} | {rm} | "
                          f"{e.get('tflops') or ''} | {e.get('gbps') or ''} | {e.get('pct_peak') or ''} | {note} |")

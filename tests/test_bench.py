@@ -2,6 +2,7 @@
 import dataclasses
 import json
 
+import pytest
 import torch
 from tqdm import tqdm
 
@@ -33,7 +34,12 @@ def test_harness_times_and_measures_memory(tmp_path):
     with tqdm(total=2, disable=True) as bar:
         res = harness.run_case("bench.bench_mlcd_loss", case, "tiny", memory=True, progress=bar)
     for impl, e in res.items():
-        assert set(e) == {"time_ms", "peak_mem_mb", "tflops", "gbps", "note"}
+        assert set(e) == {"time_ms", "peak_mem_mb", "tflops", "gbps", "note", "x_inputs_grads"}
+        # the ratio restates the measured peak against the inputs and their gradients
+        io = sum(t.numel() * t.element_size() for t in (case.make_inputs("tiny", "cpu")["x"],
+                                                        case.make_inputs("tiny", "cpu")["w"])) / 2**20
+        # (peak_mem_mb is rounded to 0.1 MB, the ratio was taken before rounding)
+        assert e["x_inputs_grads"] == pytest.approx((io + e["peak_mem_mb"]) / (2 * io), abs=0.05 / (2 * io) + 2e-3)
         assert e["time_ms"] > 0 and e["note"] == "", (impl, e)
         assert e["peak_mem_mb"] is not None and e["peak_mem_mb"] >= 0
     # the naive step materializes 64×2000 logits several times: its peak is visibly above zero
@@ -61,10 +67,11 @@ def test_markdown_states_the_targets_references():
     doc = {"date": "d", "machine": "m", "commit": "c", "torch": "t", "triton": "tr", "notes": {},
            "cases": {"a": {"naive": {"time_ms": 40.0}, "floor": {"time_ms": 10.0},
                            "pyssl-cpu": {"time_ms": 25.0, "gbps": 2.0, "pct_peak": 41.5}},
-                     "b": {"forward": {"time_ms": 90.0}, "pyssl-auto": {"time_ms": 100.0, "note": "x"}}}}
+                     "b": {"forward": {"time_ms": 90.0}, "pyssl-auto": {"time_ms": 100.0, "note": "x",
+                                                                       "x_inputs_grads": 1.104}}}}
     md = harness.markdown(doc)
     row = next(line for line in md.splitlines() if line.startswith("| pyssl-cpu"))
     assert "2.50× floor" in row and "| 41.5 |" in row and "0.625" in row
     row = next(line for line in md.splitlines() if line.startswith("| pyssl-auto"))
-    assert "10.0% outside the forward; x" in row
+    assert "10.0% outside the forward; peak 1.10× inputs+grads; x" in row
     assert "outside the forward" not in next(line for line in md.splitlines() if line.startswith("| forward"))
