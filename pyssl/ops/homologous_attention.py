@@ -278,6 +278,7 @@ def _torch_grouped_backward(q, k, v, out, dout, lse, groups, scale):
     dq_t = torch.empty((b, l, h, d), dtype=acc, device=q.device)
     dk_t = torch.zeros((b, l, h, d), dtype=acc, device=q.device)
     dv_t = torch.zeros((b, l, h, d), dtype=acc, device=q.device)
+    dk_f, dv_f = dk_t.view(b * l, h, d), dv_t.view(b * l, h, d)
     for bucket in _group_buckets(groups, b, l).values():
         for bidx, qidx, kidx in _bucket_chunks(bucket, h):
             qs = _rows_of(q, bidx, qidx).to(acc)
@@ -289,8 +290,11 @@ def _torch_grouped_backward(q, k, v, out, dout, lse, groups, scale):
             p = torch.exp(scale * (qs @ ks.transpose(-1, -2)) - lse_s[..., None])
             ds = p * (dos @ vs.transpose(-1, -2) - delta_s[..., None])
             dq_t[bidx[:, None], qidx] = (scale * (ds @ ks)).transpose(1, 2)
-            dk_t.index_put_((bidx[:, None], kidx), (scale * (ds.transpose(-1, -2) @ qs)).transpose(1, 2), accumulate=True)
-            dv_t.index_put_((bidx[:, None], kidx), (p.transpose(-1, -2) @ dos).transpose(1, 2), accumulate=True)
+            # dK, dV rows of a key get contributions from several sets: index_add_ over (B·L)
+            # rows (an accumulating index_put_ runs serially on the CPU)
+            rows = (bidx[:, None] * l + kidx).reshape(-1)
+            dk_f.index_add_(0, rows, (scale * (ds.transpose(-1, -2) @ qs)).transpose(1, 2).reshape(-1, h, d))
+            dv_f.index_add_(0, rows, (p.transpose(-1, -2) @ dos).transpose(1, 2).reshape(-1, h, d))
     return (dq_t.transpose(1, 2).to(q.dtype), dk_t.transpose(1, 2).to(k.dtype), dv_t.transpose(1, 2).to(v.dtype))
 
 
