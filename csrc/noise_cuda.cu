@@ -22,7 +22,8 @@
 // Philox-10 ~65 integer instructions, Box–Muller and the affine map ~110 float ones (the same
 // with CUDA's logf/sincospif, which the shared polynomials replaced), ~240 in all with the
 // address and loop work: ~60 per element against 2 bytes written per bf16 element, so the
-// kernel is issue-bound well below the memory bandwidth (an estimate until timed on a GPU).
+// kernel is issue-bound well below the memory bandwidth (an estimate until timed on a GPU;
+// counted before log_radius_word added the complement reduction and its selects, not recounted).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>

@@ -73,6 +73,13 @@ def max_topk_l(dtype, d: int = 64) -> int:
     return _TOPK_L.get((dtype == torch.float32, bd), 0)
 
 
+def topk_shared_bytes(dtype, L: int, d: int) -> int:
+    """Shared memory of one top-k program: k and v of the padded row and the 16-row q tile
+    (what Triton reports for every top-k compile case on sm_90)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return (2 * pow2(L, lo=16) + 16) * pow2(d, lo=16) * elem
+
+
 _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -838,5 +845,6 @@ COMPILE_CASES = [
     _topk_case(torch.float32, max_topk_l(torch.float32, 128), d=128),
 ]
 
-__all__ = ["forward", "backward", "strided_inputs", "plan", "tables", "MAX_PLAN_L", "visited_fraction", "max_topk_l", "MAX_TOPK_L", "BG",
+__all__ = ["forward", "backward", "strided_inputs", "plan", "tables", "MAX_PLAN_L", "visited_fraction", "max_topk_l",
+           "topk_shared_bytes", "MAX_TOPK_L", "BG",
            "COMPILE_CASES"]

@@ -55,14 +55,21 @@ class MLCDLoss(torch.nn.Module):
     def forward(self, x: Tensor, positives: Tensor) -> Tensor:
         """Loss of features x (N, dim) with their positives (N, l). Mixed precision: float32
         centers with bfloat16/float16 features (autocast, or a half-precision backbone) are
-        cast to x's dtype for the op, as autocast does for a linear layer's weight; their
-        gradient returns in float32."""
+        cast to x's dtype for the op, as autocast does for a linear layer's weight (in training
+        only the sampled rows); their gradient returns in float32."""
         classes = None
         if self.training and self.sample_ratio < 1.0:
             classes = sample_classes(positives, self.num_classes, self.sample_ratio, generator=self.generator)
         w = self.weight
         if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != w.dtype:
-            w = w.to(x.dtype)
+            if classes is None:
+                w = w.to(x.dtype)
+            else:
+                # cast only the sampled rows (C'·D, not C·D), the positives renumbered to them
+                w = w.index_select(0, classes).to(x.dtype)
+                cols = torch.searchsorted(classes, positives.clamp_min(0))
+                positives = torch.where(positives >= 0, cols, positives)
+                classes = None
         return mlcd_loss(x, w, positives, scale=self.scale, margin=self.margin, classes=classes,
                          margin_grad=self.margin_grad, backend=self.backend)
 

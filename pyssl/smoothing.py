@@ -25,11 +25,14 @@ On CUDA, `autocast=torch.bfloat16` (or float16) runs the model under torch.autoc
 the noise directly in that dtype, and `cuda_graph=True` captures the model forward, the argmax
 and the count update as one CUDA graph per (device, batch size, image shape, dtype, layout) and
 replays it for every batch of every later call (the last, partial batch is padded with rows
-whose votes land in a discarded slot). The graph reads the model's parameters in place, so
-in-place updates are seen; after replacing the model or its buffers, call clear_cuda_graphs().
+whose votes land in a discarded slot); one graph per device is kept, calls that use it take
+turns (a lock), and a different model object or train/eval mode is captured anew. The graph
+reads the model's parameters in place, so in-place updates are seen; after replacing a module's
+buffers or parameters by new tensors, call clear_cuda_graphs().
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -89,7 +92,8 @@ class Smooth:
         self.channels_last = bool(channels_last)
         self.backend = backend
         self.progress = progress
-        self._graphs = {}      # (device, bs, image shape, dtype, channels_last) -> _GraphStep
+        self._graphs = {}      # (device, bs, image shape, dtype, layout, model) -> _GraphStep
+        self._graph_lock = threading.Lock()
         self._affine = {}      # (device, channels) -> (a, b) on that device
 
     def clear_cuda_graphs(self) -> None:
@@ -114,6 +118,13 @@ class Smooth:
 
     def _counts(self, x: Tensor, num: int, offset: int, prep, desc: str) -> Tensor:
         """Votes (B, K) int64 on x's device for samples [offset, offset + num) of every image."""
+        if self.cuda_graph and _graphs_on(x.device):
+            # a captured graph's static buffers serve one call at a time
+            with self._graph_lock:
+                return self._counts_unlocked(x, num, offset, prep, desc)
+        return self._counts_unlocked(x, num, offset, prep, desc)
+
+    def _counts_unlocked(self, x: Tensor, num: int, offset: int, prep, desc: str) -> Tensor:
         ids, a, b, out_dtype, backend = prep
         B, K = x.shape[0], self.num_classes
         dev = x.device
@@ -126,9 +137,15 @@ class Smooth:
         ones = torch.ones(bs, dtype=torch.int64, device=dev)
         step = None
         if use_graph:
-            key = (dev, bs, tuple(x.shape[1:]), out_dtype, self.channels_last)
+            # the model's identity and mode are part of the key: a swapped model or one put in
+            # train() is captured anew instead of replaying a stale graph
+            key = (dev, bs, tuple(x.shape[1:]), out_dtype, self.channels_last, id(self.model),
+                   getattr(self.model, "training", None))
             step = self._graphs.get(key)
             if step is None or step.capacity < B:
+                # one graph per device: each holds a private memory pool of a batch's activations
+                for k in [k for k in self._graphs if k[0] == dev]:
+                    del self._graphs[k]
                 step = self._graphs[key] = _GraphStep(self, x, bs, out_dtype, max(B, 64))
             counts = step.begin()
         else:

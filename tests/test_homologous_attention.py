@@ -102,6 +102,21 @@ def test_triton_limits_follow_the_head_dimension():
     assert "head dimensions d <= 256, got d=257" in triton_reasons(16, MAX_HEAD_DIM + 1)
 
 
+def test_triton_topk_falls_back_on_smaller_gpus(monkeypatch):
+    """The top-k limits are sized for sm_90's 227 KiB of shared memory per block; on a GPU that
+    gives less (e.g. 99 KiB on sm_89) auto falls back instead of failing at launch."""
+    from pyssl.kernels.homologous_attention import topk_shared_bytes
+    bf = torch.bfloat16
+    # the shared memory ptxas reports for the compile cases (tests/test_triton_compile.py)
+    assert topk_shared_bytes(bf, 512, 64) == 133120 and topk_shared_bytes(bf, 256, 128) == 135168
+    assert topk_shared_bytes(torch.float32, 64, 256) == 147456 and topk_shared_bytes(bf, 64, 64) == 18432
+    monkeypatch.setattr(HA, "_shared_memory", lambda device: 99 * 1024)
+    q = torch.empty(1, 1, 256, 128, dtype=bf, device="meta")
+    assert any("needs 135168 B of shared memory" in r for r in HA.not_supported_reasons(q, topk=8)["triton"])
+    small = torch.empty(1, 1, 128, 64, dtype=bf, device="meta")
+    assert not any("shared memory" in r for r in HA.not_supported_reasons(small, topk=8)["triton"])
+
+
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("mode", ["group", "group+topk", "topk"])
 def test_gradcheck_float64(backend, mode):

@@ -311,23 +311,32 @@ def test_module_samples_in_training_and_uses_all_in_eval(backend):
     torch.testing.assert_close(full.double(), ref, **F32)
 
 
-def test_module_mixed_precision(backend):
+@pytest.mark.parametrize("ratio", [1.0, 0.3])
+def test_module_mixed_precision(backend, ratio):
     """float32 centers with bfloat16 features (a bf16 backbone or autocast): the module casts
-    its centers for the op and their gradient comes back in float32."""
+    its centers (only the sampled ones when sampling) for the op and their gradient comes back
+    in float32, zero outside the sampled classes."""
     dev = device_for(backend)
-    crit = pyssl.nn.MLCDLoss(50, 16, sample_ratio=1.0, backend=backend, device=dev)
+    crit = pyssl.nn.MLCDLoss(50, 16, sample_ratio=ratio, backend=backend, device=dev,
+                             generator=torch.Generator(dev).manual_seed(3))
     x, _, pos = make_problem(n=10, c=50, d=16, device=dev)
+    classes = (None if ratio == 1.0 else
+               pyssl.sample_classes(pos, 50, ratio, generator=torch.Generator(dev).manual_seed(3)))
     xb = x.bfloat16().requires_grad_(True)
     loss = crit(xb, pos)
     loss.backward()
     assert loss.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
     assert crit.weight.grad.dtype == torch.float32
     w64 = crit.weight.detach().bfloat16().double().requires_grad_(True)
-    ref = R.mlcd_loss(xb.detach().double(), w64, pos)
+    ref = R.mlcd_loss(xb.detach().double(), w64, pos, classes=classes)
     ref.backward()
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-2, atol=0)
     torch.testing.assert_close(crit.weight.grad.double(), w64.grad, rtol=3e-2,
                                atol=3e-2 * w64.grad.abs().max().item())
+    if classes is not None:
+        outside = torch.ones(50, dtype=torch.bool, device=dev)
+        outside[classes] = False
+        assert outside.any() and (crit.weight.grad[outside] == 0).all()
 
 
 def test_module_bad_arguments():

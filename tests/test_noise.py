@@ -438,16 +438,19 @@ def test_radius_uniform_keeps_its_resolution_near_one(tmp_path):
                         BLOCK=triton.next_power_of_2(words.numel()))
     got["triton"] = out.double().cpu()
     cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is not None:
-        import pathlib
-        csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc"
-        (tmp_path / "r.cpp").write_text(_RADIUS_DRIVER)
-        r = subprocess.run([cxx, "-std=c++17", "-O2", "-I", str(csrc), str(tmp_path / "r.cpp"), "-o",
-                            str(tmp_path / "r")], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        r = subprocess.run([str(tmp_path / "r")], input=" ".join(map(str, words.tolist())),
-                           capture_output=True, text=True, check=True)
-        got["c++/cuda"] = torch.tensor([float(v) for v in r.stdout.split()], dtype=torch.float64)
     for name, g in got.items():
         rel = ((g - want) / want).abs()
         assert rel.max() < 2e-6, (name, int(words[rel.argmax()]), float(rel.max()))
+    if cxx is None:
+        pytest.skip("torch and Triton checked; no C++ compiler for csrc/noise_quad.h's version")
+    import pathlib
+    csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+    (tmp_path / "r.cpp").write_text(_RADIUS_DRIVER)
+    r = subprocess.run([cxx, "-std=c++17", "-O2", "-I", str(csrc), str(tmp_path / "r.cpp"), "-o",
+                        str(tmp_path / "r")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([str(tmp_path / "r")], input=" ".join(map(str, words.tolist())),
+                       capture_output=True, text=True, check=True)
+    cpp = torch.tensor([float(v) for v in r.stdout.split()], dtype=torch.float64)
+    rel = ((cpp - want) / want).abs()
+    assert rel.max() < 2e-6, ("c++/cuda", int(words[rel.argmax()]), float(rel.max()))

@@ -204,6 +204,11 @@ def test_graph_step_bookkeeping_without_a_gpu(monkeypatch):
     got = graph._counts(big, 10, 0, graph._prepare("t", big, None), "")
     assert torch.equal(got, plain._counts(big, 10, 0, plain._prepare("t", big, None), ""))
     assert len(captures) == 2 and captures[-1].capacity == 80
+    mode = model.training
+    model.train(not mode)                # another mode: captured anew, one graph kept per device
+    graph._counts(x, 10, 0, graph._prepare("t", x, None), "")
+    assert len(captures) == 3 and len(graph._graphs) == 1
+    model.train(mode)
 
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs and autocast need a GPU")

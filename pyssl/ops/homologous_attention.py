@@ -19,11 +19,14 @@ Backends:
   triton FlashAttention-style kernels (kernels/homologous_attention.py): group mode sorts tokens
          by group once per call (the permutation is saved for the backward) and skips the tiles
          outside the block diagonal; top-k mode finds each row's kept set in-kernel from whole
-         score rows (L ≤ 512 for 16-bit inputs, 128 for float32) and saves it as the bitmask.
+         score rows (L up to 512 for 16-bit inputs at d ≤ 64, less for wider heads and float32,
+         and within the GPU's shared memory: kernels/homologous_attention.py max_topk_l) and saves
+         it as the bitmask. Head dimensions up to 256.
   cpu    C++/OpenMP (csrc/homologous_attention_cpu.cpp): per (batch, head), tokens are
          gathered by group into dense blocks (each group's queries against its keys and the
          global keys; global queries against every key), so masked-out pairs cost nothing; no
-         B·H·L·L tensor exists (an n_q×n_k float block per thread).
+         B·H·L·L tensor exists (an n_q×n_k float block per thread, at most 2^20 scores: larger
+         sets are cut into query chunks).
   torch  plain PyTorch, forward and backward written out. Group mode: the same dense blocks as
          the C++ kernel, bucketed by shape and batched (gathered rows, unmasked attention,
          scattered back); top-k mode and no groups: query chunks × all keys (B·H·R·L per chunk).
@@ -80,12 +83,20 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _shared_memory(device: torch.device) -> Optional[int]:
+    """Largest shared memory a block may opt in to on a CUDA device (None: not a CUDA device, or
+    torch does not say). The top-k limits are set for sm_90 (227 KiB); smaller GPUs fall back."""
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+
+
 def _backend_checks(q: Tensor, topk: Optional[int] = None):
     def triton():
         r = []
         if q.dtype == torch.float64:
             r.append("the Triton kernels take float32/bfloat16/float16, not float64")
-        from pyssl.kernels.homologous_attention import MAX_HEAD_DIM, max_topk_l
+        from pyssl.kernels.homologous_attention import MAX_HEAD_DIM, max_topk_l, topk_shared_bytes
         d = q.shape[3]
         if d > MAX_HEAD_DIM:
             r.append(f"the Triton kernels take head dimensions d <= {MAX_HEAD_DIM}, got d={d}")
@@ -94,6 +105,11 @@ def _backend_checks(q: Tensor, topk: Optional[int] = None):
             if q.shape[2] > lim:
                 r.append(f"the Triton top-k kernel holds whole rows of k and v on chip: L <= {lim} "
                          f"for {q.dtype} at d={d}, got L={q.shape[2]}")
+            else:
+                need, have = topk_shared_bytes(q.dtype, q.shape[2], d), _shared_memory(q.device)
+                if have is not None and need > have:
+                    r.append(f"the Triton top-k kernel needs {need} B of shared memory at L={q.shape[2]}, "
+                             f"d={d}; this GPU gives a block {have} B")
         return r
 
     return {"triton": triton, "cpu": lambda: [], "torch": lambda: []}

@@ -383,6 +383,7 @@ def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optiona
             w_row = _row_weights(reduction, n)
             g = torch.full_like(lse_total, w_row)
             dx, dw = _triton_backward(x, weight, classes, pos_col, scale, lse_total, g, gpos_unit * w_row)
+            dx, dw = dx.to(_saved_grad_dtype(x.dtype)), dw.to(_saved_grad_dtype(x.dtype))   # as the fake says
     else:
         w_row = _row_weights(reduction, n) if grad_in_forward else None
         rows, lse_total, gpos_unit, dx, dw = _chunked_forward(
