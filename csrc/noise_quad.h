@@ -95,14 +95,20 @@ PYSSL_HD float log_core(float num, float den, float k) {   // k·ln 2 + 2·atanh
   return k * 0.693147180559945f + 2.0f * s * p;
 }
 
+// u = m·2^k with m in [√½, √2), for normal float u > 0 (flat selects: the CPU loops vectorize)
+PYSSL_HD void mantissa(float u, float& m, float& k) {
+  const uint32_t bits = float_to_bits(u);
+  const float ka = (float)((int32_t)(bits >> 23) - 127);
+  const float ma = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);
+  const bool big = ma > 1.41421356f;
+  m = big ? 0.5f * ma : ma;
+  k = big ? ka + 1.0f : ka;
+}
+
 PYSSL_HD float log_pos(float u) {
-  uint32_t bits = float_to_bits(u);
-  int32_t k = (int32_t)(bits >> 23) - 127;
-  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);
-  const bool big = m > 1.41421356f;
-  m = big ? 0.5f * m : m;
-  k = big ? k + 1 : k;
-  return log_core(m - 1.0f, m + 1.0f, (float)k);
+  float m, k;
+  mantissa(u, m, k);
+  return log_core(m - 1.0f, m + 1.0f, k);
 }
 
 // ln u of the radius uniform u = (w + ½)·2^-32 of a 32-bit word w ≠ 0. For w < 2^31 from u in
@@ -112,12 +118,8 @@ PYSSL_HD float log_pos(float u) {
 // (u itself in float32 would round the top 2^7 words to 1 and resolve r² only to 2^-23).
 PYSSL_HD float log_radius_word(uint32_t w) {
   // written as flat selects (no nested conditionals): GCC vectorizes only that form
-  const uint32_t bits = float_to_bits(unit32(w));
-  const float ka = (float)((int32_t)(bits >> 23) - 127);
-  const float ma = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);
-  const bool mbig = ma > 1.41421356f;
-  const float m = mbig ? 0.5f * ma : ma;
-  const float kl = mbig ? ka + 1.0f : ka;
+  float m, kl;
+  mantissa(unit32(w), m, kl);
   const float c = unit32(~w);
   const bool cbig = c > 0.29289322f;
   const float nh = cbig ? 1.0f - 2.0f * c : -c;

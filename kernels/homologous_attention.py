@@ -512,10 +512,6 @@ def _gpu_tiles(dtype, d: int, phase: str):
     return _GPU_TILES[(dtype == torch.float32, max(pow2(d, lo=16), 64), phase)]
 
 
-def _gpu_block(dtype, d: int = 64, phase: str = "fwd") -> int:
-    return _gpu_tiles(dtype, d, phase)[0]
-
-
 def _config(L: int, dtype, phase: str = "fwd", d: int = 64) -> dict:
     """Tile configuration of the group-mode kernels: BLOCK_M rows per tile (the tile table's
     granularity: query tiles of the forward and dQ, key tiles of dK/dV), BLOCK_N rows per step

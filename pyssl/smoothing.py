@@ -121,10 +121,10 @@ class Smooth:
         if self.cuda_graph and _graphs_on(x.device):
             # a captured graph's static buffers serve one call at a time
             with self._graph_lock:
-                return self._counts_unlocked(x, num, offset, prep, desc)
-        return self._counts_unlocked(x, num, offset, prep, desc)
+                return self._counts_unlocked(x, num, offset, prep, desc, True)
+        return self._counts_unlocked(x, num, offset, prep, desc, False)
 
-    def _counts_unlocked(self, x: Tensor, num: int, offset: int, prep, desc: str) -> Tensor:
+    def _counts_unlocked(self, x: Tensor, num: int, offset: int, prep, desc: str, use_graph: bool) -> Tensor:
         ids, a, b, out_dtype, backend = prep
         B, K = x.shape[0], self.num_classes
         dev = x.device
@@ -132,7 +132,6 @@ class Smooth:
         x = x.to(torch.float32).contiguous()
         total = B * num
         bs = self.batch_size
-        use_graph = self.cuda_graph and _graphs_on(dev)
         bar = _progress(total, desc, self.progress)
         ones = torch.ones(bs, dtype=torch.int64, device=dev)
         step = None
