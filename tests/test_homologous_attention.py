@@ -43,6 +43,7 @@ def _check_against_reference(q, k, v, groups, topk, backend):
 
 
 MODES = {
+    "dense": dict(n_groups=None, topk=None),
     "group": dict(n_groups=3, topk=None),
     "group+globals2": dict(n_groups=4, n_global=2, topk=None),
     "uneven+group_of_one": dict(n_groups=4, uneven=True, topk=None),
@@ -70,6 +71,24 @@ def test_attention_matches_reference(backend, mode):
     q, k, v = (t.requires_grad_() for t in _qkv(device=dev))
     groups, topk = _case(mode, 2, 21, dev)
     _check_against_reference(q, k, v, groups, topk, backend)
+
+
+@pytest.mark.parametrize("mode", ["dense", "group+globals2", "uneven+group_of_one"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_backend_without_flash_kernel(monkeypatch, mode, dtype):
+    """The torch backend's unmasked blocks go through the CPU flash-attention kernel on the CPU
+    and through matmul + log-sum-exp elsewhere (CUDA, or a torch without that kernel): both agree
+    with the reference and with each other, statistics included."""
+    q, k, v = (t.requires_grad_() for t in _qkv(dtype=dtype))
+    groups, topk = _case(mode, 2, 21, "cpu")
+    assert HA._flash_cpu(q.device) is not None     # this torch has it: the default path is flash
+    with_flash = HA.attention_with_stats(q, k, v, groups, backend="torch")
+    monkeypatch.setattr(HA, "_flash_cpu", lambda device: None)
+    _check_against_reference(q, k, v, groups, topk, "torch")
+    without = HA.attention_with_stats(q, k, v, groups, backend="torch")
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(with_flash[0], without[0], **tol)
+    torch.testing.assert_close(with_flash[1], without[1], **tol)
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)

@@ -27,9 +27,14 @@ Backends:
          global keys; global queries against every key), so masked-out pairs cost nothing; no
          B·H·L·L tensor exists (an n_q×n_k float block per thread, at most 2^20 scores: larger
          sets are cut into query chunks).
-  torch  plain PyTorch, forward and backward written out. Group mode: the same dense blocks as
-         the C++ kernel, bucketed by shape and batched (gathered rows, unmasked attention,
-         scattered back); top-k mode and no groups: query chunks × all keys (B·H·R·L per chunk).
+  torch  PyTorch only. Group mode: the same dense blocks as the C++ kernel, bucketed by shape
+         and batched (gathered rows, unmasked attention, scattered back); without groups or top-k,
+         one unmasked attention. On the CPU an unmasked block is attended by the flash-attention
+         kernel F.scaled_dot_product_attention dispatches to there
+         (aten._scaled_dot_product_flash_attention_for_cpu and its backward: these return the
+         log-sum-exp the op saves, which the public function does not); elsewhere, or where torch
+         lacks that kernel, by matmul + log-sum-exp. Top-k mode: query chunks × all keys
+         (B·H·R·L scores per chunk).
 """
 from __future__ import annotations
 
@@ -226,6 +231,37 @@ def _torch_backward(q, k, v, out, dout, lse, groups, keep, topk, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _flash_cpu(device: torch.device):
+    """The CPU flash-attention kernels behind F.scaled_dot_product_attention, (forward, backward),
+    or None off the CPU or where this torch lacks them (private ops: looked up, not assumed)."""
+    if device.type != "cpu":
+        return None
+    fwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    return None if fwd is None or bwd is None else (fwd, bwd)
+
+
+def _attend(qs: Tensor, ks: Tensor, vs: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """Unmasked attention of (n, H, m, d) blocks in the accumulation dtype -> (out, lse (n, H, m))."""
+    flash = _flash_cpu(qs.device)
+    if flash is not None:
+        o, lse = flash[0](qs, ks, vs, 0.0, False, scale=scale)
+        return o, lse
+    s = scale * (qs @ ks.transpose(-1, -2))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.exp(s - lse[..., None]) @ vs, lse
+
+
+def _attend_backward(dos, qs, ks, vs, os, lse, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of _attend's blocks from the saved out and lse (scores recomputed)."""
+    flash = _flash_cpu(qs.device)
+    if flash is not None:
+        return tuple(flash[1](dos, qs, ks, vs, os, lse, 0.0, False, scale=scale))
+    p = torch.exp(scale * (qs @ ks.transpose(-1, -2)) - lse[..., None])
+    ds = p * (dos @ vs.transpose(-1, -2) - (dos * os).sum(-1, keepdim=True))
+    return scale * (ds @ ks), scale * (ds.transpose(-1, -2) @ qs), p.transpose(-1, -2) @ dos
+
+
 def _group_buckets(groups: Tensor, b: int, l: int):
     """The dense blocks of group mode, bucketed by shape: {(n_q, n_k): (batch ids, query ids,
     key ids)} with query ids (n, n_q) and key ids (n, n_k) — each group's tokens against
@@ -276,12 +312,8 @@ def _torch_grouped_forward(q, k, v, groups, scale):
     lse_t = torch.empty((b, l, h), dtype=acc, device=q.device)
     for bucket in _group_buckets(groups, b, l).values():
         for bidx, qidx, kidx in _bucket_chunks(bucket, h):
-            qs = _rows_of(q, bidx, qidx).to(acc)
-            ks = _rows_of(k, bidx, kidx).to(acc)
-            vs = _rows_of(v, bidx, kidx).to(acc)
-            s = scale * (qs @ ks.transpose(-1, -2))
-            lse = torch.logsumexp(s, dim=-1)
-            o = torch.exp(s - lse[..., None]) @ vs
+            o, lse = _attend(_rows_of(q, bidx, qidx).to(acc), _rows_of(k, bidx, kidx).to(acc),
+                             _rows_of(v, bidx, kidx).to(acc), scale)
             out_t[bidx[:, None], qidx] = o.transpose(1, 2).to(q.dtype)
             lse_t[bidx[:, None], qidx] = lse.transpose(1, 2)
     return out_t.transpose(1, 2).contiguous(), lse_t.transpose(1, 2).contiguous()
@@ -290,27 +322,23 @@ def _torch_grouped_forward(q, k, v, groups, scale):
 def _torch_grouped_backward(q, k, v, out, dout, lse, groups, scale):
     b, h, l, d = q.shape
     acc = lse.dtype
-    delta = (dout.to(acc) * out.to(acc)).sum(-1)                          # (B, H, L)
     dq_t = torch.empty((b, l, h, d), dtype=acc, device=q.device)
     dk_t = torch.zeros((b, l, h, d), dtype=acc, device=q.device)
     dv_t = torch.zeros((b, l, h, d), dtype=acc, device=q.device)
     dk_f, dv_f = dk_t.view(b * l, h, d), dv_t.view(b * l, h, d)
     for bucket in _group_buckets(groups, b, l).values():
         for bidx, qidx, kidx in _bucket_chunks(bucket, h):
-            qs = _rows_of(q, bidx, qidx).to(acc)
-            ks = _rows_of(k, bidx, kidx).to(acc)
-            vs = _rows_of(v, bidx, kidx).to(acc)
-            dos = _rows_of(dout, bidx, qidx).to(acc)
-            lse_s = lse.transpose(1, 2)[bidx[:, None], qidx].transpose(1, 2)
-            delta_s = delta.transpose(1, 2)[bidx[:, None], qidx].transpose(1, 2)
-            p = torch.exp(scale * (qs @ ks.transpose(-1, -2)) - lse_s[..., None])
-            ds = p * (dos @ vs.transpose(-1, -2) - delta_s[..., None])
-            dq_t[bidx[:, None], qidx] = (scale * (ds @ ks)).transpose(1, 2)
+            dq, dk, dv = _attend_backward(
+                _rows_of(dout, bidx, qidx).to(acc), _rows_of(q, bidx, qidx).to(acc),
+                _rows_of(k, bidx, kidx).to(acc), _rows_of(v, bidx, kidx).to(acc),
+                _rows_of(out, bidx, qidx).to(acc),
+                lse.transpose(1, 2)[bidx[:, None], qidx].transpose(1, 2), scale)
+            dq_t[bidx[:, None], qidx] = dq.transpose(1, 2)
             # dK, dV rows of a key get contributions from several sets: index_add_ over (B·L)
             # rows (an accumulating index_put_ runs serially on the CPU)
             rows = (bidx[:, None] * l + kidx).reshape(-1)
-            dk_f.index_add_(0, rows, (scale * (ds.transpose(-1, -2) @ qs)).transpose(1, 2).reshape(-1, h, d))
-            dv_f.index_add_(0, rows, (p.transpose(-1, -2) @ dos).transpose(1, 2).reshape(-1, h, d))
+            dk_f.index_add_(0, rows, dk.transpose(1, 2).reshape(-1, h, d))
+            dv_f.index_add_(0, rows, dv.transpose(1, 2).reshape(-1, h, d))
     return (dq_t.transpose(1, 2).to(q.dtype), dk_t.transpose(1, 2).to(k.dtype), dv_t.transpose(1, 2).to(v.dtype))
 
 
@@ -334,6 +362,10 @@ def _attn_op(q: Tensor, k: Tensor, v: Tensor, groups: Optional[Tensor], topk: in
     if groups is not None and not topk:
         out, lse = _torch_grouped_forward(q, k, v, groups, scale)
         return out.contiguous(), lse, torch.empty(0, dtype=torch.uint8, device=q.device), no_perm
+    if not topk and _flash_cpu(q.device) is not None:
+        acc = _acc_dtype(q.dtype)
+        out, lse = _attend(q.to(acc), k.to(acc), v.to(acc), scale)
+        return out.to(q.dtype).contiguous(), lse.contiguous(), torch.empty(0, dtype=torch.uint8, device=q.device), no_perm
     out, lse, keep = _torch_forward(q, k, v, groups, topk, scale)
     return out.contiguous(), lse, keep, no_perm
 
@@ -365,6 +397,10 @@ def _attn_bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse
                                 dout.contiguous(), lse.contiguous(), g, keep.contiguous(), perm, topk, scale))
     if groups is not None and not topk:
         grads = _torch_grouped_backward(q, k, v, out, dout, lse, groups, scale)
+    elif not topk and _flash_cpu(q.device) is not None:
+        acc = lse.dtype
+        grads = _attend_backward(dout.to(acc), q.to(acc), k.to(acc), v.to(acc), out.to(acc), lse, scale)
+        grads = tuple(t.to(q.dtype) for t in grads)
     else:
         grads = _torch_backward(q, k, v, out, dout, lse, groups, keep, topk, scale)
     return tuple(t.contiguous() for t in grads)
