@@ -489,3 +489,27 @@ def test_reasons_name_every_backend():
     assert reasons["torch"] == []
     assert any("float64" in r for r in reasons["cpu"])
     assert any("float64" in r for r in reasons["triton"])
+
+
+def test_scratch_buffers_are_reused_on_the_cpu_only():
+    """CPU scratch is kept per thread (a fresh buffer costs page faults); other devices get a fresh
+    tensor per call, so no buffer is shared between CUDA streams or autograd's backward thread."""
+    from pyssl import _workspace
+    import threading
+
+    pyssl.empty_cache()
+    a = _workspace.scratch(1000, torch.float32, "cpu")
+    b = _workspace.scratch(500, torch.float32, "cpu")
+    assert b.data_ptr() == a.data_ptr() and b.numel() == 500
+    c = _workspace.scratch(2000, torch.float32, "cpu")                 # grown
+    assert c.numel() == 2000 and _workspace.scratch(10, torch.float64, "cpu").dtype == torch.float64
+    other = []
+    t = threading.Thread(target=lambda: other.append(_workspace.scratch(100, torch.float32, "cpu").data_ptr()))
+    t.start()
+    t.join()
+    assert other[0] != c.data_ptr()                                     # per thread
+    m = _workspace.scratch(100, torch.float32, "meta")
+    assert m.device.type == "meta" and m.numel() == 100
+    assert _workspace._local.buffers.keys() == {torch.float32, torch.float64}      # nothing kept for meta
+    pyssl.empty_cache()
+    assert not _workspace._local.buffers
