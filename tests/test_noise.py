@@ -102,9 +102,11 @@ def test_invariant_to_chunking_and_batch_composition(backend):
     a = pyssl.gaussian_noise(x, 2, 0.25, **kw).view(4, 2, 3, 5, 7)
     b = pyssl.gaussian_noise(x, 4, 0.25, sample_offset=2, **kw).view(4, 4, 3, 5, 7)
     assert torch.equal(torch.cat([a, b], 1), whole)
-    # image 2 alone, keyed by its id, gets the same noise as inside the batch
-    alone = pyssl.gaussian_noise(x[2:3], 6, 0.25, image_ids=torch.tensor([2]), **kw)
-    assert torch.equal(alone.view(6, 3, 5, 7), whole[2])
+    # image 2 alone, keyed by its id, gets the same noise as inside the batch: ids on the CPU
+    # (as a DataLoader gives them) or on x's device, as a list or a tensor
+    for ids in (torch.tensor([2]), torch.tensor([2], device=dev), [2]):
+        alone = pyssl.gaussian_noise(x[2:3], 6, 0.25, image_ids=ids, **kw)
+        assert torch.equal(alone.view(6, 3, 5, 7), whole[2])
     # the same image under another id gets other noise
     other = pyssl.gaussian_noise(x[2:3], 6, 0.25, image_ids=torch.tensor([9]), **kw)
     assert not torch.allclose(other.view(6, 3, 5, 7), whole[2])
@@ -248,6 +250,7 @@ def test_opcheck_and_compile(backend):
     (dict(image_ids=torch.tensor([0, 1])), "image_ids"),
     (dict(image_ids=torch.tensor([0, -1, 2])), "image_ids"),
     (dict(image_ids=torch.tensor([0.0, 1.0, 2.0])), "image_ids"),
+    (dict(image_ids=torch.tensor([0, 1, 2], device="meta")), "image_ids must be on x's device"),
     (dict(mean=[0.5, 0.5]), "mean"),
     (dict(std=[0.2, 0.0, 0.2]), "std"),
     (dict(std=[0.2, float("inf"), 0.2]), "std"),

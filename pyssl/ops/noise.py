@@ -204,12 +204,14 @@ def _check_image_ids(fn, image_ids, b, device):
     _checks.integer_tensor(fn, "image_ids", image_ids)
     if image_ids.shape != (b,):
         raise ValueError(f"{fn}: image_ids must have shape ({b},) (one id per image of x), got {tuple(image_ids.shape)}")
-    if image_ids.device != device:
-        raise ValueError(f"{fn}: image_ids must be on x's device ({device}), got {image_ids.device}")
+    if image_ids.device != device and image_ids.device.type != "cpu":
+        raise ValueError(f"{fn}: image_ids must be on x's device ({device}) or the CPU, got {image_ids.device}")
+    # the range check reads the ids on the host: free for CPU ids (what a DataLoader yields),
+    # which are then copied to x's device; ids already on a GPU cost one host sync here
     ids = image_ids.to(dtype=torch.int64)
     if bool(((ids < 0) | (ids >= IMAGE_ID_LIMIT)).any()):
         raise ValueError(f"{fn}: image_ids must be in [0, 2^32), got values from {int(ids.min())} to {int(ids.max())}")
-    return ids
+    return ids.to(device)
 
 
 def _out_memory_format(fn, x, memory_format):
@@ -389,6 +391,8 @@ def gaussian_noise(x: Tensor, num_samples: int, sigma: float, *, seed: int, samp
     memory_format: None keeps x's (channels_last stays channels_last), or torch.contiguous_format,
     torch.channels_last (4-d x), torch.channels_last_3d (5-d x). The values depend only on
     (seed, image_ids[i], sample_offset + s, element) — not on B, chunking, backend or device.
+    image_ids: (B,) integers in [0, 2^32), default 0..B−1; on x's device or on the CPU (checked
+    there without a device sync, then copied; ids on a GPU cost one sync for the range check).
     Differentiable in x."""
     fn = "gaussian_noise"
     _check_x(fn, x)
