@@ -592,9 +592,10 @@ def tables(groups, perm, B, L, block, skip: bool = True):
     device without a host sync: gs (B, L) the sorted ids, tab (B, L + 1, 4) int32 with row i =
     tile i's sorted rows [s, e) and key span [lo, hi) (the group's span; all non-global rows
     without skip), ntile (B,) and ng (B,) the number of global tokens. groups None is one group.
-    One launch of _plan_kernel (rows up to MAX_PLAN_L), else the torch version."""
+    One launch of _plan_kernel (rows up to MAX_PLAN_L, CUDA tensors or the interpreter), else
+    the torch version."""
     dev = perm.device
-    if L > MAX_PLAN_L:
+    if L > MAX_PLAN_L or (dev.type != "cuda" and not interpreting()):
         return _tables_torch(groups, perm, B, L, block, skip)
     gs = (torch.zeros((B, L), dtype=torch.int64, device=dev) if groups is None
           else groups.gather(1, perm).contiguous())

@@ -94,8 +94,8 @@ def gaussian_noise(x, num_samples, sigma, *, seed, sample_offset=0, image_ids=No
     y = xs + sigma * z
     if mean is not None or std is not None:
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        m = torch.as_tensor(0.0 if mean is None else mean, dtype=torch.float32).view(shape)
-        s = torch.as_tensor(1.0 if std is None else std, dtype=torch.float32).view(shape)
+        m = torch.as_tensor(0.0 if mean is None else mean, dtype=torch.float32, device=y.device).view(shape)
+        s = torch.as_tensor(1.0 if std is None else std, dtype=torch.float32, device=y.device).view(shape)
         y = (y - m) / s
     return y
 

@@ -217,9 +217,9 @@ def test_large_scores_are_stable(backend):
     q, k, v = _qkv(device=dev)
     groups = _groups(2, 21, 3).to(dev)
     out = pyssl.homologous_attention(q * 30, k * 30, v, groups, backend=backend)
-    ref = reference.homologous_attention(q.double() * 30, k.double() * 30, v.double(), groups.cpu())
+    ref = reference.homologous_attention(q.double() * 30, k.double() * 30, v.double(), groups)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double().cpu(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
@@ -317,8 +317,9 @@ def test_triton_tile_override_rejects_bad_values(spec, monkeypatch):
 
 def test_visited_fraction_at_vit_and_long_sizes():
     from pyssl.kernels import homologous_attention as K
-    vit = _groups(8, 197, 4, n_global=1)
-    long = _groups(2, 4096, 4, n_global=0)
+    dev = device_for("triton")           # the plan kernel runs on the GPU or in the interpreter
+    vit = _groups(8, 197, 4, n_global=1).to(dev)
+    long = _groups(2, 4096, 4, n_global=0).to(dev)
     # 197 tokens, 4 groups of 49 and a class token, 64-row tiles: each group is one tile that
     # meets its own span (64) and a 16-wide global tile; the global row block (16) meets all
     # 256 + 16 keys: (4 * 64 * 80 + 16 * 272) / 256^2. Fixed 64-row tiles of the sorted order
@@ -336,6 +337,7 @@ def test_group_tiles_partition_the_sorted_rows(skip):
     groups = _groups(3, 90, 7, n_global=5, uneven=False, seed=3)
     groups[1, :5] = torch.tensor([2, 2, 2, 2, 2])      # a row without global tokens
     groups[2] = torch.where(groups[2] == 3, 1, groups[2])   # a group of 2x the others
+    groups = groups.to(device_for("triton"))
     perm, gs, tab, ntile, ng = K.plan(groups, 3, 90, 8, groups.device, skip)
     for b in range(3):
         n_g = int((groups[b] < 0).sum())
@@ -358,13 +360,26 @@ def test_plan_kernel_equals_torch_tables(b, l, n, n_global, block):
     """The one-launch plan kernel builds the same tile table as the torch version (which serves
     rows longer than MAX_PLAN_L), with and without skipping and without groups."""
     from pyssl.kernels import homologous_attention as K
-    groups = _groups(b, l, n, n_global=n_global, seed=1)
+    groups = _groups(b, l, n, n_global=n_global, seed=1).to(device_for("triton"))
     perm = torch.sort(groups, dim=1, stable=True).indices
     for g, skip in ((groups, True), (groups, False), (None, True)):
         gs, tab, nt, ng = K.tables(g, perm, b, l, block, skip)
         gs2, tab2, nt2, ng2 = K._tables_torch(g, perm, b, l, block, skip)
         assert torch.equal(gs, gs2) and torch.equal(nt, nt2) and torch.equal(ng, ng2)
         assert torch.equal(tab[:, :l], tab2[:, :l])    # row l: the torch version's discard slot
+
+
+def test_plan_tables_of_cpu_tensors_without_the_interpreter(monkeypatch):
+    """CPU tensors outside the interpreter (a GPU machine's CPU-side callers) get the torch
+    tables instead of a Triton launch that cannot read them."""
+    from pyssl.kernels import homologous_attention as K
+    groups = _groups(2, 40, 3, n_global=2, seed=4)
+    perm = torch.sort(groups, dim=1, stable=True).indices
+    monkeypatch.setattr(K, "interpreting", lambda: False)
+    monkeypatch.setattr(K, "_plan_kernel", None)          # a launch would fail loudly
+    got = K.tables(groups, perm, 2, 40, 8, True)
+    want = K._tables_torch(groups, perm, 2, 40, 8, True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
