@@ -104,7 +104,12 @@ class Smooth:
     # ---------------------------------------------------------------------------------------
     def _prepare(self, fn, x, image_ids):
         _noise._check_x(fn, x)
-        ids = _noise._check_image_ids(fn, image_ids, x.shape[0], x.device)
+        # ids already on a GPU: their range flag rides along with the call's one host copy
+        # instead of costing a sync of its own (kernels take ids as 32-bit counter words, so
+        # counting with a bad id first is harmless; its results are never returned)
+        defer = _defer_range_check(image_ids)
+        ids = _noise._check_image_ids(fn, image_ids, x.shape[0], x.device, check_range=not defer)
+        bad = _noise.image_ids_out_of_range(ids) if defer else None
         # mean/std are fixed per Smooth: their device copies are made once, not once per call
         key = (x.device, x.shape[1] if x.dim() > 1 else 0)
         if key not in self._affine:
@@ -115,7 +120,7 @@ class Smooth:
         out_dtype = self.autocast if (self.autocast is not None and x.device.type == "cuda") else torch.float32
         backend = _noise._dispatch.choose(fn, self.backend, x.device, _noise._PREFERENCE,
                                           _noise._backend_checks(x, out_dtype))
-        return ids, a, b, out_dtype, backend
+        return ids, a, b, out_dtype, backend, bad
 
     def _counts(self, x: Tensor, num: int, offset: int, prep, desc: str) -> Tensor:
         """Votes (B, K) int64 on x's device for samples [offset, offset + num) of every image."""
@@ -126,7 +131,7 @@ class Smooth:
         return self._counts_unlocked(x, num, offset, prep, desc, False)
 
     def _counts_unlocked(self, x: Tensor, num: int, offset: int, prep, desc: str, use_graph: bool) -> Tensor:
-        ids, a, b, out_dtype, backend = prep
+        ids, a, b, out_dtype, backend, _ = prep
         B, K = x.shape[0], self.num_classes
         dev = x.device
         # the engine reads float32 (B, E) images: convert once per call, not once per batch
@@ -182,6 +187,18 @@ class Smooth:
                              f"got shape {tuple(logits.shape)}")
         return logits
 
+    def _host(self, fn, columns, prep) -> Tensor:
+        """(B, len(columns)) int64 on the host in one copy, with the deferred image_ids check."""
+        bad = prep[-1]
+        if bad is not None:
+            columns = columns + [bad.to(torch.int64).expand(columns[0].shape[0])]
+        host = torch.stack(columns, 1).cpu()
+        if bad is not None:
+            if bool(host[0, -1]):
+                _noise.raise_image_ids_range(fn, prep[0].cpu())
+            host = host[:, :-1]
+        return host
+
     # ---------------------------------------------------------------------------------------
     def predict(self, x: Tensor, n: int, alpha: float, *, image_ids=None) -> Tensor:
         """Class per image, −1 where the top two counts of n samples are not separated at alpha."""
@@ -195,7 +212,7 @@ class Smooth:
         top = counts.topk(2, dim=1)
         # ties go to the lower class index: topk's order among equal counts is not specified
         first = counts.argmax(1)
-        host = torch.stack([first, top.values[:, 0], top.values[:, 1]], 1).cpu()   # one sync
+        host = self._host(fn, [first, top.values[:, 0], top.values[:, 1]], prep)   # one sync
         from scipy.stats import binomtest
         out = torch.full((x.shape[0],), -1, dtype=torch.int64)
         for i, (c, na, nb) in enumerate(host.tolist()):
@@ -216,7 +233,7 @@ class Smooth:
         c_hat = self._counts(x, n0, 0, prep, "certify: selection").argmax(1)
         counts = self._counts(x, n, n0, prep, "certify: estimation")
         n_a = counts.gather(1, c_hat[:, None])[:, 0]
-        host = torch.stack([c_hat, n_a], 1).cpu()          # the one host sync of the call
+        host = self._host(fn, [c_hat, n_a], prep)          # the one host sync of the call
         tv = _noise.noise_tv_bound(x[0].numel())
         pred, radius = certify_from_counts(host[:, 0], host[:, 1], n, alpha, self.sigma, tv)
         return pred.to(x.device), radius.to(x.device)
@@ -234,6 +251,10 @@ def certify_from_counts(c_hat: Tensor, n_a: Tensor, n: int, alpha: float, sigma:
     radius = np.where(ok, sigma * norm.ppf(np.clip(lower, 0.5, 1.0)), 0.0)
     pred = torch.where(torch.from_numpy(ok), c_hat.cpu(), torch.full_like(c_hat.cpu(), -1))
     return pred, torch.from_numpy(radius).float()
+
+
+def _defer_range_check(image_ids) -> bool:
+    return isinstance(image_ids, Tensor) and image_ids.device.type != "cpu"
 
 
 def _graphs_on(device: torch.device) -> bool:

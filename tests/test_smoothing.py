@@ -132,6 +132,28 @@ def test_image_ids_key_the_noise():
     assert torch.equal(whole[1:3], part)
 
 
+def test_image_ids_range_checked_at_the_calls_one_sync(monkeypatch):
+    """GPU-resident image_ids are range-checked with the call's one host copy, not by a sync of
+    their own (forced here on the CPU): good ids give the same results as the immediate check,
+    a bad id still raises naming image_ids, and nothing is returned for it."""
+    from pyssl import smoothing
+    x, model, _ = _problem()
+    s = pyssl.Smooth(model, 2, SIGMA, seed=3)
+    ids = torch.tensor([5, 6, 7, 8])
+    want_c = s.certify(x, 20, 200, 0.01, image_ids=ids)
+    want_p = s.predict(x, 200, 0.01, image_ids=ids)
+    monkeypatch.setattr(smoothing, "_defer_range_check", lambda image_ids: True)
+    assert s._prepare("t", x, ids)[-1] is not None              # the deferred flag is carried
+    got_c = s.certify(x, 20, 200, 0.01, image_ids=ids)
+    assert all(torch.equal(a, b) for a, b in zip(want_c, got_c))
+    assert torch.equal(s.predict(x, 200, 0.01, image_ids=ids), want_p)
+    for bad in (torch.tensor([0, 1, -1, 3]), torch.tensor([0, 1, 2, 2 ** 32])):
+        with pytest.raises(ValueError, match=r"image_ids must be in \[0, 2\^32\)"):
+            s.certify(x, 20, 200, 0.01, image_ids=bad)
+        with pytest.raises(ValueError, match="image_ids"):
+            s.predict(x, 200, 0.01, image_ids=bad)
+
+
 def test_normalization_is_applied_before_the_model():
     seen = {}
 

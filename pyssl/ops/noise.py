@@ -194,7 +194,9 @@ def _check_x(fn, x):
         raise ValueError(f"{fn}: x must be a float tensor (pixels in [0, 1]), got {x.dtype}")
 
 
-def _check_image_ids(fn, image_ids, b, device):
+def _check_image_ids(fn, image_ids, b, device, check_range: bool = True):
+    """image_ids as int64 on x's device (default 0..B−1). check_range=False leaves the range to
+    a caller that syncs later anyway (Smooth: image_ids_out_of_range at its one host copy)."""
     if image_ids is None:
         if b > IMAGE_ID_LIMIT:
             raise ValueError(f"{fn}: more than 2^32 images need explicit image_ids")
@@ -209,9 +211,18 @@ def _check_image_ids(fn, image_ids, b, device):
     # the range check reads the ids on the host: free for CPU ids (what a DataLoader yields),
     # which are then copied to x's device; ids already on a GPU cost one host sync here
     ids = image_ids.to(dtype=torch.int64)
-    if bool(((ids < 0) | (ids >= IMAGE_ID_LIMIT)).any()):
-        raise ValueError(f"{fn}: image_ids must be in [0, 2^32), got values from {int(ids.min())} to {int(ids.max())}")
+    if check_range and bool(image_ids_out_of_range(ids)):
+        raise_image_ids_range(fn, ids)
     return ids.to(device)
+
+
+def image_ids_out_of_range(ids: Tensor) -> Tensor:
+    """A bool scalar on ids' device: whether any id is outside [0, 2^32) (no sync)."""
+    return ((ids < 0) | (ids >= IMAGE_ID_LIMIT)).any()
+
+
+def raise_image_ids_range(fn, ids: Tensor):
+    raise ValueError(f"{fn}: image_ids must be in [0, 2^32), got values from {int(ids.min())} to {int(ids.max())}")
 
 
 def _out_memory_format(fn, x, memory_format):
