@@ -72,7 +72,7 @@ def main(argv=None):
             plan.append((name, case, size, present and not args.quick))
     if not plan:
         sys.exit(f"no benchmark case matches {args.cases!r}")
-    results = {}
+    written = set()
     total = sum(len(c.impls) for _, c, _, _ in plan)
     with tqdm(total=total, desc="bench", unit="impl") as bar:
         for module, case, size, record in plan:
@@ -80,14 +80,14 @@ def main(argv=None):
             if record:
                 if args.tag:
                     res = {f"{k}[{args.tag}]": v for k, v in res.items()}
-                results.setdefault(case.device, {})[case.name] = (res, case.notes)
+                # saved case by case: a run stopped by a time limit keeps what it measured
+                written.add(harness.save(case.device, {case.name: res}, {case.name: case.notes},
+                                         merge_impls=bool(impls or args.tag)))
             else:
                 failed = {k: v["note"] for k, v in res.items() if v["note"].startswith("failed")}
                 status = "ok" if not failed else f"FAILED {failed}"
                 tqdm.write(f"dry-run {case.name} (tiny, not recorded): {status}")
-    for device, cases in results.items():
-        path = harness.save(device, {k: v[0] for k, v in cases.items()}, {k: v[1] for k, v in cases.items()},
-                            merge_impls=bool(impls or args.tag))
+    for path in sorted(written):
         print(f"wrote {path}")
         with open(path.replace(".json", ".md")) as f:
             print(f.read())

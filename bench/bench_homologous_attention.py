@@ -53,9 +53,10 @@ def _fwd_bwd(fn, inp):
     do = inp["do"]
 
     def step():
+        fn(q, k, v).backward(do)
+        # gradients dropped after the step, so a memory baseline taken between steps holds none
         for t in (q, k, v):
             t.grad = None
-        fn(q, k, v).backward(do)
     return step
 
 
@@ -97,7 +98,10 @@ def attn_flex(inp):
     if dev == "cuda":
         torch.cuda.synchronize()
     build_ms = (time.perf_counter() - t0) * 1e3
-    f = torch.compile(flex_attention)
+    # compiled afresh per case with static shapes (a second case would otherwise recompile
+    # the first's cached graph with dynamic shapes)
+    torch._dynamo.reset()
+    f = torch.compile(flex_attention, dynamic=False)
     if dev == "cpu":   # no CPU backward: forward only
         q, k, v = inp["q"], inp["k"], inp["v"]
 

@@ -20,11 +20,13 @@ L = 8
 
 
 def _problem(n, c, d, dtype, device, ratio=None, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(n, d, generator=g).to(device, dtype).requires_grad_(True)
-    w = torch.randn(c, d, generator=g).to(device, dtype).requires_grad_(True)
+    # drawn on the case's device (a 1M×512 draw takes seconds on a CPU)
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, d, generator=g, device=device).to(dtype).requires_grad_(True)
+    w = torch.randn(c, d, generator=g, device=device).to(dtype).requires_grad_(True)
     # unique within a row: the i-th positive is ≡ i (mod L), otherwise uniform
-    pos = (torch.randint(0, c // L, (n, L), generator=g) * L + torch.arange(L)[None, :]).to(device)
+    pos = (torch.randint(0, c // L, (n, L), generator=g, device=device) * L
+           + torch.arange(L, device=device)[None, :])
     classes = None
     if ratio is not None:
         classes = pyssl.sample_classes(pos, c, ratio, generator=torch.Generator(device=device).manual_seed(seed))
@@ -85,7 +87,10 @@ def naive(inp):
 
 
 def compiled(inp):
-    f = torch.compile(dense_mlcd)
+    # static shapes, compiled afresh per case: the second case's new shapes would otherwise
+    # hit Dynamo's cache of the first and recompile with dynamic shapes
+    torch._dynamo.reset()
+    f = torch.compile(dense_mlcd, dynamic=False)
     pc = _pos_col(inp)
     return _step(lambda: f(inp["x"], inp["w"], pc, inp["classes"]), inp)
 
@@ -111,10 +116,15 @@ def floor(inp):
 
 
 def _ce_inputs(inp):
-    """The equal-size cross-entropy problem: the N×D features against C' classes."""
-    w = inp["w"] if inp["classes"] is None else inp["w"].detach()[inp["classes"]].clone().requires_grad_(True)
+    """The equal-size cross-entropy problem: the N×D features against C' classes, scaled so that
+    the logits are MLCD's (64·cos, x and w rows of norm 8). Raw Gaussian rows would give logits
+    of standard deviation √D ≈ 23 and a softmax so peaked that a peer skipping negligible
+    gradient blocks would skip nearly all of them."""
+    w = inp["w"] if inp["classes"] is None else inp["w"][inp["classes"]]
+    scaled = [(8.0 * torch.nn.functional.normalize(t.detach().float(), dim=1)).to(t.dtype).requires_grad_(True)
+              for t in (inp["x"], w)]
     labels = inp["labels"] if inp["classes"] is None else torch.searchsorted(inp["classes"], inp["labels"])
-    return inp["x"], w, labels
+    return scaled[0], scaled[1], labels
 
 
 def liger(inp):
@@ -127,21 +137,32 @@ def liger(inp):
     return _step(lambda: f(w, x, y), {"x": x, "w": w})
 
 
-def cce(inp):
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except Exception as e:
-        raise Skip(f"cut-cross-entropy not installed ({e.__class__.__name__})")
-    x, w, y = _ce_inputs(inp)
-    return _step(lambda: linear_cross_entropy(x, w, y), {"x": x, "w": w})
+def cce_with(filter_eps):
+    """Cut Cross-Entropy; by default ("high") its backward skips the blocks whose softmax
+    entries are all below a threshold (approximate gradients, less work than 6·N·C'·D);
+    filter_eps=None computes every block, as the other impls do."""
+    def setup(inp):
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except Exception as e:
+            raise Skip(f"cut-cross-entropy not installed ({e.__class__.__name__})")
+        x, w, y = _ce_inputs(inp)
+        step = _step(lambda: linear_cross_entropy(x, w, y, filter_eps=filter_eps), {"x": x, "w": w})
+        if filter_eps is not None:
+            step.note = (f"gradient filter filter_eps={filter_eps!r} (its default): skips blocks, so "
+                         "TFLOP/s overstate the work done")
+        return step
+    return setup
 
 
 def torch_lce(inp):
     f = getattr(torch.nn.functional, "linear_cross_entropy", None)
-    if f is None:
-        raise Skip(f"torch {torch.__version__} has no linear_cross_entropy")
+    opts = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if f is None or opts is None:
+        raise Skip(f"torch {torch.__version__} has no chunked linear_cross_entropy")
     x, w, y = _ce_inputs(inp)
-    return _step(lambda: f(x, w, y), {"x": x, "w": w})
+    # options selects the chunked implementation (None is the reference: full logits)
+    return _step(lambda: f(x, w, y, options=opts()), {"x": x, "w": w})
 
 
 def _flops(inp):
@@ -167,7 +188,8 @@ CASES = [
          _sizes(lambda dev: _problem(8192, 1_000_000, 512, torch.bfloat16, dev, ratio=0.1),
                 lambda dev: _problem(64, 4_000, 32, torch.bfloat16, dev, ratio=0.1)),
          {"naive": naive, "compile": compiled, "pyssl-triton": pyssl_backend("triton"),
-          "pyssl-torch": pyssl_backend("torch"), "liger": liger, "cce": cce, "torch-lce": torch_lce},
+          "pyssl-torch": pyssl_backend("torch"), "liger": liger, "cce": cce_with("high"), "cce-nofilter": cce_with(None),
+          "torch-lce": torch_lce},
          flops=_flops, grad_inputs_mb=_grad_inputs_mb,
          notes="N=8192 D=512 C=1M ratio 0.1 l=8 bf16; peers run CE on the same N, D, C'. "
                "Targets: ≥60% of dense bf16 peak at 6·N·C'·D, faster than liger and cce, "
@@ -176,7 +198,8 @@ CASES = [
          _sizes(lambda dev: _problem(4096, 1_000_000, 512, torch.bfloat16, dev),
                 lambda dev: _problem(64, 4_000, 32, torch.bfloat16, dev)),
          {"naive": naive, "compile": compiled, "pyssl-triton": pyssl_backend("triton"),
-          "pyssl-torch": pyssl_backend("torch"), "liger": liger, "cce": cce, "torch-lce": torch_lce},
+          "pyssl-torch": pyssl_backend("torch"), "liger": liger, "cce": cce_with("high"), "cce-nofilter": cce_with(None),
+          "torch-lce": torch_lce},
          flops=_flops, grad_inputs_mb=_grad_inputs_mb,
          notes="N=4096 D=512 all 1M classes l=8 bf16; targets as mlcd_1m_sampled."),
 ]

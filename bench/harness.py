@@ -2,11 +2,15 @@
 
 A bench module (bench/bench_<op>.py) defines CASES, a list of Case. For each case the harness
 builds the inputs once, then for every impl: warm-up, then the median of `repeats` timed runs
-(synchronizing the device around each); peak memory is measured in a fresh subprocess per
-(case, impl) so one impl's high-water mark never leaks into another's:
-    CPU: the peak resident set (VmHWM, reset before the step) minus the resident set after
-         building the inputs,
-    CUDA: torch.cuda.max_memory_allocated minus the allocation after building the inputs.
+(synchronizing the device around each); then peak memory of one more step beyond what is
+allocated before it:
+    CPU: in a fresh subprocess per (case, impl), since the resident set never shrinks back:
+         the peak resident set (VmHWM, reset before the step) minus the resident set after
+         building the inputs;
+    CUDA: in the same process, right after the timing: torch.cuda.max_memory_allocated (reset
+         before the step) minus the allocation before it. The allocator's counters are exact
+         per step, and a subprocess per impl would rebuild gigabytes of inputs and recompile
+         every kernel each time.
 Results go to bench/results/<device>.json (the shape of DESIGN.md) and a markdown table
 bench/results/<device>.md, with every time also given as a ratio to the "naive" impl.
 """
@@ -104,15 +108,12 @@ def _cpu_peak(step) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - base
 
 
-def measure_memory_here(case: Case, impl: str, size: str) -> float:
-    """Run in the child process: peak memory of one step beyond the inputs, in MB."""
-    inputs = case.make_inputs(size, case.device)
-    step = case.impls[impl](inputs)
-    step()  # warm-up: compilation, autotuning and lazy allocations are not the step's memory
+def _step_peak(step, device: str) -> float:
+    """Peak memory of one step of an already warmed-up step function, in MB."""
     import pyssl
-    pyssl.empty_cache()  # but pyssl's reusable scratch buffers are: the step allocates them again
+    pyssl.empty_cache()  # pyssl's reusable scratch buffers count: the step allocates them again
     gc.collect()
-    if case.device == "cuda":
+    if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -120,6 +121,14 @@ def measure_memory_here(case: Case, impl: str, size: str) -> float:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     return _cpu_peak(step)
+
+
+def measure_memory_here(case: Case, impl: str, size: str) -> float:
+    """Run in the child process: peak memory of one step beyond the inputs, in MB."""
+    inputs = case.make_inputs(size, case.device)
+    step = case.impls[impl](inputs)
+    step()  # warm-up: compilation, autotuning and lazy allocations are not the step's memory
+    return _step_peak(step, case.device)
 
 
 def measure_memory(module: str, case: Case, impl: str, size: str) -> tuple[Optional[float], str]:
@@ -168,7 +177,10 @@ def machine_description(device: str) -> str:
 
 
 def git_commit() -> str:
-    """Short sha of HEAD, with "-dirty" when the tree has uncommitted changes to tracked files."""
+    """Short sha of HEAD, with "-dirty" when the tree has uncommitted changes to tracked files;
+    PYSSL_BENCH_COMMIT when set (a copy of the tree without its .git, e.g. on a lent GPU)."""
+    if os.environ.get("PYSSL_BENCH_COMMIT"):
+        return os.environ["PYSSL_BENCH_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -187,7 +199,15 @@ PEAKS = {"h200": (989.0, 4800.0), "h100": (989.0, 3350.0), "a100": (312.0, 2039.
 
 def run_case(module: str, case: Case, size: str, memory: bool, progress) -> Dict[str, dict]:
     results: Dict[str, dict] = {}
-    inputs = case.make_inputs(size, case.device)
+    try:
+        inputs = case.make_inputs(size, case.device)
+    except Exception as e:   # reported per impl; the run goes on with the next case
+        note = ("out of memory building the inputs" if isinstance(e, torch.OutOfMemoryError)
+                else f"failed building the inputs: {e.__class__.__name__}: {str(e)[:200]}")
+        for impl in case.impls:
+            results[impl] = {"time_ms": None, "peak_mem_mb": None, "tflops": None, "gbps": None, "note": note}
+            progress.update(1)
+        return results
     peak = PEAKS.get(device_name(case.device)) if case.device == "cuda" else None
     for impl, setup in case.impls.items():
         progress.set_postfix_str(f"{case.name}/{impl}")
@@ -207,6 +227,8 @@ def run_case(module: str, case: Case, size: str, memory: bool, progress) -> Dict
                 entry["gbps"] = round(case.bytes(inputs) / (t * 1e-3) / 1e9, 2)
                 if peak:
                     entry["pct_peak"] = round(100 * entry["gbps"] / peak[1], 1)
+            if memory and case.device == "cuda":
+                entry["peak_mem_mb"] = round(_step_peak(step, "cuda"), 1)
             del step
         except Skip as e:
             entry["note"] = str(e)
@@ -218,7 +240,10 @@ def run_case(module: str, case: Case, size: str, memory: bool, progress) -> Dict
         if case.device == "cuda":
             torch.cuda.empty_cache()
         if memory and entry["time_ms"] is not None:
-            mem, note = measure_memory(module, case, impl, size)
+            if case.device == "cuda":
+                mem, note = entry["peak_mem_mb"], ""
+            else:
+                mem, note = measure_memory(module, case, impl, size)
             entry["peak_mem_mb"] = None if mem is None else round(mem, 1)
             if mem is not None and case.grad_inputs_mb:
                 io = case.grad_inputs_mb(inputs)

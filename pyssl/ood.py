@@ -63,8 +63,12 @@ class KNNScorer:
         x = _knn.as_float_tensor(name, "KNNScorer", x).detach()
         if self.gpu:
             x = x.cuda()
-        x = x.float()
-        return F.normalize(x, dim=1) if self.normalize else x
+        y = F.normalize(x.float(), dim=1) if self.normalize else x.float()
+        # a 16-bit bank on the GPU stays 16-bit (normalized in float32): the search runs on the
+        # tensor cores and the bank takes half the memory; on the CPU the kernels take float32
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            return y.to(x.dtype)
+        return y
 
     def fit(self, bank) -> "KNNScorer":
         bank = self._prep("bank", bank)
@@ -77,7 +81,7 @@ class KNNScorer:
     def score(self, x) -> Tensor:
         if self.bank is None:
             raise ValueError("KNNScorer: call fit(bank) before score(x)")
-        q = self._prep("x", x).to(self.bank.device)
+        q = self._prep("x", x).to(self.bank.device, self.bank.dtype)
         if q.shape[1] != self.bank.shape[1]:
             raise ValueError(f"KNNScorer: x has D={q.shape[1]} but the bank has D={self.bank.shape[1]}")
         s, _ = _knn.search(q, self.bank, self.k, bank_bias=self._bias, backend=self.backend, fn="KNNScorer")

@@ -75,3 +75,19 @@ def test_markdown_states_the_targets_references():
     row = next(line for line in md.splitlines() if line.startswith("| pyssl-auto"))
     assert "10.0% outside the forward; peak 1.10× inputs+grads; x" in row
     assert "outside the forward" not in next(line for line in md.splitlines() if line.startswith("| forward"))
+
+
+def test_a_case_whose_inputs_fail_is_reported_per_impl(monkeypatch):
+    """A failure while building a case's inputs (out of memory on a small GPU, say) is written
+    into every impl's note and the run goes on; the commit can come from the environment (a copy
+    of the tree without .git)."""
+    def boom(size, device):
+        raise RuntimeError("no inputs today")
+    case = harness.Case("x", "cpu", boom, {"a": lambda inp: (lambda: None), "b": lambda inp: (lambda: None)})
+    with tqdm(total=2, disable=True) as bar:
+        res = harness.run_case("bench.bench_mlcd_loss", case, "tiny", memory=True, progress=bar)
+    assert set(res) == {"a", "b"}
+    assert all(e["time_ms"] is None and "failed building the inputs: RuntimeError: no inputs today" in e["note"]
+               for e in res.values())
+    monkeypatch.setenv("PYSSL_BENCH_COMMIT", "abc1234")
+    assert harness.git_commit() == "abc1234"

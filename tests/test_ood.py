@@ -70,6 +70,22 @@ def test_knn_scorer_matches_brute_force(backend, normalize):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_knn_scorer_keeps_16_bit_banks_on_the_gpu(dtype):
+    """A bf16/fp16 bank on CUDA is searched in its own dtype (normalized in float32 first); on the
+    CPU it is searched in float32. Scores agree with float32 to 16-bit rounding of the rows."""
+    dev = device_for("triton")
+    g = torch.Generator().manual_seed(2)
+    bank = (torch.randn(400, 32, generator=g) * 3).to(dev, dtype)
+    x = (torch.randn(20, 32, generator=g) * 3).to(dev, dtype)
+    sc = pyssl.ood.KNNScorer(k=5).fit(bank)
+    assert sc.bank.dtype == (dtype if dev == "cuda" else torch.float32)
+    ref = pyssl.ood.KNNScorer(k=5).fit(bank.float()).score(x.float())
+    got = sc.score(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-2)
+
+
 def test_knn_backends_agree_and_break_ties_low_index():
     g = torch.Generator().manual_seed(1)
     bank = torch.randn(300, 16, generator=g)
