@@ -307,7 +307,7 @@ def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, *,
     bank_tiles = triton.cdiv(B, block_b)
     if splits is None:
         splits = _num_splits(dev, row_blocks, bank_tiles, interpret)
-    splits = max(1, min(int(splits), bank_tiles))
+    splits = max(1, min(int(splits), bank_tiles, 65535))   # grid axis y: CUDA's limit
     tiles_per_split = triton.cdiv(bank_tiles, splits)
     splits = triton.cdiv(bank_tiles, tiles_per_split)   # drop splits that would own no tile
     part = torch.empty(splits, Q, k_pad, device=dev, dtype=torch.int64)

@@ -569,6 +569,7 @@ _BWD_ENV = "PYSSL_MLCD_TRITON_BWD"
 _BWD_KEYS = ("BLOCK_N", "BLOCK_C", "BLOCK_D", "BLOCK_DO", "num_warps", "num_stages", "DX_SPLITS",
              "FULL_D", "CUT_CHAIN")
 _FWD_FLAT_KEYS = ("BLOCK_N", "BLOCK_C", "BLOCK_D")
+MAX_GRID_YZ = 65535        # CUDA's limit on grid axes y and z (splits run along them)
 _MAX_AUTO_DX_SPLITS = 8   # bounds the (splits, N, D) fp32 partial buffer of the dx kernel
 
 
@@ -731,7 +732,7 @@ def _dx_splits(device: torch.device, programs: int, col_tiles: int, interpret: b
     the split combine.
     """
     if requested > 0:
-        return max(1, min(int(requested), col_tiles))
+        return max(1, min(int(requested), col_tiles, MAX_GRID_YZ))
     if interpret or device.type != "cuda":
         return max(1, min(2, col_tiles))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -813,7 +814,7 @@ def _lse_stats(x, w, classes, pos_col, scale, Cp, cfg, splits):
     col_tiles = triton.cdiv(Cp, f["BLOCK_C"])
     if splits is None:
         splits = _num_splits(x.device, row_blocks, col_tiles, interpret)
-    splits = max(1, min(int(splits), col_tiles))
+    splits = max(1, min(int(splits), col_tiles, MAX_GRID_YZ))   # grid axis y
     tiles_per_split = triton.cdiv(col_tiles, splits)
     splits = triton.cdiv(col_tiles, tiles_per_split)   # drop splits that would own no tile
     rx, rw = _inv_norms(x, w, classes, Cp, cfg)

@@ -177,9 +177,11 @@ def gaussian_noise(x, row_src, row_sample, image_ids, a, b, sigma, seed, stream,
 # Ahead-of-time compile cases (tests/test_triton_compile.py): the launches of the GPU path.
 # ----------------------------------------------------------------------------------------------
 def _compile_case(out_dtype: torch.dtype, channels_last: bool) -> tuple:
+    # E, HW and NBLK are below 2^31 at every size the op accepts, so the launches pass them as
+    # i32 (the kernel's offsets are int64 through the int64 program id)
     sig = dict(X="*fp32", ROW_SRC="*i64", ROW_SAMPLE="*i64", IDS="*i64", A="*fp32", B="*fp32",
-               OUT="*" + _TL_NAME[out_dtype], sigma="fp32", seed="i64", c3="i32", E="i64",
-               C="i32", HW="i64", NBLK="i64", BLOCK_Q="constexpr", CHANNELS_LAST="constexpr")
+               OUT="*" + _TL_NAME[out_dtype], sigma="fp32", seed="i64", c3="i32", E="i32",
+               C="i32", HW="i32", NBLK="i32", BLOCK_Q="constexpr", CHANNELS_LAST="constexpr")
     const = dict(BLOCK_Q=256, CHANNELS_LAST=channels_last)
     aligned = [k for k, v in sig.items() if v.startswith("*")]
     return (_noise_kernel, sig, const, dict(num_warps=4), aligned)

@@ -249,12 +249,20 @@ def _brute_ordered(q, b, k, bias=None):
     return s.gather(1, o), idx.gather(1, o)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("crowded", [False, True])
-def test_large_k_partitioned_search_is_exact(crowded, monkeypatch):
+def test_large_k_partitioned_search_is_exact(crowded, chunked, monkeypatch):
     """k beyond the kernel's MAX_K: partitions of the bank through the fused kernel, merged;
     queries whose k-th score a full partition could hide are redone exactly. `crowded` puts the
-    best neighbours of every query into the first partition, which forces that redo."""
+    best neighbours of every query into the first partition, which forces that redo. `chunked`
+    bounds the merge's memory so the 6 queries go through in passes of 4 and 2."""
     from pyssl.ops import knn as KNN
+    if chunked:   # 13 partitions × 32 candidates × 48 bytes per query: 4 queries per pass
+        monkeypatch.setattr(KNN, "LARGE_K_MERGE_BYTES", 4 * 13 * 32 * 48)
+    passes = []
+    rows_fn = KNN._search_triton_large_rows
+    monkeypatch.setattr(KNN, "_search_triton_large_rows",
+                        lambda qq, *a: (passes.append(qq.shape[0]), rows_fn(qq, *a))[1])
     redone = []
     exact = KNN._search_torch
     monkeypatch.setattr(KNN, "_search_torch", lambda qq, *a: (redone.append(qq.shape[0]), exact(qq, *a))[1])
@@ -273,6 +281,7 @@ def test_large_k_partitioned_search_is_exact(crowded, monkeypatch):
         assert torch.equal(i.cpu(), wi)
     # spread-out neighbours never need the redo; crowded ones do
     assert (len(redone) > 0) == crowded
+    assert passes == ([4, 2, 4, 2] if chunked else [6, 6])
 
 
 def test_search_routes_large_k_to_the_partitioned_triton_path():

@@ -172,7 +172,29 @@ def _search_torch(queries, bank, k, bank_bias):
     return out_s, out_i
 
 
+# k > MAX_K: query rows per pass, so that one pass's merge (P·part_k candidates per query: float32
+# scores, int64 ids, their sorted copies and orders, ~48 bytes each) stays near this many bytes
+LARGE_K_MERGE_BYTES = 1 << 31
+
+
 def _search_triton_large(queries, bank, k, bank_bias, part_k: Optional[int] = None):
+    """_search_triton_large_rows over query chunks (1M queries at k = 1000 would otherwise merge
+    4096 candidates per query at once: ~200 GB)."""
+    from pyssl.kernels import knn as K
+    part_k = K.MAX_K if part_k is None else part_k
+    parts = max(2, -(-4 * k // part_k))
+    per = max(1, LARGE_K_MERGE_BYTES // (48 * parts * part_k))
+    if queries.shape[0] <= per:
+        return _search_triton_large_rows(queries, bank, k, bank_bias, part_k)
+    out_s = torch.empty(queries.shape[0], k, dtype=torch.float32, device=queries.device)
+    out_i = torch.empty(queries.shape[0], k, dtype=torch.int64, device=queries.device)
+    for q0 in range(0, queries.shape[0], per):
+        out_s[q0:q0 + per], out_i[q0:q0 + per] = _search_triton_large_rows(
+            queries[q0:q0 + per], bank, k, bank_bias, part_k)
+    return out_s, out_i
+
+
+def _search_triton_large_rows(queries, bank, k, bank_bias, part_k: int):
     """Exact top-k for k beyond the fused kernel's on-chip limit (MAX_K).
 
     The bank is cut into P contiguous partitions, P = ceil(4k / part_k), so that a partition
@@ -184,7 +206,6 @@ def _search_triton_large(queries, bank, k, bank_bias, part_k: Optional[int] = No
     queries, rare unless the best neighbours crowd into few partitions, are redone by the exact
     chunked torch search."""
     from pyssl.kernels import knn as K
-    part_k = K.MAX_K if part_k is None else part_k
     nb = bank.shape[0]
     parts = max(2, -(-4 * k // part_k))
     rows = -(-nb // parts)
@@ -200,6 +221,7 @@ def _search_triton_large(queries, bank, k, bank_bias, part_k: Optional[int] = No
             full_last.append(s_p[:, -1])
     s = torch.cat(cand_s, 1)
     i = torch.cat(cand_i, 1)
+    del cand_s, cand_i
     order = torch.argsort(i, dim=1, stable=True)
     s, i = s.gather(1, order), i.gather(1, order)
     top = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
