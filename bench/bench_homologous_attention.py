@@ -172,7 +172,7 @@ CASES = [
          _sizes(lambda dev: _problem(256, 12, 197, 64, 4, 1, torch.bfloat16, dev),
                 lambda dev: _problem(2, 2, 23, 8, 4, 1, torch.float32, dev)),
          _impls("triton"),
-         flops=_flops, repeats=10, warmup=3,
+         flops=_flops, repeats=5, warmup=2,
          notes="B=256, H=12, L=197, d=64, 4 groups + 1 global token, bf16, forward+backward. "
                "pyssl-triton[noskip] (PYSSL_HOMATTN_NO_SKIP=1) meets every key tile with the group ids "
                "masked per tile: the ratio is what per-group tiles and skipping buy."),
@@ -180,6 +180,6 @@ CASES = [
          _sizes(lambda dev: _problem(4, 16, 4096, 64, 4, 0, torch.bfloat16, dev),
                 lambda dev: _problem(1, 2, 64, 8, 4, 0, torch.float32, dev)),
          _impls("triton"),
-         flops=_flops, repeats=10, warmup=3,
+         flops=_flops, repeats=5, warmup=2,
          notes="B=4, H=16, L=4096, d=64, 4 groups, bf16, forward+backward (pyssl-triton[noskip] as in homattn_vitb)."),
 ]
