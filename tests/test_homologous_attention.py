@@ -294,6 +294,34 @@ def test_strided_qkv_views(backend, topk):
     torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("mode", ["dense", "group"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_views_with_a_strided_last_dimension(backend, mode, dtype):
+    """q as a transpose, k as an expand, v as a step slice (last-dimension strides 21, 0 and 2):
+    every backend reads them as the values they show (the CPU flash kernels behind the torch
+    backend read rows as contiguous vectors, so it must copy such views)."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(12)
+    qt = torch.randn(2, 3, 8, 21, generator=g).to(dev, dtype).requires_grad_()
+    k1 = torch.randn(2, 3, 21, 1, generator=g).to(dev, dtype).requires_grad_()
+    v2 = torch.randn(2, 3, 21, 16, generator=g).to(dev, dtype).requires_grad_()
+    groups = None if mode == "dense" else _groups(2, 21, 3).to(dev)
+    views = lambda: (qt.transpose(-1, -2), k1.expand(2, 3, 21, 8), v2[..., ::2])
+    q, k, v = views()
+    assert (q.stride(-1), k.stride(-1), v.stride(-1)) == (21, 0, 2)
+    out = pyssl.homologous_attention(q, k, v, groups, backend=backend)
+    ref = reference.homologous_attention(*(t.double() for t in views()), groups)
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    do = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (qt, k1, v2), do.to(dtype))
+    want = torch.autograd.grad(ref, (qt, k1, v2), do)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), **(dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32
+                                                     else dict(atol=1e-1, rtol=5e-2)))
+
+
 @pytest.mark.parametrize("spec", ["fwd.BLOCK_M=32,bwd.BLOCK_N=32,num_stages=3", "BLOCK_M=16,BLOCK_N=32"])
 def test_triton_tile_overrides(spec, monkeypatch):
     """PYSSL_HOMATTN_TRITON (the GPU sweep's knob): tiles of BLOCK_M rows streamed against

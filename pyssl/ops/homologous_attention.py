@@ -241,11 +241,17 @@ def _flash_cpu(device: torch.device):
     return None if fwd is None or bwd is None else (fwd, bwd)
 
 
+def _unit_stride(t: Tensor) -> Tensor:
+    """The flash kernels read rows as contiguous vectors: a view whose last dimension is strided
+    (a transpose, an expand, a step slice) would be read wrongly, so it is copied."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _attend(qs: Tensor, ks: Tensor, vs: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     """Unmasked attention of (n, H, m, d) blocks in the accumulation dtype -> (out, lse (n, H, m))."""
     flash = _flash_cpu(qs.device)
     if flash is not None:
-        o, lse = flash[0](qs, ks, vs, 0.0, False, scale=scale)
+        o, lse = flash[0](_unit_stride(qs), _unit_stride(ks), _unit_stride(vs), 0.0, False, scale=scale)
         return o, lse
     s = scale * (qs @ ks.transpose(-1, -2))
     lse = torch.logsumexp(s, dim=-1)
@@ -256,7 +262,7 @@ def _attend_backward(dos, qs, ks, vs, os, lse, scale: float) -> Tuple[Tensor, Te
     """Gradients of _attend's blocks from the saved out and lse (scores recomputed)."""
     flash = _flash_cpu(qs.device)
     if flash is not None:
-        return tuple(flash[1](dos, qs, ks, vs, os, lse, 0.0, False, scale=scale))
+        return tuple(flash[1](*(_unit_stride(t) for t in (dos, qs, ks, vs, os)), lse, 0.0, False, scale=scale))
     p = torch.exp(scale * (qs @ ks.transpose(-1, -2)) - lse[..., None])
     ds = p * (dos @ vs.transpose(-1, -2) - (dos * os).sum(-1, keepdim=True))
     return scale * (ds @ ks), scale * (ds.transpose(-1, -2) @ qs), p.transpose(-1, -2) @ dos
