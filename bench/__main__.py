@@ -76,14 +76,15 @@ def main(argv=None):
     total = sum(len(c.impls) for _, c, _, _ in plan)
     with tqdm(total=total, desc="bench", unit="impl") as bar:
         for module, case, size, record in plan:
-            res = harness.run_case(module, case, size, memory=record and not args.no_memory, progress=bar)
-            if record:
+            def save(res, case=case):
                 if args.tag:
                     res = {f"{k}[{args.tag}]": v for k, v in res.items()}
-                # saved case by case: a run stopped by a time limit keeps what it measured
                 written.add(harness.save(case.device, {case.name: res}, {case.name: case.notes},
                                          merge_impls=bool(impls or args.tag)))
-            else:
+            # saved impl by impl: a run stopped by a time limit keeps what it measured
+            res = harness.run_case(module, case, size, memory=record and not args.no_memory, progress=bar,
+                                   on_impl=save if record else None)
+            if not record:
                 failed = {k: v["note"] for k, v in res.items() if v["note"].startswith("failed")}
                 status = "ok" if not failed else f"FAILED {failed}"
                 tqdm.write(f"dry-run {case.name} (tiny, not recorded): {status}")

@@ -15,8 +15,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_run}
-mkdir -p "$OUT" bench/results/logs
 LOGS=bench/results/logs
+rm -rf "$LOGS"   # a rerun on a warm machine starts its logs afresh
+mkdir -p "$OUT" "$LOGS"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-570}   # the device command's limit is 600 s
 T0=$(date +%s)
@@ -27,7 +28,7 @@ collect() {  # what comes back: the results, the test log, every log in one arch
   cp "$LOGS/tests.log" "$OUT"/ 2>/dev/null
   tar czf "$OUT/logs.tgz" -C bench/results logs 2>/dev/null
 }
-step() {  # step NAME MAX_SECONDS [RESERVE] -- command...: at most MAX, leaving RESERVE for later steps
+step() {  # step NAME MAX_SECONDS RESERVE -- command...: at most MAX, leaving RESERVE for later steps
   local name=$1 max=$2 reserve=$3; shift 4
   local avail=$(( $(left) - reserve ))
   if [ "$avail" -lt 20 ]; then log "$name skipped: time budget"; return; fi
@@ -42,7 +43,7 @@ export PYSSL_BENCH_COMMIT=${PYSSL_BENCH_COMMIT:-unknown} PYTHONUNBUFFERED=1
 log "commit $PYSSL_BENCH_COMMIT; device: $(nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null)"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$OUT/gpu_check.log"
 if [ -d bench/.wheels ]; then
-  $PY -m pip install -q --no-deps --no-index bench/.wheels/*.whl > "$LOGS/wheels.log" 2>&1
+  timeout 60 $PY -m pip install -q --no-deps --no-index bench/.wheels/*.whl > "$LOGS/wheels.log" 2>&1
   log "peer wheels rc=$?"
 else
   log "no bench/.wheels: the MLCD peers (liger-kernel, cut-cross-entropy) are skipped unless the image has them"
@@ -59,7 +60,7 @@ if [ $rc -ne 0 ]; then
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   tail -5 "$LOGS/build.log" | tee -a "$OUT/gpu_check.log"
 fi
-$PY -m pyssl.cli info >> "$OUT/gpu_check.log" 2>&1
+timeout 60 $PY -m pyssl.cli info >> "$OUT/gpu_check.log" 2>&1
 collect
 
 # The GPU cases, the issues' targets, each its own step, 360 s of caps in all (estimates: the
@@ -76,7 +77,7 @@ step bench_certify 70 $TESTS_RESERVE -- $PY -m bench --cases certify_resnet --no
 # Triton compiling each kernel specialisation once: pytest-xdist spreads it over 8 processes.
 TIMEOUT_OPT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
 XDIST_OPT=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests 400 0 -- $PY -m pytest -q -rfE $XDIST_OPT $TIMEOUT_OPT tests -p no:cacheprovider
+step tests 400 0 -- $PY -m pytest -q -rfE --tb=short $XDIST_OPT $TIMEOUT_OPT tests -p no:cacheprovider
 log "tests: $(tail -1 "$LOGS/tests.log" 2>/dev/null)"
 
 # With time to spare: the kNN case and tile variants of the attention and the MLCD backward

@@ -197,7 +197,10 @@ def git_commit() -> str:
 PEAKS = {"h200": (989.0, 4800.0), "h100": (989.0, 3350.0), "a100": (312.0, 2039.0)}
 
 
-def run_case(module: str, case: Case, size: str, memory: bool, progress) -> Dict[str, dict]:
+def run_case(module: str, case: Case, size: str, memory: bool, progress,
+             on_impl: Optional[Callable[[Dict[str, dict]], None]] = None) -> Dict[str, dict]:
+    """Every impl of the case; on_impl(results so far) after each one (the caller saves them, so
+    a run stopped by a time limit keeps every impl it finished)."""
     results: Dict[str, dict] = {}
     try:
         inputs = case.make_inputs(size, case.device)
@@ -228,7 +231,11 @@ def run_case(module: str, case: Case, size: str, memory: bool, progress) -> Dict
                 if peak:
                     entry["pct_peak"] = round(100 * entry["gbps"] / peak[1], 1)
             if memory and case.device == "cuda":
-                entry["peak_mem_mb"] = round(_step_peak(step, "cuda"), 1)
+                try:
+                    entry["peak_mem_mb"] = round(_step_peak(step, "cuda"), 1)
+                except Exception as e:   # the timing stands; only the memory pass failed
+                    entry["note"] = (entry["note"] + f"; memory pass failed: {e.__class__.__name__}: "
+                                     f"{str(e)[:120]}").strip("; ")
             del step
         except Skip as e:
             entry["note"] = str(e)
@@ -250,8 +257,11 @@ def run_case(module: str, case: Case, size: str, memory: bool, progress) -> Dict
                 entry["x_inputs_grads"] = round((io + mem) / (2 * io), 3)
             if note:
                 entry["note"] = (entry["note"] + "; " + note).strip("; ")
+        step = None   # no reference to the last impl's step (and its buffers) during the next setup
         results[impl] = entry
         progress.update(1)
+        if on_impl is not None:
+            on_impl(dict(results))
     return results
 
 
@@ -284,11 +294,17 @@ def save(device: str, cases: Dict[str, Dict[str, dict]], notes: Dict[str, str], 
     doc.setdefault("notes", {}).update(notes)
     # the top-level commit/date describe the latest run; each case keeps the run it came from
     doc.setdefault("case_runs", {}).update({c: f"{doc['commit']} {doc['date']}" for c in cases})
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=False)
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(markdown(doc))
+    # written beside and renamed into place: a run killed mid-write leaves the old file whole
+    _write_atomic(path, json.dumps(doc, indent=1, sort_keys=False))
+    _write_atomic(os.path.join(out_dir, f"{name}.md"), markdown(doc))
     return path
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def markdown(doc: dict) -> str:

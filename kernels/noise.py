@@ -177,8 +177,9 @@ def gaussian_noise(x, row_src, row_sample, image_ids, a, b, sigma, seed, stream,
 # Ahead-of-time compile cases (tests/test_triton_compile.py): the launches of the GPU path.
 # ----------------------------------------------------------------------------------------------
 def _compile_case(out_dtype: torch.dtype, channels_last: bool) -> tuple:
-    # E, HW and NBLK are below 2^31 at every size the op accepts, so the launches pass them as
-    # i32 (the kernel's offsets are int64 through the int64 program id)
+    # E, HW and NBLK as i32: what images below 2^31 elements (every bench and common size) launch;
+    # larger ones get Triton's i64 specialization (the offsets are int64 either way, through the
+    # int64 program id)
     sig = dict(X="*fp32", ROW_SRC="*i64", ROW_SAMPLE="*i64", IDS="*i64", A="*fp32", B="*fp32",
                OUT="*" + _TL_NAME[out_dtype], sigma="fp32", seed="i64", c3="i32", E="i32",
                C="i32", HW="i32", NBLK="i32", BLOCK_Q="constexpr", CHANNELS_LAST="constexpr")

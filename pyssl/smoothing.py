@@ -67,7 +67,7 @@ class Smooth:
     batch_size: rows per model forward. seed: the noise seed (results are reproducible).
     image_ids (per call): the ids that key each image's noise (default 0..B−1); pass dataset
     indices to give every image of a dataset its own noise across calls; CPU ids (as a DataLoader
-    yields them) are range-checked without a device sync.
+    yields them) are range-checked on the host and copied without a device sync.
     """
 
     def __init__(self, model, num_classes: int, sigma: float, *, mean=None, std=None,

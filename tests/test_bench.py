@@ -91,3 +91,19 @@ def test_a_case_whose_inputs_fail_is_reported_per_impl(monkeypatch):
                for e in res.values())
     monkeypatch.setenv("PYSSL_BENCH_COMMIT", "abc1234")
     assert harness.git_commit() == "abc1234"
+
+
+def test_results_are_handed_out_impl_by_impl_and_saved_whole(tmp_path):
+    """on_impl sees the results after every impl (what the suite saves, so a run cut short keeps
+    them), and save() replaces the files in one rename (no half-written JSON)."""
+    seen = []
+    case = harness.Case("c", "cpu", lambda size, device: {},
+                        {"a": lambda inp: (lambda: None), "b": lambda inp: (lambda: None)}, repeats=1)
+    with tqdm(total=2, disable=True) as bar:
+        harness.run_case("bench.bench_mlcd_loss", case, "tiny", memory=False, progress=bar,
+                         on_impl=lambda res: seen.append(sorted(res)))
+    assert seen == [["a"], ["a", "b"]]
+    for impls in seen:
+        path = harness.save("cpu", {"c": {k: {"time_ms": 1.0} for k in impls}}, {"c": ""}, out_dir=str(tmp_path))
+    assert set(json.load(open(path))["cases"]["c"]) == {"a", "b"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu.json", "cpu.md"]

@@ -202,17 +202,20 @@ def _check_image_ids(fn, image_ids, b, device, check_range: bool = True):
             raise ValueError(f"{fn}: more than 2^32 images need explicit image_ids")
         return torch.arange(b, device=device, dtype=torch.int64)
     if not isinstance(image_ids, Tensor):
-        image_ids = torch.as_tensor(image_ids, device=device)
+        image_ids = torch.as_tensor(image_ids)     # on the host: checked there, copied below
     _checks.integer_tensor(fn, "image_ids", image_ids)
     if image_ids.shape != (b,):
         raise ValueError(f"{fn}: image_ids must have shape ({b},) (one id per image of x), got {tuple(image_ids.shape)}")
     if image_ids.device != device and image_ids.device.type != "cpu":
         raise ValueError(f"{fn}: image_ids must be on x's device ({device}) or the CPU, got {image_ids.device}")
     # the range check reads the ids on the host: free for CPU ids (what a DataLoader yields),
-    # which are then copied to x's device; ids already on a GPU cost one host sync here
+    # which are then copied to x's device from pinned memory, without waiting for the stream (a
+    # plain copy from pageable memory synchronizes); ids already on a GPU cost one host sync here
     ids = image_ids.to(dtype=torch.int64)
     if check_range and bool(image_ids_out_of_range(ids)):
         raise_image_ids_range(fn, ids)
+    if ids.device.type == "cpu" and device.type == "cuda":
+        return ids.pin_memory().to(device, non_blocking=True)
     return ids.to(device)
 
 
@@ -403,7 +406,8 @@ def gaussian_noise(x: Tensor, num_samples: int, sigma: float, *, seed: int, samp
     torch.channels_last (4-d x), torch.channels_last_3d (5-d x). The values depend only on
     (seed, image_ids[i], sample_offset + s, element) — not on B, chunking, backend or device.
     image_ids: (B,) integers in [0, 2^32), default 0..B−1; on x's device or on the CPU (checked
-    there without a device sync, then copied; ids on a GPU cost one sync for the range check).
+    there and copied from pinned memory, no device sync; ids on a GPU cost one sync for the
+    range check).
     Differentiable in x."""
     fn = "gaussian_noise"
     _check_x(fn, x)
