@@ -18,12 +18,18 @@
 // grid (output row, quad blocks, striding), the channel found per element, scalar stores. Everything lives in
 // registers: 4 Philox words, 4 normals. Traffic: each output element written once; the image
 // row read through L2, where it stays because all its samples read it; a, b are 2·C floats.
-// The arithmetic, not the traffic, bounds the kernel (SASS of the sm_90 build, per quad):
-// Philox-10 ~65 integer instructions, Box–Muller and the affine map ~110 float ones (the same
-// with CUDA's logf/sincospif, which the shared polynomials replaced), ~240 in all with the
-// address and loop work: ~60 per element against 2 bytes written per bf16 element, so the
-// kernel is issue-bound well below the memory bandwidth (an estimate until timed on a GPU;
-// counted before log_radius_word added the complement reduction and its selects, not recounted).
+// The arithmetic, not the traffic, bounds the kernel. SASS of the sm_90 build (nvcc 13.0 -O3,
+// cuobjdump; bf16 per-channel kernel): 399 instructions per quad in the loop, of which 106 are
+// the radius extension (taken with probability 2^-31) and ~16 the division and sqrt slow-path
+// stubs, so ~277 run per quad: Philox-10 ~73 (20 IMAD.WIDE, 20 LOP3, 20 key additions the
+// compiler does not hoist), the two radius logarithms ~94 (an IEEE division each), the two
+// square roots ~16, the two sincos, the affine map, load, bf16 pack, store and loop ~93. At
+// ~69 instructions per element against 2 bytes written, noise_imagenet (1.2e9 elements) would
+// take ~2.6 ms issue-bound on an H200 (132 SMs × 4 warp instructions per clock at 1.98 GHz)
+// against ~0.56 ms for its 2.4 GB of writes at the ~4.3 TB/s a device copy reaches there:
+// about a fifth of the bandwidth, an estimate until timed. Reaching 70% needs ≤ ~80
+// instructions per quad: Philox alone is ~40 at best, so the Box–Muller part would have to go
+// to the SFU (MUFU lg2/rsqrt/sin/cos, with an exact path for u near 1 and the tail).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
