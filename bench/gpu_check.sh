@@ -73,12 +73,13 @@ step bench_homattn 100 $TESTS_RESERVE -- $PY -m bench --cases homattn_vitb,homat
 step bench_noise 30 $TESTS_RESERVE -- $PY -m bench --cases noise_imagenet
 step bench_certify 70 $TESTS_RESERVE -- $PY -m bench --cases certify_resnet --no-memory
 
-# Every failure is listed (no -x: one GPU run has to show all of them). Most of the time is
-# Triton compiling each kernel specialisation once: pytest-xdist spreads it over 8 processes.
+# Every failure is listed (no -x: one GPU run has to show all of them), each test's outcome as it
+# ends (-v), so a run cut by its cap still names what failed. Most of the time is Triton
+# compiling each kernel specialisation once: pytest-xdist spreads it over 8 processes.
 TIMEOUT_OPT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
 XDIST_OPT=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests 400 0 -- $PY -m pytest -q -rfE --tb=short $XDIST_OPT $TIMEOUT_OPT tests -p no:cacheprovider
-log "tests: $(tail -1 "$LOGS/tests.log" 2>/dev/null)"
+step tests 400 0 -- $PY -m pytest -v -rfE --tb=short $XDIST_OPT $TIMEOUT_OPT tests -p no:cacheprovider
+log "tests: $(tail -1 "$LOGS/tests.log" 2>/dev/null); failed so far: $(grep -c ' FAILED \| ERROR ' "$LOGS/tests.log" 2>/dev/null)"
 
 # With time to spare: the kNN case and tile variants of the attention and the MLCD backward
 # (kernels/homologous_attention.py PYSSL_HOMATTN_TRITON, kernels/mlcd_loss.py
