@@ -1,4 +1,12 @@
-"""Modules that own their parameters, built on the functional ops."""
+"""Modules that own their parameters, built on the functional ops (one module per op, as
+torch.nn does for its functionals):
+
+    MLCDLoss            class centers + pyssl.mlcd_loss, negative-class sampling in training
+    MarginSoftmaxLoss   class centers + pyssl.margin_softmax_loss (ArcFace/CosFace, PartialFC-style
+                        sampling)
+    HomologousAttention a ViT attention layer (fused qkv, proj) on pyssl.homologous_attention
+    HomologousContrastiveLoss  pyssl.homologous_contrastive_loss with its temperature
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +15,31 @@ import torch
 from torch import Tensor
 
 from pyssl import _checks
-from pyssl.ops.mlcd_loss import _MARGIN_GRADS, mlcd_loss, sample_classes
+from pyssl.ops.homologous_attention import homologous_attention
+from pyssl.ops.homologous_contrastive_loss import homologous_contrastive_loss
+from pyssl.ops.mlcd_loss import _MARGIN_GRADS, margin_softmax_loss, mlcd_loss, sample_classes
+
+
+def _centers_for(weight: Tensor, x, positives: Tensor, classes: Optional[Tensor]):
+    """The class centers as the op takes them: float32 centers with bfloat16/float16 features
+    are cast to x's dtype, as autocast does for a linear layer's weight (with sampling only the
+    sampled rows, the positives renumbered to them); the gradient returns in the centers' dtype.
+    -> (weight, positives, classes) for the op."""
+    if not (isinstance(x, Tensor) and x.is_floating_point() and x.dtype != weight.dtype):
+        return weight, positives, classes
+    if classes is None:
+        return weight.to(x.dtype), positives, None
+    # cast only the sampled rows (C'·D, not C·D)
+    w = weight.index_select(0, classes).to(x.dtype)
+    cols = torch.searchsorted(classes, positives.clamp_min(0))
+    return w, torch.where(positives >= 0, cols, positives), None
+
+
+def _check_sample_ratio(fn, sample_ratio):
+    sample_ratio = _checks.real(fn, "sample_ratio", sample_ratio)
+    if not 0.0 <= sample_ratio <= 1.0:
+        raise ValueError(f"{fn}: sample_ratio must be in [0, 1], got {sample_ratio!r}")
+    return float(sample_ratio)
 
 
 class MLCDLoss(torch.nn.Module):
@@ -30,9 +62,7 @@ class MLCDLoss(torch.nn.Module):
         dim = _checks.integer(fn, "dim", dim, lo=1)
         scale = _checks.real(fn, "scale", scale, positive=True)
         margin = _checks.real(fn, "margin", margin)
-        sample_ratio = _checks.real(fn, "sample_ratio", sample_ratio)
-        if not 0.0 <= sample_ratio <= 1.0:
-            raise ValueError(f"MLCDLoss: sample_ratio must be in [0, 1], got {sample_ratio!r}")
+        sample_ratio = _check_sample_ratio(fn, sample_ratio)
         if margin_grad not in _MARGIN_GRADS:
             raise ValueError(f"MLCDLoss: margin_grad must be one of {_MARGIN_GRADS}, got {margin_grad!r}")
         if process_group is not None:
@@ -60,19 +90,118 @@ class MLCDLoss(torch.nn.Module):
         classes = None
         if self.training and self.sample_ratio < 1.0:
             classes = sample_classes(positives, self.num_classes, self.sample_ratio, generator=self.generator)
-        w = self.weight
-        if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != w.dtype:
-            if classes is None:
-                w = w.to(x.dtype)
-            else:
-                # cast only the sampled rows (C'·D, not C·D), the positives renumbered to them
-                w = w.index_select(0, classes).to(x.dtype)
-                cols = torch.searchsorted(classes, positives.clamp_min(0))
-                positives = torch.where(positives >= 0, cols, positives)
-                classes = None
+        w, positives, classes = _centers_for(self.weight, x, positives, classes)
         return mlcd_loss(x, w, positives, scale=self.scale, margin=self.margin, classes=classes,
                          margin_grad=self.margin_grad, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, dim={self.dim}, scale={self.scale}, margin={self.margin}, "
                 f"sample_ratio={self.sample_ratio}, margin_grad={self.margin_grad!r}")
+
+
+class MarginSoftmaxLoss(torch.nn.Module):
+    """Single-label margin softmax (ArcFace m2, CosFace m3, SphereFace m1) with its class centers
+    as a Parameter: a face-recognition / classification head in one module.
+
+    In training mode with sample_ratio < 1 every call draws the candidate set PartialFC uses:
+    the batch's labels plus sample_ratio·(C − |labels|) other classes; in eval mode, and with
+    sample_ratio = 1 (the default), all classes.
+
+        head = pyssl.nn.MarginSoftmaxLoss(100_000, 512, m2=0.5).cuda()          # ArcFace
+        loss = head(embeddings, labels)                                          # labels (N,) int64
+    """
+
+    def __init__(self, num_classes: int, dim: int, *, scale: float = 64.0, m1: float = 1.0,
+                 m2: float = 0.5, m3: float = 0.0, sample_ratio: float = 1.0,
+                 margin_grad: str = "straight_through", reduction: str = "mean", device=None,
+                 dtype=None, backend: str = "auto", generator: Optional[torch.Generator] = None):
+        super().__init__()
+        fn = "MarginSoftmaxLoss"
+        self.num_classes = _checks.integer(fn, "num_classes", num_classes, lo=1)
+        self.dim = _checks.integer(fn, "dim", dim, lo=1)
+        self.scale = float(_checks.real(fn, "scale", scale, positive=True))
+        self.m1, self.m2, self.m3 = (float(_checks.real(fn, n, v)) for n, v in (("m1", m1), ("m2", m2), ("m3", m3)))
+        self.sample_ratio = _check_sample_ratio(fn, sample_ratio)
+        if margin_grad not in _MARGIN_GRADS:
+            raise ValueError(f"{fn}: margin_grad must be one of {_MARGIN_GRADS}, got {margin_grad!r}")
+        self.margin_grad, self.reduction, self.backend, self.generator = margin_grad, reduction, backend, generator
+        self.weight = torch.nn.Parameter(torch.empty(self.num_classes, self.dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        """Loss of features x (N, dim) with their labels (N,); mixed precision as MLCDLoss."""
+        fn = "MarginSoftmaxLoss"
+        _checks.tensor(fn, "labels", labels)
+        if labels.dim() != 1:
+            raise ValueError(f"{fn}: labels must be (N,), got shape {tuple(labels.shape)}")
+        classes = None
+        if self.training and self.sample_ratio < 1.0:
+            classes = sample_classes(labels[:, None], self.num_classes, self.sample_ratio, generator=self.generator)
+        w, pos, classes = _centers_for(self.weight, x, labels[:, None], classes)
+        return margin_softmax_loss(x, w, pos[:, 0], scale=self.scale, m1=self.m1, m2=self.m2, m3=self.m3,
+                                   classes=classes, margin_grad=self.margin_grad, reduction=self.reduction,
+                                   backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, dim={self.dim}, scale={self.scale}, m1={self.m1}, "
+                f"m2={self.m2}, m3={self.m3}, sample_ratio={self.sample_ratio}")
+
+
+class HomologousAttention(torch.nn.Module):
+    """Multi-head self-attention of a ViT block in which each token attends only to the tokens of
+    its own source image (Mixed Autoencoder), optionally only to its top-k keys.
+
+    The layout and parameter names are timm's Attention (qkv: Linear(dim, 3·dim), proj:
+    Linear(dim, dim)), so a ViT's attention weights load as they are. q, k and v are views of
+    the fused projection, read in place by the Triton kernels.
+
+        attn = pyssl.nn.HomologousAttention(768, 12)
+        y = attn(x, groups)          # x (B, L, 768), groups (B, L) int (negative: global token)
+        y = attn(x)                  # groups None: plain attention
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = True, topk: Optional[int] = None,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        fn = "HomologousAttention"
+        dim = _checks.integer(fn, "dim", dim, lo=1)
+        num_heads = _checks.integer(fn, "num_heads", num_heads, lo=1)
+        if dim % num_heads:
+            raise ValueError(f"{fn}: dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.topk = _checks.integer(fn, "topk", topk, lo=1, optional=True)
+        self.dim, self.num_heads, self.head_dim, self.backend = dim, num_heads, dim // num_heads, backend
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=qkv_bias, device=device, dtype=dtype)
+        self.proj = torch.nn.Linear(dim, dim, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, groups: Optional[Tensor] = None) -> Tensor:
+        fn = "HomologousAttention"
+        _checks.tensor(fn, "x", x)
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"{fn}: x must be (B, L, {self.dim}), got shape {tuple(x.shape)}")
+        b, l, _ = x.shape
+        q, k, v = self.qkv(x).view(b, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o = homologous_attention(q, k, v, groups, topk=self.topk, backend=self.backend)
+        return self.proj(o.transpose(1, 2).reshape(b, l, self.dim))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, topk={self.topk}"
+
+
+class HomologousContrastiveLoss(torch.nn.Module):
+    """pyssl.homologous_contrastive_loss as a module: loss(z (B, L, E), groups (B, L))."""
+
+    def __init__(self, temperature: float = 0.2, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature = float(_checks.real("HomologousContrastiveLoss", "temperature", temperature,
+                                              positive=True))
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, z: Tensor, groups: Tensor) -> Tensor:
+        return homologous_contrastive_loss(z, groups, temperature=self.temperature, reduction=self.reduction,
+                                           backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}"
