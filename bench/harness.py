@@ -178,9 +178,20 @@ def machine_description(device: str) -> str:
 
 def git_commit() -> str:
     """Short sha of HEAD, with "-dirty" when the tree has uncommitted changes to tracked files;
-    PYSSL_BENCH_COMMIT when set (a copy of the tree without its .git, e.g. on a lent GPU)."""
+    PYSSL_BENCH_COMMIT when set (a copy of the tree without its .git, e.g. on a lent GPU).
+    Read once per process: the run's own saves to bench/results must not make it "-dirty"."""
     if os.environ.get("PYSSL_BENCH_COMMIT"):
         return os.environ["PYSSL_BENCH_COMMIT"]
+    global _COMMIT
+    if _COMMIT is None:
+        _COMMIT = _git_commit()
+    return _COMMIT
+
+
+_COMMIT: Optional[str] = None
+
+
+def _git_commit() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
