@@ -79,7 +79,7 @@ step bench_certify 70 $TESTS_RESERVE -- $PY -m bench --cases certify_resnet --no
 TIMEOUT_OPT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
 XDIST_OPT=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 step tests 400 0 -- $PY -m pytest -v -rfE --tb=short $XDIST_OPT $TIMEOUT_OPT tests -p no:cacheprovider
-log "tests: $(tail -1 "$LOGS/tests.log" 2>/dev/null); failed so far: $(grep -c ' FAILED \| ERROR ' "$LOGS/tests.log" 2>/dev/null)"
+log "tests: $(tail -1 "$LOGS/tests.log" 2>/dev/null); failed so far: $(grep -cE '^\[gw[0-9]+\] \[ *[0-9]+%\] (FAILED|ERROR) |::[^ ]+ (FAILED|ERROR)( |$)' "$LOGS/tests.log" 2>/dev/null)"
 
 # With time to spare: the kNN case and tile variants of the attention and the MLCD backward
 # (kernels/homologous_attention.py PYSSL_HOMATTN_TRITON, kernels/mlcd_loss.py

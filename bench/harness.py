@@ -196,8 +196,10 @@ def _git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=here).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=here).stdout.strip()
+        # the results files themselves do not make a run dirty (an earlier run rewrote them)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!bench/results"], capture_output=True, text=True,
+                               cwd=os.path.dirname(here)).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except OSError:
         return "unknown"

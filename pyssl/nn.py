@@ -2,8 +2,8 @@
 torch.nn does for its functionals):
 
     MLCDLoss            class centers + pyssl.mlcd_loss, negative-class sampling in training
-    MarginSoftmaxLoss   class centers + pyssl.margin_softmax_loss (ArcFace/CosFace, PartialFC-style
-                        sampling)
+    MarginSoftmaxLoss   class centers + pyssl.margin_softmax_loss (ArcFace/CosFace, negative-class
+                        sampling in training)
     HomologousAttention a ViT attention layer (fused qkv, proj) on pyssl.homologous_attention
     HomologousContrastiveLoss  pyssl.homologous_contrastive_loss with its temperature
 """
@@ -17,12 +17,13 @@ from torch import Tensor
 from pyssl import _checks
 from pyssl.ops.homologous_attention import homologous_attention
 from pyssl.ops.homologous_contrastive_loss import homologous_contrastive_loss
-from pyssl.ops.mlcd_loss import _MARGIN_GRADS, margin_softmax_loss, mlcd_loss, sample_classes
+from pyssl.ops.mlcd_loss import _MARGIN_GRADS, _check_ids, margin_softmax_loss, mlcd_loss, sample_classes
 
 
 def _centers_for(weight: Tensor, x, positives: Tensor, classes: Optional[Tensor]):
-    """The class centers as the op takes them: float32 centers with bfloat16/float16 features
-    are cast to x's dtype, as autocast does for a linear layer's weight (with sampling only the
+    """The class centers as the op takes them: centers whose dtype differs from the features'
+    (float32 centers, bfloat16/float16 features under autocast or a half-precision backbone) are
+    cast to x's dtype, as autocast does for a linear layer's weight (with sampling only the
     sampled rows, the positives renumbered to them); the gradient returns in the centers' dtype.
     -> (weight, positives, classes) for the op."""
     if not (isinstance(x, Tensor) and x.is_floating_point() and x.dtype != weight.dtype):
@@ -103,9 +104,10 @@ class MarginSoftmaxLoss(torch.nn.Module):
     """Single-label margin softmax (ArcFace m2, CosFace m3, SphereFace m1) with its class centers
     as a Parameter: a face-recognition / classification head in one module.
 
-    In training mode with sample_ratio < 1 every call draws the candidate set PartialFC uses:
-    the batch's labels plus sample_ratio·(C − |labels|) other classes; in eval mode, and with
-    sample_ratio = 1 (the default), all classes.
+    In training mode with sample_ratio < 1 every call draws a candidate set: the batch's labels
+    plus sample_ratio·(C − |labels|) other classes (pyssl.sample_classes; PartialFC instead keeps
+    sample_ratio·C classes in all, labels included, so the same ratio gives a slightly larger set
+    here); in eval mode, and with sample_ratio = 1 (the default), all classes.
 
         head = pyssl.nn.MarginSoftmaxLoss(100_000, 512, m2=0.5).cuda()          # ArcFace
         loss = head(embeddings, labels)                                          # labels (N,) int64
@@ -134,12 +136,17 @@ class MarginSoftmaxLoss(torch.nn.Module):
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
         """Loss of features x (N, dim) with their labels (N,); mixed precision as MLCDLoss."""
         fn = "MarginSoftmaxLoss"
-        _checks.tensor(fn, "labels", labels)
-        if labels.dim() != 1:
-            raise ValueError(f"{fn}: labels must be (N,), got shape {tuple(labels.shape)}")
+        _checks.tensor(fn, "x", x)
+        if x.dim() != 2:
+            raise ValueError(f"{fn}: x must be (N, {self.dim}), got shape {tuple(x.shape)}")
+        _check_ids(fn, "labels", labels, x, 1)
         classes = None
         if self.training and self.sample_ratio < 1.0:
-            classes = sample_classes(labels[:, None], self.num_classes, self.sample_ratio, generator=self.generator)
+            try:
+                classes = sample_classes(labels[:, None], self.num_classes, self.sample_ratio,
+                                         generator=self.generator)
+            except ValueError as e:   # its range check: say whose labels
+                raise ValueError(f"{fn}: labels: {e}") from e
         w, pos, classes = _centers_for(self.weight, x, labels[:, None], classes)
         return margin_softmax_loss(x, w, pos[:, 0], scale=self.scale, m1=self.m1, m2=self.m2, m3=self.m3,
                                    classes=classes, margin_grad=self.margin_grad, reduction=self.reduction,
@@ -147,7 +154,8 @@ class MarginSoftmaxLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, dim={self.dim}, scale={self.scale}, m1={self.m1}, "
-                f"m2={self.m2}, m3={self.m3}, sample_ratio={self.sample_ratio}")
+                f"m2={self.m2}, m3={self.m3}, sample_ratio={self.sample_ratio}, "
+                f"margin_grad={self.margin_grad!r}, reduction={self.reduction!r}")
 
 
 class HomologousAttention(torch.nn.Module):
@@ -155,8 +163,11 @@ class HomologousAttention(torch.nn.Module):
     its own source image (Mixed Autoencoder), optionally only to its top-k keys.
 
     The layout and parameter names are timm's Attention (qkv: Linear(dim, 3·dim), proj:
-    Linear(dim, dim)), so a ViT's attention weights load as they are. q, k and v are views of
-    the fused projection, read in place by the Triton kernels.
+    Linear(dim, dim), scale d^-0.5), so a ViT's attention weights load as they are (qkv_bias
+    defaults to True, as in timm's VisionTransformer; its Attention class defaults to False).
+    No dropout and no q/k normalization. q, k and v are views of the fused projection, read in
+    place by the Triton kernels. attn_mask is accepted (timm's Block passes attn_mask=None) and
+    must be None: the mask is the groups.
 
         attn = pyssl.nn.HomologousAttention(768, 12)
         y = attn(x, groups)          # x (B, L, 768), groups (B, L) int (negative: global token)
@@ -176,8 +187,10 @@ class HomologousAttention(torch.nn.Module):
         self.qkv = torch.nn.Linear(dim, 3 * dim, bias=qkv_bias, device=device, dtype=dtype)
         self.proj = torch.nn.Linear(dim, dim, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, groups: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, groups: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
         fn = "HomologousAttention"
+        if attn_mask is not None:
+            raise ValueError(f"{fn}: attn_mask must be None (the attention pattern is given by groups)")
         _checks.tensor(fn, "x", x)
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"{fn}: x must be (B, L, {self.dim}), got shape {tuple(x.shape)}")

@@ -54,6 +54,9 @@ def test_homologous_attention_module_bad_input():
     with pytest.raises(ValueError, match="topk"):
         pyssl.nn.HomologousAttention(32, 4, topk=0)
     m = pyssl.nn.HomologousAttention(32, 4)
+    with pytest.raises(ValueError, match="attn_mask must be None"):
+        m(torch.randn(2, 5, 32), attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    assert m(torch.randn(2, 5, 32), attn_mask=None).shape == (2, 5, 32)     # timm's Block passes it
     with pytest.raises(ValueError, match=r"x must be \(B, L, 32\)"):
         m(torch.randn(2, 5, 16))
     with pytest.raises(ValueError, match="groups"):
@@ -107,11 +110,15 @@ def test_margin_softmax_module_bad_input():
         pyssl.nn.MarginSoftmaxLoss(10, 4, m2=float("nan"))
     with pytest.raises(ValueError, match="margin_grad"):
         pyssl.nn.MarginSoftmaxLoss(10, 4, margin_grad="none")
-    head = pyssl.nn.MarginSoftmaxLoss(10, 4)
-    with pytest.raises(ValueError, match=r"labels must be \(N,\)"):
-        head(torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.int64))
-    with pytest.raises(ValueError, match="labels"):
-        head(torch.randn(3, 4), torch.tensor([0, 1, 10]))
+    for ratio in (1.0, 0.5):    # with sampling the labels go through sample_classes first
+        head = pyssl.nn.MarginSoftmaxLoss(10, 4, sample_ratio=ratio)
+        with pytest.raises(ValueError, match=r"MarginSoftmaxLoss: labels must be \(N,\) with N=3"):
+            head(torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.int64))
+        with pytest.raises(ValueError, match="MarginSoftmaxLoss: labels must be int64"):
+            head(torch.randn(3, 4), torch.zeros(3, dtype=torch.int32))
+        who = "margin_softmax_loss" if ratio == 1.0 else "MarginSoftmaxLoss"    # (the op checks it then)
+        with pytest.raises(ValueError, match=who + r": labels.*class id 10, out of range \[0, 10\)"):
+            head(torch.randn(3, 4), torch.tensor([0, 1, 10]))
 
 
 def test_contrastive_module_is_the_op():
@@ -120,5 +127,8 @@ def test_contrastive_module_is_the_op():
     groups = _groups(2, 11, 3)
     m = pyssl.nn.HomologousContrastiveLoss(temperature=0.3)
     torch.testing.assert_close(m(z, groups), pyssl.homologous_contrastive_loss(z, groups, temperature=0.3))
+    rows = pyssl.nn.HomologousContrastiveLoss(temperature=0.3, reduction="none")(z, groups)
+    torch.testing.assert_close(rows, pyssl.homologous_contrastive_loss(z, groups, temperature=0.3, reduction="none"))
+    assert rows.shape == (2, 11)
     with pytest.raises(ValueError, match="temperature"):
         pyssl.nn.HomologousContrastiveLoss(temperature=0.0)
