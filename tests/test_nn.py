@@ -132,3 +132,23 @@ def test_contrastive_module_is_the_op():
     assert rows.shape == (2, 11)
     with pytest.raises(ValueError, match="temperature"):
         pyssl.nn.HomologousContrastiveLoss(temperature=0.0)
+
+
+def test_modules_compile_fullgraph():
+    """The modules trace into one graph (the ops are torch.library custom ops): outputs and
+    gradients equal eager mode."""
+    torch.manual_seed(7)
+    attn = pyssl.nn.HomologousAttention(16, 2, backend="cpu")
+    head = pyssl.nn.MarginSoftmaxLoss(30, 16, backend="cpu").eval()
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    groups = _groups(2, 9, 2)
+    labels = torch.randint(0, 30, (18,))
+
+    def model(x):
+        return head(attn(x, groups).reshape(18, 16), labels)
+    eager = model(x)
+    g_eager, = torch.autograd.grad(eager, x)
+    compiled = torch.compile(model, fullgraph=True)(x)
+    g_comp, = torch.autograd.grad(compiled, x)
+    torch.testing.assert_close(compiled, eager, **F32)
+    torch.testing.assert_close(g_comp, g_eager, atol=5e-5, rtol=1e-4)
