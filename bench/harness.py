@@ -210,6 +210,24 @@ def _git_commit() -> str:
 PEAKS = {"h200": (989.0, 4800.0), "h100": (989.0, 3350.0), "a100": (312.0, 2039.0)}
 
 
+def _entry(note: str = "") -> dict:
+    return {"time_ms": None, "peak_mem_mb": None, "tflops": None, "gbps": None, "note": note}
+
+
+def _add_note(entry: dict, text: str) -> None:
+    if text:
+        entry["note"] = (entry["note"] + "; " + text).strip("; ")
+
+
+def _peak_here(step) -> tuple[Optional[float], str]:
+    """measure_memory's answer for CUDA, taken in this process (the allocator's counters are
+    exact per step): a failure here leaves the timing standing."""
+    try:
+        return _step_peak(step, "cuda"), ""
+    except Exception as e:
+        return None, f"memory pass failed: {e.__class__.__name__}: {str(e)[:120]}"
+
+
 def run_case(module: str, case: Case, size: str, memory: bool, progress,
              on_impl: Optional[Callable[[Dict[str, dict]], None]] = None) -> Dict[str, dict]:
     """Every impl of the case; on_impl(results so far) after each one (the caller saves them, so
@@ -221,13 +239,14 @@ def run_case(module: str, case: Case, size: str, memory: bool, progress,
         note = ("out of memory building the inputs" if isinstance(e, torch.OutOfMemoryError)
                 else f"failed building the inputs: {e.__class__.__name__}: {str(e)[:200]}")
         for impl in case.impls:
-            results[impl] = {"time_ms": None, "peak_mem_mb": None, "tflops": None, "gbps": None, "note": note}
+            results[impl] = _entry(note)
             progress.update(1)
         return results
     peak = PEAKS.get(device_name(case.device)) if case.device == "cuda" else None
     for impl, setup in case.impls.items():
         progress.set_postfix_str(f"{case.name}/{impl}")
-        entry = {"time_ms": None, "peak_mem_mb": None, "tflops": None, "gbps": None, "note": ""}
+        entry = _entry()
+        step = peak_here = None
         try:
             step = setup(inputs)
             t = time_step(step, case.device, case.warmup, case.repeats)
@@ -244,33 +263,25 @@ def run_case(module: str, case: Case, size: str, memory: bool, progress,
                 if peak:
                     entry["pct_peak"] = round(100 * entry["gbps"] / peak[1], 1)
             if memory and case.device == "cuda":
-                try:
-                    entry["peak_mem_mb"] = round(_step_peak(step, "cuda"), 1)
-                except Exception as e:   # the timing stands; only the memory pass failed
-                    entry["note"] = (entry["note"] + f"; memory pass failed: {e.__class__.__name__}: "
-                                     f"{str(e)[:120]}").strip("; ")
-            del step
+                peak_here = _peak_here(step)
         except Skip as e:
             entry["note"] = str(e)
         except torch.OutOfMemoryError:
             entry["note"] = "out of memory"
         except Exception as e:  # a broken impl is reported, not hidden, and the run goes on
             entry["note"] = f"failed: {e.__class__.__name__}: {str(e)[:200]}"
+        step = None   # the step's buffers are freed before the cache is emptied and the next setup
         gc.collect()
         if case.device == "cuda":
             torch.cuda.empty_cache()
         if memory and entry["time_ms"] is not None:
-            if case.device == "cuda":
-                mem, note = entry["peak_mem_mb"], ""
-            else:
-                mem, note = measure_memory(module, case, impl, size)
+            mem, note = ((peak_here or (None, "")) if case.device == "cuda"
+                         else measure_memory(module, case, impl, size))
             entry["peak_mem_mb"] = None if mem is None else round(mem, 1)
             if mem is not None and case.grad_inputs_mb:
                 io = case.grad_inputs_mb(inputs)
                 entry["x_inputs_grads"] = round((io + mem) / (2 * io), 3)
-            if note:
-                entry["note"] = (entry["note"] + "; " + note).strip("; ")
-        step = None   # no reference to the last impl's step (and its buffers) during the next setup
+            _add_note(entry, note)
         results[impl] = entry
         progress.update(1)
         if on_impl is not None:

@@ -20,30 +20,49 @@ from pyssl.ops.homologous_contrastive_loss import homologous_contrastive_loss
 from pyssl.ops.mlcd_loss import _MARGIN_GRADS, _check_ids, margin_softmax_loss, mlcd_loss, sample_classes
 
 
-def _centers_for(weight: Tensor, x, positives: Tensor, classes: Optional[Tensor]):
-    """The class centers as the op takes them: centers whose dtype differs from the features'
-    (float32 centers, bfloat16/float16 features under autocast or a half-precision backbone) are
-    cast to x's dtype, as autocast does for a linear layer's weight (with sampling only the
-    sampled rows, the positives renumbered to them); the gradient returns in the centers' dtype.
-    -> (weight, positives, classes) for the op."""
-    if not (isinstance(x, Tensor) and x.is_floating_point() and x.dtype != weight.dtype):
-        return weight, positives, classes
-    if classes is None:
-        return weight.to(x.dtype), positives, None
-    # cast only the sampled rows (C'·D, not C·D)
-    w = weight.index_select(0, classes).to(x.dtype)
-    cols = torch.searchsorted(classes, positives.clamp_min(0))
-    return w, torch.where(positives >= 0, cols, positives), None
+class _ClassCenters(torch.nn.Module):
+    """What MLCDLoss and MarginSoftmaxLoss share: the checked settings, the (C, D) centers as a
+    Parameter, and the candidate set of a call (sampled in training when sample_ratio < 1)."""
+
+    def __init__(self, fn, num_classes, dim, scale, sample_ratio, margin_grad, device, dtype, backend,
+                 generator):
+        super().__init__()
+        self.num_classes = _checks.integer(fn, "num_classes", num_classes, lo=1)
+        self.dim = _checks.integer(fn, "dim", dim, lo=1)
+        self.scale = float(_checks.real(fn, "scale", scale, positive=True))
+        sample_ratio = _checks.real(fn, "sample_ratio", sample_ratio)
+        if not 0.0 <= sample_ratio <= 1.0:
+            raise ValueError(f"{fn}: sample_ratio must be in [0, 1], got {sample_ratio!r}")
+        self.sample_ratio = float(sample_ratio)
+        if margin_grad not in _MARGIN_GRADS:
+            raise ValueError(f"{fn}: margin_grad must be one of {_MARGIN_GRADS}, got {margin_grad!r}")
+        self.margin_grad, self.backend, self.generator = margin_grad, backend, generator
+        self.weight = torch.nn.Parameter(torch.empty(self.num_classes, self.dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.normal_(self.weight, std=0.01)
+
+    def _candidates(self, x, positives: Tensor):
+        """(weight, positives, classes) for the op. In training with sample_ratio < 1, classes =
+        sample_classes(positives). Centers whose dtype differs from the features' (float32
+        centers, bfloat16/float16 features under autocast or a half-precision backbone) are cast
+        to x's dtype, as autocast does for a linear layer's weight — with sampling only the
+        sampled rows, the positives renumbered to them; the gradient returns in the centers' dtype."""
+        classes = None
+        if self.training and self.sample_ratio < 1.0:
+            classes = sample_classes(positives, self.num_classes, self.sample_ratio, generator=self.generator)
+        w = self.weight
+        if not (isinstance(x, Tensor) and x.is_floating_point() and x.dtype != w.dtype):
+            return w, positives, classes
+        if classes is None:
+            return w.to(x.dtype), positives, None
+        # cast only the sampled rows (C'·D, not C·D)
+        cols = torch.searchsorted(classes, positives.clamp_min(0))
+        return w.index_select(0, classes).to(x.dtype), torch.where(positives >= 0, cols, positives), None
 
 
-def _check_sample_ratio(fn, sample_ratio):
-    sample_ratio = _checks.real(fn, "sample_ratio", sample_ratio)
-    if not 0.0 <= sample_ratio <= 1.0:
-        raise ValueError(f"{fn}: sample_ratio must be in [0, 1], got {sample_ratio!r}")
-    return float(sample_ratio)
-
-
-class MLCDLoss(torch.nn.Module):
+class MLCDLoss(_ClassCenters):
     """MLCD multi-label margin loss with its class centers as a Parameter.
 
     In training mode every call draws a candidate set S = the batch's positives plus
@@ -57,41 +76,19 @@ class MLCDLoss(torch.nn.Module):
                  sample_ratio: float = 0.1, margin_grad: str = "straight_through",
                  process_group=None, device=None, dtype=None, backend: str = "auto",
                  generator: Optional[torch.Generator] = None):
-        super().__init__()
-        fn = "MLCDLoss"
-        num_classes = _checks.integer(fn, "num_classes", num_classes, lo=1)
-        dim = _checks.integer(fn, "dim", dim, lo=1)
-        scale = _checks.real(fn, "scale", scale, positive=True)
-        margin = _checks.real(fn, "margin", margin)
-        sample_ratio = _check_sample_ratio(fn, sample_ratio)
-        if margin_grad not in _MARGIN_GRADS:
-            raise ValueError(f"MLCDLoss: margin_grad must be one of {_MARGIN_GRADS}, got {margin_grad!r}")
+        super().__init__("MLCDLoss", num_classes, dim, scale, sample_ratio, margin_grad, device, dtype,
+                         backend, generator)
+        self.margin = float(_checks.real("MLCDLoss", "margin", margin))
         if process_group is not None:
             raise NotImplementedError("MLCDLoss: the model-parallel form (process_group) is not "
                                       "implemented yet; use process_group=None")
-        self.num_classes = num_classes
-        self.dim = dim
-        self.scale = float(scale)
-        self.margin = float(margin)
-        self.sample_ratio = float(sample_ratio)
-        self.margin_grad = margin_grad
-        self.backend = backend
-        self.generator = generator
-        self.weight = torch.nn.Parameter(torch.empty(num_classes, dim, device=device, dtype=dtype))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        torch.nn.init.normal_(self.weight, std=0.01)
 
     def forward(self, x: Tensor, positives: Tensor) -> Tensor:
         """Loss of features x (N, dim) with their positives (N, l). Mixed precision: float32
         centers with bfloat16/float16 features (autocast, or a half-precision backbone) are
         cast to x's dtype for the op, as autocast does for a linear layer's weight (in training
         only the sampled rows); their gradient returns in float32."""
-        classes = None
-        if self.training and self.sample_ratio < 1.0:
-            classes = sample_classes(positives, self.num_classes, self.sample_ratio, generator=self.generator)
-        w, positives, classes = _centers_for(self.weight, x, positives, classes)
+        w, positives, classes = self._candidates(x, positives)
         return mlcd_loss(x, w, positives, scale=self.scale, margin=self.margin, classes=classes,
                          margin_grad=self.margin_grad, backend=self.backend)
 
@@ -100,7 +97,7 @@ class MLCDLoss(torch.nn.Module):
                 f"sample_ratio={self.sample_ratio}, margin_grad={self.margin_grad!r}")
 
 
-class MarginSoftmaxLoss(torch.nn.Module):
+class MarginSoftmaxLoss(_ClassCenters):
     """Single-label margin softmax (ArcFace m2, CosFace m3, SphereFace m1) with its class centers
     as a Parameter: a face-recognition / classification head in one module.
 
@@ -117,21 +114,10 @@ class MarginSoftmaxLoss(torch.nn.Module):
                  m2: float = 0.5, m3: float = 0.0, sample_ratio: float = 1.0,
                  margin_grad: str = "straight_through", reduction: str = "mean", device=None,
                  dtype=None, backend: str = "auto", generator: Optional[torch.Generator] = None):
-        super().__init__()
         fn = "MarginSoftmaxLoss"
-        self.num_classes = _checks.integer(fn, "num_classes", num_classes, lo=1)
-        self.dim = _checks.integer(fn, "dim", dim, lo=1)
-        self.scale = float(_checks.real(fn, "scale", scale, positive=True))
+        super().__init__(fn, num_classes, dim, scale, sample_ratio, margin_grad, device, dtype, backend, generator)
         self.m1, self.m2, self.m3 = (float(_checks.real(fn, n, v)) for n, v in (("m1", m1), ("m2", m2), ("m3", m3)))
-        self.sample_ratio = _check_sample_ratio(fn, sample_ratio)
-        if margin_grad not in _MARGIN_GRADS:
-            raise ValueError(f"{fn}: margin_grad must be one of {_MARGIN_GRADS}, got {margin_grad!r}")
-        self.margin_grad, self.reduction, self.backend, self.generator = margin_grad, reduction, backend, generator
-        self.weight = torch.nn.Parameter(torch.empty(self.num_classes, self.dim, device=device, dtype=dtype))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        torch.nn.init.normal_(self.weight, std=0.01)
+        self.reduction = reduction
 
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
         """Loss of features x (N, dim) with their labels (N,); mixed precision as MLCDLoss."""
@@ -140,14 +126,10 @@ class MarginSoftmaxLoss(torch.nn.Module):
         if x.dim() != 2:
             raise ValueError(f"{fn}: x must be (N, {self.dim}), got shape {tuple(x.shape)}")
         _check_ids(fn, "labels", labels, x, 1)
-        classes = None
-        if self.training and self.sample_ratio < 1.0:
-            try:
-                classes = sample_classes(labels[:, None], self.num_classes, self.sample_ratio,
-                                         generator=self.generator)
-            except ValueError as e:   # its range check: say whose labels
-                raise ValueError(f"{fn}: labels: {e}") from e
-        w, pos, classes = _centers_for(self.weight, x, labels[:, None], classes)
+        try:
+            w, pos, classes = self._candidates(x, labels[:, None])
+        except ValueError as e:   # sample_classes' range check: say whose labels
+            raise ValueError(f"{fn}: labels: {e}") from e
         return margin_softmax_loss(x, w, pos[:, 0], scale=self.scale, m1=self.m1, m2=self.m2, m3=self.m3,
                                    classes=classes, margin_grad=self.margin_grad, reduction=self.reduction,
                                    backend=self.backend)

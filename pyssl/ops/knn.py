@@ -177,13 +177,17 @@ def _search_torch(queries, bank, k, bank_bias):
 LARGE_K_MERGE_BYTES = 1 << 31
 
 
+def _num_parts(k: int, part_k: int) -> int:
+    """Bank partitions of the large-k search: each holds about a quarter of part_k of the k best."""
+    return max(2, -(-4 * k // part_k))
+
+
 def _search_triton_large(queries, bank, k, bank_bias, part_k: Optional[int] = None):
     """_search_triton_large_rows over query chunks (1M queries at k = 1000 would otherwise merge
     4096 candidates per query at once: ~200 GB)."""
     from pyssl.kernels import knn as K
     part_k = K.MAX_K if part_k is None else part_k
-    parts = max(2, -(-4 * k // part_k))
-    per = max(1, LARGE_K_MERGE_BYTES // (48 * parts * part_k))
+    per = max(1, LARGE_K_MERGE_BYTES // (48 * _num_parts(k, part_k) * part_k))
     if queries.shape[0] <= per:
         return _search_triton_large_rows(queries, bank, k, bank_bias, part_k)
     out_s = torch.empty(queries.shape[0], k, dtype=torch.float32, device=queries.device)
@@ -207,7 +211,7 @@ def _search_triton_large_rows(queries, bank, k, bank_bias, part_k: int):
     chunked torch search."""
     from pyssl.kernels import knn as K
     nb = bank.shape[0]
-    parts = max(2, -(-4 * k // part_k))
+    parts = _num_parts(k, part_k)
     rows = -(-nb // parts)
     cand_s, cand_i, full_last = [], [], []
     for b0 in range(0, nb, rows):
