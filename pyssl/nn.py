@@ -12,12 +12,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from pyssl import _checks
 from pyssl.ops.homologous_attention import homologous_attention
 from pyssl.ops.homologous_contrastive_loss import homologous_contrastive_loss
 from pyssl.ops.mlcd_loss import _MARGIN_GRADS, _check_ids, margin_softmax_loss, mlcd_loss, sample_classes
+from pyssl.ops.mlcd_loss_parallel import margin_softmax_loss_parallel, mlcd_loss_parallel, shard_range
 
 
 class _ClassCenters(torch.nn.Module):
@@ -25,7 +27,7 @@ class _ClassCenters(torch.nn.Module):
     Parameter, and the candidate set of a call (sampled in training when sample_ratio < 1)."""
 
     def __init__(self, fn, num_classes, dim, scale, sample_ratio, margin_grad, device, dtype, backend,
-                 generator):
+                 generator, process_group=None):
         super().__init__()
         self.num_classes = _checks.integer(fn, "num_classes", num_classes, lo=1)
         self.dim = _checks.integer(fn, "dim", dim, lo=1)
@@ -37,8 +39,32 @@ class _ClassCenters(torch.nn.Module):
         if margin_grad not in _MARGIN_GRADS:
             raise ValueError(f"{fn}: margin_grad must be one of {_MARGIN_GRADS}, got {margin_grad!r}")
         self.margin_grad, self.backend, self.generator = margin_grad, backend, generator
-        self.weight = torch.nn.Parameter(torch.empty(self.num_classes, self.dim, device=device, dtype=dtype))
+        # model parallel: this rank holds classes [class_start, class_start + num_local)
+        self.process_group = process_group
+        self.class_start, self.num_local = 0, self.num_classes
+        if process_group is not None:
+            if not dist.is_available() or not dist.is_initialized():
+                raise ValueError(f"{fn}: process_group given but torch.distributed is not initialized")
+            world = dist.get_world_size(process_group)
+            if self.num_classes < world:
+                raise ValueError(f"{fn}: num_classes ({self.num_classes}) must be at least the process "
+                                 f"group's size ({world}): every rank holds one class or more")
+            self.class_start, self.num_local = shard_range(self.num_classes, dist.get_rank(process_group), world)
+        self.weight = torch.nn.Parameter(torch.empty(self.num_local, self.dim, device=device, dtype=dtype))
         self.reset_parameters()
+
+    def _sharded(self, loss_fn, x, ids, **kw):
+        """The model-parallel call: this rank's shard, sampling inside the op (the positives of
+        the whole batch are known only after the gather)."""
+        ratio = self.sample_ratio if self.training and self.sample_ratio < 1.0 else None
+        return loss_fn(x, self.weight, ids, class_start=self.class_start, process_group=self.process_group,
+                       scale=self.scale, sample_ratio=ratio, generator=self.generator,
+                       margin_grad=self.margin_grad, backend=self.backend, **kw)
+
+    def _shard_repr(self) -> str:
+        if self.process_group is None:
+            return ""
+        return f", shard=[{self.class_start}, {self.class_start + self.num_local})"
 
     def reset_parameters(self) -> None:
         torch.nn.init.normal_(self.weight, std=0.01)
@@ -70,6 +96,12 @@ class MLCDLoss(_ClassCenters):
 
         crit = pyssl.nn.MLCDLoss(1_000_000, 512).cuda()
         loss = crit(features, positives)      # positives (N, l) int64, -1 = padding
+
+    With a process_group the centers are sharded (model parallel, PartialFC style): this rank's
+    weight holds classes [class_start, class_start + num_local) (shard_range's split), features
+    and positives of every rank are all-gathered, each rank samples within its own shard, and
+    every rank returns the loss of the whole batch (pyssl/ops/mlcd_loss_parallel.py). Every rank
+    calls forward and backward together.
     """
 
     def __init__(self, num_classes: int, dim: int, *, scale: float = 64.0, margin: float = 0.3,
@@ -77,24 +109,23 @@ class MLCDLoss(_ClassCenters):
                  process_group=None, device=None, dtype=None, backend: str = "auto",
                  generator: Optional[torch.Generator] = None):
         super().__init__("MLCDLoss", num_classes, dim, scale, sample_ratio, margin_grad, device, dtype,
-                         backend, generator)
+                         backend, generator, process_group)
         self.margin = float(_checks.real("MLCDLoss", "margin", margin))
-        if process_group is not None:
-            raise NotImplementedError("MLCDLoss: the model-parallel form (process_group) is not "
-                                      "implemented yet; use process_group=None")
 
     def forward(self, x: Tensor, positives: Tensor) -> Tensor:
         """Loss of features x (N, dim) with their positives (N, l). Mixed precision: float32
         centers with bfloat16/float16 features (autocast, or a half-precision backbone) are
         cast to x's dtype for the op, as autocast does for a linear layer's weight (in training
         only the sampled rows); their gradient returns in float32."""
+        if self.process_group is not None:
+            return self._sharded(mlcd_loss_parallel, x, positives, margin=self.margin)
         w, positives, classes = self._candidates(x, positives)
         return mlcd_loss(x, w, positives, scale=self.scale, margin=self.margin, classes=classes,
                          margin_grad=self.margin_grad, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, dim={self.dim}, scale={self.scale}, margin={self.margin}, "
-                f"sample_ratio={self.sample_ratio}, margin_grad={self.margin_grad!r}")
+                f"sample_ratio={self.sample_ratio}, margin_grad={self.margin_grad!r}{self._shard_repr()}")
 
 
 class MarginSoftmaxLoss(_ClassCenters):
@@ -108,14 +139,17 @@ class MarginSoftmaxLoss(_ClassCenters):
 
         head = pyssl.nn.MarginSoftmaxLoss(100_000, 512, m2=0.5).cuda()          # ArcFace
         loss = head(embeddings, labels)                                          # labels (N,) int64
+
+    With a process_group the centers are sharded across its ranks as in MLCDLoss (PartialFC).
     """
 
     def __init__(self, num_classes: int, dim: int, *, scale: float = 64.0, m1: float = 1.0,
                  m2: float = 0.5, m3: float = 0.0, sample_ratio: float = 1.0,
-                 margin_grad: str = "straight_through", reduction: str = "mean", device=None,
-                 dtype=None, backend: str = "auto", generator: Optional[torch.Generator] = None):
+                 margin_grad: str = "straight_through", reduction: str = "mean", process_group=None,
+                 device=None, dtype=None, backend: str = "auto", generator: Optional[torch.Generator] = None):
         fn = "MarginSoftmaxLoss"
-        super().__init__(fn, num_classes, dim, scale, sample_ratio, margin_grad, device, dtype, backend, generator)
+        super().__init__(fn, num_classes, dim, scale, sample_ratio, margin_grad, device, dtype, backend, generator,
+                         process_group)
         self.m1, self.m2, self.m3 = (float(_checks.real(fn, n, v)) for n, v in (("m1", m1), ("m2", m2), ("m3", m3)))
         self.reduction = reduction
 
@@ -126,6 +160,9 @@ class MarginSoftmaxLoss(_ClassCenters):
         if x.dim() != 2:
             raise ValueError(f"{fn}: x must be (N, {self.dim}), got shape {tuple(x.shape)}")
         _check_ids(fn, "labels", labels, x, 1)
+        if self.process_group is not None:
+            return self._sharded(margin_softmax_loss_parallel, x, labels, m1=self.m1, m2=self.m2, m3=self.m3,
+                                 reduction=self.reduction)
         try:
             w, pos, classes = self._candidates(x, labels[:, None])
         except ValueError as e:   # sample_classes' range check: say whose labels
@@ -137,7 +174,7 @@ class MarginSoftmaxLoss(_ClassCenters):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, dim={self.dim}, scale={self.scale}, m1={self.m1}, "
                 f"m2={self.m2}, m3={self.m3}, sample_ratio={self.sample_ratio}, "
-                f"margin_grad={self.margin_grad!r}, reduction={self.reduction!r}")
+                f"margin_grad={self.margin_grad!r}, reduction={self.reduction!r}{self._shard_repr()}")
 
 
 class HomologousAttention(torch.nn.Module):

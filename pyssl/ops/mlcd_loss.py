@@ -45,7 +45,9 @@ _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 # argument checks (shapes and types here, data-dependent checks inside the op)
 # --------------------------------------------------------------------------------------------
 
-def _check_common(fn, x, weight, classes, scale, reduction, margin_grad):
+def _check_common(fn, x, weight, classes, scale, reduction, margin_grad, mixed_weight=False):
+    """Shapes, dtypes, devices and settings. mixed_weight: float32 centers with 16-bit x are
+    accepted (the caller casts the rows it uses)."""
     _checks.tensor(fn, "x", x)
     _checks.tensor(fn, "weight", weight)
     if x.dim() != 2:
@@ -54,7 +56,8 @@ def _check_common(fn, x, weight, classes, scale, reduction, margin_grad):
         raise ValueError(f"{fn}: weight must be (C, D), got shape {tuple(weight.shape)}")
     if x.dtype not in _FLOATS + (torch.float64,):
         raise ValueError(f"{fn}: x must be float32, bfloat16 or float16, got {x.dtype}")
-    if weight.dtype != x.dtype:
+    mixed_ok = mixed_weight and weight.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
+    if weight.dtype != x.dtype and not mixed_ok:
         raise ValueError(f"{fn}: weight dtype {weight.dtype} does not match x dtype {x.dtype}")
     if weight.device != x.device:
         raise ValueError(f"{fn}: weight is on {weight.device} but x is on {x.device}")
@@ -176,6 +179,16 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def upstream_rows(g: Tensor, reduction: int, n: int) -> Tensor:
+    """Each row's upstream gradient (n,) from the loss's: the scalar g spread by the reduction,
+    or g itself for reduction "none"."""
+    if reduction == 1:
+        g = (g / n).expand(n)
+    elif reduction == 2:
+        g = g.expand(n)
+    return g.contiguous()
+
+
 def _row_weights(reduction: int, n: int) -> float:
     return 1.0 / n if reduction == 1 else 1.0
 
@@ -191,19 +204,29 @@ def _torch_chunk_lse(xhat, w_eff, rw, pos_col, scale, buf):
     col = pos_col.clamp_min(0)
     pos_cos = torch.where(valid, buf.gather(1, col), torch.zeros((), dtype=buf.dtype, device=buf.device))
     buf.mul_(scale)
-    # padding points at the row's first valid positive, so its -inf lands on a positive too
-    first = pos_col.gather(1, valid.to(torch.int8).argmax(1, keepdim=True))
-    buf.scatter_(1, torch.where(valid, pos_col, first), float("-inf"))
+    # padding points at the row's first valid positive, so its -inf lands on a positive too; a
+    # row without a positive (a shard of the model-parallel form) writes column 0's own value back
+    col, has = _scatter_columns(pos_col, valid)
+    buf.scatter_(1, col, torch.where(has, float("-inf"), buf.gather(1, col)))
     return torch.logsumexp(buf, 1), pos_cos
+
+
+def _scatter_columns(pos_col, valid):
+    """Columns to scatter the positives' values into, duplicates made harmless: padding takes the
+    row's first positive column (it receives that positive's value), and a row with no positive
+    at all points every entry at column 0; has (N, 1) says which rows have a positive."""
+    has = valid.any(1, keepdim=True)
+    first = torch.where(has, pos_col.gather(1, valid.to(torch.int8).argmax(1, keepdim=True)), 0)
+    return torch.where(valid, pos_col, first), has
 
 
 def _torch_chunk_grad(buf, xhat, w_eff, rw, pos_col, scale, lse_total, gneg, gpos, dxhat_out, dw_acc, accumulate):
     buf.sub_(lse_total[:, None]).exp_().mul_((gneg * scale)[:, None])
     valid = pos_col >= 0
+    col, has = _scatter_columns(pos_col, valid)
     first_i = valid.to(torch.int8).argmax(1, keepdim=True)
-    col = torch.where(valid, pos_col, pos_col.gather(1, first_i))
     val = torch.where(valid, gpos, gpos.gather(1, first_i))
-    buf.scatter_(1, col, val)
+    buf.scatter_(1, col, torch.where(has, val, buf.gather(1, col)))
     buf.mul_(rw)
     torch.mm(buf, w_eff, out=dxhat_out)
     if accumulate:
@@ -302,7 +325,19 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
     return rows_out, lse_total, gpos_unit, dx, dw
 
 
-def _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend):
+def _chunked_lse(x, weight, classes, pos_col, scale, backend):
+    """The engine's lse (lse_neg (N,), pos_cos (N, L), accumulation dtype) chunk by chunk."""
+    st = _Chunked(x, weight, classes, backend)
+    n = x.shape[0]
+    lse_neg = torch.empty(n, dtype=st.xhat.dtype, device=x.device)
+    pos_cos = torch.empty(pos_col.shape, dtype=st.xhat.dtype, device=x.device)
+    for r0, r1, buf, _ in st.chunks(n):
+        lse_neg[r0:r1], pos_cos[r0:r1] = st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw,
+                                                   pos_col[r0:r1].contiguous(), float(scale), buf)
+    return lse_neg, pos_cos
+
+
+def _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend, dtype=None):
     st = _Chunked(x, weight, classes, backend)
     n = x.shape[0]
     dxhat = torch.empty_like(st.xhat)
@@ -316,7 +351,7 @@ def _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos,
         st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale),
                    lse_total[r0:r1].contiguous(), gneg[r0:r1].contiguous(),
                    gpos[r0:r1].contiguous(), dxhat[r0:r1], dw_acc, acc)
-    return st.finish(dxhat, dw_acc, x, weight, classes)
+    return st.finish(dxhat, dw_acc, x, weight, classes, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,6 +362,25 @@ def _triton_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact)
     from pyssl.kernels import mlcd_loss as K
     lse_neg, pos_cos = K.mlcd_lse(x, weight, classes, pos_col, float(scale))
     return _row_terms(kind, lse_neg, pos_cos, pos_col >= 0, scale, m1, m2, m3, exact)
+
+
+def engine_lse(x, weight, classes, pos_col, scale, backend):
+    """The engine's lse on any backend: (lse_neg (N,), pos_cos (N, L)) in the accumulation dtype."""
+    if backend == "triton":
+        from pyssl.kernels import mlcd_loss as K
+        return K.mlcd_lse(x, weight, classes, pos_col, float(scale))
+    return _chunked_lse(x, weight, classes, pos_col, scale, backend)
+
+
+def engine_grad(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend):
+    """The engine's grad on any backend: dx (N, D) in float32 (float64 for float64 x), dw in
+    weight's dtype (rows outside classes zero)."""
+    acc = _acc_dtype(x)
+    if backend == "triton":
+        dx, dw = _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos)
+        return dx.to(acc), dw
+    dx, dw = _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend, acc)
+    return dx, dw.to(weight.dtype)
 
 
 def _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos):
@@ -458,15 +512,7 @@ def _backward(ctx, grad_loss, *unused):
         g = grad_loss.to(_acc_dtype(dx))
         return (dx * g).to(ctx.dtype), (dw * g).to(ctx.dtype), None, None, None, None, None, None, None, None, None, None, None
     x, weight, classes, pos_col, lse_total, gpos_unit = ctx.saved_tensors
-    n = x.shape[0]
-    g = grad_loss.to(lse_total.dtype)
-    if ctx.reduction == 1:
-        gneg = (g / n).expand(n)
-    elif ctx.reduction == 2:
-        gneg = g.expand(n)
-    else:
-        gneg = g
-    gneg = gneg.contiguous()
+    gneg = upstream_rows(grad_loss.to(lse_total.dtype), ctx.reduction, x.shape[0])
     gpos = gpos_unit * gneg[:, None]
     dx, dw = _margin_loss_backward_op(x, weight, classes, pos_col, ctx.scale, lse_total, gneg, gpos, ctx.backend)
     return dx, dw, None, None, None, None, None, None, None, None, None, None, None
@@ -542,6 +588,13 @@ def sample_classes(positives: Tensor, num_classes: int, ratio: float = 0.1, *,
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"{fn}: ratio must be in [0, 1], got {ratio!r}")
     _validate_data(positives, None, num_classes, MLCD, fn)
+    return _sample(positives, num_classes, ratio, generator)
+
+
+def _sample(positives: Tensor, num_classes: int, ratio: float,
+            generator: Optional[torch.Generator]) -> Tensor:
+    """sample_classes without the checks: every id >= 0 of positives (any shape; -1 and other
+    negatives are ignored, a row may have none) plus round(ratio·(C − |P|)) others."""
     flat = positives.reshape(-1)
     pos = torch.unique(flat[flat >= 0])
     k = int(round(ratio * (num_classes - pos.numel())))

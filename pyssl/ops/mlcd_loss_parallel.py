@@ -1,0 +1,300 @@
+"""Model-parallel MLCD loss and margin softmax: the class centers sharded across the ranks of a
+process group by contiguous class ranges (PartialFC style), SPEC §1 (pyssl.nn.MLCDLoss with a
+process_group). The numbers are those of one process holding every center.
+
+Rank r of P holds the centers of classes [start_r, start_r + C_r) and its own N_r rows. One call:
+
+  1. all_gather of every rank's (N_r, l_r, start_r, C_r, D): batch sizes and positives per row
+     may differ between ranks (an epoch's last batch), and the shards are checked to tile [0, C);
+  2. all_gather of x and positives (padded to the largest N_r and l_r) -> X (N, D), P (N, l),
+     N = Σ N_r, the same on every rank;
+  3. this rank's candidate columns: all of its classes, the given ones, or — with sample_ratio —
+     the batch's positives that fall in its range plus round(ratio·(C_r − |P_r|)) of its other
+     classes (the union over ranks is what pyssl.sample_classes would draw, stratified by shard);
+  4. the engine's lse (pyssl/ops/_margin_engine_contract.md) over those columns, with the
+     positives that live on other shards as padding: per row lse_r and the cosines of its
+     positives found here (0 elsewhere); nothing N×C'_r is allocated;
+  5. all_reduce MAX of lse_r, then all_reduce SUM of [exp(lse_r − max) | cosines]: the row's
+     log-sum-exp over every shard's negatives and every positive's cosine (each positive lives on
+     exactly one shard); the per-row loss math (_row_terms) then runs alike on every rank, and
+     every rank returns the same loss.
+  Backward: the engine's grad over this shard with the global lse_total gives dW of the shard
+  (it stays here) and this shard's part of dX for all N rows; one all_reduce SUM in float32, and
+  each rank keeps its own rows.
+
+Traffic per call: forward N·D (x, in x's dtype) + N·l ids + N·(2 + l) floats, backward N·D
+floats. Compute: the chunked backends cannot fuse the gradient into the forward as the
+single-process op does (the global log-sum-exp is needed first), so they recompute the logits
+in the backward: 5 GEMM-sized passes instead of 3; Triton recomputes in any case.
+
+Bad input found after a collective (a class id out of range, a row without a positive, shards
+that do not tile [0, C), a rank's candidate set missing one of its positives) raises the same
+ValueError on every rank, so no rank is left waiting in a collective. Shape and dtype errors of a
+rank's own arguments raise on that rank before any communication. The op runs eagerly
+(torch.compile leaves it out of the graph: it synchronizes with the host once per call to size
+the gathers) and every rank of the group must call it, and its backward, together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from pyssl import _checks
+from pyssl.ops import mlcd_loss as E
+
+__all__ = ["shard_range", "mlcd_loss_parallel", "margin_softmax_loss_parallel"]
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """(first class, number of classes) of rank's shard when num_classes are split into
+    world_size contiguous ranges, the first num_classes mod world_size ranks one class larger
+    (as PartialFC splits them)."""
+    fn = "shard_range"
+    world_size = _checks.integer(fn, "world_size", world_size, lo=1)
+    num_classes = _checks.integer(fn, "num_classes", num_classes, lo=world_size)
+    rank = _checks.integer(fn, "rank", rank, lo=0, hi=world_size - 1)
+    base, extra = divmod(num_classes, world_size)
+    return base * rank + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+@dataclass
+class _Call:
+    fn: str
+    kind: int
+    group: object
+    start: int
+    classes: Optional[Tensor]
+    sample_ratio: Optional[float]
+    generator: Optional[torch.Generator]
+    scale: float
+    m1: float
+    m2: float
+    m3: float
+    exact: bool
+    reduction: int
+    backend: str
+
+
+def _gather_rows(t: Tensor, ns: List[int], group) -> Tensor:
+    """Every rank's t (n_r, ...) concatenated in rank order; padded to max(ns) rows for the
+    collective (all_gather wants equal sizes)."""
+    nmax = max(ns)
+    if t.shape[0] < nmax:
+        t = torch.cat([t, t.new_zeros((nmax - t.shape[0],) + tuple(t.shape[1:]))])
+    parts = [torch.empty_like(t) for _ in ns]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat([p[:k] for p, k in zip(parts, ns)])
+
+
+def _shards(fn: str, metas: List[List[int]]) -> int:
+    """Checks that the ranks' class ranges tile [0, C) and agree on D; returns C. Every rank sees
+    the same metas, so every rank raises the same error."""
+    ds = {m[4] for m in metas}
+    if len(ds) != 1:
+        raise ValueError(f"{fn}: the ranks' features have different dimensions D: {sorted(ds)}")
+    ranges = sorted((m[2], m[3], r) for r, m in enumerate(metas))
+    end = 0
+    for start, count, r in ranges:
+        if start != end:
+            raise ValueError(f"{fn}: the class shards of the process group must tile [0, C) without "
+                             f"gaps or overlaps; rank {r} holds [{start}, {start + count}) but the "
+                             f"classes before it end at {end}")
+        end = start + count
+    return end
+
+
+def _local_columns(fn: str, local: Tensor, classes: Optional[Tensor], count: int):
+    """(pos_col, error): the column in classes of every positive in this shard (local ids, -1 =
+    padding or another shard's class), and an error message ('' if none) instead of raising, so
+    the caller can raise on every rank at once."""
+    if classes is None:
+        return local, ""
+    if bool(((classes < 0) | (classes >= count)).any()):
+        return local, f"{fn}: classes holds ids outside this rank's class range"
+    srt, perm = classes.sort()
+    if bool((srt[1:] == srt[:-1]).any()):
+        return local, f"{fn}: classes holds duplicated ids"
+    valid = local >= 0
+    missing = (f"{fn}: the classes of some rank do not contain a positive/label of its shard; each "
+               "rank's candidate set must hold every positive of the batch that falls in its class range")
+    if srt.numel() == 0:
+        return local, (missing if bool(valid.any()) else "")
+    idx = torch.searchsorted(srt, local.clamp_min(0)).clamp_max(srt.numel() - 1)
+    if not bool((srt[idx] == local).logical_or_(~valid).all()):
+        return local, missing
+    return torch.where(valid, perm[idx], torch.full_like(local, -1)), ""
+
+
+class _ShardedMarginLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, positives: Tensor, call: _Call) -> Tensor:
+        group, fn = call.group, call.fn
+        rank = dist.get_rank(group)
+        n, d = x.shape
+        count = weight.shape[0]
+        meta = torch.tensor([n, positives.shape[1], call.start, count, d], dtype=torch.int64, device=x.device)
+        metas = _gather_rows(meta[None], [1] * dist.get_world_size(group), group).tolist()
+        num_classes = _shards(fn, metas)
+        ns = [m[0] for m in metas]
+        lmax = max(m[1] for m in metas)
+        offset, ntot = sum(ns[:rank]), sum(ns)
+
+        if positives.shape[1] < lmax:
+            positives = torch.cat([positives, positives.new_full((n, lmax - positives.shape[1]), -1)], 1)
+        xs = _gather_rows(x.detach(), ns, group)
+        pos = _gather_rows(positives, ns, group)
+        E._validate_data(pos, None, num_classes, call.kind, fn)   # identical on every rank
+
+        # this shard's candidate set (local ids) and the columns of its positives in it
+        inside = (pos >= call.start) & (pos < call.start + count)
+        local = torch.where(inside, pos - call.start, torch.full_like(pos, -1))
+        classes = None
+        if call.sample_ratio is not None:
+            classes = E._sample(local, count, call.sample_ratio, call.generator)
+        elif call.classes is not None:
+            classes = call.classes - call.start
+        pos_col, error = _local_columns(fn, local, classes, count)
+
+        # 16-bit features with float32 centers: cast only the rows used, as autocast would
+        w_use, cls_use = weight.detach(), classes
+        if weight.dtype != x.dtype:
+            if classes is None:
+                w_use = w_use.to(x.dtype)
+            else:
+                w_use, cls_use = w_use.index_select(0, classes).to(x.dtype), None
+        backend = E._choose_backend(fn, call.backend, x, lmax)
+        acc = E._acc_dtype(x)
+        empty = classes is not None and classes.numel() == 0
+        if empty or error:
+            lse = torch.full((ntot,), float("-inf"), dtype=acc, device=x.device)
+            pcos = torch.zeros(pos.shape, dtype=acc, device=x.device)
+        else:
+            lse, pcos = E.engine_lse(xs, w_use, cls_use, pos_col, call.scale, backend)
+
+        # step 5: (max, then rescaled sums) across shards; an error flag rides on the max
+        flag = torch.tensor([1.0 if error else 0.0], dtype=acc, device=x.device)
+        red = torch.cat([lse.to(acc), flag])
+        dist.all_reduce(red, op=dist.ReduceOp.MAX, group=group)
+        if red[-1].item() > 0:
+            raise ValueError(error or f"{fn}: the candidate classes of another rank are invalid "
+                                      "(its error names the problem)")
+        row_max = red[:-1]
+        ref = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+        red = torch.cat([torch.exp(lse.to(acc) - ref), pcos.to(acc).reshape(-1)])
+        dist.all_reduce(red, op=dist.ReduceOp.SUM, group=group)
+        total = red[:ntot]
+        lse_neg = torch.where(total == 0, torch.full_like(total, float("-inf")), ref + torch.log(total))
+        pos_cos = red[ntot:].view(ntot, lmax)
+        rows, lse_total, gpos_unit = E._row_terms(call.kind, lse_neg, pos_cos, pos >= 0, call.scale,
+                                                  call.m1, call.m2, call.m3, call.exact)
+        if call.reduction == 1:
+            loss = rows.mean()
+        elif call.reduction == 2:
+            loss = rows.sum()
+        else:
+            loss = rows[offset:offset + n]
+
+        ctx.save_for_backward(xs, w_use, cls_use, pos_col, lse_total, gpos_unit, classes)
+        ctx.call, ctx.backend, ctx.empty = call, backend, empty
+        ctx.ns, ctx.offset, ctx.n = ns, offset, n
+        ctx.x_dtype, ctx.w_dtype, ctx.w_shape = x.dtype, weight.dtype, weight.shape
+        ctx.cast_rows = weight.dtype != x.dtype and classes is not None
+        return loss.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        xs, w_use, cls_use, pos_col, lse_total, gpos_unit, classes = ctx.saved_tensors
+        call, group = ctx.call, ctx.call.group
+        ntot = xs.shape[0]
+        g = grad_loss.to(lse_total.dtype)
+        if call.reduction == 0:   # each rank holds the upstream gradient of its own rows
+            g = _gather_rows(g.contiguous(), ctx.ns, group)
+        gneg = E.upstream_rows(g, call.reduction, ntot)
+        gpos = torch.where(pos_col >= 0, gpos_unit * gneg[:, None], torch.zeros_like(gpos_unit))
+        if ctx.empty:
+            dx = torch.zeros(xs.shape, dtype=lse_total.dtype, device=xs.device)
+            dw = torch.zeros(ctx.w_shape, dtype=ctx.w_dtype, device=xs.device)
+        else:
+            dx, dw = E.engine_grad(xs, w_use, cls_use, pos_col, call.scale, lse_total, gneg, gpos.contiguous(),
+                                   ctx.backend)
+            if ctx.cast_rows:
+                dw = torch.zeros(ctx.w_shape, dtype=ctx.w_dtype, device=xs.device).index_copy_(
+                    0, classes, dw.to(ctx.w_dtype))
+            else:
+                dw = dw.to(ctx.w_dtype)
+        dx_own = None
+        if ctx.needs_input_grad[0]:
+            dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=group)
+            dx_own = dx[ctx.offset:ctx.offset + ctx.n].to(ctx.x_dtype)
+        return dx_own, (dw if ctx.needs_input_grad[1] else None), None, None
+
+
+def _run(fn, kind, x, weight, ids, class_start, process_group, classes, sample_ratio, generator,
+         scale, m1, m2, m3, margin_grad, reduction, backend):
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{fn}: torch.distributed is not initialized (call "
+                         "torch.distributed.init_process_group first, e.g. under torchrun)")
+    group = dist.group.WORLD if process_group is None else process_group
+    E._check_common(fn, x, weight, None, scale, reduction, margin_grad, mixed_weight=True)
+    if _checks.tensor(fn, "classes", classes, optional=True) is not None:
+        # may be empty: a shard holding no positive of the batch need not contribute a column
+        if classes.dim() != 1 or classes.dtype != torch.int64 or classes.device != x.device:
+            raise ValueError(f"{fn}: classes must be a 1-D int64 tensor on {x.device}, got shape "
+                             f"{tuple(classes.shape)}, {classes.dtype} on {classes.device}")
+    class_start = _checks.integer(fn, "class_start", class_start, lo=0)
+    if classes is not None and sample_ratio is not None:
+        raise ValueError(f"{fn}: give classes or sample_ratio, not both")
+    if sample_ratio is not None:
+        sample_ratio = _checks.real(fn, "sample_ratio", sample_ratio)
+        if not 0.0 <= sample_ratio <= 1.0:
+            raise ValueError(f"{fn}: sample_ratio must be in [0, 1], got {sample_ratio!r}")
+    call = _Call(fn, kind, group, class_start, classes, sample_ratio, generator, float(scale),
+                 float(m1), float(m2), float(m3), margin_grad == "exact", E._REDUCTIONS[reduction], backend)
+    return _ShardedMarginLoss.apply(x, weight, ids, call)
+
+
+@torch.compiler.disable
+def mlcd_loss_parallel(x: Tensor, weight: Tensor, positives: Tensor, *, class_start: int,
+                       process_group=None, scale: float = 64.0, margin: float = 0.3,
+                       classes: Optional[Tensor] = None, sample_ratio: Optional[float] = None,
+                       generator: Optional[torch.Generator] = None,
+                       margin_grad: str = "straight_through", reduction: str = "mean",
+                       backend: str = "auto") -> Tensor:
+    """pyssl.mlcd_loss with the class centers sharded across process_group (default: the world).
+
+    On each rank: x (N_r, D) its rows, weight (C_r, D) the centers of classes
+    [class_start, class_start + C_r) (shard_range gives PartialFC's split), positives (N_r, l_r)
+    global class ids, -1 = padding. The ranks' ranges must tile [0, C). Candidate columns of this
+    shard: all of them (default), classes (1-D int64, global ids inside the range, holding every
+    positive of the whole batch that falls in it), or sample_ratio (the positives in the range
+    plus round(ratio·(C_r − |P_r|)) others, drawn with generator). float32 centers with 16-bit
+    x are cast row by row as autocast would. reduction "mean"/"sum" over the whole batch (the
+    same value on every rank); "none" gives this rank's N_r rows. x gets the gradient of its own
+    rows, weight that of its shard.
+    """
+    fn = "mlcd_loss_parallel"
+    E._check_ids(fn, "positives", positives, x, 2)
+    margin = _checks.real(fn, "margin", margin)
+    return _run(fn, E.MLCD, x, weight, positives, class_start, process_group, classes, sample_ratio,
+                generator, scale, 1.0, margin, 0.0, margin_grad, reduction, backend)
+
+
+@torch.compiler.disable
+def margin_softmax_loss_parallel(x: Tensor, weight: Tensor, labels: Tensor, *, class_start: int,
+                                 process_group=None, scale: float = 64.0, m1: float = 1.0,
+                                 m2: float = 0.5, m3: float = 0.0, classes: Optional[Tensor] = None,
+                                 sample_ratio: Optional[float] = None,
+                                 generator: Optional[torch.Generator] = None,
+                                 margin_grad: str = "straight_through", reduction: str = "mean",
+                                 backend: str = "auto") -> Tensor:
+    """pyssl.margin_softmax_loss (ArcFace/CosFace) with sharded centers: PartialFC's model
+    parallelism. labels (N_r,) int64 global class ids; everything else as mlcd_loss_parallel."""
+    fn = "margin_softmax_loss_parallel"
+    E._check_ids(fn, "labels", labels, x, 1)
+    m1, m2, m3 = (_checks.real(fn, name, v) for name, v in (("m1", m1), ("m2", m2), ("m3", m3)))
+    return _run(fn, E.SOFTMAX, x, weight, labels[:, None], class_start, process_group, classes,
+                sample_ratio, generator, scale, m1, m2, m3, margin_grad, reduction, backend)

@@ -1,0 +1,317 @@
+"""Model-parallel MLCD loss and margin softmax (pyssl/ops/mlcd_loss_parallel.py): two processes
+on the gloo backend, each holding one shard of the class centers, against one process holding
+them all (pyssl.reference on the gathered batch).
+
+Every rank builds the same full problem from a seed and takes its rows and its shard, so each
+rank can compare its loss, the gradient of its own rows and that of its shard with the
+reference. The ranks hold different numbers of rows and of positives per row, and the shards
+differ in size (C = 37 over 2 ranks: 19 and 18 classes). A failed assertion on one rank ends the
+spawn (torch.multiprocessing kills the other rank), with the traceback in the test's error.
+"""
+import datetime
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pyssl
+from pyssl import reference
+from pyssl.ops import mlcd_loss as E
+from pyssl.ops.mlcd_loss_parallel import margin_softmax_loss_parallel, mlcd_loss_parallel, shard_range
+
+WORLD = 2
+C, D = 37, 16
+ROWS = (5, 3)          # rows per rank
+L = (3, 2)             # positives per row per rank (padded with -1)
+TOL = dict(atol=2e-5, rtol=1e-4)
+# Triton runs here in the interpreter on CPU tensors; with a GPU it needs CUDA tensors, which
+# these gloo tests do not use (the engine's Triton kernels are tested in test_mlcd_loss.py)
+BACKENDS = ["torch", "cpu"] + ([] if torch.cuda.is_available() else ["triton"])
+
+
+# ------------------------------------------------------------------------------------------
+# the shared problem
+# ------------------------------------------------------------------------------------------
+
+def _problem(seed=0, dtype=torch.float64, hard=False):
+    """Full x (N, D), w (C, D), positives (N, max l) and per-rank slices of the rows."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(ROWS)
+    w = torch.randn(C, D, generator=g, dtype=torch.float64)
+    pos = torch.full((n, max(L)), -1, dtype=torch.int64)
+    r0 = 0
+    for r, (rows, l) in enumerate(zip(ROWS, L)):
+        for i in range(r0, r0 + rows):
+            k = 1 + int(torch.randint(l, (1,), generator=g))
+            pos[i, :k] = torch.randperm(C, generator=g)[:k]
+        r0 += rows
+    pos[0, :3] = torch.tensor([0, 1, 2])            # every positive in shard 0
+    pos[1, :2] = torch.tensor([30, 36])             # every positive in shard 1
+    pos[1, 2] = -1
+    pos[5, :2] = torch.tensor([18, 19])             # the shard boundary
+    x = torch.randn(n, D, generator=g, dtype=torch.float64)
+    if hard:   # scale 64 with features nearly parallel to a positive: one dominant class
+        x[0] = w[0] + 1e-4 * x[0]
+        x[6] = w[pos[6, 0]] * 3.0 + 1e-5 * x[6]
+    return x.to(dtype), w.to(dtype), pos
+
+
+def _rows_of(rank):
+    r0 = sum(ROWS[:rank])
+    return slice(r0, r0 + ROWS[rank])
+
+
+def _own(rank, x, pos):
+    s = _rows_of(rank)
+    return x[s].clone(), pos[s, :L[rank]].clone()
+
+
+def _check(rank, got_loss, dx, dw, x, w, pos, *, classes=None, reduction="mean", kind="mlcd",
+           tol=TOL, **kw):
+    """got_loss / dx / dw of this rank against the reference on the whole problem (float64)."""
+    xr = x.detach().double().requires_grad_()
+    wr = w.detach().double().requires_grad_()
+    if kind == "mlcd":
+        ref = reference.mlcd_loss(xr, wr, pos, classes=classes, reduction=reduction, **kw)
+    else:
+        ref = reference.margin_softmax_loss(xr, wr, pos[:, 0], classes=classes, reduction=reduction, **kw)
+    rows = _rows_of(rank)
+    start, count = shard_range(C, rank, WORLD)
+    up = torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64).view(ref.shape)
+    ref_dx, ref_dw = torch.autograd.grad(ref, (xr, wr), up)
+    if reduction == "none":
+        ref = ref[rows]
+    torch.testing.assert_close(got_loss.double(), ref, **tol)
+    torch.testing.assert_close(dx.double(), ref_dx[rows], **tol)
+    torch.testing.assert_close(dw.double(), ref_dw[start:start + count], **tol)
+
+
+def _run_op(rank, x, w, pos, *, kind="mlcd", reduction="mean", dtype=torch.float32, wdtype=None, **kw):
+    """This rank's loss and gradients through the parallel op (upstream gradient as _check's)."""
+    start, count = shard_range(C, rank, WORLD)
+    xo, po = _own(rank, x, pos)
+    xo = xo.to(dtype).requires_grad_()
+    wo = w[start:start + count].to(wdtype or dtype).clone().requires_grad_()
+    if kind == "mlcd":
+        loss = mlcd_loss_parallel(xo, wo, po, class_start=start, reduction=reduction, **kw)
+    else:
+        loss = margin_softmax_loss_parallel(xo, wo, po[:, 0], class_start=start, reduction=reduction, **kw)
+    n = sum(ROWS)
+    if reduction == "none":
+        up = torch.linspace(0.5, 1.5, n, dtype=torch.float64)[_rows_of(rank)]
+    else:
+        up = torch.tensor(0.5, dtype=torch.float64)
+    loss.backward(up.to(loss.dtype))
+    return loss.detach(), xo.grad, wo.grad
+
+
+# ------------------------------------------------------------------------------------------
+# cases (each runs on every rank)
+# ------------------------------------------------------------------------------------------
+
+def case_backends(rank):
+    """Every backend, reduction and margin gradient, all classes, MLCD and margin softmax."""
+    x, w, pos = _problem(0)
+    for backend in BACKENDS:
+        for reduction in ("mean", "sum", "none"):
+            for margin_grad in ("straight_through", "exact"):
+                if backend == "triton" and (reduction, margin_grad) not in (("mean", "exact"), ("none", "straight_through")):
+                    continue   # the interpreter is slow: two of the six combinations
+                got = _run_op(rank, x, w, pos, reduction=reduction, margin_grad=margin_grad, backend=backend)
+                _check(rank, *got, x, w, pos, reduction=reduction, margin_grad=margin_grad)
+        got = _run_op(rank, x, w, pos, kind="softmax", m2=0.3, m3=0.1, backend=backend)
+        _check(rank, *got, x, w, pos, kind="softmax", m2=0.3, m3=0.1)
+
+
+def _local_classes(rank, pos, extra):
+    """This rank's candidate ids: its positives plus `extra` other classes of its range."""
+    start, count = shard_range(C, rank, WORLD)
+    mine = pos[(pos >= start) & (pos < start + count)].unique()
+    others = [c for c in range(start, start + count) if c not in set(mine.tolist())][:extra]
+    return torch.cat([mine, torch.tensor(others, dtype=torch.int64)]).unique()
+
+
+def case_classes(rank):
+    """Explicit candidate sets per rank (unsorted) equal one process with their union."""
+    x, w, pos = _problem(1)
+    union = torch.cat([_local_classes(r, pos, 3) for r in range(WORLD)])
+    mine = _local_classes(rank, pos, 3)
+    mine = mine[torch.randperm(mine.numel(), generator=torch.Generator().manual_seed(rank))]
+    for backend in ("torch", "cpu"):
+        got = _run_op(rank, x, w, pos, classes=mine, backend=backend)
+        _check(rank, *got, x, w, pos, classes=union)
+        got = _run_op(rank, x, w, pos, kind="softmax", classes=mine, backend=backend)
+        _check(rank, *got, x, w, pos, kind="softmax", classes=union)
+    # a shard whose candidate set is empty (no positive there, nothing else asked for)
+    pos0 = torch.full_like(pos, -1)
+    pos0[:, 0] = pos[:, 0] % 19                     # every positive in shard 0
+    got = _run_op(rank, x, w, pos0, classes=_local_classes(rank, pos0, 0) if rank == 0
+                  else torch.empty(0, dtype=torch.int64), backend="torch")
+    _check(rank, *got, x, w, pos0, classes=_local_classes(0, pos0, 0))
+
+
+def case_hard_numerics(rank):
+    """Scale 64, features nearly parallel to a positive (one dominant class), exact margin."""
+    x, w, pos = _problem(2, hard=True)
+    for backend in ("torch", "cpu"):
+        got = _run_op(rank, x, w, pos, scale=64.0, margin_grad="exact", backend=backend)
+        _check(rank, *got, x, w, pos, scale=64.0, margin_grad="exact", tol=dict(atol=1e-4, rtol=1e-4))
+
+
+def case_module(rank):
+    """MLCDLoss / MarginSoftmaxLoss with a process group: the shard, sampling per shard in
+    training (the union of the ranks' sets), all classes in eval, float32 centers with bfloat16
+    features."""
+    start, count = shard_range(C, rank, WORLD)
+    x, w, pos = _problem(3)
+    crit = pyssl.nn.MLCDLoss(C, D, sample_ratio=0.3, process_group=dist.group.WORLD,
+                             generator=torch.Generator().manual_seed(100 + rank), backend="cpu")
+    assert crit.weight.shape == (count, D) and crit.class_start == start
+    assert f"shard=[{start}, {start + count})" in repr(crit)
+    with torch.no_grad():
+        crit.weight.copy_(w[start:start + count])
+    xo, po = _own(rank, x, pos)
+    xo = xo.float().requires_grad_()
+
+    # eval: all classes
+    crit.eval()
+    loss = crit(xo, po)
+    loss.backward(torch.full_like(loss, 0.5))    # _check's upstream gradient
+    _check(rank, loss, xo.grad, crit.weight.grad, x, w, pos, tol=dict(atol=1e-4, rtol=1e-4))
+
+    # train: rank r draws from its own generator; rebuild every rank's set from the seeds
+    crit.train()
+    xo.grad = crit.weight.grad = None
+    loss = crit(xo, po)
+    loss.backward(torch.full_like(loss, 0.5))    # _check's upstream gradient
+    union = []
+    for r in range(WORLD):
+        s, c = shard_range(C, r, WORLD)
+        inside = (pos >= s) & (pos < s + c)
+        local = torch.where(inside, pos - s, torch.full_like(pos, -1))
+        drawn = E._sample(local, c, 0.3, torch.Generator().manual_seed(100 + r)) + s
+        k = local[local >= 0].unique().numel()
+        assert drawn.numel() == k + round(0.3 * (c - k))
+        union.append(drawn)
+    _check(rank, loss, xo.grad, crit.weight.grad, x, w, pos, classes=torch.cat(union),
+           tol=dict(atol=1e-4, rtol=1e-4))
+
+    # bfloat16 features, float32 centers: cast row by row, gradient back in float32
+    crit.eval()
+    xb = xo.detach().bfloat16().requires_grad_()
+    crit.weight.grad = None
+    loss = crit(xb, po)
+    loss.backward(torch.full_like(loss, 0.5))    # _check's upstream gradient
+    assert loss.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+    assert crit.weight.grad.dtype == torch.float32
+    xall = torch.empty_like(x)
+    parts = [torch.empty(max(ROWS), D, dtype=torch.bfloat16) for _ in range(WORLD)]
+    dist.all_gather(parts, torch.cat([xb.detach(), xb.new_zeros(max(ROWS) - xb.shape[0], D)]))
+    for r in range(WORLD):
+        xall[_rows_of(r)] = parts[r][:ROWS[r]].double()
+    wb = w.bfloat16().double()
+    _check(rank, loss, xb.grad, crit.weight.grad, xall, wb, pos, tol=dict(atol=0.05, rtol=0.02))
+
+    head = pyssl.nn.MarginSoftmaxLoss(C, D, m2=0.4, process_group=dist.group.WORLD, backend="torch")
+    with torch.no_grad():
+        head.weight.copy_(w[start:start + count])
+    xo = _own(rank, x, pos)[0].float().requires_grad_()
+    loss = head(xo, po[:, 0])
+    loss.backward(torch.full_like(loss, 0.5))    # _check's upstream gradient
+    _check(rank, loss, xo.grad, head.weight.grad, x, w, pos, kind="softmax", m2=0.4)
+
+
+def case_errors(rank):
+    """Bad input seen after a collective raises the same ValueError on every rank (none hangs)."""
+    start, count = shard_range(C, rank, WORLD)
+    x, w, pos = _problem(4)
+    xo, po = _own(rank, x, pos)
+    xo, wo = xo.float(), w[start:start + count].float()
+    with pytest.raises(ValueError, match="must tile"):
+        mlcd_loss_parallel(xo, wo, po, class_start=start + (1 if rank == 1 else 0))
+    bad = po.clone()
+    if rank == 0:
+        bad[0, 0] = C
+    with pytest.raises(ValueError, match="out of range"):
+        mlcd_loss_parallel(xo, wo, bad, class_start=start)
+    empty = po.clone()
+    if rank == 1:
+        empty[0] = -1
+    with pytest.raises(ValueError, match="has no positive"):
+        mlcd_loss_parallel(xo, wo, empty, class_start=start)
+    # rank 0's candidate set misses one of its positives; rank 1's is fine
+    classes = _local_classes(rank, pos, 2)
+    if rank == 0:
+        classes = classes[1:]
+    with pytest.raises(ValueError, match="classes of some rank do not contain|another rank"):
+        mlcd_loss_parallel(xo, wo, po, class_start=start, classes=classes)
+    with pytest.raises(ValueError, match="outside this rank's class range|another rank"):
+        mlcd_loss_parallel(xo, wo, po, class_start=start,
+                           classes=torch.tensor([C + 5]) if rank == 1 else _local_classes(rank, pos, 0))
+    # local argument errors raise before any communication
+    with pytest.raises(ValueError, match="classes or sample_ratio, not both"):
+        mlcd_loss_parallel(xo, wo, po, class_start=start, classes=classes, sample_ratio=0.1)
+    with pytest.raises(ValueError, match="sample_ratio must be in"):
+        mlcd_loss_parallel(xo, wo, po, class_start=start, sample_ratio=1.5)
+    with pytest.raises(ValueError, match="weight dtype"):
+        mlcd_loss_parallel(xo, wo.double(), po, class_start=start)
+    with pytest.raises(ValueError, match="num_classes .* must be at least"):
+        pyssl.nn.MLCDLoss(1, D, process_group=dist.group.WORLD)
+    # the group is still usable afterwards
+    loss = mlcd_loss_parallel(xo, wo, po, class_start=start)
+    assert torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------------------------------
+# the spawn
+# ------------------------------------------------------------------------------------------
+
+def _worker(rank, world, init_file, case):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    try:
+        globals()[case](rank)
+        dist.barrier()
+    except BaseException:
+        # the spawn reports one rank's error, often the peer's "connection closed": print each
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(case):
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(WORLD, os.path.join(d, "init"), case), nprocs=WORLD, join=True)
+
+
+@pytest.mark.parametrize("case", ["case_backends", "case_classes", "case_hard_numerics", "case_module",
+                                  "case_errors"])
+def test_parallel(case):
+    _spawn(case)
+
+
+def test_shard_range_tiles_the_classes():
+    for c, p in ((37, 2), (10, 3), (1_000_000, 8), (5, 5)):
+        ranges = [shard_range(c, r, p) for r in range(p)]
+        assert ranges[0][0] == 0 and sum(n for _, n in ranges) == c
+        assert all(ranges[i][0] + ranges[i][1] == ranges[i + 1][0] for i in range(p - 1))
+        assert max(n for _, n in ranges) - min(n for _, n in ranges) <= 1
+    with pytest.raises(ValueError, match="num_classes must be >= 3"):
+        shard_range(2, 0, 3)
+    with pytest.raises(ValueError, match="rank must be in"):
+        shard_range(10, 3, 3)
+
+
+def test_parallel_needs_an_initialized_group():
+    x, w = torch.randn(4, 8), torch.randn(10, 8)
+    pos = torch.zeros(4, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+        mlcd_loss_parallel(x, w, pos, class_start=0)
+    with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+        pyssl.nn.MLCDLoss(10, 8, process_group=object())
