@@ -872,13 +872,16 @@ def mlcd_lse(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
 
 def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
               pos_col: torch.Tensor, scale: float, lse_total: torch.Tensor, gneg: torch.Tensor,
-              gpos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dx (N, D) x.dtype, dw (C, D) w.dtype) of the contract; rows of dw outside S are zero."""
+              gpos: torch.Tensor, dx_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dx (N, D), dw (C, D)) of the contract, dw in w's dtype, dx in x's unless dx_dtype
+    (float32: unrounded, for a caller that sums partial dx, as the model-parallel form does
+    across ranks; it goes through the split form's float32 partials, whose stores do not spill,
+    where 16-bit FULL_D kernels storing float32 directly would); rows of dw outside S are zero."""
     x, w, classes, pos_col, Cp = _prepare(x, w, classes, pos_col)
     N, D = x.shape
     C = w.shape[0]
     L = pos_col.shape[1]
-    dx = torch.empty(N, D, device=x.device, dtype=x.dtype)
+    dx = torch.empty(N, D, device=x.device, dtype=dx_dtype or x.dtype)
     # With S = all classes every dw row is written by the kernel; otherwise the rows outside S
     # must be zero.
     dw = (torch.empty if classes is None else torch.zeros)(C, D, device=w.device, dtype=w.dtype)
@@ -912,7 +915,8 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     splits = _dx_splits(x.device, row_blocks * slices, col_tiles, interpret, b["DX_SPLITS"])
     tiles_per_split = triton.cdiv(col_tiles, splits)
     splits = triton.cdiv(col_tiles, tiles_per_split)   # drop splits that would own no tile
-    if splits > 1:
+    split_out = splits > 1 or dx.dtype != x.dtype
+    if split_out:
         # (FULL_D: no partial q, the caller takes q from the summed accumulator)
         part = torch.empty(splits, N, D, device=x.device, dtype=torch.float32)
         part_q = rx if b["FULL_D"] else torch.empty(splits, N, device=x.device,
@@ -923,8 +927,8 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     _mlcd_grad_dx_kernel[(row_blocks, slices, splits)](
         x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, gscale, out, out_q,
         N, Cp, D, x.stride(0), w.stride(0), stride_out, scale, scale * LOG2E, tiles_per_split,
-        SPLIT_OUT=splits > 1, **launch_args(b))
-    if splits > 1:
+        SPLIT_OUT=split_out, **launch_args(b))
+    if split_out:
         # dx = rx * (acc - x * rx * q) is linear in the partial (acc, q): sum them over the
         # splits (fixed order, deterministic), then finish the normalization backward here.
         # FULL_D: q = x̂ . dx̂ = rx * Σ_d x·acc from the summed accumulator.

@@ -27,7 +27,7 @@ class _ClassCenters(torch.nn.Module):
     Parameter, and the candidate set of a call (sampled in training when sample_ratio < 1)."""
 
     def __init__(self, fn, num_classes, dim, scale, sample_ratio, margin_grad, device, dtype, backend,
-                 generator, process_group=None):
+                 generator, process_group=None, feature_grad_scale=1.0):
         super().__init__()
         self.num_classes = _checks.integer(fn, "num_classes", num_classes, lo=1)
         self.dim = _checks.integer(fn, "dim", dim, lo=1)
@@ -42,6 +42,10 @@ class _ClassCenters(torch.nn.Module):
         # model parallel: this rank holds classes [class_start, class_start + num_local)
         self.process_group = process_group
         self.class_start, self.num_local = 0, self.num_classes
+        self.feature_grad_scale = float(_checks.real(fn, "feature_grad_scale", feature_grad_scale, positive=True))
+        if process_group is None and self.feature_grad_scale != 1.0:
+            raise ValueError(f"{fn}: feature_grad_scale applies to the model-parallel form only "
+                             "(give a process_group)")
         if process_group is not None:
             if not dist.is_available() or not dist.is_initialized():
                 raise ValueError(f"{fn}: process_group given but torch.distributed is not initialized")
@@ -59,7 +63,8 @@ class _ClassCenters(torch.nn.Module):
         ratio = self.sample_ratio if self.training and self.sample_ratio < 1.0 else None
         return loss_fn(x, self.weight, ids, class_start=self.class_start, process_group=self.process_group,
                        scale=self.scale, sample_ratio=ratio, generator=self.generator,
-                       margin_grad=self.margin_grad, backend=self.backend, **kw)
+                       margin_grad=self.margin_grad, feature_grad_scale=self.feature_grad_scale,
+                       backend=self.backend, **kw)
 
     def _shard_repr(self) -> str:
         if self.process_group is None:
@@ -101,15 +106,18 @@ class MLCDLoss(_ClassCenters):
     weight holds classes [class_start, class_start + num_local) (shard_range's split), features
     and positives of every rank are all-gathered, each rank samples within its own shard, and
     every rank returns the loss of the whole batch (pyssl/ops/mlcd_loss_parallel.py). Every rank
-    calls forward and backward together.
+    calls forward and backward together. The features get the exact gradient of that loss times
+    feature_grad_scale: under DistributedDataParallel, which averages the backbone's gradients
+    over the P ranks, feature_grad_scale=P gives the backbone the gradient of the global loss
+    (PartialFC does the same).
     """
 
     def __init__(self, num_classes: int, dim: int, *, scale: float = 64.0, margin: float = 0.3,
                  sample_ratio: float = 0.1, margin_grad: str = "straight_through",
-                 process_group=None, device=None, dtype=None, backend: str = "auto",
-                 generator: Optional[torch.Generator] = None):
+                 process_group=None, feature_grad_scale: float = 1.0, device=None, dtype=None,
+                 backend: str = "auto", generator: Optional[torch.Generator] = None):
         super().__init__("MLCDLoss", num_classes, dim, scale, sample_ratio, margin_grad, device, dtype,
-                         backend, generator, process_group)
+                         backend, generator, process_group, feature_grad_scale)
         self.margin = float(_checks.real("MLCDLoss", "margin", margin))
 
     def forward(self, x: Tensor, positives: Tensor) -> Tensor:
@@ -146,10 +154,11 @@ class MarginSoftmaxLoss(_ClassCenters):
     def __init__(self, num_classes: int, dim: int, *, scale: float = 64.0, m1: float = 1.0,
                  m2: float = 0.5, m3: float = 0.0, sample_ratio: float = 1.0,
                  margin_grad: str = "straight_through", reduction: str = "mean", process_group=None,
-                 device=None, dtype=None, backend: str = "auto", generator: Optional[torch.Generator] = None):
+                 feature_grad_scale: float = 1.0, device=None, dtype=None, backend: str = "auto",
+                 generator: Optional[torch.Generator] = None):
         fn = "MarginSoftmaxLoss"
         super().__init__(fn, num_classes, dim, scale, sample_ratio, margin_grad, device, dtype, backend, generator,
-                         process_group)
+                         process_group, feature_grad_scale)
         self.m1, self.m2, self.m3 = (float(_checks.real(fn, n, v)) for n, v in (("m1", m1), ("m2", m2), ("m3", m3)))
         self.reduction = reduction
 

@@ -223,6 +223,51 @@ def test_many_tiles_chunks_and_splits(backend, kind, monkeypatch):
                                 lambda a, b: R.margin_softmax_loss(a, b, labels, **kw), x, w, F32)
 
 
+@pytest.mark.parametrize("classes,dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)])
+def test_engine_rows_without_a_positive(backend, classes, dtype):
+    """The engine on rows whose pos_col is all padding (what a rank of the model-parallel form
+    sees for positives held by other shards), against dense float64 formulas: lse_neg over every
+    column, pos_cos 0 there, and dx (float32) and dw with gpos = 0 on those rows."""
+    dev = device_for(backend)
+    x, w, pos = make_problem(n=9, c=41, d=16, l=3, device=dev, dtype=dtype)
+    pos[[0, 4, 8]] = -1
+    # bfloat16: the reference takes the rounded inputs; the engine accumulates in float32, and
+    # its 16-bit GEMM operands (Triton rounds G to bfloat16) give ~1e-2 relative
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    cls = torch.randperm(41, generator=torch.Generator().manual_seed(1))[:30].to(dev) if classes else None
+    if cls is not None:   # the positives' columns in S, those outside S dropped to padding
+        col = torch.full((41,), -1, dtype=torch.int64, device=dev)
+        col[cls] = torch.arange(30, device=dev)
+        pos = torch.where(pos >= 0, col[pos.clamp_min(0)], pos)
+    s = 30.0
+    lse, pcos = M.engine_lse(x, w, cls, pos, s, backend)
+    xh = torch.nn.functional.normalize(x.double(), dim=1)
+    wh = torch.nn.functional.normalize(w.double(), dim=1)
+    cos = (xh @ (wh if cls is None else wh[cls]).t()).clamp(-1, 1)
+    is_pos = torch.zeros_like(cos).scatter_add_(1, pos.clamp_min(0), (pos >= 0).double()) > 0
+    want = torch.logsumexp((s * cos).masked_fill(is_pos, float("-inf")), 1)
+    torch.testing.assert_close(lse.double(), want, **tol)
+    want_pc = torch.where(pos >= 0, cos.gather(1, pos.clamp_min(0)), torch.zeros((), dtype=cos.dtype, device=dev))
+    torch.testing.assert_close(pcos.double(), want_pc, **tol)
+
+    g = torch.Generator().manual_seed(2)
+    lse_total = (want + 0.5).float()
+    gneg = torch.rand(9, generator=g).to(dev)
+    gpos = torch.where(pos >= 0, torch.randn(pos.shape, generator=g).to(dev), torch.zeros((), device=dev))
+    dx, dw = M.engine_grad(x, w, cls, pos, s, lse_total, gneg, gpos, backend)
+    assert dx.dtype == torch.float32     # unrounded: the model-parallel form sums partial dx
+    G = (gneg.double() * s)[:, None] * torch.exp(s * cos - lse_total.double()[:, None])
+    G = torch.where(is_pos, torch.zeros_like(G), G)
+    G.scatter_add_(1, pos.clamp_min(0), torch.where(pos >= 0, gpos.double(), torch.zeros_like(gpos.double())))
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    cr = torch.nn.functional.normalize(xr, dim=1) @ torch.nn.functional.normalize(wr, dim=1)[
+        cls if cls is not None else slice(None)].t()
+    want_dx, want_dw = torch.autograd.grad(cr, (xr, wr), G)
+    gtol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else tol
+    torch.testing.assert_close(dx.double(), want_dx, **gtol)
+    torch.testing.assert_close(dw.double(), want_dw, **gtol)
+
+
 def test_triton_split_statistics_combine():
     """The per-row (max, sum) statistics of column splits (the form a model-parallel shard
     all-reduces) combine to the same log-sum-exp for any number of splits."""

@@ -5,7 +5,8 @@ them all (pyssl.reference on the gathered batch).
 Every rank builds the same full problem from a seed and takes its rows and its shard, so each
 rank can compare its loss, the gradient of its own rows and that of its shard with the
 reference. The ranks hold different numbers of rows and of positives per row, and the shards
-differ in size (C = 37 over 2 ranks: 19 and 18 classes). A failed assertion on one rank ends the
+differ in size (C = 37 over 2 ranks: 19 and 18 classes; over 3: 13, 12, 12, the third rank
+with no rows). A failed assertion on one rank ends the
 spawn (torch.multiprocessing kills the other rank), with the traceback in the test's error.
 """
 import datetime
@@ -23,10 +24,9 @@ from pyssl import reference
 from pyssl.ops import mlcd_loss as E
 from pyssl.ops.mlcd_loss_parallel import margin_softmax_loss_parallel, mlcd_loss_parallel, shard_range
 
-WORLD = 2
 C, D = 37, 16
-ROWS = (5, 3)          # rows per rank
-L = (3, 2)             # positives per row per rank (padded with -1)
+ROWS = (5, 3, 0)       # rows per rank (2 ranks, or 3 with an empty third)
+L = (3, 2, 1)          # positives per row per rank (padded with -1)
 TOL = dict(atol=2e-5, rtol=1e-4)
 # Triton runs here in the interpreter on CPU tensors; with a GPU it needs CUDA tensors, which
 # these gloo tests do not use (the engine's Triton kernels are tested in test_mlcd_loss.py)
@@ -40,11 +40,11 @@ BACKENDS = ["torch", "cpu"] + ([] if torch.cuda.is_available() else ["triton"])
 def _problem(seed=0, dtype=torch.float64, hard=False):
     """Full x (N, D), w (C, D), positives (N, max l) and per-rank slices of the rows."""
     g = torch.Generator().manual_seed(seed)
-    n = sum(ROWS)
+    n = sum(ROWS[:_world()])
     w = torch.randn(C, D, generator=g, dtype=torch.float64)
     pos = torch.full((n, max(L)), -1, dtype=torch.int64)
     r0 = 0
-    for r, (rows, l) in enumerate(zip(ROWS, L)):
+    for rows, l in zip(ROWS[:_world()], L):
         for i in range(r0, r0 + rows):
             k = 1 + int(torch.randint(l, (1,), generator=g))
             pos[i, :k] = torch.randperm(C, generator=g)[:k]
@@ -52,12 +52,20 @@ def _problem(seed=0, dtype=torch.float64, hard=False):
     pos[0, :3] = torch.tensor([0, 1, 2])            # every positive in shard 0
     pos[1, :2] = torch.tensor([30, 36])             # every positive in shard 1
     pos[1, 2] = -1
-    pos[5, :2] = torch.tensor([18, 19])             # the shard boundary
+    pos[5, :2] = torch.tensor([18, 19])             # the 2-rank shard boundary
     x = torch.randn(n, D, generator=g, dtype=torch.float64)
     if hard:   # scale 64 with features nearly parallel to a positive: one dominant class
         x[0] = w[0] + 1e-4 * x[0]
         x[6] = w[pos[6, 0]] * 3.0 + 1e-5 * x[6]
     return x.to(dtype), w.to(dtype), pos
+
+
+def _world():
+    return dist.get_world_size()
+
+
+def _shard(rank):
+    return shard_range(C, rank, _world())
 
 
 def _rows_of(rank):
@@ -71,7 +79,7 @@ def _own(rank, x, pos):
 
 
 def _check(rank, got_loss, dx, dw, x, w, pos, *, classes=None, reduction="mean", kind="mlcd",
-           tol=TOL, **kw):
+           tol=TOL, dx_scale=1.0, **kw):
     """got_loss / dx / dw of this rank against the reference on the whole problem (float64)."""
     xr = x.detach().double().requires_grad_()
     wr = w.detach().double().requires_grad_()
@@ -80,27 +88,31 @@ def _check(rank, got_loss, dx, dw, x, w, pos, *, classes=None, reduction="mean",
     else:
         ref = reference.margin_softmax_loss(xr, wr, pos[:, 0], classes=classes, reduction=reduction, **kw)
     rows = _rows_of(rank)
-    start, count = shard_range(C, rank, WORLD)
+    start, count = _shard(rank)
     up = torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64).view(ref.shape)
     ref_dx, ref_dw = torch.autograd.grad(ref, (xr, wr), up)
     if reduction == "none":
         ref = ref[rows]
     torch.testing.assert_close(got_loss.double(), ref, **tol)
-    torch.testing.assert_close(dx.double(), ref_dx[rows], **tol)
+    if dx_scale is None:          # x did not ask for a gradient
+        assert dx is None
+    else:
+        torch.testing.assert_close(dx.double(), dx_scale * ref_dx[rows], **tol)
     torch.testing.assert_close(dw.double(), ref_dw[start:start + count], **tol)
 
 
-def _run_op(rank, x, w, pos, *, kind="mlcd", reduction="mean", dtype=torch.float32, wdtype=None, **kw):
+def _run_op(rank, x, w, pos, *, kind="mlcd", reduction="mean", dtype=torch.float32, wdtype=None,
+            x_grad=True, **kw):
     """This rank's loss and gradients through the parallel op (upstream gradient as _check's)."""
-    start, count = shard_range(C, rank, WORLD)
+    start, count = _shard(rank)
     xo, po = _own(rank, x, pos)
-    xo = xo.to(dtype).requires_grad_()
+    xo = xo.to(dtype).requires_grad_(x_grad)
     wo = w[start:start + count].to(wdtype or dtype).clone().requires_grad_()
     if kind == "mlcd":
         loss = mlcd_loss_parallel(xo, wo, po, class_start=start, reduction=reduction, **kw)
     else:
         loss = margin_softmax_loss_parallel(xo, wo, po[:, 0], class_start=start, reduction=reduction, **kw)
-    n = sum(ROWS)
+    n = sum(ROWS[:_world()])
     if reduction == "none":
         up = torch.linspace(0.5, 1.5, n, dtype=torch.float64)[_rows_of(rank)]
     else:
@@ -129,7 +141,7 @@ def case_backends(rank):
 
 def _local_classes(rank, pos, extra):
     """This rank's candidate ids: its positives plus `extra` other classes of its range."""
-    start, count = shard_range(C, rank, WORLD)
+    start, count = _shard(rank)
     mine = pos[(pos >= start) & (pos < start + count)].unique()
     others = [c for c in range(start, start + count) if c not in set(mine.tolist())][:extra]
     return torch.cat([mine, torch.tensor(others, dtype=torch.int64)]).unique()
@@ -138,7 +150,7 @@ def _local_classes(rank, pos, extra):
 def case_classes(rank):
     """Explicit candidate sets per rank (unsorted) equal one process with their union."""
     x, w, pos = _problem(1)
-    union = torch.cat([_local_classes(r, pos, 3) for r in range(WORLD)])
+    union = torch.cat([_local_classes(r, pos, 3) for r in range(_world())])
     mine = _local_classes(rank, pos, 3)
     mine = mine[torch.randperm(mine.numel(), generator=torch.Generator().manual_seed(rank))]
     for backend in ("torch", "cpu"):
@@ -166,7 +178,7 @@ def case_module(rank):
     """MLCDLoss / MarginSoftmaxLoss with a process group: the shard, sampling per shard in
     training (the union of the ranks' sets), all classes in eval, float32 centers with bfloat16
     features."""
-    start, count = shard_range(C, rank, WORLD)
+    start, count = _shard(rank)
     x, w, pos = _problem(3)
     crit = pyssl.nn.MLCDLoss(C, D, sample_ratio=0.3, process_group=dist.group.WORLD,
                              generator=torch.Generator().manual_seed(100 + rank), backend="cpu")
@@ -189,8 +201,8 @@ def case_module(rank):
     loss = crit(xo, po)
     loss.backward(torch.full_like(loss, 0.5))    # _check's upstream gradient
     union = []
-    for r in range(WORLD):
-        s, c = shard_range(C, r, WORLD)
+    for r in range(_world()):
+        s, c = _shard(r)
         inside = (pos >= s) & (pos < s + c)
         local = torch.where(inside, pos - s, torch.full_like(pos, -1))
         drawn = E._sample(local, c, 0.3, torch.Generator().manual_seed(100 + r)) + s
@@ -208,13 +220,8 @@ def case_module(rank):
     loss.backward(torch.full_like(loss, 0.5))    # _check's upstream gradient
     assert loss.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
     assert crit.weight.grad.dtype == torch.float32
-    xall = torch.empty_like(x)
-    parts = [torch.empty(max(ROWS), D, dtype=torch.bfloat16) for _ in range(WORLD)]
-    dist.all_gather(parts, torch.cat([xb.detach(), xb.new_zeros(max(ROWS) - xb.shape[0], D)]))
-    for r in range(WORLD):
-        xall[_rows_of(r)] = parts[r][:ROWS[r]].double()
-    wb = w.bfloat16().double()
-    _check(rank, loss, xb.grad, crit.weight.grad, xall, wb, pos, tol=dict(atol=0.05, rtol=0.02))
+    _check(rank, loss, xb.grad, crit.weight.grad, _gathered(xb.detach()).double(), w.bfloat16(), pos,
+           tol=dict(atol=2e-3, rtol=1e-2))
 
     head = pyssl.nn.MarginSoftmaxLoss(C, D, m2=0.4, process_group=dist.group.WORLD, backend="torch")
     with torch.no_grad():
@@ -225,9 +232,87 @@ def case_module(rank):
     _check(rank, loss, xo.grad, head.weight.grad, x, w, pos, kind="softmax", m2=0.4)
 
 
+def case_three_ranks(rank):
+    """Three ranks, the third with no rows: every reduction, both kinds."""
+    x, w, pos = _problem(5)
+    for backend in ("torch", "cpu"):
+        for reduction in ("mean", "none"):
+            got = _run_op(rank, x, w, pos, reduction=reduction, backend=backend)
+            _check(rank, *got, x, w, pos, reduction=reduction)
+        got = _run_op(rank, x, w, pos, kind="softmax", reduction="none", backend=backend)
+        _check(rank, *got, x, w, pos, kind="softmax", reduction="none")
+    union = torch.cat([_local_classes(r, pos, 2) for r in range(_world())])
+    got = _run_op(rank, x, w, pos, classes=_local_classes(rank, pos, 2), backend="cpu")
+    _check(rank, *got, x, w, pos, classes=union)
+
+
+def _gathered(t):
+    """Every rank's rows of t concatenated (the ranks' row counts are ROWS)."""
+    parts = [t.new_empty((max(ROWS),) + tuple(t.shape[1:])) for _ in range(_world())]
+    dist.all_gather(parts, torch.cat([t, t.new_zeros((max(ROWS) - t.shape[0],) + tuple(t.shape[1:]))]))
+    return torch.cat([p[:ROWS[r]] for r, p in enumerate(parts)])
+
+
+def case_low_precision(rank):
+    """float16 features and centers; bfloat16 features with float32 centers, the candidate rows
+    cast one by one (explicit classes and sampling). Reference: float64 on the rounded inputs.
+    Tolerance: the gradients of x come back in 16 bits (2^-9 to 2^-11 relative per element)."""
+    tol = dict(atol=2e-3, rtol=1e-2)
+    x, w, pos = _problem(6)
+    start, count = _shard(rank)
+    for backend in BACKENDS:
+        got = _run_op(rank, x, w, pos, dtype=torch.float16, backend=backend)
+        assert got[1].dtype == got[2].dtype == torch.float16
+        _check(rank, *got, x.half(), w.half(), pos, tol=tol)
+    xb = x.bfloat16()
+    union = torch.cat([_local_classes(r, pos, 3) for r in range(_world())])
+    for backend in BACKENDS:
+        got = _run_op(rank, x, w, pos, dtype=torch.bfloat16, wdtype=torch.float32,
+                      classes=_local_classes(rank, pos, 3), backend=backend)
+        assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+        _check(rank, *got, xb, w.bfloat16(), pos, classes=union, tol=tol)
+        # rows outside the candidate set get exactly zero
+        outside = torch.ones(count, dtype=torch.bool)
+        outside[_local_classes(rank, pos, 3) - start] = False
+        assert bool((got[2][outside] == 0).all())
+    # the module in training: float32 centers, bfloat16 features, sampling per shard
+    crit = pyssl.nn.MLCDLoss(C, D, sample_ratio=0.5, process_group=dist.group.WORLD, backend="cpu",
+                             generator=torch.Generator().manual_seed(200 + rank))
+    with torch.no_grad():
+        crit.weight.copy_(w[start:start + count])
+    xo = _own(rank, x, pos)[0].bfloat16().requires_grad_()
+    loss = crit(xo, _own(rank, x, pos)[1])
+    loss.backward(torch.full_like(loss, 0.5))
+    union = []
+    for r in range(_world()):
+        s0, c0 = _shard(r)
+        local = torch.where((pos >= s0) & (pos < s0 + c0), pos - s0, torch.full_like(pos, -1))
+        union.append(E._sample(local, c0, 0.5, torch.Generator().manual_seed(200 + r)) + s0)
+    _check(rank, loss, xo.grad, crit.weight.grad, _gathered(xo.detach()).double(), w.bfloat16(), pos,
+           classes=torch.cat(union), tol=tol)
+
+
+def case_grad_flags(rank):
+    """Centers-only gradients (x without requires_grad on every rank), feature_grad_scale, and
+    ranks that disagree on needing gradients (raised on every rank, not a hang in backward)."""
+    x, w, pos = _problem(7)
+    got = _run_op(rank, x, w, pos, x_grad=False, backend="cpu")
+    _check(rank, *got, x, w, pos, dx_scale=None)
+    got = _run_op(rank, x, w, pos, feature_grad_scale=float(_world()), backend="torch")
+    _check(rank, *got, x, w, pos, dx_scale=float(_world()))
+    start, count = _shard(rank)
+    xo, po = _own(rank, x, pos)
+    wo = w[start:start + count].float()
+    with pytest.raises(ValueError, match="disagree on whether the loss needs gradients"):
+        mlcd_loss_parallel(xo.float().requires_grad_(rank == 0), wo, po, class_start=start)
+    with torch.no_grad():   # no rank needs gradients: fine
+        loss = mlcd_loss_parallel(xo.float().requires_grad_(), wo, po, class_start=start)
+    assert not loss.requires_grad
+
+
 def case_errors(rank):
     """Bad input seen after a collective raises the same ValueError on every rank (none hangs)."""
-    start, count = shard_range(C, rank, WORLD)
+    start, count = _shard(rank)
     x, w, pos = _problem(4)
     xo, po = _own(rank, x, pos)
     xo, wo = xo.float(), w[start:start + count].float()
@@ -252,7 +337,19 @@ def case_errors(rank):
     with pytest.raises(ValueError, match="outside this rank's class range|another rank"):
         mlcd_loss_parallel(xo, wo, po, class_start=start,
                            classes=torch.tensor([C + 5]) if rank == 1 else _local_classes(rank, pos, 0))
-    # local argument errors raise before any communication
+    # float32 centers with bfloat16 features: the rows are cast only once classes are known good
+    with pytest.raises(ValueError, match="outside this rank's class range|another rank"):
+        mlcd_loss_parallel(xo.bfloat16(), wo, po, class_start=start,
+                           classes=torch.tensor([C + 5]) if rank == 1 else _local_classes(rank, pos, 0))
+    # a rank's own argument errors: that rank names them, every other rank raises too
+    with pytest.raises(ValueError, match="positives must be int64|arguments of rank"):
+        mlcd_loss_parallel(xo, wo, po.int() if rank == 1 else po, class_start=start)
+    with pytest.raises(TypeError if rank == 0 else ValueError, match="margin must be a real number|arguments of rank"):
+        mlcd_loss_parallel(xo, wo, po, class_start=start, margin="0.3" if rank == 0 else 0.3)
+    with pytest.raises(ValueError, match="same dtype on every rank"):
+        mlcd_loss_parallel(xo.double() if rank == 0 else xo, wo.double() if rank == 0 else wo, po,
+                           class_start=start, backend="torch")
+    # settings errors
     with pytest.raises(ValueError, match="classes or sample_ratio, not both"):
         mlcd_loss_parallel(xo, wo, po, class_start=start, classes=classes, sample_ratio=0.1)
     with pytest.raises(ValueError, match="sample_ratio must be in"):
@@ -285,15 +382,19 @@ def _worker(rank, world, init_file, case):
         dist.destroy_process_group()
 
 
-def _spawn(case):
+def _spawn(case, world):
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(WORLD, os.path.join(d, "init"), case), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(world, os.path.join(d, "init"), case), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("case", ["case_backends", "case_classes", "case_hard_numerics", "case_module",
-                                  "case_errors"])
+                                  "case_low_precision", "case_grad_flags", "case_errors"])
 def test_parallel(case):
-    _spawn(case)
+    _spawn(case, 2)
+
+
+def test_parallel_three_ranks():
+    _spawn("case_three_ranks", 3)
 
 
 def test_shard_range_tiles_the_classes():

@@ -45,9 +45,11 @@ _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 # argument checks (shapes and types here, data-dependent checks inside the op)
 # --------------------------------------------------------------------------------------------
 
-def _check_common(fn, x, weight, classes, scale, reduction, margin_grad, mixed_weight=False):
+def _check_common(fn, x, weight, classes, scale, reduction, margin_grad, mixed_weight=False,
+                  allow_empty_x=False):
     """Shapes, dtypes, devices and settings. mixed_weight: float32 centers with 16-bit x are
-    accepted (the caller casts the rows it uses)."""
+    accepted (the caller casts the rows it uses); allow_empty_x: N = 0 (a rank of the
+    model-parallel form may have no rows)."""
     _checks.tensor(fn, "x", x)
     _checks.tensor(fn, "weight", weight)
     if x.dim() != 2:
@@ -61,7 +63,7 @@ def _check_common(fn, x, weight, classes, scale, reduction, margin_grad, mixed_w
         raise ValueError(f"{fn}: weight dtype {weight.dtype} does not match x dtype {x.dtype}")
     if weight.device != x.device:
         raise ValueError(f"{fn}: weight is on {weight.device} but x is on {x.device}")
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and not allow_empty_x:
         raise ValueError(f"{fn}: x is empty (N = 0)")
     if weight.shape[0] == 0:
         raise ValueError(f"{fn}: weight is empty (C = 0)")
@@ -373,20 +375,19 @@ def engine_lse(x, weight, classes, pos_col, scale, backend):
 
 
 def engine_grad(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend):
-    """The engine's grad on any backend: dx (N, D) in float32 (float64 for float64 x), dw in
-    weight's dtype (rows outside classes zero)."""
+    """The engine's grad on any backend: dx in the accumulation dtype (float32; float64 for
+    float64 x), unrounded, for callers that sum partial dx; dw in the accumulation dtype on the
+    chunked backends, in weight's dtype on Triton (rows outside classes zero)."""
     acc = _acc_dtype(x)
     if backend == "triton":
-        dx, dw = _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos)
-        return dx.to(acc), dw
-    dx, dw = _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend, acc)
-    return dx, dw.to(weight.dtype)
+        return _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, acc)
+    return _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend, acc)
 
 
-def _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos):
+def _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, dx_dtype=None):
     from pyssl.kernels import mlcd_loss as K
     return K.mlcd_grad(x, weight, classes, pos_col, float(scale), lse_total.float().contiguous(),
-                       gneg.float().contiguous(), gpos.float().contiguous())
+                       gneg.float().contiguous(), gpos.float().contiguous(), dx_dtype)
 
 
 # --------------------------------------------------------------------------------------------

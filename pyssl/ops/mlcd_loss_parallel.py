@@ -4,8 +4,9 @@ process_group). The numbers are those of one process holding every center.
 
 Rank r of P holds the centers of classes [start_r, start_r + C_r) and its own N_r rows. One call:
 
-  1. all_gather of every rank's (N_r, l_r, start_r, C_r, D): batch sizes and positives per row
-     may differ between ranks (an epoch's last batch), and the shards are checked to tile [0, C);
+  1. all_gather of every rank's (N_r, l_r, start_r, C_r, D, dtype, gradient flags, error):
+     batch sizes and positives per row may differ between ranks (an epoch's last batch, a rank
+     with no rows), and the shards are checked to tile [0, C);
   2. all_gather of x and positives (padded to the largest N_r and l_r) -> X (N, D), P (N, l),
      N = Σ N_r, the same on every rank;
   3. this rank's candidate columns: all of its classes, the given ones, or — with sample_ratio —
@@ -19,20 +20,23 @@ Rank r of P holds the centers of classes [start_r, start_r + C_r) and its own N_
      exactly one shard); the per-row loss math (_row_terms) then runs alike on every rank, and
      every rank returns the same loss.
   Backward: the engine's grad over this shard with the global lse_total gives dW of the shard
-  (it stays here) and this shard's part of dX for all N rows; one all_reduce SUM in float32, and
-  each rank keeps its own rows.
+  (it stays here) and this shard's part of dX for all N rows, both in float32 (unrounded: the
+  partials of one row can cancel); one reduce_scatter SUM in float32 hands each rank the sum for
+  its own rows.
 
 Traffic per call: forward N·D (x, in x's dtype) + N·l ids + N·(2 + l) floats, backward N·D
-floats. Compute: the chunked backends cannot fuse the gradient into the forward as the
-single-process op does (the global log-sum-exp is needed first), so they recompute the logits
-in the backward: 5 GEMM-sized passes instead of 3; Triton recomputes in any case.
+floats sent, N_r·D received. Compute: the chunked backends cannot fuse the gradient into the
+forward as the single-process op does (the global log-sum-exp is needed first), so they
+recompute the logits in the backward: 4 GEMMs instead of 3; Triton recomputes in any case.
 
-Bad input found after a collective (a class id out of range, a row without a positive, shards
-that do not tile [0, C), a rank's candidate set missing one of its positives) raises the same
-ValueError on every rank, so no rank is left waiting in a collective. Shape and dtype errors of a
-rank's own arguments raise on that rank before any communication. The op runs eagerly
-(torch.compile leaves it out of the graph: it synchronizes with the host once per call to size
-the gathers) and every rank of the group must call it, and its backward, together.
+Every rank raises the same way on bad input, so no rank is left waiting in a collective: a
+rank's own argument errors (shapes, dtypes, settings) ride on the first gather, and what is found
+after a collective (a class id out of range, a row without a positive, shards that do not tile
+[0, C), a candidate set missing one of its shard's positives) is seen by every rank alike or
+rides on the max-reduce. The op runs eagerly (torch.compile leaves it out of the graph: it reads
+the gathered sizes and checks the gathered ids on the host, a few synchronizations per call) and
+every rank of the group must call it, and its backward, together: the ranks must agree on
+whether the loss needs gradients (checked).
 """
 from __future__ import annotations
 
@@ -77,6 +81,9 @@ class _Call:
     exact: bool
     reduction: int
     backend: str
+    metas: List[List[int]]         # every rank's _exchange entry
+    any_x_grad: bool               # some rank's x needs a gradient: the dx reduce runs on all
+    feature_grad_scale: float
 
 
 def _gather_rows(t: Tensor, ns: List[int], group) -> Tensor:
@@ -134,10 +141,9 @@ class _ShardedMarginLoss(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, positives: Tensor, call: _Call) -> Tensor:
         group, fn = call.group, call.fn
         rank = dist.get_rank(group)
-        n, d = x.shape
+        n = x.shape[0]
         count = weight.shape[0]
-        meta = torch.tensor([n, positives.shape[1], call.start, count, d], dtype=torch.int64, device=x.device)
-        metas = _gather_rows(meta[None], [1] * dist.get_world_size(group), group).tolist()
+        metas = call.metas
         num_classes = _shards(fn, metas)
         ns = [m[0] for m in metas]
         lmax = max(m[1] for m in metas)
@@ -158,17 +164,18 @@ class _ShardedMarginLoss(torch.autograd.Function):
         elif call.classes is not None:
             classes = call.classes - call.start
         pos_col, error = _local_columns(fn, local, classes, count)
+        empty = classes is not None and classes.numel() == 0
 
         # 16-bit features with float32 centers: cast only the rows used, as autocast would
+        # (not with an error: classes may then hold ids outside the shard)
         w_use, cls_use = weight.detach(), classes
-        if weight.dtype != x.dtype:
+        if weight.dtype != x.dtype and not (error or empty):
             if classes is None:
                 w_use = w_use.to(x.dtype)
             else:
                 w_use, cls_use = w_use.index_select(0, classes).to(x.dtype), None
         backend = E._choose_backend(fn, call.backend, x, lmax)
         acc = E._acc_dtype(x)
-        empty = classes is not None and classes.numel() == 0
         if empty or error:
             lse = torch.full((ntot,), float("-inf"), dtype=acc, device=x.device)
             pcos = torch.zeros(pos.shape, dtype=acc, device=x.device)
@@ -227,33 +234,103 @@ class _ShardedMarginLoss(torch.autograd.Function):
             else:
                 dw = dw.to(ctx.w_dtype)
         dx_own = None
-        if ctx.needs_input_grad[0]:
-            dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=group)
-            dx_own = dx[ctx.offset:ctx.offset + ctx.n].to(ctx.x_dtype)
-        return dx_own, (dw if ctx.needs_input_grad[1] else None), None, None
+        if call.any_x_grad:   # decided from every rank's flags: all take part alike
+            dx_own = _sum_own_rows(dx, ctx.ns, group)
+            if call.feature_grad_scale != 1.0:
+                dx_own.mul_(call.feature_grad_scale)
+            dx_own = dx_own.to(ctx.x_dtype)
+        return (dx_own if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None, None
+
+
+def _sum_own_rows(dx: Tensor, ns: List[int], group) -> Tensor:
+    """Σ over ranks of every rank's dx (N, D), this rank's rows of it: a reduce-scatter of the
+    rows laid out padded to max(ns) per rank (all_reduce where the backend has none)."""
+    rank, nmax = dist.get_rank(group), max(ns)
+    padded = dx.new_zeros(len(ns) * nmax, dx.shape[1])
+    r0 = 0
+    for k, nk in enumerate(ns):
+        padded[k * nmax:k * nmax + nk] = dx[r0:r0 + nk]
+        r0 += nk
+    out = dx.new_empty(nmax, dx.shape[1])
+    try:
+        dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM, group=group)
+    except (RuntimeError, NotImplementedError, ValueError):   # checked locally, before any traffic
+        dist.all_reduce(padded, op=dist.ReduceOp.SUM, group=group)
+        out = padded[rank * nmax:(rank + 1) * nmax]
+    return out[:ns[rank]]
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _meta_device(group, x) -> torch.device:
+    if isinstance(x, Tensor):
+        return x.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _exchange(fn, group, x, weight, ids, class_start, local_error: str) -> List[List[int]]:
+    """The first collective of a call: every rank's (N, l, start, C_r, D, dtype, needs grad, x
+    needs grad, error). A rank whose own arguments were bad still takes part, and then every rank
+    raises: no rank is left waiting in a later collective."""
+    ok = not local_error
+    meta = [x.shape[0], ids.shape[1], class_start, weight.shape[0], x.shape[1], _DTYPES.index(x.dtype),
+            int(torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)),
+            int(torch.is_grad_enabled() and x.requires_grad), 0] if ok else [0] * 8 + [1]
+    t = torch.tensor(meta, dtype=torch.int64, device=_meta_device(group, x))[None]
+    metas = _gather_rows(t, [1] * dist.get_world_size(group), group).tolist()
+    bad = [r for r, m in enumerate(metas) if m[8]]
+    if bad:
+        raise ValueError(local_error or f"{fn}: the arguments of rank(s) {bad} are invalid (their "
+                                        "error names the problem)")
+    if len({m[5] for m in metas}) != 1:
+        raise ValueError(f"{fn}: x must have the same dtype on every rank, got "
+                         f"{sorted({str(_DTYPES[m[5]]) for m in metas})}")
+    if len({m[6] for m in metas}) != 1:
+        raise ValueError(f"{fn}: the ranks disagree on whether the loss needs gradients "
+                         "(requires_grad of x and weight, torch.no_grad): its backward is collective")
+    if sum(m[0] for m in metas) == 0:
+        raise ValueError(f"{fn}: x is empty on every rank")
+    return metas
 
 
 def _run(fn, kind, x, weight, ids, class_start, process_group, classes, sample_ratio, generator,
-         scale, m1, m2, m3, margin_grad, reduction, backend):
+         scale, check_own, margin_grad, reduction, backend, feature_grad_scale):
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(f"{fn}: torch.distributed is not initialized (call "
                          "torch.distributed.init_process_group first, e.g. under torchrun)")
     group = dist.group.WORLD if process_group is None else process_group
-    E._check_common(fn, x, weight, None, scale, reduction, margin_grad, mixed_weight=True)
-    if _checks.tensor(fn, "classes", classes, optional=True) is not None:
-        # may be empty: a shard holding no positive of the batch need not contribute a column
-        if classes.dim() != 1 or classes.dtype != torch.int64 or classes.device != x.device:
-            raise ValueError(f"{fn}: classes must be a 1-D int64 tensor on {x.device}, got shape "
-                             f"{tuple(classes.shape)}, {classes.dtype} on {classes.device}")
-    class_start = _checks.integer(fn, "class_start", class_start, lo=0)
-    if classes is not None and sample_ratio is not None:
-        raise ValueError(f"{fn}: give classes or sample_ratio, not both")
-    if sample_ratio is not None:
-        sample_ratio = _checks.real(fn, "sample_ratio", sample_ratio)
-        if not 0.0 <= sample_ratio <= 1.0:
-            raise ValueError(f"{fn}: sample_ratio must be in [0, 1], got {sample_ratio!r}")
+    err_type = ValueError
+    m1 = m2 = m3 = 0.0
+    try:
+        m1, m2, m3 = check_own()   # the ids' shape and dtype, the margins
+        E._check_common(fn, x, weight, None, scale, reduction, margin_grad, mixed_weight=True,
+                        allow_empty_x=True)
+        class_start = _checks.integer(fn, "class_start", class_start, lo=0)
+        if _checks.tensor(fn, "classes", classes, optional=True) is not None:
+            # may be empty: a shard holding no positive of the batch need not contribute a column
+            if classes.dim() != 1 or classes.dtype != torch.int64 or classes.device != x.device:
+                raise ValueError(f"{fn}: classes must be a 1-D int64 tensor on {x.device}, got shape "
+                                 f"{tuple(classes.shape)}, {classes.dtype} on {classes.device}")
+        if classes is not None and sample_ratio is not None:
+            raise ValueError(f"{fn}: give classes or sample_ratio, not both")
+        if sample_ratio is not None:
+            sample_ratio = _checks.real(fn, "sample_ratio", sample_ratio)
+            if not 0.0 <= sample_ratio <= 1.0:
+                raise ValueError(f"{fn}: sample_ratio must be in [0, 1], got {sample_ratio!r}")
+        feature_grad_scale = _checks.real(fn, "feature_grad_scale", feature_grad_scale, positive=True)
+        error = ""
+    except (ValueError, TypeError) as e:
+        error, err_type = str(e), type(e)
+    try:
+        metas = _exchange(fn, group, x, weight, ids, class_start, error)
+    except ValueError as e:
+        raise (err_type(error) if error else e) from None
     call = _Call(fn, kind, group, class_start, classes, sample_ratio, generator, float(scale),
-                 float(m1), float(m2), float(m3), margin_grad == "exact", E._REDUCTIONS[reduction], backend)
+                 float(m1), float(m2), float(m3), margin_grad == "exact", E._REDUCTIONS[reduction], backend,
+                 metas, any(m[7] for m in metas), feature_grad_scale)
     return _ShardedMarginLoss.apply(x, weight, ids, call)
 
 
@@ -263,24 +340,29 @@ def mlcd_loss_parallel(x: Tensor, weight: Tensor, positives: Tensor, *, class_st
                        classes: Optional[Tensor] = None, sample_ratio: Optional[float] = None,
                        generator: Optional[torch.Generator] = None,
                        margin_grad: str = "straight_through", reduction: str = "mean",
-                       backend: str = "auto") -> Tensor:
+                       feature_grad_scale: float = 1.0, backend: str = "auto") -> Tensor:
     """pyssl.mlcd_loss with the class centers sharded across process_group (default: the world).
 
-    On each rank: x (N_r, D) its rows, weight (C_r, D) the centers of classes
+    On each rank: x (N_r, D) its rows (N_r may be 0), weight (C_r, D) the centers of classes
     [class_start, class_start + C_r) (shard_range gives PartialFC's split), positives (N_r, l_r)
     global class ids, -1 = padding. The ranks' ranges must tile [0, C). Candidate columns of this
     shard: all of them (default), classes (1-D int64, global ids inside the range, holding every
     positive of the whole batch that falls in it), or sample_ratio (the positives in the range
     plus round(ratio·(C_r − |P_r|)) others, drawn with generator). float32 centers with 16-bit
     x are cast row by row as autocast would. reduction "mean"/"sum" over the whole batch (the
-    same value on every rank); "none" gives this rank's N_r rows. x gets the gradient of its own
-    rows, weight that of its shard.
+    same value on every rank); "none" gives this rank's N_r rows. weight gets the gradient of its
+    shard, x that of its own rows times feature_grad_scale (1: the exact gradient; the world
+    size undoes DistributedDataParallel's averaging of the backbone's gradients, as PartialFC
+    does).
     """
     fn = "mlcd_loss_parallel"
-    E._check_ids(fn, "positives", positives, x, 2)
-    margin = _checks.real(fn, "margin", margin)
+
+    def check_own():
+        E._check_ids(fn, "positives", positives, x, 2)
+        return 1.0, _checks.real(fn, "margin", margin), 0.0
+
     return _run(fn, E.MLCD, x, weight, positives, class_start, process_group, classes, sample_ratio,
-                generator, scale, 1.0, margin, 0.0, margin_grad, reduction, backend)
+                generator, scale, check_own, margin_grad, reduction, backend, feature_grad_scale)
 
 
 @torch.compiler.disable
@@ -290,11 +372,15 @@ def margin_softmax_loss_parallel(x: Tensor, weight: Tensor, labels: Tensor, *, c
                                  sample_ratio: Optional[float] = None,
                                  generator: Optional[torch.Generator] = None,
                                  margin_grad: str = "straight_through", reduction: str = "mean",
-                                 backend: str = "auto") -> Tensor:
+                                 feature_grad_scale: float = 1.0, backend: str = "auto") -> Tensor:
     """pyssl.margin_softmax_loss (ArcFace/CosFace) with sharded centers: PartialFC's model
     parallelism. labels (N_r,) int64 global class ids; everything else as mlcd_loss_parallel."""
     fn = "margin_softmax_loss_parallel"
-    E._check_ids(fn, "labels", labels, x, 1)
-    m1, m2, m3 = (_checks.real(fn, name, v) for name, v in (("m1", m1), ("m2", m2), ("m3", m3)))
-    return _run(fn, E.SOFTMAX, x, weight, labels[:, None], class_start, process_group, classes,
-                sample_ratio, generator, scale, m1, m2, m3, margin_grad, reduction, backend)
+
+    def check_own():
+        E._check_ids(fn, "labels", labels, x, 1)
+        return tuple(_checks.real(fn, name, v) for name, v in (("m1", m1), ("m2", m2), ("m3", m3)))
+
+    ids = labels[:, None] if isinstance(labels, Tensor) and labels.dim() == 1 else labels
+    return _run(fn, E.SOFTMAX, x, weight, ids, class_start, process_group, classes, sample_ratio,
+                generator, scale, check_own, margin_grad, reduction, backend, feature_grad_scale)
