@@ -414,6 +414,33 @@ def test_inputs_not_modified(backend):
         assert torch.equal(t, c)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_repeated_backward_and_unit_upstream_gradient(backend, reduction):
+    """With an upstream gradient of 1 the gradients saved in the forward are handed to autograd
+    as they are: backward three times with retain_graph must give 3× (a .grad that aliased the
+    saved tensor would double it instead), then 2.5× more with an upstream gradient of 2.5;
+    and a .grad modified in place must not change the next step's gradient."""
+    dev = device_for(backend)
+    x, w, pos = make_problem(device=dev)
+    x.requires_grad_(), w.requires_grad_()
+    loss = pyssl.mlcd_loss(x, w, pos, reduction=reduction, backend=backend)
+    want_x, want_w = (t.clone() for t in torch.autograd.grad(loss, (x, w), retain_graph=True))
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, 3 * want_x)
+    torch.testing.assert_close(w.grad, 3 * want_w)
+    loss.backward(torch.tensor(2.5, device=dev))
+    torch.testing.assert_close(x.grad, 5.5 * want_x)
+    torch.testing.assert_close(w.grad, 5.5 * want_w)
+    x.grad = w.grad = None
+    loss = pyssl.mlcd_loss(x, w, pos, reduction=reduction, backend=backend)
+    loss.backward()
+    x.grad.mul_(0.0), w.grad.mul_(0.0)      # an optimizer's in-place use of .grad
+    pyssl.mlcd_loss(x, w, pos, reduction=reduction, backend=backend).backward()
+    torch.testing.assert_close(x.grad, want_x)
+    torch.testing.assert_close(w.grad, want_w)
+
+
 def test_opcheck(backend):
     x, w, pos = make_problem(n=8, c=20, d=6, l=2, device=device_for(backend))
     classes = torch.arange(0, 20, 2, device=x.device).unique()

@@ -503,15 +503,28 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(x, weight, classes, pos_col, lse_total, gpos_unit)
 
 
+def _is_one(g: Tensor) -> bool:
+    """Whether the upstream gradient is exactly 1, asked only where the answer costs no device
+    sync and no graph break: eager mode, a CPU scalar."""
+    return (not torch.compiler.is_compiling() and g.device.type == "cpu" and g.numel() == 1
+            and bool(g == 1))
+
+
 def _backward(ctx, grad_loss, *unused):
     if grad_loss is None:   # only auxiliary outputs reached the backward: no gradient flows
         return (None,) * 13
     if ctx.grad_in_forward:
+        dx, dw = ctx.saved_tensors
+        rest = (None,) * 11
+        if dx.dtype == ctx.dtype and _is_one(grad_loss):
+            # loss.backward(): the saved gradients are the answer. Without retain_graph autograd
+            # has released its saved copy by the time they are accumulated, so .grad takes them
+            # without a copy; with retain_graph it copies them. Saves a C'×D pass (~3% here).
+            return (dx, dw) + rest
         # one scaling pass, no data-dependent branch (it must trace under torch.compile); the
         # products are fresh tensors that autograd's accumulation can take without a copy
-        dx, dw = ctx.saved_tensors
         g = grad_loss.to(_acc_dtype(dx))
-        return (dx * g).to(ctx.dtype), (dw * g).to(ctx.dtype), None, None, None, None, None, None, None, None, None, None, None
+        return ((dx * g).to(ctx.dtype), (dw * g).to(ctx.dtype)) + rest
     x, weight, classes, pos_col, lse_total, gpos_unit = ctx.saved_tensors
     gneg = upstream_rows(grad_loss.to(lse_total.dtype), ctx.reduction, x.shape[0])
     gpos = gpos_unit * gneg[:, None]
