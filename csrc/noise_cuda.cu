@@ -19,17 +19,20 @@
 // registers: 4 Philox words, 4 normals. Traffic: each output element written once; the image
 // row read through L2, where it stays because all its samples read it; a, b are 2·C floats.
 // The arithmetic, not the traffic, bounds the kernel. SASS of the sm_90 build (nvcc 13.0 -O3,
-// cuobjdump; bf16 per-channel kernel): 399 instructions per quad in the loop, of which 106 are
-// the radius extension (taken with probability 2^-31) and ~16 the division and sqrt slow-path
-// stubs, so ~277 run per quad: Philox-10 ~73 (20 IMAD.WIDE, 20 LOP3, 20 key additions the
-// compiler does not hoist), the two radius logarithms ~94 (an IEEE division each), the two
-// square roots ~16, the two sincos, the affine map, load, bf16 pack, store and loop ~93. At
-// ~69 instructions per element against 2 bytes written, noise_imagenet (1.2e9 elements) would
-// take ~2.6 ms issue-bound on an H200 (132 SMs × 4 warp instructions per clock at 1.98 GHz)
-// against ~0.56 ms for its 2.4 GB of writes at the ~4.3 TB/s a device copy reaches there:
-// about a fifth of the bandwidth, an estimate until timed. Reaching 70% needs ≤ ~80
-// instructions per quad: Philox alone is ~40 at best, so the Box–Muller part would have to go
-// to the SFU (MUFU lg2/rsqrt/sin/cos, with an exact path for u near 1 and the tail).
+// cuobjdump; bf16 per-channel kernel, its 4 quads per thread unrolled; 47 registers, no stack):
+// 350 instructions per quad, of which 84 are the radius extension (taken with probability
+// 2^-31) and ~16 the sqrt slow-path stubs, so ~247 run per quad: Philox-10 50 (20 IMAD.WIDE,
+// 20 LOP3, 10 LDC.64 of the round keys, which come in as a kernel parameter: derived in the
+// kernel they cost 20 additions per quad, the compiler re-deriving them rather than holding 20
+// registers), the two radius logarithms ~50 (division-free polynomials; with the earlier
+// atanh form's IEEE divisions the common path was 267), the two square roots, the two sincos,
+// the affine map, load, bf16 pack, store and indexing. At ~62 instructions per element against
+// 2 bytes written, noise_imagenet (1.2e9 elements) would take ~2.3 ms issue-bound on an H200
+// (132 SMs × 4 warp instructions per clock at 1.98 GHz) against ~0.56 ms for its 2.4 GB of
+// writes at the ~4.3 TB/s a device copy reaches there: about a quarter of the bandwidth, an
+// estimate until timed. Reaching 70% needs ≤ ~80 instructions per quad: Philox alone is 50,
+// so the Box–Muller part would have to go to the SFU (MUFU lg2/rsqrt/sin/cos, with an exact
+// path for u near 1 and the tail) and the counter-based generator to fewer rounds.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -51,11 +54,14 @@ template <> __device__ __forceinline__ float to_out<float>(float v) { return v; 
 template <> __device__ __forceinline__ at::BFloat16 to_out<at::BFloat16>(float v) { return at::BFloat16(v); }
 template <> __device__ __forceinline__ at::Half to_out<at::Half>(float v) { return at::Half(v); }
 
+// keys: the Philox round keys, a kernel parameter: the rounds read them as constant-bank
+// operands (c[0x0][...]) at no instruction cost; computed in the kernel they were re-derived
+// for every quad (20 additions), the compiler preferring that to holding 20 registers.
 __device__ __forceinline__ Row row_of(int64_t r, const float* x, const int64_t* row_src,
                                       const int64_t* row_sample, const int64_t* ids, int64_t E,
-                                      float sigma, uint32_t k0, uint32_t k1, uint32_t c3) {
+                                      float sigma, const pyssl_noise::RoundKeys& keys, uint32_t c3) {
   const int64_t src = row_src[r];
-  return Row{x + src * E, (uint32_t)row_sample[r], (uint32_t)ids[src], c3, k0, k1, sigma};
+  return Row{x + src * E, (uint32_t)row_sample[r], (uint32_t)ids[src], c3, keys, sigma};
 }
 
 // 4 outputs as one store: 16 bytes of float32, 8 bytes of bf16/fp16 (rounded to nearest even,
@@ -86,10 +92,10 @@ __global__ void __launch_bounds__(kThreads)
 noise_channel_kernel(const float* __restrict__ x, const int64_t* __restrict__ row_src,
                      const int64_t* __restrict__ row_sample, const int64_t* __restrict__ ids,
                      const float* __restrict__ a, const float* __restrict__ b, T* __restrict__ out,
-                     float sigma, uint32_t k0, uint32_t k1, uint32_t c3, int64_t E, int64_t HW) {
+                     float sigma, const pyssl_noise::RoundKeys keys, uint32_t c3, int64_t E, int64_t HW) {
   const int64_t r = blockIdx.x;
   const int c = blockIdx.z;
-  const Row row = row_of(r, x, row_src, row_sample, ids, E, sigma, k0, k1, c3);
+  const Row row = row_of(r, x, row_src, row_sample, ids, E, sigma, keys, c3);
   T* o = out + r * E;
   pyssl_noise::channel_block(row, __ldg(a + c), __ldg(b + c), HW, c, blockIdx.y, kThreads, threadIdx.x,
                              [&](int64_t e0, const float* y) { store4(o + e0, y); });
@@ -103,10 +109,10 @@ __global__ void __launch_bounds__(kThreads)
 noise_kernel(const float* __restrict__ x, const int64_t* __restrict__ row_src,
              const int64_t* __restrict__ row_sample, const int64_t* __restrict__ ids,
              const float* __restrict__ a, const float* __restrict__ b, T* __restrict__ out,
-             float sigma, uint32_t k0, uint32_t k1, uint32_t c3, int64_t E, int64_t C, int64_t HW,
+             float sigma, const pyssl_noise::RoundKeys keys, uint32_t c3, int64_t E, int64_t C, int64_t HW,
              bool channels_last) {
   const int64_t r = blockIdx.x;
-  const Row row = row_of(r, x, row_src, row_sample, ids, E, sigma, k0, k1, c3);
+  const Row row = row_of(r, x, row_src, row_sample, ids, E, sigma, keys, c3);
   T* o = out + r * E;
   pyssl_noise::general_thread(row, a, b, E, HW, blockIdx.y, gridDim.y, kThreads, threadIdx.x,
                               [&](int64_t e, int64_t c, float v) {
@@ -136,7 +142,8 @@ void gaussian_noise_cuda(at::Tensor x, at::Tensor row_src, at::Tensor row_sample
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t E = x.size(1);
   auto st = c10::cuda::getCurrentCUDAStream();
-  const uint32_t k0 = (uint32_t)(uint64_t)seed, k1 = (uint32_t)((uint64_t)seed >> 32);
+  const pyssl_noise::RoundKeys keys =
+      pyssl_noise::round_keys((uint32_t)(uint64_t)seed, (uint32_t)((uint64_t)seed >> 32));
   const uint32_t c3 = (uint32_t)(2 * stream);
   constexpr int64_t per_block = (int64_t)kThreads * pyssl_noise::kQuadsPerThread;
   const int64_t chunks = (HW / 4 + per_block - 1) / per_block;
@@ -151,14 +158,14 @@ void gaussian_noise_cuda(at::Tensor x, at::Tensor row_src, at::Tensor row_sample
       noise_channel_kernel<T><<<grid, kThreads, 0, st>>>(
           x.data_ptr<float>(), row_src.data_ptr<int64_t>(), row_sample.data_ptr<int64_t>(),
           image_ids.data_ptr<int64_t>(), a.data_ptr<float>(), b.data_ptr<float>(), o, (float)sigma,
-          k0, k1, c3, E, HW);
+          keys, c3, E, HW);
     } else {
       const int64_t nq = (E + 3) / 4;
       const dim3 grid((unsigned)R, (unsigned)std::min<int64_t>((nq + kThreads - 1) / kThreads, 65535));
       noise_kernel<T><<<grid, kThreads, 0, st>>>(
           x.data_ptr<float>(), row_src.data_ptr<int64_t>(), row_sample.data_ptr<int64_t>(),
           image_ids.data_ptr<int64_t>(), a.data_ptr<float>(), b.data_ptr<float>(), o, (float)sigma,
-          k0, k1, c3, E, C, HW, channels_last);
+          keys, c3, E, C, HW, channels_last);
     }
   };
   if (out.scalar_type() == at::kFloat) go(out.data_ptr<float>());

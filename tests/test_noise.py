@@ -307,7 +307,7 @@ int main(int argc, char** argv) {
   std::vector<float> out(R * E, NAN);
   for (int64_t r = 0; r < R; ++r) {
     const Row row{x.data() + src[r] * E, (uint32_t)smp[r], (uint32_t)ids[src[r]], (uint32_t)(2 * h[5]),
-                  (uint32_t)seed, (uint32_t)(seed >> 32), sigma};
+                  round_keys((uint32_t)seed, (uint32_t)(seed >> 32)), sigma};
     float* o = out.data() + r * E;
     if (mode == 0) {
       const int64_t per_block = (int64_t)threads * kQuadsPerThread, chunks = (HW / 4 + per_block - 1) / per_block;
