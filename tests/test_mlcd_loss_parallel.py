@@ -363,6 +363,18 @@ def case_errors(rank):
     assert torch.isfinite(loss)
 
 
+def case_bench_script(rank):
+    """bench/mlcd_parallel.py (the torchrun scaling script) at a tiny size: it runs, every rank
+    holds its shard, and the result names the global batch."""
+    from bench import mlcd_parallel
+    args = mlcd_parallel.parse(["--classes", "101", "--dim", "16", "--batch", "6", "--positives", "3",
+                                "--ratio", "0.5", "--dtype", "float32", "--steps", "2", "--warmup", "1"])
+    res = mlcd_parallel.run(args)
+    assert res["world"] == _world() and res["global_batch"] == 6 * _world()
+    assert res["classes_per_rank"] == shard_range(101, rank, _world())[1]
+    assert res["time_ms"] > 0 and len(res["peak_mem_mb_per_rank"]) == _world()
+
+
 # ------------------------------------------------------------------------------------------
 # the spawn
 # ------------------------------------------------------------------------------------------
@@ -388,7 +400,7 @@ def _spawn(case, world):
 
 
 @pytest.mark.parametrize("case", ["case_backends", "case_classes", "case_hard_numerics", "case_module",
-                                  "case_low_precision", "case_grad_flags", "case_errors"])
+                                  "case_low_precision", "case_grad_flags", "case_errors", "case_bench_script"])
 def test_parallel(case):
     _spawn(case, 2)
 

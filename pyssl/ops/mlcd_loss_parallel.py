@@ -253,7 +253,9 @@ def _sum_own_rows(dx: Tensor, ns: List[int], group) -> Tensor:
         r0 += nk
     out = dx.new_empty(nmax, dx.shape[1])
     try:
-        dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM, group=group)
+        # reduce_scatter_tensor was renamed reduce_scatter_single (torch 2.13; the old name warns)
+        (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(
+            out, padded, op=dist.ReduceOp.SUM, group=group)
     except (RuntimeError, NotImplementedError, ValueError):   # checked locally, before any traffic
         dist.all_reduce(padded, op=dist.ReduceOp.SUM, group=group)
         out = padded[rank * nmax:(rank + 1) * nmax]
