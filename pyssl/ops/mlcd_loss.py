@@ -505,9 +505,12 @@ def _setup_context(ctx, inputs, output):
 
 def _is_one(g: Tensor) -> bool:
     """Whether the upstream gradient is exactly 1, asked only where the answer costs no device
-    sync and no graph break: eager mode, a CPU scalar."""
-    return (not torch.compiler.is_compiling() and g.device.type == "cpu" and g.numel() == 1
-            and bool(g == 1))
+    sync and no graph break: eager mode, a plain CPU scalar (not a fake or functional tensor of
+    a tracer such as AOTAutograd's, nor a functorch wrapper, where it would be a data-dependent
+    branch)."""
+    return (not torch.compiler.is_compiling() and type(g) is torch.Tensor
+            and not torch._C._functorch.is_functorch_wrapped_tensor(g)
+            and g.device.type == "cpu" and g.numel() == 1 and bool(g == 1))
 
 
 def _backward(ctx, grad_loss, *unused):
