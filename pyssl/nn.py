@@ -66,6 +66,33 @@ class _ClassCenters(torch.nn.Module):
                        margin_grad=self.margin_grad, feature_grad_scale=self.feature_grad_scale,
                        backend=self.backend, **kw)
 
+    def full_weight(self) -> Tensor:
+        """All C class centers (C, dim), detached: with a process group every rank's shard is
+        gathered (a collective: every rank calls it), e.g. to save one checkpoint or to score
+        with all centers; without one, the weight itself."""
+        w = self.weight.detach()
+        if self.process_group is None:
+            return w
+        world = dist.get_world_size(self.process_group)
+        counts = [shard_range(self.num_classes, r, world)[1] for r in range(world)]
+        pad = max(counts)
+        parts = [w.new_empty(pad, self.dim) for _ in counts]
+        dist.all_gather(parts, torch.cat([w, w.new_zeros(pad - w.shape[0], self.dim)]), group=self.process_group)
+        return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # a checkpoint of all C centers (one process, or full_weight()) loads into a shard: this
+        # rank takes its own rows
+        key = prefix + "weight"
+        w = state_dict.get(key)
+        if (self.process_group is not None and isinstance(w, Tensor) and w.dim() == 2
+                and w.shape[0] == self.num_classes and self.num_local != self.num_classes):
+            state_dict = dict(state_dict)
+            state_dict[key] = w[self.class_start:self.class_start + self.num_local]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def _shard_repr(self) -> str:
         if self.process_group is None:
             return ""

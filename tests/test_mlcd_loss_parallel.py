@@ -223,6 +223,17 @@ def case_module(rank):
     _check(rank, loss, xb.grad, crit.weight.grad, _gathered(xb.detach()).double(), w.bfloat16(), pos,
            tol=dict(atol=2e-3, rtol=1e-2))
 
+    # checkpoints: the full centers load into a shard (each rank its rows), full_weight gathers
+    # them back, and a shard's own state dict round-trips
+    other = pyssl.nn.MLCDLoss(C, D, process_group=dist.group.WORLD)
+    other.load_state_dict({"weight": w.float()})
+    assert torch.equal(other.weight.detach(), w[start:start + count].float())
+    assert torch.equal(other.full_weight(), w.float())
+    other.load_state_dict(crit.state_dict())
+    assert torch.equal(other.weight, crit.weight)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_state_dict({"weight": torch.zeros(C + 1, D)})
+
     head = pyssl.nn.MarginSoftmaxLoss(C, D, m2=0.4, process_group=dist.group.WORLD, backend="torch")
     with torch.no_grad():
         head.weight.copy_(w[start:start + count])
@@ -428,3 +439,10 @@ def test_parallel_needs_an_initialized_group():
         mlcd_loss_parallel(x, w, pos, class_start=0)
     with pytest.raises(ValueError, match="torch.distributed is not initialized"):
         pyssl.nn.MLCDLoss(10, 8, process_group=object())
+
+
+def test_full_weight_without_a_group_is_the_weight():
+    crit = pyssl.nn.MarginSoftmaxLoss(10, 4)
+    assert crit.full_weight().data_ptr() == crit.weight.data_ptr() and not crit.full_weight().requires_grad
+    with pytest.raises(ValueError, match="feature_grad_scale applies to the model-parallel form only"):
+        pyssl.nn.MLCDLoss(10, 4, feature_grad_scale=2.0)
