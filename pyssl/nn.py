@@ -19,7 +19,7 @@ from pyssl import _checks
 from pyssl.ops.homologous_attention import homologous_attention
 from pyssl.ops.homologous_contrastive_loss import homologous_contrastive_loss
 from pyssl.ops.mlcd_loss import _MARGIN_GRADS, _check_ids, margin_softmax_loss, mlcd_loss, sample_classes
-from pyssl.ops.mlcd_loss_parallel import margin_softmax_loss_parallel, mlcd_loss_parallel, shard_range
+from pyssl.ops.mlcd_loss_parallel import _gather_rows, margin_softmax_loss_parallel, mlcd_loss_parallel, shard_range
 
 
 class _ClassCenters(torch.nn.Module):
@@ -75,10 +75,7 @@ class _ClassCenters(torch.nn.Module):
             return w
         world = dist.get_world_size(self.process_group)
         counts = [shard_range(self.num_classes, r, world)[1] for r in range(world)]
-        pad = max(counts)
-        parts = [w.new_empty(pad, self.dim) for _ in counts]
-        dist.all_gather(parts, torch.cat([w, w.new_zeros(pad - w.shape[0], self.dim)]), group=self.process_group)
-        return torch.cat([p[:c] for p, c in zip(parts, counts)])
+        return _gather_rows(w, counts, self.process_group)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
