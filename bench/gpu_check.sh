@@ -85,7 +85,8 @@ log "tests: $(tail -1 "$LOGS/tests.log" 2>/dev/null); failed so far: $(grep -cE 
 # (kernels/homologous_attention.py PYSSL_HOMATTN_TRITON, kernels/mlcd_loss.py
 # PYSSL_MLCD_TRITON_BWD), each recorded as "pyssl-triton[tag]" beside the default.
 step bench_knn 60 0 -- $PY -m bench --cases knn_gpu
-# the model-parallel MLCDLoss path on one rank (NCCL): its step at the MLCD GPU size, in logs.tgz
+# the model-parallel MLCDLoss path on one rank (NCCL): 1M classes, D = 512, 4096 rows, ratio 0.1,
+# bf16 features and centers (mlcd_1m_sampled has 8192 rows); its JSON goes into logs.tgz
 step bench_mlcd_parallel 45 0 -- $PY -m torch.distributed.run --nproc_per_node 1 -m bench.mlcd_parallel \
   --steps 5 --out "$LOGS/mlcd_parallel.json"
 for variant in "st3:num_stages=3" "fwd128:fwd.BLOCK_M=128,fwd.num_warps=8,fwd.num_stages=3"; do

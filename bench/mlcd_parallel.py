@@ -8,7 +8,7 @@ process group), for checking how it scales on a cluster:
 Each rank holds C/P class centers and its own `--batch` rows; one step is the loss of the global
 batch (P·batch rows) and its backward, with the features' gradient scaled for DDP
 (feature_grad_scale = P). Inputs are drawn once; the median of `--steps` timed steps follows
-`--warmup` steps. Rank 0 prints one line per run and, with --out, writes the numbers as JSON.
+`--warmup` steps (the slowest rank's median is reported). Rank 0 prints one line per run and, with --out, writes the numbers as JSON.
 Peak memory: CUDA allocator peak during the steps; on the CPU the process's peak RSS, inputs
 included. Run it once with --nproc_per_node 1 for the single-process baseline of the same
 global problem (--batch then the global batch).
@@ -38,7 +38,9 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=4096, help="rows per rank")
     p.add_argument("--positives", type=int, default=8)
     p.add_argument("--ratio", type=float, default=0.1, help="negative-class sampling ratio (1 = all classes)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="features")
+    p.add_argument("--weight-dtype", choices=sorted(DTYPES), default=None,
+                   help="class centers (default: --dtype; float32 with 16-bit features casts the used rows)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -53,6 +55,7 @@ def run(args) -> dict:
     dtype = DTYPES[args.dtype]
     crit = pyssl.nn.MLCDLoss(args.classes, args.dim, sample_ratio=args.ratio, process_group=dist.group.WORLD,
                              feature_grad_scale=float(world), backend=args.backend, device=dev,
+                             dtype=DTYPES[args.weight_dtype or args.dtype],
                              generator=torch.Generator(device=dev).manual_seed(1000 + rank))
     g = torch.Generator(device=dev).manual_seed(rank)
     x = torch.randn(args.batch, args.dim, generator=g, device=dev).to(dtype).requires_grad_()
@@ -88,7 +91,9 @@ def run(args) -> dict:
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mems = [None] * world
     dist.all_gather_object(mems, round(mem, 1))
-    t = statistics.median(times) * 1e3
+    t = torch.tensor(statistics.median(times) * 1e3, dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)   # the slowest rank's median
+    t = float(t)
     return {"world": world, "classes_per_rank": crit.num_local, "global_batch": args.batch * world,
             "time_ms": round(t, 2), "rows_per_s": round(args.batch * world / (t * 1e-3)),
             "peak_mem_mb_per_rank": mems, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
@@ -98,9 +103,9 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():   # before the group: NCCL then knows each rank's device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         res = run(args)
         if dist.get_rank() == 0:

@@ -6,7 +6,7 @@
 // with z from the counter scheme of pyssl/ops/noise.py: Philox4x32-10 on the counter
 // (e / 4, sample, image id, 2*stream + ext), one draw per quad of elements, Box–Muller with a
 // radius uniform extended to 2^-64 when its 32-bit word is 0. The Philox words and uniforms are
-// bit-equal to the other backends; log and sin/cos are the polynomials of noise_quad.h (~2 ulp).
+// bit-equal to the other backends; log and sin/cos are the polynomials of noise_quad.h (~1-2 ulp).
 //
 // Work split: OpenMP over (row, block of BLOCK_E elements). Per block the Philox words of its
 // quads go to a small stack buffer (4 * 4 * BLOCK_Q bytes), the normals to another, then one

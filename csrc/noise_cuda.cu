@@ -6,7 +6,7 @@
 //     out[r, e] = a[c(e)] * (x[row_src[r], e] + sigma * z(seed, image_ids[row_src[r]], row_sample[r], e)) + b[c(e)]
 // with z from the counter scheme of pyssl/ops/noise.py (Philox4x32-10 on (e/4, sample, image id,
 // 2*stream + ext), Box–Muller, radius uniform extended to 2^-64 when its word is 0). Uniforms
-// are bit-equal to the other backends; log and sin/cos are the CPU backend's polynomials (~2 ulp).
+// are bit-equal to the other backends; log and sin/cos are the CPU backend's polynomials (~1-2 ulp).
 //
 // The per-quad arithmetic (Philox, Box–Muller, the affine map, the channel bookkeeping) lives in
 // noise_quad.h, shared with a host driver that tests it against the CPU backend.
@@ -54,9 +54,9 @@ template <> __device__ __forceinline__ float to_out<float>(float v) { return v; 
 template <> __device__ __forceinline__ at::BFloat16 to_out<at::BFloat16>(float v) { return at::BFloat16(v); }
 template <> __device__ __forceinline__ at::Half to_out<at::Half>(float v) { return at::Half(v); }
 
-// keys: the Philox round keys, a kernel parameter: the rounds read them as constant-bank
-// operands (c[0x0][...]) at no instruction cost; computed in the kernel they were re-derived
-// for every quad (20 additions), the compiler preferring that to holding 20 registers.
+// keys: the Philox round keys, a kernel parameter: the rounds load them from the constant
+// bank (10 LDC.64 per quad); computed in the kernel they were re-derived for every quad (20
+// additions), the compiler preferring that to holding 20 registers.
 __device__ __forceinline__ Row row_of(int64_t r, const float* x, const int64_t* row_src,
                                       const int64_t* row_sample, const int64_t* ids, int64_t E,
                                       float sigma, const pyssl_noise::RoundKeys& keys, uint32_t c3) {

@@ -51,9 +51,9 @@ PYSSL_HD float ldg(const float* p) {
 #endif
 }
 
-// The 10 round keys of Philox4x32-10 for the 64-bit key (k0, k1): computed once per thread and
-// kept, since the key is the same for every counter of a row (inside the rounds the compiler
-// re-derived them per call: 20 additions per quad on the GPU).
+// The 10 round keys of Philox4x32-10 for the 64-bit key (k0, k1), the same for every counter of
+// a call: the CUDA kernels get them from the host as a kernel parameter (the rounds load them
+// from the constant bank; derived inside the rounds they cost 20 additions per quad).
 struct RoundKeys {
   uint32_t k0[10], k1[10];
 };

@@ -86,7 +86,8 @@ class _ClassCenters(torch.nn.Module):
         if (self.process_group is not None and isinstance(w, Tensor) and w.dim() == 2
                 and w.shape[0] == self.num_classes and self.num_local != self.num_classes):
             state_dict = dict(state_dict)
-            state_dict[key] = w[self.class_start:self.class_start + self.num_local]
+            # a copy: load_state_dict(assign=True) would otherwise keep a view of all C rows
+            state_dict[key] = w[self.class_start:self.class_start + self.num_local].clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -441,6 +441,41 @@ def test_repeated_backward_and_unit_upstream_gradient(backend, reduction):
     torch.testing.assert_close(w.grad, want_w)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_unit_upstream_gradient_keeps_double_backward(backend):
+    """A learnable loss weight that happens to be 1 still gets its gradient through a double
+    backward (create_graph): the fast path for an upstream gradient of 1 stays out of the way.
+    (cpu and torch, which form the gradients in the forward; the Triton backward has no
+    double-backward formula.)"""
+    dev = device_for(backend)
+    x, w, pos = make_problem(device=dev)
+    x.requires_grad_()
+    for value in (1.0, 1.5):
+        lam = torch.tensor(value, device=dev, requires_grad=True)
+        gx, = torch.autograd.grad(lam * pyssl.mlcd_loss(x, w, pos, backend=backend), x, create_graph=True)
+        dlam, = torch.autograd.grad(gx.sum(), lam)
+        torch.testing.assert_close(dlam * value, gx.sum().detach())
+
+
+def test_unit_upstream_gradient_retained_graph_in_place_is_caught(backend):
+    """What the fast path changes (documented at _backward): autograd.grad with retain_graph
+    returns the saved gradient itself; modifying it in place makes the next backward through the
+    retained graph raise, never return a wrong value."""
+    dev = device_for(backend)
+    x, w, pos = make_problem(device=dev)
+    x.requires_grad_()
+    loss = pyssl.mlcd_loss(x, w, pos, backend=backend)
+    gx, = torch.autograd.grad(loss, x, retain_graph=True)
+    want = gx.clone()
+    gx.mul_(2.0)
+    try:
+        again, = torch.autograd.grad(loss, x)
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e)
+    else:   # backends that recompute in the backward (or copy) give the right gradient
+        torch.testing.assert_close(again, want)
+
+
 def test_opcheck(backend):
     x, w, pos = make_problem(n=8, c=20, d=6, l=2, device=device_for(backend))
     classes = torch.arange(0, 20, 2, device=x.device).unique()
