@@ -453,8 +453,11 @@ def test_unit_upstream_gradient_keeps_double_backward(backend):
     for value in (1.0, 1.5):
         lam = torch.tensor(value, device=dev, requires_grad=True)
         gx, = torch.autograd.grad(lam * pyssl.mlcd_loss(x, w, pos, backend=backend), x, create_graph=True)
-        dlam, = torch.autograd.grad(gx.sum(), lam)
+        dlam, = torch.autograd.grad(gx.sum(), lam, retain_graph=True)
         torch.testing.assert_close(dlam * value, gx.sum().detach())
+        # second derivatives in x are not implemented: an error, not a silent zero
+        with pytest.raises(RuntimeError, match="second derivatives with respect to x and weight"):
+            torch.autograd.grad(gx.square().sum(), x)
 
 
 def test_unit_upstream_gradient_retained_graph_in_place_is_caught(backend):

@@ -498,9 +498,26 @@ def _setup_context(ctx, inputs, output):
     # zero-filled tensors for them, a C×D fill for dw
     ctx.set_materialize_grads(False)
     if gif:
-        ctx.save_for_backward(dx, dw)
+        # x and weight only as anchors of the double-backward guard (_NoSecondOrder): no copies
+        ctx.save_for_backward(dx, dw, x, weight)
     else:
         ctx.save_for_backward(x, weight, classes, pos_col, lse_total, gpos_unit)
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """A zero that depends on x and weight, added to the gradients of a double backward: the
+    second derivatives of the margin losses with respect to x and weight are not implemented,
+    and this says so when a backward reaches them."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        return x.new_zeros((), dtype=_acc_dtype(x))
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("pyssl margin losses (mlcd_loss, margin_softmax_loss): second derivatives "
+                           "with respect to x and weight are not implemented (a double backward, "
+                           "create_graph=True, reached them)")
 
 
 def _is_one(g: Tensor) -> bool:
@@ -521,8 +538,16 @@ def _backward(ctx, grad_loss, *unused):
     if grad_loss is None:   # only auxiliary outputs reached the backward: no gradient flows
         return (None,) * 13
     if ctx.grad_in_forward:
-        dx, dw = ctx.saved_tensors
+        dx, dw, x, weight = ctx.saved_tensors
         rest = (None,) * 11
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: the gradients were formed in the forward as constants, so their
+            # own derivatives with respect to x and weight would silently be zero; a node on
+            # those paths raises instead (the upstream gradient's inputs, e.g. a learnable loss
+            # weight, still get theirs)
+            guard = _NoSecondOrder.apply(x, weight)
+            g = grad_loss.to(_acc_dtype(dx))
+            return ((dx * g + guard).to(ctx.dtype), (dw * g + guard).to(ctx.dtype)) + rest
         if dx.dtype == ctx.dtype and _is_one(grad_loss):
             # loss.backward(): the saved gradients are the answer. Without retain_graph autograd
             # has released its saved copy by the time they are accumulated, so .grad takes them
