@@ -56,6 +56,13 @@ class _ClassCenters(torch.nn.Module):
             self.class_start, self.num_local = shard_range(self.num_classes, dist.get_rank(process_group), world)
         self.weight = torch.nn.Parameter(torch.empty(self.num_local, self.dim, device=device, dtype=dtype))
         self.reset_parameters()
+        self._register_state_dict_hook(_ClassCenters._record_class_range)
+
+    @staticmethod
+    def _record_class_range(module, state_dict, prefix, local_metadata):
+        # which rows of the C centers this state dict's weight holds: a shard saved by one rank
+        # refuses to load into another rank's shard (see _load_from_state_dict)
+        local_metadata["pyssl_class_range"] = (module.class_start, module.num_local, module.num_classes)
 
     def _sharded(self, loss_fn, x, ids, **kw):
         """The model-parallel call: this rank's shard, sampling inside the op (the positives of
@@ -83,6 +90,14 @@ class _ClassCenters(torch.nn.Module):
         # rank takes its own rows
         key = prefix + "weight"
         w = state_dict.get(key)
+        saved = local_metadata.get("pyssl_class_range")
+        mine = (self.class_start, self.num_local, self.num_classes)
+        if saved is not None and tuple(saved) != mine and tuple(saved) != (0, self.num_classes, self.num_classes):
+            error_msgs.append(f"{type(self).__name__}: the checkpoint's {key} holds classes "
+                              f"[{saved[0]}, {saved[0] + saved[1]}) of {saved[2]}, this module classes "
+                              f"[{mine[0]}, {mine[0] + mine[1]}) of {mine[2]}: load each rank's own shard, "
+                              "or all C centers (full_weight())")
+            return
         if (self.process_group is not None and isinstance(w, Tensor) and w.dim() == 2
                 and w.shape[0] == self.num_classes and self.num_local != self.num_classes):
             state_dict = dict(state_dict)

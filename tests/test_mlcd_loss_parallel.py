@@ -233,6 +233,19 @@ def case_module(rank):
     assert torch.equal(other.weight, crit.weight)
     with pytest.raises(RuntimeError, match="size mismatch"):
         other.load_state_dict({"weight": torch.zeros(C + 1, D)})
+    # a shard's state dict records its class range: rank 0's shard refuses to load on rank 1
+    # (the shards here have different sizes, but equal ones would load silently without it)
+    states = [None] * _world()
+    dist.all_gather_object(states, crit.state_dict())
+    other.load_state_dict(states[rank])
+    if rank == 1:
+        with pytest.raises(RuntimeError, match=r"holds classes \[0, 19\) of 37"):
+            other.load_state_dict(states[0])
+    # a single-process checkpoint (all classes) still loads, each rank taking its rows
+    single = pyssl.nn.MLCDLoss(C, D)
+    single.load_state_dict({"weight": w.float()})
+    other.load_state_dict(single.state_dict())
+    assert torch.equal(other.weight.detach(), w[start:start + count].float())
 
     head = pyssl.nn.MarginSoftmaxLoss(C, D, m2=0.4, process_group=dist.group.WORLD, backend="torch")
     with torch.no_grad():
