@@ -361,6 +361,11 @@ def case_errors(rank):
     with pytest.raises(ValueError, match="outside this rank's class range|another rank"):
         mlcd_loss_parallel(xo, wo, po, class_start=start,
                            classes=torch.tensor([C + 5]) if rank == 1 else _local_classes(rank, pos, 0))
+    # the same with gradients (the cpu/torch path that forms them chunk by chunk in the forward)
+    for backend in ("cpu", "torch"):
+        with pytest.raises(ValueError, match="classes of some rank do not contain|another rank"):
+            mlcd_loss_parallel(xo.clone().requires_grad_(), wo, po, class_start=start, classes=classes,
+                               backend=backend)
     # float32 centers with bfloat16 features: the rows are cast only once classes are known good
     with pytest.raises(ValueError, match="outside this rank's class range|another rank"):
         mlcd_loss_parallel(xo.bfloat16(), wo, po, class_start=start,

@@ -252,7 +252,9 @@ def _chunk_rows(n, cp, d):
 class _Chunked:
     """Shared state of one chunked call: normalized x, the float32 class matrix, its norms."""
 
-    def __init__(self, x, weight, classes, backend):
+    def __init__(self, x, weight, classes, backend, rows=None):
+        """rows: the row-chunk size (default from the buffer budget); the model-parallel form
+        passes one that every rank computes alike, so the ranks' chunks line up."""
         self.backend = backend
         acc = _acc_dtype(x)
         self.xf = x.to(acc)
@@ -263,7 +265,7 @@ class _Chunked:
         self.rw = 1.0 / torch.linalg.vector_norm(self.w_eff, dim=1).clamp_min(NORM_EPS)
         n, d = x.shape
         self.cp = self.w_eff.shape[0]
-        self.rows = _chunk_rows(n, self.cp, d)
+        self.rows = _chunk_rows(n, self.cp, d) if rows is None else rows
         # reused across calls (pyssl/_workspace.py): a fresh one costs page faults every step
         self.buf = _workspace.scratch(self.rows * self.cp, acc, x.device).view(self.rows, self.cp)
         self.lse_fn, self.grad_fn = _chunk_kernels(backend)

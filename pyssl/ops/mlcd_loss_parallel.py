@@ -19,15 +19,17 @@ Rank r of P holds the centers of classes [start_r, start_r + C_r) and its own N_
      log-sum-exp over every shard's negatives and every positive's cosine (each positive lives on
      exactly one shard); the per-row loss math (_row_terms) then runs alike on every rank, and
      every rank returns the same loss.
-  Backward: the engine's grad over this shard with the global lse_total gives dW of the shard
+  Gradients: the engine's grad over this shard with the global lse_total gives dW of the shard
   (it stays here) and this shard's part of dX for all N rows, both in float32 (unrounded: the
   partials of one row can cancel); one reduce_scatter SUM in float32 hands each rank the sum for
-  its own rows.
+  its own rows. Triton, and reduction "none", form them in the backward (recomputing the logits
+  tile by tile). The cpu and torch backends with a scalar loss form them in the forward, as the
+  single-process op does: per row chunk (a size every rank computes alike) steps 4-5 run on the
+  chunk, then its gradient epilogue and GEMMs on the logits still in the buffer (3 GEMMs in all;
+  the backward only scales by the upstream gradient, with no collective).
 
-Traffic per call: forward N·D (x, in x's dtype) + N·l ids + N·(2 + l) floats, backward N·D
-floats sent, N_r·D received. Compute: the chunked backends cannot fuse the gradient into the
-forward as the single-process op does (the global log-sum-exp is needed first), so they
-recompute the logits in the backward: 4 GEMMs instead of 3; Triton recomputes in any case.
+Traffic per call: N·D (x, in x's dtype) + N·l ids + N·(2 + l) floats for the statistics, N·D
+floats sent and N_r·D received for dX.
 
 Every rank raises the same way on bad input, so no rank is left waiting in a collective: a
 rank's own argument errors (shapes, dtypes, settings) ride on the first gather, and what is found
@@ -176,44 +178,45 @@ class _ShardedMarginLoss(torch.autograd.Function):
                 w_use, cls_use = w_use.index_select(0, classes).to(x.dtype), None
         backend = E._choose_backend(fn, call.backend, x, lmax)
         acc = E._acc_dtype(x)
-        if empty or error:
-            lse = torch.full((ntot,), float("-inf"), dtype=acc, device=x.device)
-            pcos = torch.zeros(pos.shape, dtype=acc, device=x.device)
+        ctx.call, ctx.backend, ctx.empty = call, backend, empty
+        ctx.ns, ctx.offset, ctx.n = ns, offset, n
+        ctx.x_dtype, ctx.w_dtype, ctx.w_shape = x.dtype, weight.dtype, weight.shape
+        ctx.cast_rows = weight.dtype != x.dtype and classes is not None
+        # cpu and torch backends with a scalar loss that needs gradients: per row chunk, the
+        # chunk's statistics are exchanged and its gradients formed while its logits are still in
+        # the buffer (3 GEMMs, as the single-process op; no collective in the backward)
+        ctx.fused = backend in ("cpu", "torch") and call.reduction != 0 and bool(metas[0][6])
+        combine = _Combine(fn, group, error, acc, x.device)
+        valid = pos >= 0
+        if ctx.fused:
+            rows, dx_own, dw = _fused_forward(call, xs, w_use, cls_use, classes, pos_col, valid, empty or error,
+                                              combine, backend, metas, ctx)
+            ctx.save_for_backward(dx_own, dw)
         else:
-            lse, pcos = E.engine_lse(xs, w_use, cls_use, pos_col, call.scale, backend)
-
-        # step 5: (max, then rescaled sums) across shards; an error flag rides on the max
-        flag = torch.tensor([1.0 if error else 0.0], dtype=acc, device=x.device)
-        red = torch.cat([lse.to(acc), flag])
-        dist.all_reduce(red, op=dist.ReduceOp.MAX, group=group)
-        if red[-1].item() > 0:
-            raise ValueError(error or f"{fn}: the candidate classes of another rank are invalid "
-                                      "(its error names the problem)")
-        row_max = red[:-1]
-        ref = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-        red = torch.cat([torch.exp(lse.to(acc) - ref), pcos.to(acc).reshape(-1)])
-        dist.all_reduce(red, op=dist.ReduceOp.SUM, group=group)
-        total = red[:ntot]
-        lse_neg = torch.where(total == 0, torch.full_like(total, float("-inf")), ref + torch.log(total))
-        pos_cos = red[ntot:].view(ntot, lmax)
-        rows, lse_total, gpos_unit = E._row_terms(call.kind, lse_neg, pos_cos, pos >= 0, call.scale,
-                                                  call.m1, call.m2, call.m3, call.exact)
+            if empty or error:
+                lse = torch.full((ntot,), float("-inf"), dtype=acc, device=x.device)
+                pcos = torch.zeros(pos.shape, dtype=acc, device=x.device)
+            else:
+                lse, pcos = E.engine_lse(xs, w_use, cls_use, pos_col, call.scale, backend)
+            lse_neg, pos_cos = combine(lse, pcos)
+            rows, lse_total, gpos_unit = E._row_terms(call.kind, lse_neg, pos_cos, valid, call.scale,
+                                                      call.m1, call.m2, call.m3, call.exact)
+            ctx.save_for_backward(xs, w_use, cls_use, pos_col, lse_total, gpos_unit, classes)
         if call.reduction == 1:
             loss = rows.mean()
         elif call.reduction == 2:
             loss = rows.sum()
         else:
             loss = rows[offset:offset + n]
-
-        ctx.save_for_backward(xs, w_use, cls_use, pos_col, lse_total, gpos_unit, classes)
-        ctx.call, ctx.backend, ctx.empty = call, backend, empty
-        ctx.ns, ctx.offset, ctx.n = ns, offset, n
-        ctx.x_dtype, ctx.w_dtype, ctx.w_shape = x.dtype, weight.dtype, weight.shape
-        ctx.cast_rows = weight.dtype != x.dtype and classes is not None
         return loss.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
+        if ctx.fused:   # the gradients of a unit upstream gradient, formed in the forward
+            dx_own, dw = ctx.saved_tensors   # dx_own None where no rank's x needs a gradient
+            g = grad_loss.to(torch.float64 if ctx.x_dtype == torch.float64 else torch.float32)
+            dx = (dx_own * g).to(ctx.x_dtype) if dx_own is not None and ctx.needs_input_grad[0] else None
+            return dx, ((dw * g).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None), None, None
         xs, w_use, cls_use, pos_col, lse_total, gpos_unit, classes = ctx.saved_tensors
         call, group = ctx.call, ctx.call.group
         ntot = xs.shape[0]
@@ -240,6 +243,87 @@ class _ShardedMarginLoss(torch.autograd.Function):
                 dx_own.mul_(call.feature_grad_scale)
             dx_own = dx_own.to(ctx.x_dtype)
         return (dx_own if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None, None
+
+
+class _Combine:
+    """Step 5 for a block of rows: (lse_r, cosines found here) of this shard -> the rows'
+    log-sum-exp over every shard's negatives and every positive's cosine. The first call also
+    carries this rank's error flag on its max-reduce, and raises on every rank if any has one."""
+
+    def __init__(self, fn, group, error, acc, device):
+        self.fn, self.group, self.error, self.acc, self.device = fn, group, error, acc, device
+        self.first = True
+
+    def __call__(self, lse: Tensor, pcos: Tensor):
+        n = lse.shape[0]
+        red = lse.to(self.acc)
+        if self.first:
+            flag = torch.tensor([1.0 if self.error else 0.0], dtype=self.acc, device=self.device)
+            red = torch.cat([red, flag])
+        else:
+            red = red.clone()
+        dist.all_reduce(red, op=dist.ReduceOp.MAX, group=self.group)
+        if self.first:
+            self.first = False
+            if red[-1].item() > 0:
+                raise ValueError(self.error or f"{self.fn}: the candidate classes of another rank are "
+                                               "invalid (its error names the problem)")
+            red = red[:-1]
+        ref = torch.where(torch.isneginf(red), torch.zeros_like(red), red)
+        red = torch.cat([torch.exp(lse.to(self.acc) - ref), pcos.to(self.acc).reshape(-1)])
+        dist.all_reduce(red, op=dist.ReduceOp.SUM, group=self.group)
+        total = red[:n]
+        lse_neg = torch.where(total == 0, torch.full_like(total, float("-inf")), ref + torch.log(total))
+        return lse_neg, red[n:].view(pcos.shape)
+
+
+def _fused_forward(call, xs, w_use, cls_use, classes, pos_col, valid, idle, combine, backend, metas, ctx):
+    """The chunked backends' forward with gradients (scalar loss): row chunks of a size every rank
+    computes alike (from the largest shard), each chunk's statistics combined across ranks, then
+    its gradient epilogue and GEMMs on the logits still in the buffer. A rank with no candidate
+    column (idle) takes part in every exchange. Returns (loss rows, this rank's dx rows for a
+    unit upstream gradient (float32, feature_grad_scale applied), dw of the shard)."""
+    ntot, d = xs.shape
+    acc = E._acc_dtype(xs)
+    rows_per_chunk = E._chunk_rows(ntot, max(m[3] for m in metas), d)
+    row_weight = E._row_weights(call.reduction, ntot)
+    st = None if idle else E._Chunked(xs, w_use, cls_use, backend, rows=rows_per_chunk)
+    loss_rows = torch.empty(ntot, dtype=acc, device=xs.device)
+    dxhat = torch.zeros(ntot, d, dtype=acc, device=xs.device)
+    dw_acc = None if idle else torch.empty_like(st.w_eff)
+    for r0 in range(0, ntot, rows_per_chunk):
+        r1 = min(ntot, r0 + rows_per_chunk)
+        pc = pos_col[r0:r1].contiguous()
+        if idle:
+            ln = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=xs.device)
+            pcs = torch.zeros(pc.shape, dtype=acc, device=xs.device)
+        else:
+            buf = st.buf[: r1 - r0]
+            ln, pcs = st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw, pc, float(call.scale), buf)
+        lse_neg, pos_cos = combine(ln, pcs)
+        rows, lt, gp = E._row_terms(call.kind, lse_neg, pos_cos, valid[r0:r1], call.scale,
+                                    call.m1, call.m2, call.m3, call.exact)
+        loss_rows[r0:r1] = rows
+        if not idle:
+            gp = torch.where(pc >= 0, gp * row_weight, torch.zeros_like(gp))   # this shard's positives
+            st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(call.scale), lt.contiguous(),
+                       torch.full_like(lt, row_weight), gp.contiguous(), dxhat[r0:r1], dw_acc, r0 > 0)
+    keep = E._saved_grad_dtype(ctx.w_dtype)
+    if idle:
+        dx = dxhat
+        dw = torch.zeros(ctx.w_shape, dtype=keep, device=xs.device)
+    else:
+        dx, dw = st.finish(dxhat, dw_acc, xs, w_use, cls_use, acc)
+        if ctx.cast_rows:
+            dw = torch.zeros(ctx.w_shape, dtype=keep, device=xs.device).index_copy_(0, classes, dw.to(keep))
+        else:
+            dw = dw.to(keep)
+    dx_own = None
+    if call.any_x_grad:   # decided from every rank's flags: all take part alike
+        dx_own = _sum_own_rows(dx, ctx.ns, call.group)
+        if call.feature_grad_scale != 1.0:
+            dx_own.mul_(call.feature_grad_scale)
+    return loss_rows, dx_own, dw
 
 
 def _sum_own_rows(dx: Tensor, ns: List[int], group) -> Tensor:
