@@ -45,11 +45,10 @@ _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 # argument checks (shapes and types here, data-dependent checks inside the op)
 # --------------------------------------------------------------------------------------------
 
-def _check_common(fn, x, weight, classes, scale, reduction, margin_grad, mixed_weight=False,
-                  allow_empty_x=False):
-    """Shapes, dtypes, devices and settings. mixed_weight: float32 centers with 16-bit x are
-    accepted (the caller casts the rows it uses); allow_empty_x: N = 0 (a rank of the
-    model-parallel form may have no rows)."""
+def _check_common(fn, x, weight, classes, scale, reduction, margin_grad, shard=False):
+    """Shapes, dtypes, devices and settings. shard: the model-parallel form's rank, which may
+    have no rows (N = 0) and an empty candidate set, and may take float32 centers with 16-bit x
+    (it casts the rows it uses)."""
     _checks.tensor(fn, "x", x)
     _checks.tensor(fn, "weight", weight)
     if x.dim() != 2:
@@ -58,19 +57,19 @@ def _check_common(fn, x, weight, classes, scale, reduction, margin_grad, mixed_w
         raise ValueError(f"{fn}: weight must be (C, D), got shape {tuple(weight.shape)}")
     if x.dtype not in _FLOATS + (torch.float64,):
         raise ValueError(f"{fn}: x must be float32, bfloat16 or float16, got {x.dtype}")
-    mixed_ok = mixed_weight and weight.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
+    mixed_ok = shard and weight.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
     if weight.dtype != x.dtype and not mixed_ok:
         raise ValueError(f"{fn}: weight dtype {weight.dtype} does not match x dtype {x.dtype}")
     if weight.device != x.device:
         raise ValueError(f"{fn}: weight is on {weight.device} but x is on {x.device}")
-    if x.shape[0] == 0 and not allow_empty_x:
+    if x.shape[0] == 0 and not shard:
         raise ValueError(f"{fn}: x is empty (N = 0)")
     if weight.shape[0] == 0:
         raise ValueError(f"{fn}: weight is empty (C = 0)")
     if x.shape[1] == 0 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"{fn}: x has D={x.shape[1]} but weight has D={weight.shape[1]}")
     if _checks.tensor(fn, "classes", classes, optional=True) is not None:
-        if classes.dim() != 1 or classes.numel() == 0:
+        if classes.dim() != 1 or (classes.numel() == 0 and not shard):
             raise ValueError(f"{fn}: classes must be a non-empty 1-D tensor, got shape {tuple(classes.shape)}")
         if classes.dtype != torch.int64:
             raise ValueError(f"{fn}: classes must be int64, got {classes.dtype}")
@@ -124,19 +123,27 @@ def _validate_data(pos_ids: Tensor, classes: Optional[Tensor], num_classes: int,
             raise ValueError(f"{fn}: classes holds duplicated ids")
 
 
+def _find_columns(ids: Tensor, classes: Tensor):
+    """(the column in classes of every id >= 0, -1 elsewhere; the mask of ids >= 0 that classes
+    lacks; classes sorted)."""
+    srt, perm = classes.sort()
+    valid = ids >= 0
+    if srt.numel() == 0:
+        return torch.full_like(ids, -1), valid, srt
+    idx = torch.searchsorted(srt, ids.clamp_min(0)).clamp_max(srt.numel() - 1)
+    found = valid & (srt[idx] == ids)
+    return torch.where(found, perm[idx], torch.full_like(ids, -1)), valid & ~found, srt
+
+
 def _positive_columns(pos_ids: Tensor, classes: Optional[Tensor], fn: str) -> Tensor:
     """Column index in S of every positive (-1 stays padding); raises if one is not in S."""
     if classes is None:
         return pos_ids
-    srt, perm = classes.sort()
-    valid = pos_ids >= 0
-    idx = torch.searchsorted(srt, pos_ids.clamp_min(0)).clamp_max(srt.numel() - 1)
-    found = srt[idx] == pos_ids
-    if not bool((found | ~valid).all()):
-        missing = pos_ids[valid & ~found][0].item()
-        raise ValueError(f"{fn}: classes does not contain positive/label id {missing}; "
+    cols, missing, _ = _find_columns(pos_ids, classes)
+    if bool(missing.any()):
+        raise ValueError(f"{fn}: classes does not contain positive/label id {pos_ids[missing][0].item()}; "
                          "the candidate set must hold every positive of the batch")
-    return torch.where(valid, perm[idx], torch.full_like(pos_ids, -1))
+    return cols
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +215,7 @@ def _torch_chunk_lse(xhat, w_eff, rw, pos_col, scale, buf):
     buf.mul_(scale)
     # padding points at the row's first valid positive, so its -inf lands on a positive too; a
     # row without a positive (a shard of the model-parallel form) writes column 0's own value back
-    col, has = _scatter_columns(pos_col, valid)
+    col, has, _ = _scatter_columns(pos_col, valid)
     buf.scatter_(1, col, torch.where(has, float("-inf"), buf.gather(1, col)))
     return torch.logsumexp(buf, 1), pos_cos
 
@@ -216,17 +223,18 @@ def _torch_chunk_lse(xhat, w_eff, rw, pos_col, scale, buf):
 def _scatter_columns(pos_col, valid):
     """Columns to scatter the positives' values into, duplicates made harmless: padding takes the
     row's first positive column (it receives that positive's value), and a row with no positive
-    at all points every entry at column 0; has (N, 1) says which rows have a positive."""
+    at all points every entry at column 0; has (N, 1) says which rows have a positive, first_i
+    (N, 1) the slot of the row's first positive."""
     has = valid.any(1, keepdim=True)
-    first = torch.where(has, pos_col.gather(1, valid.to(torch.int8).argmax(1, keepdim=True)), 0)
-    return torch.where(valid, pos_col, first), has
+    first_i = valid.to(torch.int8).argmax(1, keepdim=True)
+    first = torch.where(has, pos_col.gather(1, first_i), 0)
+    return torch.where(valid, pos_col, first), has, first_i
 
 
 def _torch_chunk_grad(buf, xhat, w_eff, rw, pos_col, scale, lse_total, gneg, gpos, dxhat_out, dw_acc, accumulate):
     buf.sub_(lse_total[:, None]).exp_().mul_((gneg * scale)[:, None])
     valid = pos_col >= 0
-    col, has = _scatter_columns(pos_col, valid)
-    first_i = valid.to(torch.int8).argmax(1, keepdim=True)
+    col, has, first_i = _scatter_columns(pos_col, valid)
     val = torch.where(valid, gpos, gpos.gather(1, first_i))
     buf.scatter_(1, col, torch.where(has, val, buf.gather(1, col)))
     buf.mul_(rw)
@@ -301,11 +309,17 @@ def _saved_grad_dtype(dtype):
 
 
 def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact,
-                     row_weight: Optional[float], backend):
-    """Loss rows, lse_total, gpos_unit; and dX, dW for upstream weight row_weight if given."""
-    st = _Chunked(x, weight, classes, backend)
+                     row_weight: Optional[float], backend, combine=None, valid=None, rows=None,
+                     grad_dtype=None):
+    """Loss rows, lse_total, gpos_unit; and dX, dW for upstream weight row_weight if given (in
+    grad_dtype, default _saved_grad_dtype(x.dtype)).
+
+    The model-parallel form passes combine(lse_neg, pos_cos) -> the same for the chunk's rows
+    over every shard (applied before the row math), valid = the whole batch's positives (those
+    of other shards are padding in pos_col) and rows = a chunk size every rank computes alike."""
+    st = _Chunked(x, weight, classes, backend, rows)
     n, d = x.shape
-    valid = pos_col >= 0
+    valid = pos_col >= 0 if valid is None else valid
     rows_out = torch.empty(n, dtype=st.xhat.dtype, device=x.device)
     lse_total = torch.empty_like(rows_out)
     gpos_unit = torch.empty(pos_col.shape, dtype=st.xhat.dtype, device=x.device)
@@ -316,14 +330,17 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
     for r0, r1, buf, acc in st.chunks(n):
         pc = pos_col[r0:r1].contiguous()
         ln, pcs = st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), buf)
-        rows, lt, gp = _row_terms(kind, ln, pcs, valid[r0:r1], scale, m1, m2, m3, exact)
-        rows_out[r0:r1], lse_total[r0:r1], gpos_unit[r0:r1] = rows, lt, gp
+        if combine is not None:
+            ln, pcs = combine(ln, pcs)
+        rows_c, lt, gp = _row_terms(kind, ln, pcs, valid[r0:r1], scale, m1, m2, m3, exact)
+        rows_out[r0:r1], lse_total[r0:r1], gpos_unit[r0:r1] = rows_c, lt, gp
         if want_grad:
             g = torch.full_like(lt, row_weight)
+            gp = torch.where(pc >= 0, gp * row_weight, torch.zeros_like(gp))   # 0 at padding (contract)
             st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), lt.contiguous(),
-                       g, (gp * row_weight).contiguous(), dxhat[r0:r1], dw_acc, acc)
+                       g, gp.contiguous(), dxhat[r0:r1], dw_acc, acc)
     if want_grad:
-        dx, dw = st.finish(dxhat, dw_acc, x, weight, classes, _saved_grad_dtype(x.dtype))
+        dx, dw = st.finish(dxhat, dw_acc, x, weight, classes, grad_dtype or _saved_grad_dtype(x.dtype))
     else:
         dx = dw = None
     return rows_out, lse_total, gpos_unit, dx, dw

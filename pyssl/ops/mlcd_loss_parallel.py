@@ -124,18 +124,13 @@ def _local_columns(fn: str, local: Tensor, classes: Optional[Tensor], count: int
         return local, ""
     if bool(((classes < 0) | (classes >= count)).any()):
         return local, f"{fn}: classes holds ids outside this rank's class range"
-    srt, perm = classes.sort()
+    cols, missing, srt = E._find_columns(local, classes)
     if bool((srt[1:] == srt[:-1]).any()):
         return local, f"{fn}: classes holds duplicated ids"
-    valid = local >= 0
-    missing = (f"{fn}: the classes of some rank do not contain a positive/label of its shard; each "
-               "rank's candidate set must hold every positive of the batch that falls in its class range")
-    if srt.numel() == 0:
-        return local, (missing if bool(valid.any()) else "")
-    idx = torch.searchsorted(srt, local.clamp_min(0)).clamp_max(srt.numel() - 1)
-    if not bool((srt[idx] == local).logical_or_(~valid).all()):
-        return local, missing
-    return torch.where(valid, perm[idx], torch.full_like(local, -1)), ""
+    if bool(missing.any()):
+        return local, (f"{fn}: the classes of some rank do not contain a positive/label of its shard; each "
+                       "rank's candidate set must hold every positive of the batch that falls in its class range")
+    return cols, ""
 
 
 class _ShardedMarginLoss(torch.autograd.Function):
@@ -226,23 +221,13 @@ class _ShardedMarginLoss(torch.autograd.Function):
         gneg = E.upstream_rows(g, call.reduction, ntot)
         gpos = torch.where(pos_col >= 0, gpos_unit * gneg[:, None], torch.zeros_like(gpos_unit))
         if ctx.empty:
-            dx = torch.zeros(xs.shape, dtype=lse_total.dtype, device=xs.device)
-            dw = torch.zeros(ctx.w_shape, dtype=ctx.w_dtype, device=xs.device)
+            dx, dw = torch.zeros(xs.shape, dtype=lse_total.dtype, device=xs.device), None
         else:
             dx, dw = E.engine_grad(xs, w_use, cls_use, pos_col, call.scale, lse_total, gneg, gpos.contiguous(),
                                    ctx.backend)
-            if ctx.cast_rows:
-                dw = torch.zeros(ctx.w_shape, dtype=ctx.w_dtype, device=xs.device).index_copy_(
-                    0, classes, dw.to(ctx.w_dtype))
-            else:
-                dw = dw.to(ctx.w_dtype)
-        dx_own = None
-        if call.any_x_grad:   # decided from every rank's flags: all take part alike
-            dx_own = _sum_own_rows(dx, ctx.ns, group)
-            if call.feature_grad_scale != 1.0:
-                dx_own.mul_(call.feature_grad_scale)
-            dx_own = dx_own.to(ctx.x_dtype)
-        return (dx_own if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None, None
+        dx_own, dw = _shard_grads(ctx, dx, dw, classes, ctx.w_dtype)
+        dx_own = dx_own.to(ctx.x_dtype) if dx_own is not None and ctx.needs_input_grad[0] else None
+        return dx_own, (dw if ctx.needs_input_grad[1] else None), None, None
 
 
 class _Combine:
@@ -278,52 +263,49 @@ class _Combine:
 
 
 def _fused_forward(call, xs, w_use, cls_use, classes, pos_col, valid, idle, combine, backend, metas, ctx):
-    """The chunked backends' forward with gradients (scalar loss): row chunks of a size every rank
-    computes alike (from the largest shard), each chunk's statistics combined across ranks, then
-    its gradient epilogue and GEMMs on the logits still in the buffer. A rank with no candidate
-    column (idle) takes part in every exchange. Returns (loss rows, this rank's dx rows for a
-    unit upstream gradient (float32, feature_grad_scale applied), dw of the shard)."""
+    """The chunked backends' forward with gradients (scalar loss): the single-process chunk loop
+    (E._chunked_forward) with row chunks of a size every rank computes alike (from the largest
+    shard) and each chunk's statistics combined across ranks before its gradient epilogue and
+    GEMMs. A rank with no candidate column (idle) takes part in every exchange. Returns (loss
+    rows, this rank's dx rows for a unit upstream gradient (float32, feature_grad_scale applied;
+    None where no rank's x needs one), dw of the shard)."""
     ntot, d = xs.shape
     acc = E._acc_dtype(xs)
     rows_per_chunk = E._chunk_rows(ntot, max(m[3] for m in metas), d)
-    row_weight = E._row_weights(call.reduction, ntot)
-    st = None if idle else E._Chunked(xs, w_use, cls_use, backend, rows=rows_per_chunk)
-    loss_rows = torch.empty(ntot, dtype=acc, device=xs.device)
-    dxhat = torch.zeros(ntot, d, dtype=acc, device=xs.device)
-    dw_acc = None if idle else torch.empty_like(st.w_eff)
-    for r0 in range(0, ntot, rows_per_chunk):
-        r1 = min(ntot, r0 + rows_per_chunk)
-        pc = pos_col[r0:r1].contiguous()
-        if idle:
-            ln = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=xs.device)
-            pcs = torch.zeros(pc.shape, dtype=acc, device=xs.device)
-        else:
-            buf = st.buf[: r1 - r0]
-            ln, pcs = st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw, pc, float(call.scale), buf)
-        lse_neg, pos_cos = combine(ln, pcs)
-        rows, lt, gp = E._row_terms(call.kind, lse_neg, pos_cos, valid[r0:r1], call.scale,
-                                    call.m1, call.m2, call.m3, call.exact)
-        loss_rows[r0:r1] = rows
-        if not idle:
-            gp = torch.where(pc >= 0, gp * row_weight, torch.zeros_like(gp))   # this shard's positives
-            st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(call.scale), lt.contiguous(),
-                       torch.full_like(lt, row_weight), gp.contiguous(), dxhat[r0:r1], dw_acc, r0 > 0)
-    keep = E._saved_grad_dtype(ctx.w_dtype)
     if idle:
-        dx = dxhat
-        dw = torch.zeros(ctx.w_shape, dtype=keep, device=xs.device)
+        loss_rows = torch.empty(ntot, dtype=acc, device=xs.device)
+        for r0 in range(0, ntot, rows_per_chunk):
+            r1 = min(ntot, r0 + rows_per_chunk)
+            lse_neg, pos_cos = combine(torch.full((r1 - r0,), float("-inf"), dtype=acc, device=xs.device),
+                                       torch.zeros((r1 - r0, pos_col.shape[1]), dtype=acc, device=xs.device))
+            loss_rows[r0:r1] = E._row_terms(call.kind, lse_neg, pos_cos, valid[r0:r1], call.scale,
+                                            call.m1, call.m2, call.m3, call.exact)[0]
+        dx, dw = torch.zeros(ntot, d, dtype=acc, device=xs.device), None
     else:
-        dx, dw = st.finish(dxhat, dw_acc, xs, w_use, cls_use, acc)
-        if ctx.cast_rows:
-            dw = torch.zeros(ctx.w_shape, dtype=keep, device=xs.device).index_copy_(0, classes, dw.to(keep))
-        else:
-            dw = dw.to(keep)
+        loss_rows, _, _, dx, dw = E._chunked_forward(
+            xs, w_use, cls_use, pos_col, call.kind, call.scale, call.m1, call.m2, call.m3, call.exact,
+            E._row_weights(call.reduction, ntot), backend, combine=combine, valid=valid, rows=rows_per_chunk,
+            grad_dtype=acc)
+    return (loss_rows,) + _shard_grads(ctx, dx, dw, classes, E._saved_grad_dtype(ctx.w_dtype))
+
+
+def _shard_grads(ctx, dx: Tensor, dw: Optional[Tensor], classes: Optional[Tensor], w_dtype):
+    """(this rank's dX rows: every rank's partial dx (N, D) summed, times feature_grad_scale, None
+    where no rank's x needs a gradient; the shard's dW in w_dtype: zeros where dw is None (no
+    candidate column here), the cast rows put back in place)."""
+    call = ctx.call
+    if dw is None:
+        dw = torch.zeros(ctx.w_shape, dtype=w_dtype, device=dx.device)
+    elif ctx.cast_rows:
+        dw = torch.zeros(ctx.w_shape, dtype=w_dtype, device=dx.device).index_copy_(0, classes, dw.to(w_dtype))
+    else:
+        dw = dw.to(w_dtype)
     dx_own = None
     if call.any_x_grad:   # decided from every rank's flags: all take part alike
         dx_own = _sum_own_rows(dx, ctx.ns, call.group)
         if call.feature_grad_scale != 1.0:
             dx_own.mul_(call.feature_grad_scale)
-    return loss_rows, dx_own, dw
+    return dx_own, dw
 
 
 def _sum_own_rows(dx: Tensor, ns: List[int], group) -> Tensor:
@@ -392,14 +374,9 @@ def _run(fn, kind, x, weight, ids, class_start, process_group, classes, sample_r
     m1 = m2 = m3 = 0.0
     try:
         m1, m2, m3 = check_own()   # the ids' shape and dtype, the margins
-        E._check_common(fn, x, weight, None, scale, reduction, margin_grad, mixed_weight=True,
-                        allow_empty_x=True)
+        # classes may be empty: a shard holding no positive of the batch need not add a column
+        E._check_common(fn, x, weight, classes, scale, reduction, margin_grad, shard=True)
         class_start = _checks.integer(fn, "class_start", class_start, lo=0)
-        if _checks.tensor(fn, "classes", classes, optional=True) is not None:
-            # may be empty: a shard holding no positive of the batch need not contribute a column
-            if classes.dim() != 1 or classes.dtype != torch.int64 or classes.device != x.device:
-                raise ValueError(f"{fn}: classes must be a 1-D int64 tensor on {x.device}, got shape "
-                                 f"{tuple(classes.shape)}, {classes.dtype} on {classes.device}")
         if classes is not None and sample_ratio is not None:
             raise ValueError(f"{fn}: give classes or sample_ratio, not both")
         if sample_ratio is not None:
