@@ -28,11 +28,11 @@ def _progress(progress: Optional[bool]) -> bool:
     return sys.stderr.isatty() if progress is None else bool(progress)
 
 
-def _use_gpu(gpu: Optional[bool], x: Tensor) -> bool:
+def _use_gpu(fn: str, gpu: Optional[bool], x: Tensor) -> bool:
     if gpu is None:
         return x.device.type == "cuda"
     if gpu and not torch.cuda.is_available():
-        raise ValueError("gpu=True but CUDA is not available")
+        raise ValueError(f"{fn}: gpu=True but CUDA is not available")
     return bool(gpu)
 
 
@@ -69,7 +69,7 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
         raise ValueError(f"{fn}: init must be 'auto', 'k-means++' or 'random', got {init!r}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{fn}: x holds non-finite values")
-    use_gpu = _use_gpu(gpu, x)
+    use_gpu = _use_gpu(fn, gpu, x)
     faiss = _knn.faiss_module()
     if backend == "faiss" and faiss is None:
         raise ValueError(f"{fn}: backend='faiss' cannot serve: faiss is not installed")
@@ -155,7 +155,9 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
     if batch_size is None:
         batch_size = max(1, min(n, (1 << 26) // max(cent.shape[0], 1), 65536))
     batch_size = _checks.integer(fn, "batch_size", batch_size, lo=1)
-    dev = torch.device("cuda") if _use_gpu(gpu, cent if not isinstance(x, Tensor) else x) else cent.device
+    if not torch.isfinite(cent).all():
+        raise ValueError(f"{fn}: centroids hold non-finite values")
+    dev = torch.device("cuda") if _use_gpu(fn, gpu, cent if not isinstance(x, Tensor) else x) else cent.device
     cn = F.normalize(cent.detach().to(dev, torch.float32), dim=1)
     if out is not None:
         idx_out, sim_out = out
@@ -170,7 +172,14 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
     for b0 in tqdm(range(0, n, batch_size), desc="topk_assign", disable=not _progress(progress)):
         xb = x[b0:b0 + batch_size]
         xb = torch.from_numpy(np.array(xb, dtype=np.float32)) if isinstance(xb, np.ndarray) else xb
-        xb = F.normalize(xb.detach().to(dev, torch.float32), dim=1)
+        xb = xb.detach().to(dev, torch.float32)
+        # checked per batch (a memmap is never read whole); a NaN row would otherwise come out
+        # as an index that differs by backend (-1, INT64_MAX or a plausible-looking one)
+        bad = ~torch.isfinite(xb).all(1)
+        if bad.any():
+            row = b0 + int(bad.nonzero()[0, 0])
+            raise ValueError(f"{fn}: x holds non-finite values (row {row})")
+        xb = F.normalize(xb, dim=1)
         s, i = _knn.search(xb, cn, l, backend=backend, fn=fn)
         idx_t[b0:b0 + batch_size] = i.cpu()
         sim_t[b0:b0 + batch_size] = s.cpu()

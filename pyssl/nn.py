@@ -16,10 +16,18 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pyssl import _checks
+from pyssl._dispatch import BACKENDS
 from pyssl.ops.homologous_attention import homologous_attention
 from pyssl.ops.homologous_contrastive_loss import homologous_contrastive_loss
 from pyssl.ops.mlcd_loss import _MARGIN_GRADS, _check_ids, margin_softmax_loss, mlcd_loss, sample_classes
 from pyssl.ops.mlcd_loss_parallel import _gather_rows, margin_softmax_loss_parallel, mlcd_loss_parallel, shard_range
+
+
+def _backend(fn: str, backend: str) -> str:
+    """A module's backend is checked when it is built, not at its first forward."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 class _ClassCenters(torch.nn.Module):
@@ -38,7 +46,7 @@ class _ClassCenters(torch.nn.Module):
         self.sample_ratio = float(sample_ratio)
         if margin_grad not in _MARGIN_GRADS:
             raise ValueError(f"{fn}: margin_grad must be one of {_MARGIN_GRADS}, got {margin_grad!r}")
-        self.margin_grad, self.backend, self.generator = margin_grad, backend, generator
+        self.margin_grad, self.backend, self.generator = margin_grad, _backend(fn, backend), generator
         # model parallel: this rank holds classes [class_start, class_start + num_local)
         self.process_group = process_group
         self.class_start, self.num_local = 0, self.num_classes
@@ -251,7 +259,7 @@ class HomologousAttention(torch.nn.Module):
         if dim % num_heads:
             raise ValueError(f"{fn}: dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.topk = _checks.integer(fn, "topk", topk, lo=1, optional=True)
-        self.dim, self.num_heads, self.head_dim, self.backend = dim, num_heads, dim // num_heads, backend
+        self.dim, self.num_heads, self.head_dim, self.backend = dim, num_heads, dim // num_heads, _backend(fn, backend)
         self.qkv = torch.nn.Linear(dim, 3 * dim, bias=qkv_bias, device=device, dtype=dtype)
         self.proj = torch.nn.Linear(dim, dim, device=device, dtype=dtype)
 
@@ -276,9 +284,11 @@ class HomologousContrastiveLoss(torch.nn.Module):
 
     def __init__(self, temperature: float = 0.2, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        self.temperature = float(_checks.real("HomologousContrastiveLoss", "temperature", temperature,
-                                              positive=True))
-        self.reduction, self.backend = reduction, backend
+        fn = "HomologousContrastiveLoss"
+        self.temperature = float(_checks.real(fn, "temperature", temperature, positive=True))
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"{fn}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.reduction, self.backend = reduction, _backend(fn, backend)
 
     def forward(self, z: Tensor, groups: Tensor) -> Tensor:
         return homologous_contrastive_loss(z, groups, temperature=self.temperature, reduction=self.reduction,

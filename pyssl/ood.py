@@ -23,8 +23,9 @@ from pyssl.ops import knn as _knn
 
 
 def _logits(fn, logits) -> Tensor:
+    """float64 logits stay float64; 16-bit ones are scored in float32."""
     x = _knn.as_float_tensor("logits", fn, logits)
-    return x.float()
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def msp(logits) -> Tensor:
@@ -63,6 +64,10 @@ class KNNScorer:
 
     def _prep(self, name, x) -> Tensor:
         x = _knn.as_float_tensor(name, "KNNScorer", x).detach()
+        if not torch.isfinite(x).all():
+            # backends disagree on NaN rows (faiss drops them from the bank, torch's scores go
+            # NaN): refuse them instead
+            raise ValueError(f"KNNScorer: {name} holds non-finite values")
         if self.gpu:
             x = x.cuda()
         y = F.normalize(x.float(), dim=1) if self.normalize else x.float()
@@ -152,8 +157,13 @@ class ViMScorer:
 
 def _scores_1d(name, s) -> np.ndarray:
     if isinstance(s, Tensor):
-        s = s.detach().float().cpu().numpy()
-    s = np.asarray(s, dtype=np.float64)
+        # float64 all the way: scores that differ below float32's resolution must not tie
+        s = s.detach().to("cpu", torch.float64).numpy()
+    try:
+        s = np.asarray(s, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"metrics: {name} must be a 1-D tensor or array of real scores, "
+                        f"got {type(s).__name__}") from None
     if s.ndim != 1 or s.size == 0:
         raise ValueError(f"metrics: {name} must be a non-empty 1-D array of scores, got shape {s.shape}")
     if not np.isfinite(s).all():

@@ -92,6 +92,33 @@ def test_bad_input_cluster():
         pyssl.cluster.topk_assign(x, torch.randn(5, 3), l=2, out=(np.zeros((10, 2)), np.zeros((10, 2), np.float32)))
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpu", "faiss", "torch"])
+def test_topk_assign_refuses_non_finite_rows(backend):
+    # the backends used to disagree on a NaN row (-1, INT64_MAX, or valid-looking ids): refused
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    x = torch.randn(50, 6)
+    x[37, 2] = float("nan")
+    cent = torch.randn(6, 6)
+    with pytest.raises(ValueError, match=r"topk_assign: x holds non-finite values \(row 37\)"):
+        pyssl.cluster.topk_assign(x, cent, 3, batch_size=16, backend=backend)
+    with pytest.raises(ValueError, match=r"x holds non-finite values \(row 37\)"):
+        pyssl.cluster.topk_assign(x.numpy(), cent, 3, batch_size=16, backend=backend)
+    bad = cent.clone()
+    bad[1, 0] = float("inf")
+    with pytest.raises(ValueError, match="topk_assign: centroids hold non-finite values"):
+        pyssl.cluster.topk_assign(torch.randn(5, 6), bad, 3, backend=backend)
+    assert torch.isnan(x[37, 2])   # the input is left as it was
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")
+def test_gpu_without_cuda_names_the_function():
+    with pytest.raises(ValueError, match="kmeans: gpu=True but CUDA is not available"):
+        pyssl.cluster.kmeans(torch.randn(10, 3), 2, gpu=True)
+    with pytest.raises(ValueError, match="topk_assign: gpu=True but CUDA is not available"):
+        pyssl.cluster.topk_assign(torch.randn(10, 3), torch.randn(4, 3), 2, gpu=True)
+
+
 def test_kmeans_reads_only_a_sample_of_a_large_memmap(tmp_path):
     n, d, k = 5000, 4, 3
     mm = np.memmap(tmp_path / "x.f32", dtype=np.float32, mode="w+", shape=(n, d))

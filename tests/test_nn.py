@@ -134,6 +134,19 @@ def test_contrastive_module_is_the_op():
         pyssl.nn.HomologousContrastiveLoss(temperature=0.0)
 
 
+def test_modules_check_backend_and_reduction_when_built():
+    # at construction, not at the first forward (which may be hours into a job)
+    for make, name in ((lambda b: pyssl.nn.MLCDLoss(10, 4, backend=b), "MLCDLoss"),
+                       (lambda b: pyssl.nn.MarginSoftmaxLoss(10, 4, backend=b), "MarginSoftmaxLoss"),
+                       (lambda b: pyssl.nn.HomologousAttention(8, 2, backend=b), "HomologousAttention"),
+                       (lambda b: pyssl.nn.HomologousContrastiveLoss(backend=b), "HomologousContrastiveLoss")):
+        with pytest.raises(ValueError, match=name + ": backend must be one of"):
+            make("nope")
+        make("torch")
+    with pytest.raises(ValueError, match="HomologousContrastiveLoss: reduction must be"):
+        pyssl.nn.HomologousContrastiveLoss(reduction="avg")
+
+
 def test_modules_compile_fullgraph():
     """The modules trace into one graph (the ops are torch.library custom ops): outputs and
     gradients equal eager mode."""

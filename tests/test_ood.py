@@ -148,6 +148,39 @@ def test_vim_separates_residual_outliers():
     assert m["auroc"] > 0.95
 
 
+def test_logit_scores_keep_float64():
+    logits = torch.tensor([[1e4, 1e4 + 1e-6, 0.0]], dtype=torch.float64)
+    for f in (pyssl.ood.msp, pyssl.ood.energy, pyssl.ood.max_logit):
+        assert f(logits).dtype == torch.float64
+    assert pyssl.ood.max_logit(logits).item() == 1e4 + 1e-6     # float32 would round it to 1e4
+    assert pyssl.ood.msp(logits.half()).dtype == torch.float32  # 16-bit logits are scored in float32
+
+
+def test_metrics_keep_float64_resolution():
+    # scores that differ only below float32's resolution: a float64 tensor ranks them as numpy does
+    a = torch.tensor([1 + 1e-9, 1 + 2e-9], dtype=torch.float64)
+    b = torch.tensor([1.0, 1 + 5e-10], dtype=torch.float64)
+    m = pyssl.ood.metrics(a, b)
+    assert m == pyssl.ood.metrics(a.numpy(), b.numpy())
+    assert m["auroc"] == 1.0 and m["fpr95"] == 0.0
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "faiss", "torch"])
+def test_knn_scorer_refuses_non_finite_features(backend):
+    # faiss used to drop NaN bank rows silently while torch returned NaN scores
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    bank = torch.randn(40, 6)
+    bank[::2, 0] = float("nan")
+    with pytest.raises(ValueError, match="KNNScorer: bank holds non-finite values"):
+        pyssl.ood.KNNScorer(3, backend=backend).fit(bank)
+    q = torch.randn(5, 6)
+    q[3, 1] = float("-inf")
+    scorer = pyssl.ood.KNNScorer(3, backend=backend).fit(torch.randn(40, 6))
+    with pytest.raises(ValueError, match="KNNScorer: x holds non-finite values"):
+        scorer.score(q)
+
+
 def test_bad_input_ood():
     with pytest.raises(ValueError, match="k must be >= 1"):
         pyssl.ood.KNNScorer(k=0)
@@ -163,6 +196,8 @@ def test_bad_input_ood():
         pyssl.ood.KNNScorer(k=1).fit(torch.randn(5))
     with pytest.raises(ValueError, match="id_scores must be a non-empty"):
         pyssl.ood.metrics([], [1.0])
+    with pytest.raises(TypeError, match="metrics: id_scores must be a 1-D tensor or array of real scores"):
+        pyssl.ood.metrics("ab", [1.0])
     with pytest.raises(ValueError, match="ood_scores holds non-finite"):
         pyssl.ood.metrics([1.0], [float("nan")])
     with pytest.raises(ValueError, match="temperature must be > 0"):

@@ -56,7 +56,7 @@ def _check_common(fn, x, weight, classes, scale, reduction, margin_grad, shard=F
     if weight.dim() != 2:
         raise ValueError(f"{fn}: weight must be (C, D), got shape {tuple(weight.shape)}")
     if x.dtype not in _FLOATS + (torch.float64,):
-        raise ValueError(f"{fn}: x must be float32, bfloat16 or float16, got {x.dtype}")
+        raise ValueError(f"{fn}: x must be float32, bfloat16, float16 or float64 (torch backend), got {x.dtype}")
     mixed_ok = shard and weight.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
     if weight.dtype != x.dtype and not mixed_ok:
         raise ValueError(f"{fn}: weight dtype {weight.dtype} does not match x dtype {x.dtype}")
