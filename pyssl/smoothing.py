@@ -85,7 +85,8 @@ class Smooth:
             raise ValueError(f"{fn}: autocast must be None, torch.bfloat16 or torch.float16, got {autocast}")
         self.model = model
         self.num_classes = num_classes
-        self.mean, self.std = mean, std
+        self._affine = {}      # (device, channels, dtype) -> (a, b) on that device
+        self.mean, self.std = mean, std   # checked here (properties), not at the first call
         self.batch_size = batch_size
         self.seed = seed
         self.autocast = autocast
@@ -95,7 +96,25 @@ class Smooth:
         self.progress = progress
         self._graphs = {}      # (device, bs, image shape, dtype, layout, model) -> _GraphStep
         self._graph_lock = threading.Lock()
-        self._affine = {}      # (device, channels) -> (a, b) on that device
+
+    # mean/std: checked when set; the device copies made from them are dropped on every change
+    @property
+    def mean(self):
+        return self._mean
+
+    @mean.setter
+    def mean(self, value):
+        self._mean = _noise.affine_values("Smooth", value, None)[0]
+        self._affine.clear()
+
+    @property
+    def std(self):
+        return self._std
+
+    @std.setter
+    def std(self, value):
+        self._std = _noise.affine_values("Smooth", None, value)[1]
+        self._affine.clear()
 
     def clear_cuda_graphs(self) -> None:
         """Drop the captured CUDA graphs (and their static buffers); the next call recaptures."""
@@ -110,14 +129,19 @@ class Smooth:
         defer = _defer_range_check(image_ids)
         ids = _noise._check_image_ids(fn, image_ids, x.shape[0], x.device, check_range=not defer)
         bad = _noise.image_ids_out_of_range(ids) if defer else None
-        # mean/std are fixed per Smooth: their device copies are made once, not once per call
-        key = (x.device, x.shape[1] if x.dim() > 1 else 0)
-        if key not in self._affine:
-            self._affine[key] = _noise._channel_affine(fn, x, self.mean, self.std)
-        a, b = self._affine[key]
         if self.channels_last and x.dim() != 4:
             raise ValueError(f"{fn}: channels_last needs a 4-d x (B, C, H, W), got shape {tuple(x.shape)}")
-        out_dtype = self.autocast if (self.autocast is not None and x.device.type == "cuda") else torch.float32
+        # the model sees float32 (or the autocast dtype on CUDA); float64 images give a float64
+        # batch, for a float64 model
+        if self.autocast is not None and x.device.type == "cuda":
+            out_dtype = self.autocast
+        else:
+            out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # device copies of mean/std made once per (device, channels, dtype), not once per call
+        key = (x.device, x.shape[1] if x.dim() > 1 else 0, out_dtype)
+        if key not in self._affine:
+            self._affine[key] = _noise._channel_affine(fn, x, self.mean, self.std, _noise._engine_dtype(out_dtype))
+        a, b = self._affine[key]
         backend = _noise._dispatch.choose(fn, self.backend, x.device, _noise._PREFERENCE,
                                           _noise._backend_checks(x, out_dtype))
         return ids, a, b, out_dtype, backend, bad
@@ -134,8 +158,9 @@ class Smooth:
         ids, a, b, out_dtype, backend, _ = prep
         B, K = x.shape[0], self.num_classes
         dev = x.device
-        # the engine reads float32 (B, E) images: convert once per call, not once per batch
-        x = x.to(torch.float32).contiguous()
+        # the engine reads float32 (float64 for float64 output) (B, E) images: convert once per
+        # call, not once per batch
+        x = x.to(_noise._engine_dtype(out_dtype)).contiguous()
         total = B * num
         bs = self.batch_size
         bar = _progress(total, desc, self.progress)
@@ -182,9 +207,12 @@ class Smooth:
                 logits = self.model(batch)
         else:
             logits = self.model(batch)
-        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(f"Smooth: model must return logits (batch, {self.num_classes}), "
-                             f"got shape {tuple(logits.shape)}")
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"Smooth: model must return a logits tensor (batch, {self.num_classes}), "
+                            f"got {type(logits).__name__}")
+        if logits.dim() != 2 or logits.shape != (batch.shape[0], self.num_classes):
+            raise ValueError(f"Smooth: model must return logits (batch, {self.num_classes}) = "
+                             f"({batch.shape[0]}, {self.num_classes}), got shape {tuple(logits.shape)}")
         return logits
 
     def _host(self, fn, columns, prep) -> Tensor:
@@ -315,7 +343,7 @@ class _GraphStep:
         full_src = src if pad == 0 else torch.cat([src, src.new_zeros(pad)])
         full_sample = sample if pad == 0 else torch.cat([sample, sample.new_zeros(pad)])
         s = self.smooth
-        # x arrives float32 and contiguous (Smooth._counts): the flat view costs nothing
+        # x arrives in the engine dtype and contiguous (Smooth._counts): the flat view is free
         _noise._noise_rows(x.view(x.shape[0], -1), full_src, full_sample, ids, a, b, s.sigma, s.seed, 0,
                            self.flat.dtype, s.channels_last, self.chw, backend, out=self.flat)
         if self.graph is None:
@@ -342,12 +370,22 @@ def certified_accuracy(prediction: Tensor, radius: Tensor, labels: Tensor,
     if not (prediction.device == radius.device == labels.device):
         raise ValueError(f"{fn}: prediction, radius and labels must be on one device, got "
                          f"{prediction.device}, {radius.device}, {labels.device}")
-    if prediction.is_floating_point() or labels.is_floating_point():
-        raise ValueError(f"{fn}: prediction and labels must be integer class ids, got {prediction.dtype}, {labels.dtype}")
-    if bool(torch.isnan(radius.float()).any()):
-        raise ValueError(f"{fn}: radius has NaN entries")
+    for name, t in (("prediction", prediction), ("labels", labels)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{fn}: {name} must hold integer class ids, got {t.dtype}")
+    if radius.is_complex() or radius.dtype == torch.bool:
+        raise ValueError(f"{fn}: radius must be real, got {radius.dtype}")
+    # one host read for every value check: a label of -1 would match an abstention (-1) and
+    # count it as certified
+    bad = torch.stack([(labels < 0).any(), (prediction < -1).any(), torch.isnan(radius).any(),
+                       (radius < 0).any()]).tolist()
+    for flag, msg in zip(bad, ("labels must be class ids >= 0",
+                               "prediction must be class ids >= 0 or -1 (abstain)",
+                               "radius has NaN entries", "radius must be >= 0 (0 for an abstention)")):
+        if flag:
+            raise ValueError(f"{fn}: {msg}")
     try:
-        r = torch.as_tensor(radii, dtype=torch.float32)
+        r = torch.as_tensor(radii, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{fn}: radii must be a sequence of numbers, got {radii!r}") from None
     if r.dim() > 1:
@@ -359,6 +397,6 @@ def certified_accuracy(prediction: Tensor, radius: Tensor, labels: Tensor,
         raise ValueError(f"{fn}: radii must be finite, got {r.tolist()}")
     # on the inputs' device: no copy of the per-image tensors to the host
     correct = prediction == labels
-    rad = radius.detach().float()
+    rad = radius.detach().double()
     r = r.to(rad.device)
     return (correct[None, :] & (rad[None, :] >= r[:, None])).float().mean(1)

@@ -131,6 +131,32 @@ def test_determinism_and_seed():
     assert (a - c).abs().mean() > 0.1
 
 
+def test_float64_output_is_computed_in_float64():
+    x = _x(b=2).double()
+    y = pyssl.gaussian_noise(x, 2, 0.0, seed=0)
+    assert y.dtype == torch.float64 and torch.equal(y, x.repeat_interleave(2, 0))
+    m = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    s = torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
+    y = pyssl.gaussian_noise(x, 2, 0.0, seed=0, mean=MEAN, std=STD)
+    torch.testing.assert_close(y, ((x - m) / s).repeat_interleave(2, 0), atol=1e-14, rtol=1e-14)
+    # with noise: float32's values of z, the affine in float64
+    y32 = pyssl.gaussian_noise(x.float(), 2, 0.5, seed=3, mean=MEAN, std=STD, backend="torch")
+    y64 = pyssl.gaussian_noise(x, 2, 0.5, seed=3, mean=MEAN, std=STD)
+    torch.testing.assert_close(y64.float(), y32, atol=1e-5, rtol=1e-5)
+    # gradient in float64: 1/std summed over the samples
+    xg = x.clone().requires_grad_(True)
+    pyssl.gaussian_noise(xg, 3, 0.5, seed=3, mean=MEAN, std=STD).sum().backward()
+    assert xg.grad.dtype == torch.float64
+    torch.testing.assert_close(xg.grad, (3.0 / s).expand_as(x), atol=1e-14, rtol=1e-14)
+
+
+def test_mean_std_take_numpy_scalars_and_arrays():
+    x = _x(b=1)
+    ref = pyssl.gaussian_noise(x, 2, 0.5, seed=1, mean=[0.5] * 3, std=[0.25] * 3)
+    for m, s in ((np.float32(0.5), np.float32(0.25)), (np.array(0.5), np.array([0.25, 0.25, 0.25]))):
+        torch.testing.assert_close(pyssl.gaussian_noise(x, 2, 0.5, seed=1, mean=m, std=s), ref)
+
+
 def test_normalization_per_channel_without_noise():
     x = _x(b=2)
     y = pyssl.gaussian_noise(x, 2, 0.0, seed=0, mean=MEAN, std=STD)

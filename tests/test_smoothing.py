@@ -269,6 +269,64 @@ def test_cuda_graph_with_a_conv_net_autocast_and_channels_last():
 
 # ---------------------------------------------------------------- bad input
 
+def test_certified_accuracy_refuses_ignore_labels_and_bad_radii():
+    # a label of -1 (a common "ignore" id) would match an abstention and count it as certified
+    pred, ints = torch.tensor([-1, 1]), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="certified_accuracy: labels must be class ids >= 0"):
+        pyssl.certified_accuracy(pred, torch.zeros(2), torch.tensor([-1, 1]), [0.0])
+    with pytest.raises(ValueError, match="certified_accuracy: prediction must be class ids >= 0 or -1"):
+        pyssl.certified_accuracy(torch.tensor([-2, 1]), torch.zeros(2), ints, [0.0])
+    with pytest.raises(ValueError, match="certified_accuracy: radius must be >= 0"):
+        pyssl.certified_accuracy(pred, torch.tensor([0.0, -0.5]), ints, [0.0])
+    with pytest.raises(ValueError, match="certified_accuracy: prediction must hold integer class ids"):
+        pyssl.certified_accuracy(torch.tensor([True, False]), torch.zeros(2), ints, [0.0])
+    # radii compared in float64: a radius just below r (float32 would round it to r) does not count
+    r = torch.tensor([0.0, 0.5 - 1e-12], dtype=torch.float64)
+    torch.testing.assert_close(pyssl.certified_accuracy(pred, r, ints, [0.5, 0.4]), torch.tensor([0.0, 0.5]))
+
+
+def test_float64_images_give_a_float64_model_a_float64_batch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)).double()
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    s = pyssl.Smooth(model, 3, 0.0, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3], batch_size=7)
+    pred = s.predict(x, 20, 0.01)
+    # sigma 0: every sample is the normalized image itself, computed in float64
+    m = torch.tensor([0.5, 0.4, 0.3], dtype=torch.float64).view(1, 3, 1, 1)
+    sd = torch.tensor([0.2, 0.25, 0.3], dtype=torch.float64).view(1, 3, 1, 1)
+    assert torch.equal(pred, model((x - m) / sd).argmax(1))
+
+
+def test_model_output_is_checked():
+    x, model, _ = _problem()
+    with pytest.raises(TypeError, match="Smooth: model must return a logits tensor"):
+        pyssl.Smooth(lambda v: (model(v),), 2, SIGMA).predict(x, 10, 0.01)
+    with pytest.raises(ValueError, match=r"Smooth: model must return logits \(batch, 2\)"):
+        pyssl.Smooth(lambda v: model(v)[:-1], 2, SIGMA, batch_size=8).predict(x, 10, 0.01)
+
+
+def test_mean_std_checked_when_set_and_changes_take_effect():
+    with pytest.raises(ValueError, match="Smooth: std must be > 0"):
+        pyssl.Smooth(lambda v: v, 3, 0.5, std=[0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="Smooth: mean must be finite"):
+        pyssl.Smooth(lambda v: v, 3, 0.5, mean=float("nan"))
+    seen = {}
+
+    def model(v):
+        seen["v"] = v
+        return torch.zeros(v.shape[0], 3)
+
+    x = torch.full((1, 3, 2, 2), 0.5)
+    s = pyssl.Smooth(model, 3, 0.0, mean=0.5, batch_size=4)
+    s.predict(x, 4, 0.1)
+    assert float(seen["v"].abs().max()) == 0.0
+    s.mean = np.float32(0.25)      # numpy scalars are numbers too; the cached normalization is dropped
+    s.predict(x, 4, 0.1)
+    torch.testing.assert_close(seen["v"], torch.full_like(seen["v"], 0.25))
+    with pytest.raises(ValueError, match="Smooth: std must be > 0"):
+        s.std = -1.0
+
+
 def test_bad_input():
     x, model, _ = _problem()
     s = pyssl.Smooth(model, 2, SIGMA)

@@ -45,6 +45,7 @@ row block and writes every output element once; none allocates more than the out
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -148,42 +149,59 @@ def philox_normals(seed: int, image_id: Tensor, sample: Tensor, num_elements: in
 # argument checks
 # --------------------------------------------------------------------------------------------
 
-def _channel_affine(fn, x: Tensor, mean, std):
-    """(a, b) float32 (C,) on x's device with y = a·v + b; None/None is the identity.
+def affine_values(fn, mean, std):
+    """mean/std checked as Python numbers, before any x is seen: (mean list or None, std list or
+    None), each a list of finite floats (one per channel, or one for every channel), std > 0.
 
-    mean/std are checked as Python numbers (a tensor is read to the host once), so that the
-    call traces under torch.compile without data-dependent branches."""
-    if mean is None and std is None:
-        return None, None
-    c = x.shape[1] if x.dim() > 1 else 0
-    vals = {}
-    for name, v, default in (("mean", mean, 0.0), ("std", std, 1.0)):
+    A tensor is read to the host once, so that a call traces under torch.compile without
+    data-dependent branches."""
+    vals = []
+    for name, v in (("mean", mean), ("std", std)):
         if v is None:
-            vals[name] = [default] * c
+            vals.append(None)
             continue
         if isinstance(v, Tensor):
             v = v.detach().cpu().reshape(-1).tolist()
-        elif isinstance(v, (int, float)):
+        elif isinstance(v, numbers.Real):          # Python and numpy scalars
             v = [float(v)]
+        elif hasattr(v, "reshape") and hasattr(v, "tolist"):    # numpy arrays, 0-d too
+            v = v.reshape(-1).tolist()
         try:
             v = [float(u) for u in v]
         except (TypeError, ValueError):
             raise TypeError(f"{fn}: {name} must be a sequence of numbers or a tensor, got {v!r}") from None
+        if not v:
+            raise ValueError(f"{fn}: {name} is empty")
+        if not all(math.isfinite(u) for u in v):
+            raise ValueError(f"{fn}: {name} must be finite, got {v}")
+        if name == "std" and any(u <= 0 for u in v):
+            raise ValueError(f"{fn}: std must be > 0 in every channel, got {v}")
+        vals.append(v)
+    return tuple(vals)
+
+
+def _channel_affine(fn, x: Tensor, mean, std, dtype: torch.dtype = torch.float32):
+    """(a, b) (C,) of dtype on x's device with y = a·v + b; None/None is the identity.
+    mean/std: as affine_values takes them (or its checked output)."""
+    if mean is None and std is None:
+        return None, None
+    c = x.shape[1] if x.dim() > 1 else 0
+    checked = {}
+    for name, v, default in zip(("mean", "std"), affine_values(fn, mean, std), (0.0, 1.0)):
+        if v is None:
+            checked[name] = [default] * c
+            continue
         if len(v) == 1 and c != 1:
             v = v * c
         if x.dim() < 2 or len(v) != c:
             raise ValueError(f"{fn}: {name} must have one value per channel (x.shape[1] = "
                              f"{c if x.dim() > 1 else 'none: x has no channel dimension'}), "
                              f"got {len(v)} values")
-        if not all(math.isfinite(u) for u in v):
-            raise ValueError(f"{fn}: {name} must be finite, got {v}")
-        vals[name] = v
-    if any(u <= 0 for u in vals["std"]):
-        raise ValueError(f"{fn}: std must be > 0 in every channel, got {vals['std']}")
-    a = [1.0 / s_ for s_ in vals["std"]]
-    b = [-m_ / s_ for m_, s_ in zip(vals["mean"], vals["std"])]
-    return (torch.tensor(a, dtype=torch.float32, device=x.device),
-            torch.tensor(b, dtype=torch.float32, device=x.device))
+        checked[name] = v
+    a = [1.0 / s_ for s_ in checked["std"]]
+    b = [-m_ / s_ for m_, s_ in zip(checked["mean"], checked["std"])]
+    return (torch.tensor(a, dtype=dtype, device=x.device),
+            torch.tensor(b, dtype=dtype, device=x.device))
 
 
 def _check_x(fn, x):
@@ -332,11 +350,17 @@ def _noise_rows(xf: Tensor, row_src: Tensor, row_sample: Tensor, image_ids: Tens
 def _noise_op(x: Tensor, row_src: Tensor, row_sample: Tensor, image_ids: Tensor,
               a: Optional[Tensor], b: Optional[Tensor], sigma: float, seed: int, stream: int,
               out_dtype: torch.dtype, channels_last: bool, backend: str) -> Tensor:
-    xf = x.reshape(x.shape[0], -1).to(torch.float32).contiguous()
+    xf = x.reshape(x.shape[0], -1).to(_engine_dtype(out_dtype)).contiguous()
     chw = _chw(x)
     y = _noise_rows(xf, row_src, row_sample, image_ids, a, b, sigma, seed, stream, out_dtype,
                     channels_last, chw, backend)
     return _as_output(y, x, row_src.shape[0], channels_last)
+
+
+def _engine_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    """What x is read as: float32, except for float64 output (the torch backend, the only one
+    writing it, then forms x + σ·z and the normalization in float64, so σ = 0 returns x)."""
+    return torch.float64 if out_dtype == torch.float64 else torch.float32
 
 
 def _chw(x: Tensor):
@@ -376,11 +400,12 @@ def _noise_setup(ctx, inputs, output):
 def _noise_backward(ctx, grad):
     row_src, a = ctx.saved_tensors
     shape = ctx.x_shape
-    g = grad.to(torch.float32)
+    acc = torch.float64 if torch.float64 in (grad.dtype, ctx.x_dtype) else torch.float32
+    g = grad.to(acc)
     if a is not None:
         c = shape[1]
-        g = g * a.view((1, c) + (1,) * (len(shape) - 2))
-    dx = torch.zeros(shape, dtype=torch.float32, device=grad.device).index_add_(0, row_src, g)
+        g = g * a.to(acc).view((1, c) + (1,) * (len(shape) - 2))
+    dx = torch.zeros(shape, dtype=acc, device=grad.device).index_add_(0, row_src, g)
     return (dx.to(ctx.x_dtype),) + (None,) * 11
 
 
@@ -401,7 +426,8 @@ def gaussian_noise(x: Tensor, num_samples: int, sigma: float, *, seed: int, samp
     """num_samples noisy, normalized copies of every image of x, image-major (SPEC §3).
 
     x: (B, ...) float pixels (noise is added before normalization). mean/std: one value per
-    channel (x.shape[1]). out_dtype: float32/bfloat16/float16 (default x's dtype).
+    channel (x.shape[1]). out_dtype: float32/bfloat16/float16, or float64 (torch backend, which
+    then forms x + σ·z and the normalization in float64); default x's dtype.
     memory_format: None keeps x's (channels_last stays channels_last), or torch.contiguous_format,
     torch.channels_last (4-d x), torch.channels_last_3d (5-d x). The values depend only on
     (seed, image_ids[i], sample_offset + s, element) — not on B, chunking, backend or device.
@@ -424,7 +450,7 @@ def gaussian_noise(x: Tensor, num_samples: int, sigma: float, *, seed: int, samp
     if out_dtype not in _FLOATS + (torch.float64,):
         raise ValueError(f"{fn}: out_dtype must be a float dtype, got {out_dtype}")
     ids = _check_image_ids(fn, image_ids, x.shape[0], x.device)
-    a, b = _channel_affine(fn, x, mean, std)
+    a, b = _channel_affine(fn, x, mean, std, _engine_dtype(out_dtype))
     channels_last = _out_memory_format(fn, x, memory_format)
     chosen = _dispatch.choose(fn, backend, x.device, _PREFERENCE,
                               _backend_checks(x, out_dtype, x.shape[0] * num_samples))
