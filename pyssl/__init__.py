@@ -3,7 +3,7 @@
     import pyssl
     loss = pyssl.mlcd_loss(x, weight, positives, classes=pyssl.sample_classes(positives, C))
 
-See README.md for the API of every op and ../SPEC for the exact math.
+See README.md for the API of every op; each op's docstring and pyssl.reference give the exact math.
 """
 from pyssl.ops.mlcd_loss import margin_softmax_loss, mlcd_loss, sample_classes
 from pyssl.ops.homologous_attention import homologous_attention

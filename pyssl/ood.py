@@ -47,8 +47,8 @@ def max_logit(logits) -> Tensor:
 class KNNScorer:
     """−(squared L2 distance to the k-th nearest bank feature); higher = more in-distribution.
 
-    backend: "auto" (CUDA: Triton kernel, then faiss-gpu, then torch; CPU: faiss, then torch),
-    "faiss", "triton" or "torch". gpu=True moves a CPU bank to CUDA. A bfloat16/float16 bank on
+    backend: "auto" (CUDA: Triton kernel, then faiss-gpu, then torch; CPU: the C++ kernel, then
+    faiss, then torch), "cpu", "faiss", "triton" or "torch". gpu=True moves a CPU bank to CUDA. A bfloat16/float16 bank on
     CUDA is kept in its dtype (normalized in float32 first) and queries are cast to it: the search
     runs on the tensor cores at half the bank's memory; elsewhere everything is float32.
     """

@@ -129,3 +129,18 @@ def test_kmeans_reads_only_a_sample_of_a_large_memmap(tmp_path):
     assert cent.shape == (k, d) and torch.isfinite(cent).all()
     again = pyssl.cluster.kmeans(x, k, niter=5, max_points_per_centroid=100, backend="torch")
     torch.testing.assert_close(cent, again)
+
+
+def test_read_only_memmap_without_warnings(tmp_path):
+    # np.load(mmap_mode="r") as the README shows: wrapped in place, no "not writable" warning
+    import warnings
+    path = tmp_path / "feats.npy"
+    np.save(path, np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32))
+    x = np.load(path, mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cent = pyssl.cluster.kmeans(x, 4, niter=3, backend="torch")
+        pyssl.ood.KNNScorer(3).fit(x).score(x[:5])
+        idx, _ = pyssl.cluster.topk_assign(x, cent, 2)
+    assert idx.shape == (300, 2)
+    assert np.array_equal(np.load(path), np.asarray(x))
