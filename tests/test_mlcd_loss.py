@@ -190,12 +190,15 @@ def test_negative_sum_is_not_a_difference(backend):
 
 @pytest.mark.parametrize("kind", ["mlcd", "softmax"])
 def test_many_tiles_chunks_and_splits(backend, kind, monkeypatch):
-    """Shapes that span several tiles on every backend: several row chunks (torch, cpu), more
-    than one 1024-column block of the C++ row pass with positives in later blocks, and on Triton
+    """Shapes that span several tiles on every backend: several row chunks (torch, cpu), several
+    column tiles and 1024-column blocks of the C++ passes with positives in later ones, and on Triton
     small tiles so the online log-sum-exp rescales across tiles, the column splits combine, and
     dx/dw accumulate over many tiles and D slices."""
     dev = device_for(backend)
     monkeypatch.setattr(M, "CHUNK_ELEMS", 3000)
+    # the C++ kernel's column tiles: 1024 columns (its smallest), so 3 tiles, the last partial,
+    # and the running log-sum-exp and dX carried across them
+    monkeypatch.setattr(M, "CPU_TILE_BYTES", 4096)
     if backend == "triton":
         from pyssl.kernels import mlcd_loss as K
         real = K._config
