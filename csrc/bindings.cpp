@@ -100,14 +100,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mlcd_chunk_lse", &mlcd_chunk_lse,
         "buf <- scale*clamp((xhat @ w.T) * rw, -1, 1) with positive columns = -inf (in place); "
         "returns (lse_neg (R,), pos_cos (R, L)), float32. buf is left in column tiles of about "
-        "tile_bytes each; pass it to mlcd_chunk_grad with the same tile_bytes",
+        "tile_bytes each (pyssl.ops.mlcd_loss.CPU_TILE_BYTES); pass it to mlcd_chunk_grad with the "
+        "same tile_bytes",
         py::arg("xhat"), py::arg("w"), py::arg("rw"), py::arg("pos_col"), py::arg("scale"),
-        py::arg("buf"), py::arg("tile_bytes") = int64_t{4} << 20);
+        py::arg("buf"), py::arg("tile_bytes"));
   m.def("mlcd_chunk_grad", &mlcd_chunk_grad,
         "buf <- G' = rw * G in place from buf's logits; dxhat_out = G' @ w; dw_acc += G'.T @ xhat "
         "(dw_acc = G'.T @ xhat when accumulate is false)",
         py::arg("buf"), py::arg("xhat"), py::arg("w"), py::arg("rw"), py::arg("pos_col"),
         py::arg("scale"), py::arg("lse_total"), py::arg("gneg"), py::arg("gpos"),
-        py::arg("dxhat_out"), py::arg("dw_acc"), py::arg("accumulate"),
-        py::arg("tile_bytes") = int64_t{4} << 20);
+        py::arg("dxhat_out"), py::arg("dw_acc"), py::arg("accumulate"), py::arg("tile_bytes"));
 }

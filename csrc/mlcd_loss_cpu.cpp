@@ -11,7 +11,8 @@
 // (R, n) block contiguous. Only mlcd_chunk_grad reads what mlcd_chunk_lse left there.
 //
 // Tiling: the caller picks R so that the (R, C') buffer fits its memory budget; this file walks
-// the C' columns in tiles of n (tile_cols: R·n·4 bytes = 4 MiB). Per tile, the forward runs the
+// the C' columns in tiles of n columns (tile_cols: R·n·4 bytes ≈ tile_bytes, 4 MiB from the
+// caller, but never fewer than kBlock columns, so with R > 1024 a tile is larger). Per tile, the forward runs the
 // GEMM x̂·W_tᵀ into the tile, then the fused epilogue; the backward runs the gradient epilogue on
 // the tile, then dX̂ += G'_t·W_t and dW_t = G'_tᵀ·x̂. The GEMMs go to MKL (at::mm_out / addmm_),
 // which tiles them far better than hand-written code could; the epilogues are parallel over rows
@@ -19,7 +20,7 @@
 // the row. The running log-sum-exp of each row (max, sum) is carried from tile to tile.
 //
 // Cache / traffic: the whole buf (R·C'·4 bytes) is far larger than the caches at the sizes that
-// matter, but a 4 MiB tile is not: the GEMM writes it and the epilogue re-reads it from L2/L3,
+// matter, but a 4 MiB tile (R ≤ 1024) is not: the GEMM writes it and the epilogue re-reads it from L2/L3,
 // and in the backward the epilogue's G'_t is read by both GEMMs from cache, so buf goes to memory
 // and back once between the phases (write-back of the forward's logits, read by the backward's
 // epilogue); the unfused torch version makes ~6 full passes (scale, clamp, mask, max, exp, sum
@@ -303,6 +304,10 @@ void mlcd_chunk_grad(at::Tensor buf, at::Tensor xhat, at::Tensor w, at::Tensor r
               "mlcd cpu kernel: dw_acc must have shape (", C, ", ", D, ") like w, got ",
               dw_acc.sizes());
   if (R == 0) return;
+  if (C == 0) {  // no tile to write dX̂ (an empty candidate set: G'·W = 0)
+    dxhat_out.zero_();
+    return;
+  }
 
   float* B = buf.data_ptr<float>();
   const float* rwp = rw.data_ptr<float>();

@@ -172,16 +172,17 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
     for b0 in tqdm(range(0, n, batch_size), desc="topk_assign", disable=not _progress(progress)):
         xb = x[b0:b0 + batch_size]
         xb = torch.from_numpy(np.array(xb, dtype=np.float32)) if isinstance(xb, np.ndarray) else xb
-        xb = xb.detach().to(dev, torch.float32)
-        # checked per batch (a memmap is never read whole); a NaN row would otherwise come out
-        # as an index that differs by backend (-1, INT64_MAX or a plausible-looking one)
+        xb = F.normalize(xb.detach().to(dev, torch.float32), dim=1)
+        # checked per batch (a memmap is never read whole) and read with the results (no sync
+        # of its own); a non-finite row would otherwise come out as an index that differs by
+        # backend (-1, INT64_MAX or a plausible-looking one). Batches before it are written.
         bad = ~torch.isfinite(xb).all(1)
-        if bad.any():
-            row = b0 + int(bad.nonzero()[0, 0])
-            raise ValueError(f"{fn}: x holds non-finite values (row {row})")
-        xb = F.normalize(xb, dim=1)
         s, i = _knn.search(xb, cn, l, backend=backend, fn=fn)
-        idx_t[b0:b0 + batch_size] = i.cpu()
+        i, bad = i.cpu(), bad.cpu()
+        if bool(bad.any()):
+            row = b0 + int(bad.nonzero()[0, 0])
+            raise ValueError(f"{fn}: x holds non-finite values (row {row}; the rows before it are assigned)")
+        idx_t[b0:b0 + batch_size] = i
         sim_t[b0:b0 + batch_size] = s.cpu()
     if out is not None:
         for a in out:

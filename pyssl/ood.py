@@ -64,10 +64,6 @@ class KNNScorer:
 
     def _prep(self, name, x) -> Tensor:
         x = _knn.as_float_tensor(name, "KNNScorer", x).detach()
-        if not torch.isfinite(x).all():
-            # backends disagree on NaN rows (faiss drops them from the bank, torch's scores go
-            # NaN): refuse them instead
-            raise ValueError(f"KNNScorer: {name} holds non-finite values")
         if self.gpu:
             x = x.cuda()
         y = F.normalize(x.float(), dim=1) if self.normalize else x.float()
@@ -79,6 +75,10 @@ class KNNScorer:
 
     def fit(self, bank) -> "KNNScorer":
         bank = self._prep("bank", bank)
+        # checked after the cast and normalization (on the bank's device, one pass): the
+        # backends disagree on non-finite rows (faiss drops them, torch's scores go NaN)
+        if not bool(torch.isfinite(bank).all()):
+            raise ValueError("KNNScorer: bank holds non-finite values (or values that overflow float32)")
         if self.k > bank.shape[0]:
             raise ValueError(f"KNNScorer: k={self.k} is larger than the number of bank rows ({bank.shape[0]})")
         self.bank = bank
@@ -86,13 +86,17 @@ class KNNScorer:
         return self
 
     def score(self, x) -> Tensor:
+        """(N,) scores; NaN for a row of x with a non-finite value."""
         if self.bank is None:
             raise ValueError("KNNScorer: call fit(bank) before score(x)")
         q = self._prep("x", x).to(self.bank.device, self.bank.dtype)
         if q.shape[1] != self.bank.shape[1]:
             raise ValueError(f"KNNScorer: x has D={q.shape[1]} but the bank has D={self.bank.shape[1]}")
         s, _ = _knn.search(q, self.bank, self.k, bank_bias=self._bias, backend=self.backend, fn="KNNScorer")
-        return -_knn.l2_from_scores(q, s[:, -1:])[:, 0]
+        score = -_knn.l2_from_scores(q, s[:, -1:])[:, 0]
+        # a query with a non-finite value scores NaN on every backend (found on the device: no
+        # sync per call); metrics() refuses NaN scores
+        return torch.where(torch.isfinite(q).all(1), score, torch.full_like(score, float("nan")))
 
 
 class MahalanobisScorer:
@@ -161,7 +165,9 @@ def _scores_1d(name, s) -> np.ndarray:
         s = s.detach().to("cpu", torch.float64).numpy()
     try:
         s = np.asarray(s, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ValueError) and "could not convert" not in str(e) and not isinstance(s, (str, bytes)):
+            raise ValueError(f"metrics: {name} must be a 1-D array of scores ({e})") from None
         raise TypeError(f"metrics: {name} must be a 1-D tensor or array of real scores, "
                         f"got {type(s).__name__}") from None
     if s.ndim != 1 or s.size == 0:

@@ -85,7 +85,8 @@ class Smooth:
             raise ValueError(f"{fn}: autocast must be None, torch.bfloat16 or torch.float16, got {autocast}")
         self.model = model
         self.num_classes = num_classes
-        self._affine = {}      # (device, channels, dtype) -> (a, b) on that device
+        self._affine = {}      # (device, channels, dtype, version) -> (a, b) on that device
+        self._affine_version = 0
         self.mean, self.std = mean, std   # checked here (properties), not at the first call
         self.batch_size = batch_size
         self.seed = seed
@@ -97,15 +98,18 @@ class Smooth:
         self._graphs = {}      # (device, bs, image shape, dtype, layout, model) -> _GraphStep
         self._graph_lock = threading.Lock()
 
-    # mean/std: checked when set; the device copies made from them are dropped on every change
+    # mean/std: checked when set (the getters return what was set); each change bumps the
+    # version in the key of the device copies, so a call never uses a stale normalization, even
+    # with a concurrent change
     @property
     def mean(self):
         return self._mean
 
     @mean.setter
     def mean(self, value):
-        self._mean = _noise.affine_values("Smooth", value, None)[0]
-        self._affine.clear()
+        self._mean_checked = _noise.affine_values("Smooth", value, None)[0]
+        self._mean = value
+        self._new_affine()
 
     @property
     def std(self):
@@ -113,8 +117,13 @@ class Smooth:
 
     @std.setter
     def std(self, value):
-        self._std = _noise.affine_values("Smooth", None, value)[1]
-        self._affine.clear()
+        self._std_checked = _noise.affine_values("Smooth", None, value)[1]
+        self._std = value
+        self._new_affine()
+
+    def _new_affine(self):
+        self._affine_version += 1
+        self._affine = {}
 
     def clear_cuda_graphs(self) -> None:
         """Drop the captured CUDA graphs (and their static buffers); the next call recaptures."""
@@ -131,17 +140,20 @@ class Smooth:
         bad = _noise.image_ids_out_of_range(ids) if defer else None
         if self.channels_last and x.dim() != 4:
             raise ValueError(f"{fn}: channels_last needs a 4-d x (B, C, H, W), got shape {tuple(x.shape)}")
-        # the model sees float32 (or the autocast dtype on CUDA); float64 images give a float64
-        # batch, for a float64 model
+        # the model sees float32 (or the autocast dtype on CUDA), whatever x's dtype; a model
+        # whose parameters are float64 gets a float64 batch
         if self.autocast is not None and x.device.type == "cuda":
             out_dtype = self.autocast
         else:
-            out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            out_dtype = torch.float64 if _param_dtype(self.model) == torch.float64 else torch.float32
         # device copies of mean/std made once per (device, channels, dtype), not once per call
-        key = (x.device, x.shape[1] if x.dim() > 1 else 0, out_dtype)
-        if key not in self._affine:
-            self._affine[key] = _noise._channel_affine(fn, x, self.mean, self.std, _noise._engine_dtype(out_dtype))
-        a, b = self._affine[key]
+        cache, version = self._affine, self._affine_version
+        key = (x.device, x.shape[1] if x.dim() > 1 else 0, out_dtype, version)
+        ab = cache.get(key)
+        if ab is None:
+            ab = cache[key] = _noise._channel_affine(fn, x, self._mean_checked, self._std_checked,
+                                                     _noise._engine_dtype(out_dtype))
+        a, b = ab
         backend = _noise._dispatch.choose(fn, self.backend, x.device, _noise._PREFERENCE,
                                           _noise._backend_checks(x, out_dtype))
         return ids, a, b, out_dtype, backend, bad
@@ -354,6 +366,17 @@ class _GraphStep:
         self._replay()
 
 
+def _param_dtype(model) -> Optional[torch.dtype]:
+    """dtype of the model's first floating-point parameter (None for a plain callable)."""
+    params = getattr(model, "parameters", None)
+    if not callable(params):
+        return None
+    for p in params():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
 def certified_accuracy(prediction: Tensor, radius: Tensor, labels: Tensor,
                        radii: Sequence[float]) -> Tensor:
     """Fraction of images with prediction == label and radius >= r, for each r in radii."""
@@ -385,7 +408,7 @@ def certified_accuracy(prediction: Tensor, radius: Tensor, labels: Tensor,
         if flag:
             raise ValueError(f"{fn}: {msg}")
     try:
-        r = torch.as_tensor(radii, dtype=torch.float64)
+        r = torch.as_tensor(radii, dtype=torch.float64).cpu()
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{fn}: radii must be a sequence of numbers, got {radii!r}") from None
     if r.dim() > 1:
@@ -395,8 +418,17 @@ def certified_accuracy(prediction: Tensor, radius: Tensor, labels: Tensor,
         raise ValueError(f"{fn}: radii is empty")
     if not bool(torch.isfinite(r).all()):
         raise ValueError(f"{fn}: radii must be finite, got {r.tolist()}")
-    # on the inputs' device: no copy of the per-image tensors to the host
+    # on the inputs' device: no copy of the per-image tensors to the host. A float64 radius is
+    # compared in float64; otherwise in float32 against each r rounded up to float32, which is
+    # exact: for a float32 radius, radius >= r iff radius >= the smallest float32 >= r (and
+    # devices without float64 need no float64 there)
     correct = prediction == labels
-    rad = radius.detach().double()
-    r = r.to(rad.device)
-    return (correct[None, :] & (rad[None, :] >= r[:, None])).float().mean(1)
+    if radius.dtype == torch.float64:
+        rad, rr = radius.detach(), r
+    else:
+        rad = radius.detach().float()
+        rr = r.float()
+        below = rr.double() < r
+        rr = torch.where(below, torch.nextafter(rr, torch.full_like(rr, float("inf"))), rr)
+    rr = rr.to(rad.device)
+    return (correct[None, :] & (rad[None, :] >= rr[:, None])).float().mean(1)

@@ -604,6 +604,21 @@ def test_reasons_name_every_backend():
     assert any("float64" in r for r in reasons["triton"])
 
 
+def test_cpu_kernel_with_no_candidate_columns_writes_zero_dx():
+    # the tile loop has no tile then; dX̂ = G'·W over no columns is 0, not what was in the output
+    ext = pytest.importorskip("pyssl._C")
+    r, d = 3, 4
+    xhat, w, rw = torch.randn(r, d), torch.zeros(0, d), torch.zeros(0)
+    pc = torch.full((r, 1), -1, dtype=torch.int64)
+    buf = torch.zeros(r, 0)
+    lse, _ = ext.mlcd_chunk_lse(xhat, w, rw, pc, 1.0, buf, tile_bytes=M.CPU_TILE_BYTES)
+    assert torch.isinf(lse).all() and (lse < 0).all()
+    dx = torch.full((r, d), 7.0)
+    ext.mlcd_chunk_grad(buf, xhat, w, rw, pc, 1.0, lse, torch.ones(r), torch.zeros(r, 1), dx,
+                        torch.zeros(0, d), False, tile_bytes=M.CPU_TILE_BYTES)
+    assert torch.equal(dx, torch.zeros(r, d))
+
+
 def test_scratch_buffers_are_reused_on_the_cpu_only():
     """CPU scratch is kept per thread (a fresh buffer costs page faults); other devices get a fresh
     tensor per call, so no buffer is shared between CUDA streams or autograd's backward thread."""

@@ -132,13 +132,14 @@ def test_determinism_and_seed():
 
 
 def test_float64_output_is_computed_in_float64():
-    x = _x(b=2).double()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)   # values float32 cannot hold
     y = pyssl.gaussian_noise(x, 2, 0.0, seed=0)
     assert y.dtype == torch.float64 and torch.equal(y, x.repeat_interleave(2, 0))
     m = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)
     s = torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
     y = pyssl.gaussian_noise(x, 2, 0.0, seed=0, mean=MEAN, std=STD)
     torch.testing.assert_close(y, ((x - m) / s).repeat_interleave(2, 0), atol=1e-14, rtol=1e-14)
+    assert not torch.equal(x.float().double(), x)
     # with noise: float32's values of z, the affine in float64
     y32 = pyssl.gaussian_noise(x.float(), 2, 0.5, seed=3, mean=MEAN, std=STD, backend="torch")
     y64 = pyssl.gaussian_noise(x, 2, 0.5, seed=3, mean=MEAN, std=STD)

@@ -166,19 +166,26 @@ def test_metrics_keep_float64_resolution():
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpu", "faiss", "torch"])
-def test_knn_scorer_refuses_non_finite_features(backend):
-    # faiss used to drop NaN bank rows silently while torch returned NaN scores
+def test_knn_scorer_non_finite_features(backend):
+    # the backends disagreed (faiss dropped NaN bank rows silently, torch's scores went NaN):
+    # a bank with one is refused, a query with one scores NaN on every backend
     if backend == "faiss":
         pytest.importorskip("faiss")
     bank = torch.randn(40, 6)
     bank[::2, 0] = float("nan")
     with pytest.raises(ValueError, match="KNNScorer: bank holds non-finite values"):
         pyssl.ood.KNNScorer(3, backend=backend).fit(bank)
+    big = torch.randn(40, 6, dtype=torch.float64)
+    big[5, 1] = 1e300                          # finite in float64, inf in float32
+    with pytest.raises(ValueError, match="KNNScorer: bank holds non-finite values"):
+        pyssl.ood.KNNScorer(3, backend=backend, normalize=False).fit(big)
     q = torch.randn(5, 6)
+    clean = pyssl.ood.KNNScorer(3, backend=backend).fit(torch.randn(40, 6, generator=torch.Generator().manual_seed(0)))
+    want = clean.score(q)
     q[3, 1] = float("-inf")
-    scorer = pyssl.ood.KNNScorer(3, backend=backend).fit(torch.randn(40, 6))
-    with pytest.raises(ValueError, match="KNNScorer: x holds non-finite values"):
-        scorer.score(q)
+    got = clean.score(q)
+    assert torch.isnan(got[3]) and not torch.isnan(got[[0, 1, 2, 4]]).any()
+    torch.testing.assert_close(got[[0, 1, 2, 4]], want[[0, 1, 2, 4]])
 
 
 def test_bad_input_ood():
@@ -198,6 +205,10 @@ def test_bad_input_ood():
         pyssl.ood.metrics([], [1.0])
     with pytest.raises(TypeError, match="metrics: id_scores must be a 1-D tensor or array of real scores"):
         pyssl.ood.metrics("ab", [1.0])
+    with pytest.raises(TypeError, match="metrics: ood_scores must be a 1-D tensor or array of real scores"):
+        pyssl.ood.metrics([1.0], ["a", "b"])
+    with pytest.raises(ValueError, match="metrics: id_scores must be a 1-D array of scores"):
+        pyssl.ood.metrics([[1.0, 2.0], [3.0]], [1.0])
     with pytest.raises(ValueError, match="ood_scores holds non-finite"):
         pyssl.ood.metrics([1.0], [float("nan")])
     with pytest.raises(ValueError, match="temperature must be > 0"):

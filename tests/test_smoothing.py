@@ -280,21 +280,35 @@ def test_certified_accuracy_refuses_ignore_labels_and_bad_radii():
         pyssl.certified_accuracy(pred, torch.tensor([0.0, -0.5]), ints, [0.0])
     with pytest.raises(ValueError, match="certified_accuracy: prediction must hold integer class ids"):
         pyssl.certified_accuracy(torch.tensor([True, False]), torch.zeros(2), ints, [0.0])
-    # radii compared in float64: a radius just below r (float32 would round it to r) does not count
+    # a float64 radius is compared in float64: just below r (float32 would round it to r) does
+    # not count
     r = torch.tensor([0.0, 0.5 - 1e-12], dtype=torch.float64)
     torch.testing.assert_close(pyssl.certified_accuracy(pred, r, ints, [0.5, 0.4]), torch.tensor([0.0, 0.5]))
+    # a float32 radius against an r between two floats: exact (r rounded up, not to nearest)
+    r32 = torch.tensor([0.0, 0.5])
+    torch.testing.assert_close(pyssl.certified_accuracy(pred, r32, ints, [0.5 + 1e-12, 0.5]), torch.tensor([0.0, 0.5]))
 
 
-def test_float64_images_give_a_float64_model_a_float64_batch():
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
+def test_batch_dtype_follows_the_model(backend):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)).double()
-    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
-    s = pyssl.Smooth(model, 3, 0.0, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3], batch_size=7)
-    pred = s.predict(x, 20, 0.01)
-    # sigma 0: every sample is the normalized image itself, computed in float64
-    m = torch.tensor([0.5, 0.4, 0.3], dtype=torch.float64).view(1, 3, 1, 1)
-    sd = torch.tensor([0.2, 0.25, 0.3], dtype=torch.float64).view(1, 3, 1, 1)
-    assert torch.equal(pred, model((x - m) / sd).argmax(1))
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)     # float64 images (numpy / 255, say)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    m = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    # a float32 model gets float32 batches (on every backend) ...
+    seen = []
+    model32 = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    model32.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].dtype))
+    pred = pyssl.Smooth(model32, 3, 0.0, mean=mean, std=std, batch_size=7, backend=backend).predict(x, 20, 0.01)
+    assert set(seen) == {torch.float32}
+    assert torch.equal(pred, model32(((x - m) / sd).float()).argmax(1))
+    # ... a float64 one float64 batches, normalized in float64 (sigma 0: the image itself)
+    if backend == "cpu":
+        return        # the C++ kernel writes float32/bfloat16/float16
+    model64 = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)).double()
+    pred = pyssl.Smooth(model64, 3, 0.0, mean=mean, std=std, batch_size=7, backend=backend).predict(x, 20, 0.01)
+    assert torch.equal(pred, model64((x - m) / sd).argmax(1))
 
 
 def test_model_output_is_checked():
@@ -321,6 +335,7 @@ def test_mean_std_checked_when_set_and_changes_take_effect():
     s.predict(x, 4, 0.1)
     assert float(seen["v"].abs().max()) == 0.0
     s.mean = np.float32(0.25)      # numpy scalars are numbers too; the cached normalization is dropped
+    assert s.mean == np.float32(0.25)   # the getter gives back what was set
     s.predict(x, 4, 0.1)
     torch.testing.assert_close(seen["v"], torch.full_like(seen["v"], 0.25))
     with pytest.raises(ValueError, match="Smooth: std must be > 0"):

@@ -58,11 +58,15 @@ def as_float_tensor(name: str, fn: str, x, ndim: int = 2) -> Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype not in (np.float32, np.float16, np.float64):
             raise ValueError(f"{fn}: {name} must hold floats, got numpy dtype {x.dtype}")
-        with warnings.catch_warnings():
-            # a read-only memmap (np.load(mmap_mode="r")) is wrapped, never written: torch's
-            # warning about non-writable arrays does not apply
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            x = torch.from_numpy(np.ascontiguousarray(x))
+        x = np.ascontiguousarray(x)
+        if x.flags.writeable:
+            x = torch.from_numpy(x)
+        else:
+            with warnings.catch_warnings():
+                # a read-only memmap (np.load(mmap_mode="r")) is wrapped, never written: torch's
+                # warning about non-writable arrays does not apply
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                x = torch.from_numpy(x)
     if not isinstance(x, Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
     if x.dim() != ndim:
