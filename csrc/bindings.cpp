@@ -9,11 +9,11 @@
 // (pyssl/ops/_margin_engine_contract.md, "chunked backends").
 std::tuple<at::Tensor, at::Tensor> mlcd_chunk_lse(at::Tensor xhat, at::Tensor w, at::Tensor rw,
                                                   at::Tensor pos_col, double scale,
-                                                  at::Tensor buf, int64_t tile_bytes);
+                                                  at::Tensor buf);
 void mlcd_chunk_grad(at::Tensor buf, at::Tensor xhat, at::Tensor w, at::Tensor rw,
                      at::Tensor pos_col, double scale, at::Tensor lse_total, at::Tensor gneg,
                      at::Tensor gpos, at::Tensor dxhat_out, at::Tensor dw_acc,
-                     bool accumulate, int64_t tile_bytes);
+                     bool accumulate);
 
 // ---- knn_cpu.cpp: exact inner-product top-k (pyssl/ops/knn.py, backend "cpu").
 std::tuple<at::Tensor, at::Tensor> knn_topk_cpu(at::Tensor queries, at::Tensor bank, int64_t k,
@@ -99,15 +99,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("query_block") = 1024, py::arg("bank_block") = 1024);
   m.def("mlcd_chunk_lse", &mlcd_chunk_lse,
         "buf <- scale*clamp((xhat @ w.T) * rw, -1, 1) with positive columns = -inf (in place); "
-        "returns (lse_neg (R,), pos_cos (R, L)), float32. buf is left in column tiles of about "
-        "tile_bytes each (pyssl.ops.mlcd_loss.CPU_TILE_BYTES); pass it to mlcd_chunk_grad with the "
-        "same tile_bytes",
+        "returns (lse_neg (R,), pos_cos (R, L)), float32",
         py::arg("xhat"), py::arg("w"), py::arg("rw"), py::arg("pos_col"), py::arg("scale"),
-        py::arg("buf"), py::arg("tile_bytes"));
+        py::arg("buf"));
   m.def("mlcd_chunk_grad", &mlcd_chunk_grad,
         "buf <- G' = rw * G in place from buf's logits; dxhat_out = G' @ w; dw_acc += G'.T @ xhat "
         "(dw_acc = G'.T @ xhat when accumulate is false)",
         py::arg("buf"), py::arg("xhat"), py::arg("w"), py::arg("rw"), py::arg("pos_col"),
         py::arg("scale"), py::arg("lse_total"), py::arg("gneg"), py::arg("gpos"),
-        py::arg("dxhat_out"), py::arg("dw_acc"), py::arg("accumulate"), py::arg("tile_bytes"));
+        py::arg("dxhat_out"), py::arg("dw_acc"), py::arg("accumulate"));
 }

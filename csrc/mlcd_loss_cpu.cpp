@@ -7,33 +7,31 @@
 //                    (-inf for a row without one) and pos_cos (R, L) = clamp(cos) at the positives.
 //   mlcd_chunk_grad: buf (the logits left by mlcd_chunk_lse) <- G' = rw ⊙ G in place, then
 //                    dxhat_out = G'·W and dw_acc += G'ᵀ·x̂ (= when accumulate is false).
-// buf's layout is this file's own: column tiles one after another (tile-major), each tile's
-// (R, n) block contiguous. Only mlcd_chunk_grad reads what mlcd_chunk_lse left there.
 //
-// Tiling: the caller picks R so that the (R, C') buffer fits its memory budget; this file walks
-// the C' columns in tiles of n columns (tile_cols: R·n·4 bytes ≈ tile_bytes, 4 MiB from the
-// caller, but never fewer than kBlock columns, so with R > 1024 a tile is larger). Per tile, the forward runs the
-// GEMM x̂·W_tᵀ into the tile, then the fused epilogue; the backward runs the gradient epilogue on
-// the tile, then dX̂ += G'_t·W_t and dW_t = G'_tᵀ·x̂. The GEMMs go to MKL (at::mm_out / addmm_),
-// which tiles them far better than hand-written code could; the epilogues are parallel over rows
-// (at::parallel_for, i.e. torch's OpenMP pool and torch.get_num_threads()), vectorized along
-// the row. The running log-sum-exp of each row (max, sum) is carried from tile to tile.
+// Tiling: the caller picks R so that the (R, C') buffer fits its memory budget; this file sees
+// row chunks × all columns. The three GEMMs go to MKL (at::mm_out / addmm_), which tiles them far
+// better than hand-written code could. What is fused here is everything between the GEMMs: each
+// epilogue is ONE pass over buf, parallel over rows (at::parallel_for, i.e. torch's OpenMP pool
+// and torch.get_num_threads()), vectorized along the row.
 //
-// Cache / traffic: the whole buf (R·C'·4 bytes) is far larger than the caches at the sizes that
-// matter, but a 4 MiB tile (R ≤ 1024) is not: the GEMM writes it and the epilogue re-reads it from L2/L3,
-// and in the backward the epilogue's G'_t is read by both GEMMs from cache, so buf goes to memory
-// and back once between the phases (write-back of the forward's logits, read by the backward's
-// epilogue); the unfused torch version makes ~6 full passes (scale, clamp, mask, max, exp, sum
-// ...). rw (C'·4 bytes) is shared by all rows. Within a tile the forward walks a row in blocks of
-// kBlock columns: the block's logits are written, then re-read from L1 for the exp-sum, and the
-// running max is rescaled once per block, not per element. Positive columns (L per row, few) are
-// masked inside their block before its exp-sum, never subtracted afterwards (no cancellation,
+// Cache / traffic: buf (R·C'·4 bytes) is far larger than the caches at the sizes that matter, so
+// each epilogue streams it once from memory: read + write 4 bytes per element, 2·R·C'·4 bytes per
+// pass (the unfused torch version makes ~6 such passes: scale, clamp, mask, max, exp, sum ...).
+// rw (C'·4 bytes) is shared by all rows and stays in L2/L3. The forward walks a row in blocks of
+// kBlock columns: the block's logits are written, then re-read from L1 for the exp-sum, so the
+// stable log-sum-exp costs no second trip to memory, and the running max is rescaled once per
+// block, not per element. Positive columns (L per row, few) come from a sorted per-row list and
+// are masked inside their block before its exp-sum, never subtracted afterwards (no cancellation,
 // and a dominant positive cannot underflow the negatives' sum).
 //
-// Cost: the epilogues do O(R·C') work against the GEMMs' O(R·C'·D). Measured on 2 cores
-// (AVX-512), N = 1024 (two chunks of R = 512), C' = 100000, D = 256, forward + backward: the
-// GEMMs ≈ the three bare GEMMs of the problem (~780 ms), the whole op 1.06× that; with one
-// whole-width tile (each epilogue streaming buf from memory) it was 1.11×.
+// Cost: the epilogues do O(R·C') work against the GEMMs' O(R·C'·D) each. Measured on 2 cores
+// (AVX-512), R = 512, C' = 100000, D = 256: the 3 GEMMs take ~450 ms, each epilogue ~12-20 ms
+// (~24 GB/s, i.e. memory bound); the same chunk with torch ops takes ~710 ms.
+// Fusing further was tried and measured (6b55d5f): walking the columns in 4 MiB tiles (GEMM
+// into the tile, epilogue while it is in cache, the backward's GEMMs per tile) made the
+// epilogues ~8 ms faster per call at N = 1024, C' = 100000, D = 256, but the ~50 smaller GEMMs
+// per phase lost ~25 ms; 2-4% slower end to end, interleaved in one process (1, 4 and 16 MiB
+// tiles alike). So the GEMMs stay whole.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -151,143 +149,113 @@ int64_t row_grain(int64_t C) {
 // Row functions take plain pointers and values (no lambda captures): with the pointers behind
 // references gcc could not prove unit stride and emitted gathers, 2x slower.
 
-// Running log-sum-exp of one row's negatives across the column tiles.
-struct RowLse {
-  float m = -kInf;   // running max of the negatives seen so far
-  double sum = 0.0;  // Σ exp(logit - m); double: one add per block, C'/kBlock of them
-  bool has_nan = false;
-};
-
-// Forward epilogue of one row over one column tile [j0, j0 + n): tile row `row`, rw (the tile's
-// norms), positives of the row (columns in the whole candidate set) found in the tile are
-// recorded in pcos and masked; the negatives enter st. cols is per-thread scratch.
-void lse_tile_row(float* __restrict row, const float* __restrict rw, int64_t n, int64_t j0, float s,
-                  const int64_t* __restrict pc, float* __restrict pcos, int64_t L,
-                  std::vector<int64_t>& cols, RowLse& st) {
+// Forward epilogue of one row; returns lse_neg. cols is per-thread scratch.
+float lse_row(float* __restrict row, const float* __restrict rw, int64_t C, float s,
+              const int64_t* __restrict pc, float* __restrict pcos, int64_t L,
+              std::vector<int64_t>& cols) {
   // Positives first, from the raw GEMM output: pos_cos needs clamp(cos), not the scaled logit
   // (dividing by scale would lose bits, and fail for scale = 0).
   cols.clear();
   for (int64_t i = 0; i < L; ++i) {
-    const int64_t c = pc[i] - j0;
-    if (c < 0 || c >= n) continue;  // padding (-1) or another tile's
+    const int64_t c = pc[i];
+    if (c < 0) continue;
     pcos[i] = clamp_unit(row[c] * rw[c]);
     cols.push_back(c);
   }
   std::sort(cols.begin(), cols.end());
   size_t k = 0;
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t nb = std::min(kBlock, n - b0);
-    float* __restrict blk = row + b0;
-    const float* __restrict rwb = rw + b0;
+
+  float m = -kInf;   // running max of the negatives seen so far
+  double sum = 0.0;  // Σ exp(logit - m); double: one add per block, C'/kBlock of them
+  bool has_nan = false;
+  for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, C - j0);
+    float* __restrict blk = row + j0;
+    const float* __restrict rwb = rw + j0;
     float bm = -kInf;
 #pragma omp simd reduction(max : bm)
-    for (int64_t j = 0; j < nb; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       const float v = s * clamp_unit(blk[j] * rwb[j]);
       blk[j] = v;
       bm = std::max(bm, v);
     }
-    if (k < cols.size() && cols[k] < b0 + nb) {
+    if (k < cols.size() && cols[k] < j0 + n) {
       // A positive lies in this block: mask it and take the max again (the block is in L1),
       // so the shift is the negatives' max and a dominant positive cannot underflow them.
-      while (k < cols.size() && cols[k] < b0 + nb) row[cols[k++]] = -kInf;
+      while (k < cols.size() && cols[k] < j0 + n) row[cols[k++]] = -kInf;
       bm = -kInf;
 #pragma omp simd reduction(max : bm)
-      for (int64_t j = 0; j < nb; ++j) bm = std::max(bm, blk[j]);
+      for (int64_t j = 0; j < n; ++j) bm = std::max(bm, blk[j]);
     }
     if (bm == -kInf) {
       // Whole block masked (the max skips NaN, so look for one: NaN input must give NaN).
-      for (int64_t j = 0; j < nb; ++j) st.has_nan |= std::isnan(blk[j]);
+      for (int64_t j = 0; j < n; ++j) has_nan |= std::isnan(blk[j]);
       continue;
     }
-    if (bm > st.m) {
-      st.sum *= static_cast<double>(fast_exp(st.m - bm));  // m = -inf gives 0, and sum is 0 then
-      st.m = bm;
+    if (bm > m) {
+      sum *= static_cast<double>(fast_exp(m - bm));  // m = -inf gives 0, and sum is 0 then
+      m = bm;
     }
-    const float m = st.m;
     float bs = 0.0f;
 #pragma omp simd reduction(+ : bs)
-    for (int64_t j = 0; j < nb; ++j) bs += fast_exp(blk[j] - m);
-    st.sum += bs;
+    for (int64_t j = 0; j < n; ++j) bs += fast_exp(blk[j] - m);
+    sum += bs;
   }
-}
-
-float lse_finish(const RowLse& st) {
   // a NaN max (vectorized max may propagate it) leaves m = -inf but poisons sum
-  if (st.has_nan || std::isnan(st.sum)) return std::numeric_limits<float>::quiet_NaN();
-  return st.m == -kInf ? -kInf : st.m + static_cast<float>(std::log(st.sum));
+  if (has_nan || std::isnan(sum)) return std::numeric_limits<float>::quiet_NaN();
+  return m == -kInf ? -kInf : m + static_cast<float>(std::log(sum));
 }
 
-// Gradient epilogue of one row over one column tile: logits -> G' in place. g = gneg·scale,
-// l = lse_total.
-void grad_tile_row(float* __restrict row, const float* __restrict rw, int64_t n, int64_t j0, float g,
-                   float l, const int64_t* __restrict pc, const float* __restrict gpos, int64_t L) {
+// Gradient epilogue of one row: logits -> G' in place. g = gneg·scale, l = lse_total.
+void grad_row(float* __restrict row, const float* __restrict rw, int64_t C, float g, float l,
+              const int64_t* __restrict pc, const float* __restrict gpos, int64_t L) {
   if (g == 0.0f) {
     // No exp at all: a row whose negatives carry no gradient may have lse_total = -inf (no
     // negatives and nothing else in the total), where exp(logit - lse) would give inf·0.
-    std::fill(row, row + n, 0.0f);
+    std::fill(row, row + C, 0.0f);
   } else {
     // Positive columns hold -inf, so they come out 0 here and are set just below.
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) row[j] = (rw[j] * g) * fast_exp(row[j] - l);
+    for (int64_t j = 0; j < C; ++j) row[j] = (rw[j] * g) * fast_exp(row[j] - l);
   }
   for (int64_t i = 0; i < L; ++i) {
-    const int64_t c = pc[i] - j0;
-    if (c >= 0 && c < n) row[c] = rw[c] * gpos[i];
+    const int64_t c = pc[i];
+    if (c >= 0) row[c] = rw[c] * gpos[i];
   }
-}
-
-// Columns per tile (a multiple of kBlock): the tile's R × n logits (tile_bytes, 4 MiB by default) stay in the last-level cache between the
-// GEMM that writes them and the epilogue that reads them (and, in the backward, between the
-// epilogue and the two GEMMs that read G'). Measured at R = 512, C' = 100000, D = 256 on 2 cores
-// (32 MiB L3): 1 MiB and 2 MiB tiles as fast as 4 MiB, 16 MiB tiles and one whole-width tile
-// ~4% slower end to end.
-int64_t tile_cols(int64_t R, int64_t tile_bytes) {
-  TORCH_CHECK(tile_bytes > 0, "mlcd cpu kernel: tile_bytes must be > 0, got ", tile_bytes);
-  const int64_t target = tile_bytes / 4 / std::max<int64_t>(R, 1);
-  return std::max<int64_t>(kBlock, (target / kBlock) * kBlock);
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> mlcd_chunk_lse(at::Tensor xhat, at::Tensor w, at::Tensor rw,
                                                   at::Tensor pos_col, double scale,
-                                                  at::Tensor buf, int64_t tile_bytes) {
+                                                  at::Tensor buf) {
   int64_t R, C, D, L;  // plain variables: C++17 lambdas cannot capture structured bindings
   std::tie(R, C, D, L) = check_chunk(buf, xhat, w, rw, pos_col);
   auto lse_neg = at::empty({R}, xhat.options());
   auto pos_cos = at::zeros({R, L}, xhat.options());
   if (R == 0) return {lse_neg, pos_cos};
+  at::mm_out(buf, xhat, w.t());
 
   float* B = buf.data_ptr<float>();
   const float* rwp = rw.data_ptr<float>();
   const int64_t* pc = pos_col.data_ptr<int64_t>();
+  float* lse = lse_neg.data_ptr<float>();
   float* pcos = pos_cos.data_ptr<float>();
   const float s = static_cast<float>(scale);
-  std::vector<RowLse> state(R);
-  RowLse* stp = state.data();
-  const int64_t T = tile_cols(R, tile_bytes);
 
-  for (int64_t j0 = 0; j0 < C; j0 += T) {
-    const int64_t n = std::min(T, C - j0);
-    float* tile = B + R * j0;  // tile-major: this tile's (R, n) logits are contiguous
-    at::Tensor S = at::from_blob(tile, {R, n}, buf.options());
-    at::mm_out(S, xhat, w.narrow(0, j0, n).t());
-    at::parallel_for(0, R, row_grain(n), [=](int64_t r0, int64_t r1) {
-      std::vector<int64_t> cols;
-      cols.reserve(L);
-      for (int64_t r = r0; r < r1; ++r)
-        lse_tile_row(tile + r * n, rwp + j0, n, j0, s, pc + r * L, pcos + r * L, L, cols, stp[r]);
-    });
-  }
-  float* lse = lse_neg.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r) lse[r] = lse_finish(state[r]);
+  at::parallel_for(0, R, row_grain(C), [=](int64_t r0, int64_t r1) {
+    std::vector<int64_t> cols;
+    cols.reserve(L);
+    for (int64_t r = r0; r < r1; ++r)
+      lse[r] = lse_row(B + r * C, rwp, C, s, pc + r * L, pcos + r * L, L, cols);
+  });
   return {lse_neg, pos_cos};
 }
 
 void mlcd_chunk_grad(at::Tensor buf, at::Tensor xhat, at::Tensor w, at::Tensor rw,
                      at::Tensor pos_col, double scale, at::Tensor lse_total, at::Tensor gneg,
                      at::Tensor gpos, at::Tensor dxhat_out, at::Tensor dw_acc,
-                     bool accumulate, int64_t tile_bytes) {
+                     bool accumulate) {
   int64_t R, C, D, L;
   std::tie(R, C, D, L) = check_chunk(buf, xhat, w, rw, pos_col);
   check_f32_vector(lse_total, "lse_total", R);
@@ -304,10 +272,6 @@ void mlcd_chunk_grad(at::Tensor buf, at::Tensor xhat, at::Tensor w, at::Tensor r
               "mlcd cpu kernel: dw_acc must have shape (", C, ", ", D, ") like w, got ",
               dw_acc.sizes());
   if (R == 0) return;
-  if (C == 0) {  // no tile to write dX̂ (an empty candidate set: G'·W = 0)
-    dxhat_out.zero_();
-    return;
-  }
 
   float* B = buf.data_ptr<float>();
   const float* rwp = rw.data_ptr<float>();
@@ -316,29 +280,17 @@ void mlcd_chunk_grad(at::Tensor buf, at::Tensor xhat, at::Tensor w, at::Tensor r
   const float* gn = gneg.data_ptr<float>();
   const float* gp = gpos.data_ptr<float>();
   const float s = static_cast<float>(scale);
-  const int64_t T = tile_cols(R, tile_bytes);  // the tiling mlcd_chunk_lse left buf in
 
-  for (int64_t j0 = 0; j0 < C; j0 += T) {
-    const int64_t n = std::min(T, C - j0);
-    float* tile = B + R * j0;
-    at::parallel_for(0, R, row_grain(n), [=](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        grad_tile_row(tile + r * n, rwp + j0, n, j0, gn[r] * s, lt[r], pc + r * L, gp + r * L, L);
-    });
-    at::Tensor S = at::from_blob(tile, {R, n}, buf.options());
-    at::Tensor w_t = w.narrow(0, j0, n);
-    // dX̂ sums over the tiles (the first writes: no zero fill); each tile's dW rows are its own
-    if (j0 == 0) {
-      at::mm_out(dxhat_out, S, w_t);
-    } else {
-      dxhat_out.addmm_(S, w_t);
-    }
-    at::Tensor dw_t = dw_acc.narrow(0, j0, n);
-    // The first chunk writes dw_acc (beta = 0), later chunks add: no separate zero fill of C'×D.
-    if (accumulate) {
-      dw_t.addmm_(S.t(), xhat);
-    } else {
-      at::mm_out(dw_t, S.t(), xhat);
-    }
+  at::parallel_for(0, R, row_grain(C), [=](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      grad_row(B + r * C, rwp, C, gn[r] * s, lt[r], pc + r * L, gp + r * L, L);
+  });
+
+  at::mm_out(dxhat_out, buf, w);
+  // The first chunk writes dw_acc (beta = 0), later chunks add: no separate zero fill of C'×D.
+  if (accumulate) {
+    dw_acc.addmm_(buf.t(), xhat);
+  } else {
+    at::mm_out(dw_acc, buf.t(), xhat);
   }
 }

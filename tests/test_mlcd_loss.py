@@ -190,15 +190,12 @@ def test_negative_sum_is_not_a_difference(backend):
 
 @pytest.mark.parametrize("kind", ["mlcd", "softmax"])
 def test_many_tiles_chunks_and_splits(backend, kind, monkeypatch):
-    """Shapes that span several tiles on every backend: several row chunks (torch, cpu), several
-    column tiles and 1024-column blocks of the C++ passes with positives in later ones, and on Triton
+    """Shapes that span several tiles on every backend: several row chunks (torch, cpu), more
+    than one 1024-column block of the C++ row pass with positives in later blocks, and on Triton
     small tiles so the online log-sum-exp rescales across tiles, the column splits combine, and
     dx/dw accumulate over many tiles and D slices."""
     dev = device_for(backend)
     monkeypatch.setattr(M, "CHUNK_ELEMS", 3000)
-    # the C++ kernel's column tiles: 1024 columns (its smallest), so 3 tiles, the last partial,
-    # and the running log-sum-exp and dX carried across them
-    monkeypatch.setattr(M, "CPU_TILE_BYTES", 4096)
     if backend == "triton":
         from pyssl.kernels import mlcd_loss as K
         real = K._config
@@ -605,17 +602,17 @@ def test_reasons_name_every_backend():
 
 
 def test_cpu_kernel_with_no_candidate_columns_writes_zero_dx():
-    # the tile loop has no tile then; dX̂ = G'·W over no columns is 0, not what was in the output
+    # dX̂ = G'·W over no columns is 0, not what was in the output
     ext = pytest.importorskip("pyssl._C")
     r, d = 3, 4
     xhat, w, rw = torch.randn(r, d), torch.zeros(0, d), torch.zeros(0)
     pc = torch.full((r, 1), -1, dtype=torch.int64)
     buf = torch.zeros(r, 0)
-    lse, _ = ext.mlcd_chunk_lse(xhat, w, rw, pc, 1.0, buf, tile_bytes=M.CPU_TILE_BYTES)
+    lse, _ = ext.mlcd_chunk_lse(xhat, w, rw, pc, 1.0, buf)
     assert torch.isinf(lse).all() and (lse < 0).all()
     dx = torch.full((r, d), 7.0)
     ext.mlcd_chunk_grad(buf, xhat, w, rw, pc, 1.0, lse, torch.ones(r), torch.zeros(r, 1), dx,
-                        torch.zeros(0, d), False, tile_bytes=M.CPU_TILE_BYTES)
+                        torch.zeros(0, d), False)
     assert torch.equal(dx, torch.zeros(r, d))
 
 

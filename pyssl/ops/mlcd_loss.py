@@ -18,7 +18,6 @@ the backward recomputes the logits tile by tile.
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -38,10 +37,6 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # most twice the class matrix in float32: O(C'·D) memory), and R < N whenever N > 1, so no N×C'
 # tensor exists. Larger R means fewer passes of the C'×D gradient accumulator through memory.
 CHUNK_ELEMS = 1 << 24
-# The cpu kernel walks the buffer's columns in tiles of about this many bytes, so that a GEMM's
-# output tile is still in cache when its epilogue (and, backward, the next GEMMs) read it
-# (csrc/mlcd_loss_cpu.cpp).
-CPU_TILE_BYTES = 4 << 20
 
 _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 
@@ -253,8 +248,7 @@ def _torch_chunk_grad(buf, xhat, w_eff, rw, pos_col, scale, lse_total, gneg, gpo
 def _chunk_kernels(backend):
     if backend == "cpu":
         ext = _dispatch.extension()
-        tile = dict(tile_bytes=CPU_TILE_BYTES)   # read per call: the tests shrink it
-        return functools.partial(ext.mlcd_chunk_lse, **tile), functools.partial(ext.mlcd_chunk_grad, **tile)
+        return ext.mlcd_chunk_lse, ext.mlcd_chunk_grad
     return _torch_chunk_lse, _torch_chunk_grad
 
 
