@@ -611,6 +611,23 @@ def test_contrastive_loss_lone_tokens_and_near_parallel(backend):
                                **(dict(atol=2e-2, rtol=1e-3) if dt == torch.float32 else {}))
 
 
+@pytest.mark.parametrize("b,l", [(1, 700), (2, 2300)])
+def test_contrastive_loss_cpu_row_tiles(b, l):
+    # long samples: the C++ kernel cuts each sample's rows into tiles (≤ 2^18 scores each: 256
+    # rows at L = 700, 113 at L = 2300), spread over the threads even for one sample; the
+    # backward forms G + Gᵀ per tile from every column's statistics
+    torch.manual_seed(3)
+    z = torch.randn(b, l, 8, dtype=torch.float64, requires_grad=True)
+    groups = torch.randint(0, 5, (b, l))
+    groups[:, ::97] = -1                     # global tokens, ignored
+    groups[0, 1] = 99                        # a group of one
+    out = pyssl.homologous_contrastive_loss(z, groups, temperature=0.3, reduction="none", backend="cpu")
+    ref = reference.homologous_contrastive_loss(z, groups, temperature=0.3, reduction="none")
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, z, g)[0], torch.autograd.grad(ref, z, g)[0])
+
+
 def test_contrastive_loss_torch_backend_keeps_no_score_tensors():
     """The torch backend's row chunks are recomputed in the backward: what autograd saves is of
     the order of z, not the B·L·L scores (plain autograd saved ~2.3 such tensors)."""

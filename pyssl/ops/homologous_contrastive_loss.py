@@ -14,10 +14,12 @@ Backends:
          on chip (L ≤ 256 for 16-bit inputs, 128 for float32), fused masked LSE and group mean; the backward forms (G + Gᵀ)/τ from
          the per-token statistics of every column (s is symmetric: no atomics) and multiplies it
          by Ẑ.
-  cpu    C++/OpenMP (csrc/homologous_contrastive_loss_cpu.cpp): one sample's n×n score block per
-         thread (a register-blocked GEMM of its normalized valid tokens), fused row log-sum-exp
-         and group sums; the backward recomputes the block from the saved log-sum-exp and
-         multiplies (G + Gᵀ) by Ẑ. Never a B·L·L tensor.
+  cpu    C++/OpenMP (csrc/homologous_contrastive_loss_cpu.cpp): threads take row tiles of the
+         samples (≤ 2^18 scores each: a whole sample at ViT lengths, 16-row tiles at L = 16k), a
+         register-blocked GEMM of the tile's normalized tokens against the sample's, fused row
+         log-sum-exp and group sums; the backward recomputes the tile, forms its rows of
+         (G + Gᵀ) from every column's saved statistics and multiplies them by Ẑ. Never a B·L·L
+         or L·L tensor: a thread holds one tile.
   torch  samples in chunks (R·L·L scores per chunk, R·L² ≤ 2^24), forward and backward by
          autograd through the chunk's ops.
 The op returns per-token losses; the reduction runs on those (B, L) values here.
