@@ -649,6 +649,35 @@ def test_contrastive_loss_torch_backend_keeps_no_score_tensors():
     torch.testing.assert_close(g.double(), want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_contrastive_loss_torch_backend_chunks_query_rows(monkeypatch, reduction):
+    """One sample's L×L scores above the chunk budget: its query rows go in chunks (here 15 of
+    the 64 per chunk, the last one short), each recomputed in the backward."""
+    from pyssl.ops import homologous_contrastive_loss as HCL
+    monkeypatch.setattr(HCL, "CHUNK_ELEMS", 1000)
+    spans = []
+    real = HCL._rows
+
+    def rows(zc, gc, t, q0=0, q1=None):
+        spans.append((zc.shape[0], q0, zc.shape[1] if q1 is None else q1))
+        return real(zc, gc, t, q0, q1)
+
+    monkeypatch.setattr(HCL, "_rows", rows)
+    b, l, e = 2, 64, 8
+    z = torch.randn(b, l, e, dtype=torch.float64, requires_grad=True)
+    groups = _groups(b, l, 3, n_global=2)
+    groups[1, 7] = 40                         # a group of one
+    out = pyssl.homologous_contrastive_loss(z, groups, temperature=0.3, reduction=reduction, backend="torch")
+    forward_spans = list(spans)
+    assert forward_spans == [(1, q0, min(l, q0 + 15)) for _ in range(b) for q0 in range(0, l, 15)]
+    assert max(r * (q1 - q0) * l for r, q0, q1 in forward_spans) <= 1000
+    ref = reference.homologous_contrastive_loss(z, groups, temperature=0.3, reduction=reduction)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, z, g)[0], torch.autograd.grad(ref, z, g)[0])
+    assert len(spans) == 2 * len(forward_spans)   # every chunk recomputed once in the backward
+
+
 def test_contrastive_loss_mean_without_positives_is_zero():
     z = torch.randn(2, 4, 3, requires_grad=True)
     groups = torch.tensor([[0, 1, 2, -1], [5, -1, 6, 7]])      # every group of one

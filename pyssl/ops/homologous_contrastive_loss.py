@@ -20,13 +20,14 @@ Backends:
          log-sum-exp and group sums; the backward recomputes the tile, forms its rows of
          (G + Gᵀ) from every column's saved statistics and multiplies them by Ẑ. Never a B·L·L
          or L·L tensor: a thread holds one tile.
-  torch  samples in chunks (R·L·L scores per chunk, R·L² ≤ 2^24), forward and backward by
-         autograd through the chunk's ops.
+  torch  samples in chunks (R·L·L scores per chunk, R·L² ≤ 2^24; one sample's query rows in
+         chunks of 2^24/L when L² is larger), forward and backward by autograd through the
+         chunk's ops, recomputed in the backward.
 The op returns per-token losses; the reduction runs on those (B, L) values here.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,22 +59,44 @@ def _check(fn, z, groups, temperature, reduction):
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def _rows(z: Tensor, groups: Tensor, temperature: float):
-    """Per-token losses (R, L) float32/float64 and the has-positive mask of a chunk of samples."""
+def _rows(z: Tensor, groups: Tensor, temperature: float, q0: int = 0, q1: Optional[int] = None):
+    """Per-token losses (R, Q) float32/float64 and the has-positive mask of the query rows
+    [q0, q1) of a chunk of samples (all L tokens are keys): R·Q·L scores at a time."""
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     l = z.shape[1]
+    q1 = l if q1 is None else q1
     zn = F.normalize(z.to(acc), dim=-1, eps=NORM_EPS)
-    s = (zn @ zn.transpose(1, 2)) * (1.0 / temperature)
+    s = (zn[:, q0:q1] @ zn.transpose(1, 2)) * (1.0 / temperature)
     valid = groups >= 0
-    eye = torch.eye(l, dtype=torch.bool, device=z.device)[None]
-    other = valid[:, :, None] & valid[:, None, :] & ~eye
-    pos = other & (groups[:, :, None] == groups[:, None, :])
+    eye = (torch.arange(q0, q1, device=z.device)[:, None] == torch.arange(l, device=z.device)[None, :])[None]
+    other = valid[:, q0:q1, None] & valid[:, None, :] & ~eye
+    pos = other & (groups[:, q0:q1, None] == groups[:, None, :])
     lse = torch.logsumexp(s.masked_fill(~other, float("-inf")), dim=-1)
     lse = torch.where(other.any(-1), lse, torch.zeros_like(lse))
     npos = pos.sum(-1)
     has = npos > 0
     mean_pos = s.masked_fill(~pos, 0.0).sum(-1) / npos.clamp_min(1)
     return torch.where(has, lse - mean_pos, torch.zeros_like(lse)), has
+
+
+def _torch_rows(z: Tensor, groups: Tensor, temperature: float):
+    """The torch backend: chunks of samples, and of query rows when one sample's L×L scores
+    exceed CHUNK_ELEMS, each chunk's scores recomputed in the backward (checkpointing) rather
+    than kept; (B, L) losses and has-positive mask."""
+    b, l, _ = z.shape
+    per = max(1, CHUNK_ELEMS // max(1, l * l))
+    q = l if per > 1 or l * l <= CHUNK_ELEMS else max(1, CHUNK_ELEMS // l)
+    rows_of = _rows
+    if torch.is_grad_enabled() and z.requires_grad:
+        def rows_of(zc, gc, t, q0, q1):
+            return torch.utils.checkpoint.checkpoint(_rows, zc, gc, t, q0, q1, use_reentrant=False)
+    rows, has = [], []
+    for i0 in range(0, b, per):
+        zc, gc = z[i0:i0 + per], groups[i0:i0 + per]
+        parts = [rows_of(zc, gc, float(temperature), q0, min(l, q0 + q)) for q0 in range(0, l, q)]
+        rows.append(torch.cat([p[0] for p in parts], 1) if len(parts) > 1 else parts[0][0])
+        has.append(torch.cat([p[1] for p in parts], 1) if len(parts) > 1 else parts[0][1])
+    return (torch.cat(rows) if len(rows) > 1 else rows[0]), (torch.cat(has) if len(has) > 1 else has[0])
 
 
 def _backend_checks(z: Tensor):
@@ -183,20 +206,11 @@ def homologous_contrastive_loss(z: Tensor, groups: Tensor, *, temperature: float
     chosen = _dispatch.choose(fn, backend, z.device, {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
                               _backend_checks(z))
     groups = groups.to(torch.int64)
-    b, l, _ = z.shape
     if chosen in ("cpu", "triton"):
         rows, _ = _rows_op(z, groups, float(temperature), chosen)
         has = _has_positive(groups)
     else:
-        per = max(1, CHUNK_ELEMS // max(1, l * l))
-        rows_of = _rows
-        if torch.is_grad_enabled() and z.requires_grad:
-            # each chunk's L×L scores are recomputed in the backward instead of kept alive
-            def rows_of(zc, gc, t):
-                return torch.utils.checkpoint.checkpoint(_rows, zc, gc, t, use_reentrant=False)
-        parts = [rows_of(z[i0:i0 + per], groups[i0:i0 + per], float(temperature)) for i0 in range(0, b, per)]
-        rows = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        has = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        rows, has = _torch_rows(z, groups, float(temperature))
     if reduction == "none":
         return rows.to(z.dtype)
     total = rows.sum()
