@@ -8,16 +8,19 @@
 //     ∂L/∂ẑ_i = (1/τ) Σ_j (G_ij + G_ji) ẑ_j,   ∂L/∂z_i = (∂ẑ_i − ẑ_i (ẑ_i·∂ẑ_i)) / ‖z_i‖.
 //
 // Tiling: OpenMP over row tiles of every sample (work items (b, i0, i1)), so a long sample is
-// spread over the threads and no thread holds more than a tile of scores: per item, the thread
-// builds the sample's normalized valid rows Ẑ (n × E, and Ẑᵀ) — reused by its next item of the
-// same sample — and the tile's rt × n score block with the shared register-blocked GEMM
-// (csrc/cpu_gemm.h); rt is chosen so the block is ≤ 2^18 floats (1 MiB, L2): one tile of a
-// whole sample at ViT lengths (n ≤ 256), 16-row tiles at L = 16k. Never a B·L·L or L·L tensor.
-// The backward needs no transposed accumulation: s is symmetric, so row i of (G + Gᵀ) is formed
-// from the tile's own scores and the per-token statistics of every column j (lse_j, u_j,
-// |P(j)|), as the Triton kernel does; then dẐ_tile = (G + Gᵀ)_tile·Ẑ / τ (a second GEMM) and
-// the normalization backward. Memory traffic: per item, the sample's rows are read again (n·E,
-// against the tile's 2·rt·n·E GEMM flops); dz written once; the score tile stays in L2.
+// spread over the threads and no thread holds more than a tile of scores. Tiles have
+// tile_rows(n) rows: ~2^20 scores, 64 to 256 rows (a whole sample at ViT lengths, n ≤ 256:
+// one tile, the thread normalizes it into its own scratch; 64-row tiles from n = 16k, where the
+// tile is 64·n scores). A sample cut into several tiles has its normalized valid rows Ẑ (n × E)
+// and Ẑᵀ built once per call and shared read-only (memory 2·n·E, not per thread). Per item the
+// tile's rt × n score block comes from the shared register-blocked GEMM (csrc/cpu_gemm.h).
+// Never a B·L·L or L·L tensor. The backward needs no transposed accumulation: s is symmetric,
+// so row i of (G + Gᵀ) is formed from the tile's own scores and the per-token statistics of
+// every column j (lse_j, u_j, |P(j)|), as the Triton kernel does (a single-tile sample forms G
+// with one exp per score and mirrors it instead: ~8% faster at ViT shapes); then dẐ_tile =
+// (G + Gᵀ)_tile·Ẑ / τ (a second GEMM) and the normalization backward. Memory traffic: each tile
+// streams the sample's Ẑᵀ (and Ẑ in the backward): n·E against its 2·rt·n·E GEMM flops, so at
+// least 2·64 flops per element read; dz written once.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -67,45 +70,93 @@ Sample sample_of(const int64_t* g, int64_t L) {
   return s;
 }
 
-// Rows per tile: the rt × n score block at most 2^18 elements, between 16 and 256 rows.
+// Rows per tile, a multiple of 8 (the GEMM's row block): the rt × n score block about 2^20
+// elements, between 64 rows (fewer would re-read the sample's Ẑ too often per score: each
+// tile streams all of it) and 256 (a whole ViT-length sample: one tile).
 int64_t tile_rows(int64_t n) {
-  return std::max<int64_t>(16, std::min<int64_t>(256, (int64_t{1} << 18) / std::max<int64_t>(n, 1)));
+  const int64_t rt = (int64_t{1} << 20) / std::max<int64_t>(n, 1);
+  return std::max<int64_t>(64, std::min<int64_t>(256, rt / 8 * 8));
 }
 
 struct Item {
   int64_t b, i0, i1;
 };
 
-// The work items of a call: every sample's valid rows in tiles of tile_rows(n).
-std::vector<Item> items_of(const int64_t* g, int64_t B, int64_t L) {
-  std::vector<Item> items;
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t n = 0;
-    for (int64_t t = 0; t < L; ++t) n += g[b * L + t] >= 0;
-    const int64_t rt = tile_rows(n);
-    for (int64_t i0 = 0; i0 < n; i0 += rt) items.push_back({b, i0, std::min(n, i0 + rt)});
-  }
-  return items;
-}
-
-// What a thread keeps of the sample it is working on (rebuilt when its next item is another
-// sample's).
+// Per-call plan: every sample's tokens and |P(i)|, the work items (row tiles), and — for the
+// samples cut into several tiles — their Ẑ, Ẑᵀ and inverse norms built once and shared
+// read-only by the threads (one copy, not one per thread that takes a tile of the sample).
+// A single-tile sample (every sample at ViT lengths) is normalized by the thread that takes it,
+// into its own scratch, which stays in cache.
 template <typename acc_t>
-struct SampleState {
-  int64_t b = -1;
-  Sample sm;
+struct Plan {
+  std::vector<Sample> samples;
+  std::vector<Item> items;
+  std::vector<int64_t> off;        // per sample: offset in Zn/ZnT (n·E units) or -1 (single tile)
+  std::vector<int64_t> off_inv;    // per sample: offset in inv
   std::vector<acc_t> Zn, ZnT, inv;
 
   template <typename scalar_t>
-  void load(const scalar_t* z, const int64_t* g, int64_t bb, int64_t L, int64_t E, double eps) {
+  Plan(const scalar_t* z, const int64_t* g, int64_t B, int64_t L, int64_t E, double eps) {
+    samples.resize(B);
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) samples[b] = sample_of(g + b * L, L);
+    });
+    off.assign(B, -1);
+    off_inv.assign(B, -1);
+    int64_t total = 0, total_inv = 0;
+    std::vector<int64_t> multi;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = (int64_t)samples[b].idx.size(), rt = tile_rows(n);
+      for (int64_t i0 = 0; i0 < n; i0 += rt) items.push_back({b, i0, std::min(n, i0 + rt)});
+      if (n > rt) {
+        off[b] = total;
+        off_inv[b] = total_inv;
+        total += n * E;
+        total_inv += n;
+        multi.push_back(b);
+      }
+    }
+    Zn.resize(total); ZnT.resize(total); inv.resize(total_inv);
+    at::parallel_for(0, (int64_t)multi.size(), 1, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t b = multi[m];
+        const Sample& sm = samples[b];
+        const int64_t n = (int64_t)sm.idx.size();
+        normalized_rows(z + b * L * E, sm.idx, E, eps, Zn.data() + off[b], inv.data() + off_inv[b]);
+        acc_t* zt = ZnT.data() + off[b];
+        const acc_t* zr = Zn.data() + off[b];
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t c = 0; c < E; ++c) zt[c * n + i] = zr[i * E + c];
+      }
+    });
+  }
+};
+
+// A thread's view of the sample of its current item: the plan's shared Ẑ for a multi-tile
+// sample, else its own scratch (rebuilt only when the sample changes).
+template <typename acc_t>
+struct SampleView {
+  int64_t b = -1;
+  const acc_t *Zn = nullptr, *ZnT = nullptr, *inv = nullptr;
+  std::vector<acc_t> own_Zn, own_ZnT, own_inv;
+
+  template <typename scalar_t>
+  void load(const Plan<acc_t>& plan, const scalar_t* z, int64_t bb, int64_t L, int64_t E, double eps) {
     if (bb == b) return;
     b = bb;
-    sm = sample_of(g + b * L, L);
+    if (plan.off[b] >= 0) {
+      Zn = plan.Zn.data() + plan.off[b];
+      ZnT = plan.ZnT.data() + plan.off[b];
+      inv = plan.inv.data() + plan.off_inv[b];
+      return;
+    }
+    const Sample& sm = plan.samples[b];
     const int64_t n = (int64_t)sm.idx.size();
-    Zn.resize(n * E); ZnT.resize(n * E); inv.resize(n);
-    normalized_rows(z + b * L * E, sm.idx, E, eps, Zn.data(), inv.data());
+    own_Zn.resize(n * E); own_ZnT.resize(n * E); own_inv.resize(n);
+    normalized_rows(z + b * L * E, sm.idx, E, eps, own_Zn.data(), own_inv.data());
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t c = 0; c < E; ++c) ZnT[c * n + i] = Zn[i * E + c];
+      for (int64_t c = 0; c < E; ++c) own_ZnT[c * n + i] = own_Zn[i * E + c];
+    Zn = own_Zn.data(); ZnT = own_ZnT.data(); inv = own_inv.data();
   }
 };
 
@@ -121,17 +172,17 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const at::T
   acc_t* rp = static_cast<acc_t*>(rows.data_ptr());
   acc_t* lp = static_cast<acc_t*>(lse.data_ptr());
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const std::vector<Item> items = items_of(gp, B, L);
-  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t begin, int64_t end) {
-    SampleState<acc_t> st;
+  const Plan<acc_t> plan(zp, gp, B, L, E, eps);
+  at::parallel_for(0, (int64_t)plan.items.size(), 1, [&](int64_t begin, int64_t end) {
+    SampleView<acc_t> st;
     std::vector<acc_t> S;
     for (int64_t it = begin; it < end; ++it) {
-      const Item item = items[it];
-      st.load(zp, gp, item.b, L, E, eps);
-      const Sample& sm = st.sm;
+      const Item item = plan.items[it];
+      st.load(plan, zp, item.b, L, E, eps);
+      const Sample& sm = plan.samples[item.b];
       const int64_t n = (int64_t)sm.idx.size(), rt = item.i1 - item.i0;
       S.resize(rt * n);
-      gemm(rt, n, E, st.Zn.data() + item.i0 * E, E, st.ZnT.data(), n, S.data(), n);
+      gemm(rt, n, E, st.Zn + item.i0 * E, E, st.ZnT, n, S.data(), n);
       for (int64_t i = item.i0; i < item.i1; ++i) {
         acc_t* s = S.data() + (i - item.i0) * n;
         acc_t m = ninf, pos = 0;
@@ -168,15 +219,15 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& groups, const at
   const acc_t* lp = static_cast<const acc_t*>(lse.data_ptr());
   const acc_t* up = static_cast<const acc_t*>(grad_rows.data_ptr());
   scalar_t* dp = dz.data_ptr<scalar_t>();
-  const std::vector<Item> items = items_of(gp, B, L);
-  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t begin, int64_t end) {
-    SampleState<acc_t> st;
+  const Plan<acc_t> plan(zp, gp, B, L, E, eps);
+  at::parallel_for(0, (int64_t)plan.items.size(), 1, [&](int64_t begin, int64_t end) {
+    SampleView<acc_t> st;
     std::vector<acc_t> S, dZt, u, l, w;
     int64_t stats_of = -1;   // the sample whose u, l, w are loaded
     for (int64_t it = begin; it < end; ++it) {
-      const Item item = items[it];
-      st.load(zp, gp, item.b, L, E, eps);
-      const Sample& sm = st.sm;
+      const Item item = plan.items[it];
+      st.load(plan, zp, item.b, L, E, eps);
+      const Sample& sm = plan.samples[item.b];
       const int64_t n = (int64_t)sm.idx.size(), rt = item.i1 - item.i0;
       if (stats_of != item.b) {
         // every token's statistics: row j of the tile's Gᵀ needs them for each column j
@@ -191,24 +242,46 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& groups, const at
       }
       S.resize(rt * n);
       dZt.resize(rt * E);
-      gemm(rt, n, E, st.Zn.data() + item.i0 * E, E, st.ZnT.data(), n, S.data(), n);
-      // S -> (G + Gᵀ)/τ for the tile's rows: G_ij = u_i (e^{s_ij − lse_i} − [j ∈ P(i)]/|P(i)|),
-      // G_ji the same with i and j swapped (s_ji = s_ij)
-      for (int64_t i = item.i0; i < item.i1; ++i) {
-        acc_t* s = S.data() + (i - item.i0) * n;
-        for (int64_t j = 0; j < n; ++j) {
-          if (j == i) { s[j] = 0; continue; }
-          const acc_t sij = s[j] * (acc_t)inv_t;
-          const bool same = sm.grp[j] == sm.grp[i];
-          const acc_t gij = u[i] == 0 ? acc_t(0) : u[i] * (exp_nonpos(sij - l[i]) - (same ? w[i] : acc_t(0)));
-          const acc_t gji = u[j] == 0 ? acc_t(0) : u[j] * (exp_nonpos(sij - l[j]) - (same ? w[j] : acc_t(0)));
-          s[j] = (gij + gji) * (acc_t)inv_t;
+      gemm(rt, n, E, st.Zn + item.i0 * E, E, st.ZnT, n, S.data(), n);
+      if (rt == n) {
+        // the whole sample in one tile (ViT lengths): G in place, one exp per score, then
+        // (G + Gᵀ)/τ by mirroring. G_ij = u_i (e^{s_ij − lse_i} − [j ∈ P(i)]/|P(i)|)
+        for (int64_t i = 0; i < n; ++i) {
+          acc_t* s = S.data() + i * n;
+          const acc_t ui = u[i], li = l[i], wi = w[i];
+          const int64_t gi = sm.grp[i];
+          for (int64_t j = 0; j < n; ++j) {
+            if (j == i || ui == 0) { s[j] = 0; continue; }
+            s[j] = ui * (exp_nonpos(s[j] * (acc_t)inv_t - li) - (sm.grp[j] == gi ? wi : acc_t(0)));
+          }
+        }
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = i; j < n; ++j) {
+            const acc_t m = (S[i * n + j] + S[j * n + i]) * (acc_t)inv_t;
+            S[i * n + j] = m;
+            S[j * n + i] = m;
+          }
+      } else {
+        // a tile of a longer sample: its rows of (G + Gᵀ)/τ directly, G_ji from the column
+        // token's statistics (s_ji = s_ij)
+        for (int64_t i = item.i0; i < item.i1; ++i) {
+          acc_t* s = S.data() + (i - item.i0) * n;
+          const acc_t ui = u[i], li = l[i], wi = w[i];
+          const int64_t gi = sm.grp[i];
+          for (int64_t j = 0; j < n; ++j) {
+            if (j == i) { s[j] = 0; continue; }
+            const acc_t sij = s[j] * (acc_t)inv_t;
+            const bool same = sm.grp[j] == gi;
+            const acc_t gij = ui == 0 ? acc_t(0) : ui * (exp_nonpos(sij - li) - (same ? wi : acc_t(0)));
+            const acc_t gji = u[j] == 0 ? acc_t(0) : u[j] * (exp_nonpos(sij - l[j]) - (same ? w[j] : acc_t(0)));
+            s[j] = (gij + gji) * (acc_t)inv_t;
+          }
         }
       }
-      gemm(rt, E, n, S.data(), n, st.Zn.data(), E, dZt.data(), E);
+      gemm(rt, E, n, S.data(), n, st.Zn, E, dZt.data(), E);
       for (int64_t i = item.i0; i < item.i1; ++i) {
         const acc_t* g = dZt.data() + (i - item.i0) * E;
-        const acc_t* zr = st.Zn.data() + i * E;
+        const acc_t* zr = st.Zn + i * E;
         const acc_t inv = st.inv[i];
         scalar_t* out = dp + (item.b * L + sm.idx[i]) * E;
         if (inv < 0) {   // the norm was clamped at eps: ẑ = z/eps, a plain scaling

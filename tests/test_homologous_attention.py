@@ -611,16 +611,20 @@ def test_contrastive_loss_lone_tokens_and_near_parallel(backend):
                                **(dict(atol=2e-2, rtol=1e-3) if dt == torch.float32 else {}))
 
 
-@pytest.mark.parametrize("b,l", [(1, 700), (2, 2300)])
+@pytest.mark.parametrize("b,l", [(3, 300), (1, 700), (1, 4500)])
 def test_contrastive_loss_cpu_row_tiles(b, l):
-    # long samples: the C++ kernel cuts each sample's rows into tiles (≤ 2^18 scores each: 256
-    # rows at L = 700, 113 at L = 2300), spread over the threads even for one sample; the
-    # backward forms G + Gᵀ per tile from every column's statistics
+    # long samples: the C++ kernel cuts each sample's valid rows into tiles (256 rows up to
+    # n = 4096, then ~2^20/n rounded to 8: 232 at the 4500 − 47 global tokens here), spread over
+    # the threads even for one sample, with the normalized rows shared; at L = 300 one sample
+    # has a single tile (< 257 valid tokens) next to multi-tile ones. The backward forms G + Gᵀ
+    # per tile from every column's statistics.
     torch.manual_seed(3)
-    z = torch.randn(b, l, 8, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(b, l, 4, dtype=torch.float64, requires_grad=True)
     groups = torch.randint(0, 5, (b, l))
     groups[:, ::97] = -1                     # global tokens, ignored
     groups[0, 1] = 99                        # a group of one
+    if b == 3:
+        groups[1, 200:] = -1                 # this sample fits one tile
     out = pyssl.homologous_contrastive_loss(z, groups, temperature=0.3, reduction="none", backend="cpu")
     ref = reference.homologous_contrastive_loss(z, groups, temperature=0.3, reduction="none")
     torch.testing.assert_close(out, ref)

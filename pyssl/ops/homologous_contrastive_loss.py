@@ -15,11 +15,11 @@ Backends:
          the per-token statistics of every column (s is symmetric: no atomics) and multiplies it
          by Ẑ.
   cpu    C++/OpenMP (csrc/homologous_contrastive_loss_cpu.cpp): threads take row tiles of the
-         samples (≤ 2^18 scores each: a whole sample at ViT lengths, 16-row tiles at L = 16k), a
-         register-blocked GEMM of the tile's normalized tokens against the sample's, fused row
-         log-sum-exp and group sums; the backward recomputes the tile, forms its rows of
-         (G + Gᵀ) from every column's saved statistics and multiplies them by Ẑ. Never a B·L·L
-         or L·L tensor: a thread holds one tile.
+         samples (~2^20 scores, 64 to 256 rows: a whole sample at ViT lengths), a
+         register-blocked GEMM of the tile's normalized tokens against the sample's (built once
+         and shared for a multi-tile sample), fused row log-sum-exp and group sums; the backward
+         recomputes the tile, forms its rows of (G + Gᵀ) from every column's saved statistics
+         and multiplies them by Ẑ. Never a B·L·L or L·L tensor: a thread holds one tile.
   torch  samples in chunks (R·L·L scores per chunk, R·L² ≤ 2^24; one sample's query rows in
          chunks of 2^24/L when L² is larger), forward and backward by autograd through the
          chunk's ops, recomputed in the backward.
