@@ -140,12 +140,14 @@ class Smooth:
         bad = _noise.image_ids_out_of_range(ids) if defer else None
         if self.channels_last and x.dim() != 4:
             raise ValueError(f"{fn}: channels_last needs a 4-d x (B, C, H, W), got shape {tuple(x.shape)}")
-        # the model sees float32 (or the autocast dtype on CUDA), whatever x's dtype; a model
-        # whose parameters are float64 gets a float64 batch
+        # the batch dtype, whatever x's: the autocast dtype on CUDA; else the dtype of the
+        # model's parameters (a .half() / .bfloat16() / .double() model gets its own dtype,
+        # written directly by the noise kernels); float32 for a model without parameters
         if self.autocast is not None and x.device.type == "cuda":
             out_dtype = self.autocast
         else:
-            out_dtype = torch.float64 if _param_dtype(self.model) == torch.float64 else torch.float32
+            pd = _param_dtype(self.model)
+            out_dtype = pd if pd in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
         # device copies of mean/std made once per (device, channels, dtype), not once per call
         cache, version = self._affine, self._affine_version
         key = (x.device, x.shape[1] if x.dim() > 1 else 0, out_dtype, version)

@@ -303,6 +303,13 @@ def test_batch_dtype_follows_the_model(backend):
     pred = pyssl.Smooth(model32, 3, 0.0, mean=mean, std=std, batch_size=7, backend=backend).predict(x, 20, 0.01)
     assert set(seen) == {torch.float32}
     assert torch.equal(pred, model32(((x - m) / sd).float()).argmax(1))
+    # ... a bfloat16 one bfloat16 batches (no autocast needed) ...
+    seen.clear()
+    model16 = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)).bfloat16()
+    model16.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].dtype))
+    pred = pyssl.Smooth(model16, 3, 0.0, mean=mean, std=std, batch_size=7, backend=backend).predict(x, 20, 0.01)
+    assert set(seen) == {torch.bfloat16}
+    assert torch.equal(pred, model16(((x - m) / sd).float().bfloat16()).argmax(1))
     # ... a float64 one float64 batches, normalized in float64 (sigma 0: the image itself)
     if backend == "cpu":
         return        # the C++ kernel writes float32/bfloat16/float16
