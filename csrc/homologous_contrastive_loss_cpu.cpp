@@ -49,6 +49,16 @@ void normalized_rows(const scalar_t* z, const std::vector<int64_t>& idx, int64_t
   }
 }
 
+// normalized_rows into zn, and its transpose (E × n) into znt: the score GEMM's two operands.
+template <typename scalar_t, typename acc_t>
+void normalized_rows_t(const scalar_t* z, const std::vector<int64_t>& idx, int64_t E, double eps,
+                       acc_t* zn, acc_t* znt, acc_t* inv_norm) {
+  const int64_t n = (int64_t)idx.size();
+  normalized_rows(z, idx, E, eps, zn, inv_norm);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < E; ++c) znt[c * n + i] = zn[i * E + c];
+}
+
 struct Sample {
   std::vector<int64_t> idx;   // valid token positions
   std::vector<int64_t> grp;   // their group ids
@@ -120,13 +130,8 @@ struct Plan {
     at::parallel_for(0, (int64_t)multi.size(), 1, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         const int64_t b = multi[m];
-        const Sample& sm = samples[b];
-        const int64_t n = (int64_t)sm.idx.size();
-        normalized_rows(z + b * L * E, sm.idx, E, eps, Zn.data() + off[b], inv.data() + off_inv[b]);
-        acc_t* zt = ZnT.data() + off[b];
-        const acc_t* zr = Zn.data() + off[b];
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t c = 0; c < E; ++c) zt[c * n + i] = zr[i * E + c];
+        normalized_rows_t(z + b * L * E, samples[b].idx, E, eps, Zn.data() + off[b], ZnT.data() + off[b],
+                          inv.data() + off_inv[b]);
       }
     });
   }
@@ -150,12 +155,10 @@ struct SampleView {
       inv = plan.inv.data() + plan.off_inv[b];
       return;
     }
-    const Sample& sm = plan.samples[b];
-    const int64_t n = (int64_t)sm.idx.size();
+    const std::vector<int64_t>& idx = plan.samples[b].idx;
+    const int64_t n = (int64_t)idx.size();
     own_Zn.resize(n * E); own_ZnT.resize(n * E); own_inv.resize(n);
-    normalized_rows(z + b * L * E, sm.idx, E, eps, own_Zn.data(), own_inv.data());
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t c = 0; c < E; ++c) own_ZnT[c * n + i] = own_Zn[i * E + c];
+    normalized_rows_t(z + b * L * E, idx, E, eps, own_Zn.data(), own_ZnT.data(), own_inv.data());
     Zn = own_Zn.data(); ZnT = own_ZnT.data(); inv = own_inv.data();
   }
 };

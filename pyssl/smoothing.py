@@ -85,8 +85,7 @@ class Smooth:
             raise ValueError(f"{fn}: autocast must be None, torch.bfloat16 or torch.float16, got {autocast}")
         self.model = model
         self.num_classes = num_classes
-        self._affine = {}      # (device, channels, dtype, version) -> (a, b) on that device
-        self._affine_version = 0
+        self._affine = {}      # (device, channels, dtype) -> (a, b) on that device
         self.mean, self.std = mean, std   # checked here (properties), not at the first call
         self.batch_size = batch_size
         self.seed = seed
@@ -98,18 +97,17 @@ class Smooth:
         self._graphs = {}      # (device, bs, image shape, dtype, layout, model) -> _GraphStep
         self._graph_lock = threading.Lock()
 
-    # mean/std: checked when set (the getters return what was set); each change bumps the
-    # version in the key of the device copies, so a call never uses a stale normalization, even
-    # with a concurrent change
+    # mean/std: checked when set (the getters return what was set). Each change replaces the
+    # cache of device copies after the checked values: a call that read the old values can only
+    # have filled the old cache, so no stale normalization survives a change
     @property
     def mean(self):
         return self._mean
 
     @mean.setter
     def mean(self, value):
-        self._mean_checked = _noise.affine_values("Smooth", value, None)[0]
-        self._mean = value
-        self._new_affine()
+        self._mean, self._mean_checked = value, _noise.affine_values("Smooth", value, None)[0]
+        self._affine = {}
 
     @property
     def std(self):
@@ -117,12 +115,7 @@ class Smooth:
 
     @std.setter
     def std(self, value):
-        self._std_checked = _noise.affine_values("Smooth", None, value)[1]
-        self._std = value
-        self._new_affine()
-
-    def _new_affine(self):
-        self._affine_version += 1
+        self._std, self._std_checked = value, _noise.affine_values("Smooth", None, value)[1]
         self._affine = {}
 
     def clear_cuda_graphs(self) -> None:
@@ -149,8 +142,8 @@ class Smooth:
             pd = _param_dtype(self.model)
             out_dtype = pd if pd in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
         # device copies of mean/std made once per (device, channels, dtype), not once per call
-        cache, version = self._affine, self._affine_version
-        key = (x.device, x.shape[1] if x.dim() > 1 else 0, out_dtype, version)
+        cache = self._affine    # before the values: see the mean/std setters
+        key = (x.device, x.shape[1] if x.dim() > 1 else 0, out_dtype)
         ab = cache.get(key)
         if ab is None:
             ab = cache[key] = _noise._channel_affine(fn, x, self._mean_checked, self._std_checked,

@@ -93,7 +93,7 @@ def _torch_rows(z: Tensor, groups: Tensor, temperature: float):
     rows, has = [], []
     for i0 in range(0, b, per):
         zc, gc = z[i0:i0 + per], groups[i0:i0 + per]
-        parts = [rows_of(zc, gc, float(temperature), q0, min(l, q0 + q)) for q0 in range(0, l, q)]
+        parts = [rows_of(zc, gc, temperature, q0, min(l, q0 + q)) for q0 in range(0, l, q)]
         rows.append(torch.cat([p[0] for p in parts], 1) if len(parts) > 1 else parts[0][0])
         has.append(torch.cat([p[1] for p in parts], 1) if len(parts) > 1 else parts[0][1])
     return (torch.cat(rows) if len(rows) > 1 else rows[0]), (torch.cat(has) if len(has) > 1 else has[0])
