@@ -3,7 +3,8 @@
 Every case of the device runs at its stated (full) size — each fits the default run's 10-minute
 budget on a 2-core machine; cases of a device that is absent are dry-run at tiny sizes on the CPU
 (to keep them working) and not recorded. Options:
-  --quick         run every case at tiny size and write nothing (a smoke test of the suite)
+  --quick         run every case at tiny size and write nothing (a smoke test of the suite; exits
+                  non-zero when an impl fails)
   --cases a,b     only these cases
   --impls a,b     only these impls (the case's other recorded impls are kept)
   --tag TEXT      record the impls as "<impl>[TEXT]", e.g. one kernel configuration of a sweep
@@ -72,7 +73,7 @@ def main(argv=None):
             plan.append((name, case, size, present and not args.quick))
     if not plan:
         sys.exit(f"no benchmark case matches {args.cases!r}")
-    written = set()
+    written, dry_failures = set(), []
     total = sum(len(c.impls) for _, c, _, _ in plan)
     with tqdm(total=total, desc="bench", unit="impl") as bar:
         for module, case, size, record in plan:
@@ -88,10 +89,13 @@ def main(argv=None):
                 failed = {k: v["note"] for k, v in res.items() if v["note"].startswith("failed")}
                 status = "ok" if not failed else f"FAILED {failed}"
                 tqdm.write(f"dry-run {case.name} (tiny, not recorded): {status}")
+                dry_failures += [f"{case.name}/{k}" for k in failed]
     for path in sorted(written):
         print(f"wrote {path}")
         with open(path.replace(".json", ".md")) as f:
             print(f.read())
+    if dry_failures:   # a broken case must not pass for a smoke test (tests/test_bench.py runs --quick)
+        sys.exit(f"dry-run failures: {', '.join(dry_failures)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """The benchmark suite itself: its naive baselines compute the op, and the harness measures."""
 import dataclasses
+import importlib
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +14,7 @@ from tqdm import tqdm
 from pyssl import reference as R
 from bench import harness
 from bench import bench_mlcd_loss as B
+from bench.__main__ import modules
 
 
 def test_dense_baseline_is_the_mlcd_loss():
@@ -107,3 +113,16 @@ def test_results_are_handed_out_impl_by_impl_and_saved_whole(tmp_path):
         path = harness.save("cpu", {"c": {k: {"time_ms": 1.0} for k in impls}}, {"c": ""}, out_dir=str(tmp_path))
     assert set(json.load(open(path))["cases"]["c"]) == {"a", "b"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu.json", "cpu.md"]
+
+
+def test_every_case_dry_runs():
+    """`python -m bench --quick` runs every impl of every case at tiny size (GPU cases through the
+    Triton interpreter) and fails when one does: a broken case shows here, not on a lent GPU."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick"], cwd=str(repo), capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = [c.name for m in modules() for c in importlib.import_module(m).CASES]
+    assert len(names) >= 15
+    for name in names:
+        assert f"dry-run {name} (tiny, not recorded): ok" in proc.stdout + proc.stderr, name

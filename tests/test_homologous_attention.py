@@ -632,6 +632,42 @@ def test_contrastive_loss_cpu_row_tiles(b, l):
     torch.testing.assert_close(torch.autograd.grad(out, z, g)[0], torch.autograd.grad(ref, z, g)[0])
 
 
+@pytest.mark.parametrize("dtype,e", [(torch.float32, 40), (torch.float32, 300), (torch.bfloat16, 300)])
+def test_contrastive_loss_triton_column_tiles_and_e_slices(dtype, e):
+    """The Triton kernels walk a sample's columns in tiles (L = 150: several tiles, the last one
+    partial) and split the backward's E into slices: at E = 300 two (16-bit) or three (float32)
+    slices, each recomputing the scores, and the normalization's backward afterwards in PyTorch;
+    at E = 40 one slice with that step in registers. A zero token (norm clamped at eps) is
+    among the others."""
+    from pyssl.kernels import homologous_contrastive_loss as K
+    b, l = 2, 150
+    cfg = K._cfg(l, e, dtype, backward=True)
+    assert l > 2 * cfg["BLOCK_N"]
+    assert (e > cfg["E_SPLIT"]) == (e == 300)
+    torch.manual_seed(5)
+    z = torch.randn(b, l, e).to(dtype)
+    z[1, 9] = 0.0                            # ẑ = 0: s = 0 against everything, dz = dẑ/eps
+    z.requires_grad_()
+    groups = _groups(b, l, 5, n_global=3)
+    groups[0, 40] = 77                       # a group of one
+    out = pyssl.homologous_contrastive_loss(z, groups, temperature=0.2, reduction="none", backend="triton")
+    zd = z.detach().double().requires_grad_()
+    ref = reference.homologous_contrastive_loss(zd, groups, temperature=0.2, reduction="none")
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    g = torch.randn(b, l, dtype=torch.float64)
+    g[1, 9] = 0.0                            # its own row would scale by 1/eps: keep the test finite
+    (got,) = torch.autograd.grad(out, z, g.to(out.dtype))
+    (want,) = torch.autograd.grad(ref, zd, g)
+    assert got.dtype == dtype
+    got = got.double()
+    # the zero token's gradient is dẑ/eps (~1e11): compared as a vector, relative to its norm
+    rel = (got[1, 9] - want[1, 9]).norm() / want[1, 9].norm()
+    assert want[1, 9].norm() > 1e9 and rel < tol["rtol"], rel
+    got[1, 9] = want[1, 9] = 0.0
+    torch.testing.assert_close(got, want, **tol)
+
+
 def test_contrastive_loss_torch_backend_keeps_no_score_tensors():
     """The torch backend's row chunks are recomputed in the backward: what autograd saves is of
     the order of z, not the B·L·L scores (plain autograd saved ~2.3 such tensors)."""

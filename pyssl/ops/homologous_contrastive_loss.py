@@ -10,10 +10,10 @@ group, A(i) = all other tokens:
 with 0 for the other tokens.
 
 Backends:
-  triton kernels/homologous_contrastive_loss.py: per (sample, block of rows) the whole score row
-         on chip (L ≤ 256 for 16-bit inputs, 128 for float32), fused masked LSE and group mean; the backward forms (G + Gᵀ)/τ from
-         the per-token statistics of every column (s is symmetric: no atomics) and multiplies it
-         by Ẑ.
+  triton kernels/homologous_contrastive_loss.py: FlashAttention-style, any L: a program takes a
+         block of one sample's rows and walks its columns in tiles, online masked LSE and group
+         sums; the backward recomputes each tile, forms (G + Gᵀ)/τ from the per-token statistics
+         of the columns (s is symmetric: no atomics) and accumulates it times Ẑ.
   cpu    C++/OpenMP (csrc/homologous_contrastive_loss_cpu.cpp): threads take row tiles of the
          samples (~2^20 scores, 64 to 256 rows: a whole sample at ViT lengths), a
          register-blocked GEMM of the tile's normalized tokens against the sample's (built once
@@ -104,10 +104,6 @@ def _backend_checks(z: Tensor):
         r = []
         if z.dtype == torch.float64:
             r.append("the Triton kernels take float32/bfloat16/float16, not float64")
-        from pyssl.kernels.homologous_contrastive_loss import max_l
-        if z.shape[1] > max_l(z.dtype):
-            r.append(f"the Triton kernels hold a sample's whole score rows on chip: L <= {max_l(z.dtype)} "
-                     f"for {z.dtype}, got L={z.shape[1]}")
         return r
 
     return {"triton": triton, "cpu": lambda: [], "torch": lambda: []}
