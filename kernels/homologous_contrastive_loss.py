@@ -20,7 +20,7 @@ columns in BLOCK_N tiles, so L has no limit and nothing of size L·L exists anyw
                       over A(i) and the sum and count over P(i). Registers: the BLOCK_M × BLOCK_N
                       score tile and three BLOCK_M vectors.
     _hcl_bwd_kernel   grid (sample, row block, E slice): recomputes each score tile, forms
-                      M = (G + Gᵀ)/τ · inv_j in registers and accumulates dẑ = M·Z for its
+                      M = (G + Gᵀ)/τ in registers and accumulates dẑ = M·Ẑ for its
                       E_SPLIT columns of E (BLOCK_M × E_SPLIT float32 accumulator; M goes to the
                       tensor cores in z's 16-bit dtype, as FlashAttention does with P, and float32
                       z uses exact "ieee" dots). With one slice (E ≤ E_SPLIT) the normalization's
@@ -120,13 +120,15 @@ def _hcl_bwd_kernel(Z, G, INV, LSE, U, NPOS, DZ, inv_t, L, E,
         w_j = tl.where(np_j > 0, 1.0 / tl.maximum(np_j, 1.0), 0.0)
         g = (u_i[:, None] * (tl.exp(s - lse_i[:, None]) - tl.where(pos, w_i[:, None], 0.0))
              + u_j[None, :] * (tl.exp(s - lse_j[None, :]) - tl.where(pos, w_j[None, :], 0.0)))
-        # M·ẑ_j = (M·inv_j)·z_j: the column scale goes into M so the raw z tile is the operand
-        mm = tl.where(other, g * (inv_t * inv_j[None, :]), 0.0)
-        zj = tl.load(Z + zb + cols[:, None] * E + ee[None, :], mask=cmask[:, None] & emask[None, :], other=0.0)
+        mm = tl.where(other, g * inv_t, 0.0)
+        # ẑ_j formed in float32 before any 16-bit rounding: folding inv_j (up to 1/eps) into M
+        # instead would overflow float16 for a tiny or zero z_j (inf · 0 = NaN)
+        zj = tl.load(Z + zb + cols[:, None] * E + ee[None, :], mask=cmask[:, None] & emask[None, :],
+                     other=0.0).to(tl.float32) * inv_j[:, None]
         if DOT_FP32:
-            acc = tl.dot(mm, zj.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(mm, zj, acc, input_precision=DOT_PRECISION)
         else:
-            acc = tl.dot(mm.to(zj.dtype), zj, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(mm.to(Z.dtype.element_ty), zj.to(Z.dtype.element_ty), acc, input_precision=DOT_PRECISION)
     msk = rmask[:, None] & emask[None, :]
     if ONE_SPLIT:
         # through the normalization: dz = (dẑ − ẑ (ẑ·dẑ))·inv (inv < 0 marks a norm clamped at
