@@ -11,7 +11,10 @@
 //     global tokens:  queries = global tokens,        keys = all L tokens
 // (no groups: one set, all against all). Every query is in exactly one set, so dQ rows are
 // written directly; dK and dV rows receive contributions from several sets and are accumulated
-// in per-(batch, head) buffers owned by one thread. OpenMP runs over (batch, head).
+// in per-(batch, head) buffers owned by one thread. OpenMP runs over work items: one per
+// (batch, head) when B·H covers the threads; with fewer (one long image at inference, say) each
+// row's sets are cut into P parts of about equal work so that B·H·P ≥ threads, and in the
+// backward every part accumulates its own dK, dV, summed afterwards.
 // Per set the thread gathers Q, K, Kᵀ, V (and Vᵀ, dO in the backward) into contiguous
 // accumulator-type buffers; every product (S = QKᵀ, O = PV; dP = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K,
 // dK = dSᵀ·Q) goes through one register-blocked micro-GEMM (8 rows × two vectors of C held in
@@ -41,34 +44,47 @@ using pyssl_cpu::gemm;
 
 struct Set {
   std::vector<int64_t> q;                        // query token indices
-  std::shared_ptr<const std::vector<int64_t>> k;  // key token indices, ascending
-  bool same_keys = false;                         // k is the previous set's: K, V already gathered
+  std::shared_ptr<const std::vector<int64_t>> k;  // key token indices, ascending (shared by a
+                                                  // set's query chunks: gathered once per item)
 };
 
 // One set's score blocks (S, and dP, T in the backward) stay under kSetScores elements per
-// thread (4 MB in float32): a set with more queries is cut into query chunks that share its
-// keys, so long rows without groups (one set of L×L) never hold L² floats.
-constexpr int64_t kSetScores = int64_t(1) << 20;
+// thread (256 KB each in float32, so the three stay in L2 between the products that use them):
+// a set with more queries is cut into query chunks that share its gathered keys, so long rows
+// without groups (one set of L×L) never hold L² floats. Measured at B = H = 1, d = 64 on one
+// thread against 2^20-score blocks: L = 2048 without groups 71 -> 43 ms forward+backward,
+// top-k 16 at L = 1024 33 -> 21 ms, L = 4096 in 4 groups 50 -> 47 ms (2^15: slightly slower).
+constexpr int64_t kSetScores = int64_t(1) << 16;
 
-void add_set(std::vector<Set>& out, const std::vector<int64_t>& q, std::vector<int64_t> k) {
-  const int64_t nk = (int64_t)k.size();
-  const size_t per = (size_t)std::max<int64_t>(8, kSetScores / std::max<int64_t>(nk, 1));
+// Parts per (batch, head) row: 1 when B·H covers the threads, else ceil(threads / (B·H)).
+int64_t num_parts(int64_t BH) {
+  const int64_t threads = at::get_num_threads();
+  return BH >= threads ? 1 : (threads + BH - 1) / BH;
+}
+
+// parts > 1: every set is also cut into at least `parts` query chunks (of 8 rows or more), so
+// that a row with a single set (no groups) still gives each part work.
+void add_set(std::vector<Set>& out, const std::vector<int64_t>& q, std::vector<int64_t> k, int64_t parts) {
+  const int64_t nk = (int64_t)k.size(), nq = (int64_t)q.size();
+  int64_t rows = kSetScores / std::max<int64_t>(nk, 1);
+  if (parts > 1) rows = std::min(rows, (nq + parts - 1) / parts);
+  const size_t per = (size_t)std::max<int64_t>(8, rows);
   auto keys = std::make_shared<const std::vector<int64_t>>(std::move(k));
   for (size_t i = 0; i < q.size(); i += per) {
     Set s;
     s.q.assign(q.begin() + i, q.begin() + std::min(q.size(), i + per));
     s.k = keys;
-    s.same_keys = i > 0;
     out.push_back(std::move(s));
   }
 }
 
-std::vector<std::vector<Set>> build_sets(const c10::optional<at::Tensor>& groups, int64_t B, int64_t L) {
+std::vector<std::vector<Set>> build_sets(const c10::optional<at::Tensor>& groups, int64_t B, int64_t L,
+                                         int64_t parts) {
   std::vector<std::vector<Set>> sets(B);
   std::vector<int64_t> all(L);
   std::iota(all.begin(), all.end(), 0);
   if (!groups.has_value()) {
-    for (int64_t b = 0; b < B; ++b) add_set(sets[b], all, all);
+    for (int64_t b = 0; b < B; ++b) add_set(sets[b], all, all, parts);
     return sets;
   }
   const int64_t* g = groups->data_ptr<int64_t>();
@@ -87,12 +103,40 @@ std::vector<std::vector<Set>> build_sets(const c10::optional<at::Tensor>& groups
       while (j < members.size() && members[j].first == members[i].first) q.push_back(members[j++].second);
       std::vector<int64_t> k(q.size() + globals.size());
       std::merge(q.begin(), q.end(), globals.begin(), globals.end(), k.begin());
-      add_set(sets[b], q, std::move(k));
+      add_set(sets[b], q, std::move(k), parts);
       i = j;
     }
-    if (!globals.empty()) add_set(sets[b], globals, all);
+    if (!globals.empty()) add_set(sets[b], globals, all, parts);
   }
   return sets;
+}
+
+// The work items: parts[b][p] = [begin, end) of sets[b] (the same cut for every head of row
+// b), P = num_parts(B·H) parts cut at equal shares of the row's work Σ nq·nk (a part may be
+// empty when a row has few, short sets).
+struct Parts {
+  int64_t P = 1;
+  std::vector<std::vector<std::pair<size_t, size_t>>> range;
+};
+
+Parts cut_parts(const std::vector<std::vector<Set>>& sets, int64_t P) {
+  Parts parts;
+  parts.P = P;
+  for (const auto& row : sets) {
+    std::vector<double> cum(row.size() + 1, 0.0);
+    for (size_t i = 0; i < row.size(); ++i) cum[i + 1] = cum[i] + (double)row[i].q.size() * (double)row[i].k->size();
+    std::vector<std::pair<size_t, size_t>> r(parts.P);
+    size_t at = 0;
+    for (int64_t p = 0; p < parts.P; ++p) {
+      size_t end = at;
+      if (p == parts.P - 1) end = row.size();
+      else while (end < row.size() && cum[end] < cum.back() * (double)(p + 1) / (double)parts.P) ++end;
+      r[p] = {at, end};
+      at = end;
+    }
+    parts.range.push_back(std::move(r));
+  }
+  return parts;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -144,7 +188,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   auto lse = at::empty({B, H, L}, q.options().dtype(acc_type));
   auto keep = topk > 0 ? at::zeros({B, H, L, nbytes}, q.options().dtype(at::kByte))
                        : at::empty({0}, q.options().dtype(at::kByte));
-  const auto sets = build_sets(groups, B, L);
+  const int64_t P = num_parts(B * H);
+  const auto sets = build_sets(groups, B, L, P);
+  const Parts parts = cut_parts(sets, P);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
@@ -154,19 +200,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   const acc_t scale = (acc_t)scale_d;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H * parts.P, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> Q, K, KT, V, S, O;
     std::vector<int32_t> order;
     std::vector<uint8_t> kept;
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / parts.P;
       const int64_t b = bh / H;
       const int64_t base = bh * L * d;
-      for (const Set& st : sets[b]) {
+      const auto range = parts.range[b][item % parts.P];
+      const std::vector<int64_t>* have = nullptr;   // the keys K, V hold
+      for (size_t si = range.first; si < range.second; ++si) {
+        const Set& st = sets[b][si];
         const std::vector<int64_t>& keys = *st.k;
         const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)keys.size();
         Q.resize(nq * d); K.resize(nk * d); KT.resize(nk * d); V.resize(nk * d); S.resize(nq * nk); O.resize(nq * d);
         gather(qp + base, st.q, d, Q.data());
-        if (!st.same_keys) {
+        if (have != &keys) {
+          have = &keys;
           gather(kp + base, keys, d, K.data());
           gather(vp + base, keys, d, V.data());
           transpose(K.data(), nk, d, KT.data());
@@ -220,7 +271,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3);
   const int64_t nbytes = (L + 7) / 8;
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const auto sets = build_sets(groups, B, L);
+  const int64_t P = num_parts(B * H);
+  const auto sets = build_sets(groups, B, L, P);
+  const Parts parts = cut_parts(sets, P);
+  // P > 1: each part's dK, dV rows (all L of its (batch, head)), summed into dk, dv afterwards
+  std::vector<acc_t> part_dk(parts.P > 1 ? (size_t)(B * H * parts.P * L * d) : 0);
+  std::vector<acc_t> part_dv(part_dk.size());
   const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
   const scalar_t *outp = out.data_ptr<scalar_t>(), *dop = dout.data_ptr<scalar_t>();
   scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
@@ -229,21 +285,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const acc_t scale = (acc_t)scale_d;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> Q, K, KT, V, VT, DO, S, DP, T, G, dK((size_t)L * d), dV((size_t)L * d), delta;
-    for (int64_t bh = begin; bh < end; ++bh) {
+  at::parallel_for(0, B * H * parts.P, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> Q, K, KT, V, VT, DO, S, DP, T, G, delta;
+    std::vector<acc_t> own_dk(parts.P > 1 ? 0 : (size_t)L * d), own_dv(own_dk.size());
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / parts.P;
       const int64_t b = bh / H;
       const int64_t base = bh * L * d;
-      std::fill(dK.begin(), dK.end(), acc_t(0));
-      std::fill(dV.begin(), dV.end(), acc_t(0));
-      for (const Set& st : sets[b]) {
+      const auto range = parts.range[b][item % parts.P];
+      acc_t* dK = parts.P > 1 ? part_dk.data() + item * L * d : own_dk.data();
+      acc_t* dV = parts.P > 1 ? part_dv.data() + item * L * d : own_dv.data();
+      std::fill(dK, dK + L * d, acc_t(0));
+      std::fill(dV, dV + L * d, acc_t(0));
+      const std::vector<int64_t>* have = nullptr;   // the keys K, V hold
+      for (size_t si = range.first; si < range.second; ++si) {
+        const Set& st = sets[b][si];
         const std::vector<int64_t>& keys = *st.k;
         const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)keys.size();
         Q.resize(nq * d); K.resize(nk * d); KT.resize(nk * d); V.resize(nk * d); VT.resize(nk * d);
         DO.resize(nq * d); S.resize(nq * nk); DP.resize(nq * nk); T.resize(nq * nk);
         G.resize(std::max(nq, nk) * d); delta.resize(nq);
         gather(qp + base, st.q, d, Q.data());
-        if (!st.same_keys) {
+        if (have != &keys) {
+          have = &keys;
           gather(kp + base, keys, d, K.data());
           gather(vp + base, keys, d, V.data());
           transpose(K.data(), nk, d, KT.data());
@@ -288,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
         transpose(S.data(), nq, nk, T.data());
         gemm(nk, d, nq, T.data(), nq, DO.data(), d, G.data(), d);
         for (int64_t j = 0; j < nk; ++j) {
-          acc_t* dvr = dV.data() + keys[j] * d;
+          acc_t* dvr = dV + keys[j] * d;
 #pragma omp simd
           for (int64_t c = 0; c < d; ++c) dvr[c] += G[j * d + c];
         }
@@ -302,17 +366,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
         transpose(DP.data(), nq, nk, T.data());
         gemm(nk, d, nq, T.data(), nq, Q.data(), d, G.data(), d);
         for (int64_t j = 0; j < nk; ++j) {
-          acc_t* dkr = dK.data() + keys[j] * d;
+          acc_t* dkr = dK + keys[j] * d;
 #pragma omp simd
           for (int64_t c = 0; c < d; ++c) dkr[c] += scale * G[j * d + c];
         }
       }
-      for (int64_t t = 0; t < L * d; ++t) {
-        dkp[base + t] = (scalar_t)dK[t];
-        dvp[base + t] = (scalar_t)dV[t];
+      if (parts.P == 1) {
+        for (int64_t t = 0; t < L * d; ++t) {
+          dkp[base + t] = (scalar_t)dK[t];
+          dvp[base + t] = (scalar_t)dV[t];
+        }
       }
     }
   });
+  if (P > 1) {   // the parts summed in part order: deterministic for a given thread count
+    const int64_t n = L * d;
+    at::parallel_for(0, B * H * L, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t bh = r / L, off = (r % L) * d;
+        for (int64_t c = 0; c < d; ++c) {
+          acc_t sk = 0, sv = 0;
+          for (int64_t p = 0; p < P; ++p) {
+            sk += part_dk[(bh * P + p) * n + off + c];
+            sv += part_dv[(bh * P + p) * n + off + c];
+          }
+          dkp[bh * n + off + c] = (scalar_t)sk;
+          dvp[bh * n + off + c] = (scalar_t)sv;
+        }
+      }
+    });
+  }
   return {dq, dk, dv};
 }
 

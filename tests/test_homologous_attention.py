@@ -472,7 +472,7 @@ def test_attention_leaves_its_inputs_alone(backend, topk):
 @pytest.mark.parametrize("mode", ["no groups", "one group + globals", "topk"])
 def test_cpu_long_rows_are_cut_into_query_chunks(mode):
     """L = 1200 without groups is one set of 1200 × 1200 scores: the C++ kernel cuts it into
-    query chunks sharing their keys (at most 2^20 scores per thread); results unchanged."""
+    query chunks sharing their keys (at most 2^16 scores per thread); results unchanged."""
     q, k, v = (t.requires_grad_() for t in _qkv(b=1, h=2, l=1200, d=8, seed=5))
     groups = None
     if mode == "one group + globals":
@@ -480,6 +480,36 @@ def test_cpu_long_rows_are_cut_into_query_chunks(mode):
         groups[0, ::300] = -1
     topk = 16 if mode == "topk" else None
     _check_against_reference(q, k, v, groups, topk, "cpu")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("mode", ["no groups", "groups", "one group + globals", "topk"])
+def test_cpu_one_image_one_head_uses_every_thread(threads, mode):
+    """B·H = 1 below the thread count: the C++ kernel cuts the row's sets into parts of equal
+    work, one per thread (more parts than sets leaves some empty; a part can start inside a set's
+    query chunks), each part with its own dK, dV summed afterwards. Float64 against the dense
+    reference for every thread count."""
+    l = 1200 if mode in ("no groups", "topk") else 300
+    q, k, v = (t.double().requires_grad_() for t in _qkv(b=1, h=1, l=l, d=8, seed=7))
+    groups = None
+    if mode == "groups":
+        groups = _groups(1, l, 4, n_global=2)
+    elif mode == "one group + globals":
+        groups = torch.zeros(1, l, dtype=torch.int64)
+        groups[0, ::100] = -1
+    topk = 16 if mode == "topk" else None
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = pyssl.homologous_attention(q, k, v, groups, topk=topk, backend="cpu")
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), g)
+    finally:
+        torch.set_num_threads(old)
+    ref = reference.homologous_attention(q, k, v, groups, topk=topk)
+    torch.testing.assert_close(out, ref)
+    for name, a, b in zip("qkv", got, torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, msg=f"d{name}")
 
 
 def test_attention_mismatched_devices():
