@@ -99,6 +99,10 @@ class KNNScorer:
         return torch.where(torch.isfinite(q).all(1), score, torch.full_like(score, float("nan")))
 
 
+def _score_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class MahalanobisScorer:
     """−min_c (x − μ_c)ᵀ Σ⁻¹ (x − μ_c) with class means μ_c and one shared covariance Σ
     (Lee et al. 2018, without input preprocessing)."""
@@ -115,13 +119,15 @@ class MahalanobisScorer:
         return self
 
     def score(self, features) -> Tensor:
-        x = _knn.as_float_tensor("features", "MahalanobisScorer", features).detach().double()
+        """float64 features give float64 scores, others float32 (computed in float64)."""
+        x0 = _knn.as_float_tensor("features", "MahalanobisScorer", features).detach()
+        x = x0.double()
         if x.shape[1] != self.means.shape[1]:
             raise ValueError(f"MahalanobisScorer: features have D={x.shape[1]}, fitted D={self.means.shape[1]}")
         # (x−μ)ᵀP(x−μ) = xᵀPx − 2 xᵀPμ + μᵀPμ, per class, without an N×C×D tensor
         xp = x @ self.precision
         d = (xp * x).sum(1, keepdim=True) - 2 * xp @ self.means.t() + ((self.means @ self.precision) * self.means).sum(1)
-        return -d.min(1).values.float()
+        return -d.min(1).values.to(_score_dtype(x0))
 
 
 class ViMScorer:
@@ -153,10 +159,14 @@ class ViMScorer:
         return self
 
     def score(self, features) -> Tensor:
-        x = _knn.as_float_tensor("features", "ViMScorer", features).detach().double()
+        """float64 features give float64 scores, others float32 (computed in float64)."""
+        x0 = _knn.as_float_tensor("features", "ViMScorer", features).detach()
+        x = x0.double()
+        if x.shape[1] != self.w.shape[1]:
+            raise ValueError(f"ViMScorer: features have D={x.shape[1]}, fitted D={self.w.shape[1]}")
         logits = x @ self.w.t() + self.b
         vlogit = torch.linalg.vector_norm((x - self.u) @ self.ns, dim=1) * self.alpha
-        return (torch.logsumexp(logits, 1) - vlogit).float()
+        return (torch.logsumexp(logits, 1) - vlogit).to(_score_dtype(x0))
 
 
 def _scores_1d(name, s) -> np.ndarray:

@@ -148,6 +148,23 @@ def test_vim_separates_residual_outliers():
     assert m["auroc"] > 0.95
 
 
+def test_feature_scorers_keep_float64():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(120, 10, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (120,), generator=g)
+    w, b = torch.randn(4, 10, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    maha = pyssl.ood.MahalanobisScorer().fit(x, y)
+    vim = pyssl.ood.ViMScorer(dim=5).fit(x, w, b)
+    for scorer in (maha, vim):
+        s64 = scorer.score(x[:7])
+        assert s64.dtype == torch.float64
+        assert scorer.score(x[:7].float()).dtype == torch.float32
+        assert scorer.score(x[:7].numpy()).dtype == torch.float64
+        torch.testing.assert_close(scorer.score(x[:7].float()), s64.float(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="fitted D=10"):
+        vim.score(x[:3, :9])
+
+
 def test_logit_scores_keep_float64():
     logits = torch.tensor([[1e4, 1e4 + 1e-6, 0.0]], dtype=torch.float64)
     for f in (pyssl.ood.msp, pyssl.ood.energy, pyssl.ood.max_logit):
