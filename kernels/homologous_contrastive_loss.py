@@ -21,9 +21,9 @@ columns in BLOCK_N tiles, so L has no limit and nothing of size L·L exists anyw
                       score tile and three BLOCK_M vectors.
     _hcl_bwd_kernel   grid (sample, row block, E slice): recomputes each score tile, forms
                       M = (G + Gᵀ)/τ in registers and accumulates dẑ = M·Ẑ for its
-                      E_SPLIT columns of E (BLOCK_M × E_SPLIT float32 accumulator; M goes to the
-                      tensor cores in z's 16-bit dtype, as FlashAttention does with P, and float32
-                      z uses exact "ieee" dots). With one slice (E ≤ E_SPLIT) the normalization's
+                      E_SPLIT columns of E (BLOCK_M × E_SPLIT float32 accumulator; M·inv_j and
+                      the raw z_j tile are float32 operands, multiplied in TF32 for 16-bit z, in
+                      which 16-bit values are exact, and "ieee" for float32 z). With one slice (E ≤ E_SPLIT) the normalization's
                       backward dz = (dẑ − ẑ(ẑ·dẑ))·inv is applied in registers and dz written once;
                       with several, each slice recomputes the scores (E/E_SPLIT times the score
                       FLOPs) and the normalization runs afterwards in PyTorch on the float32 dẑ.
@@ -120,23 +120,26 @@ def _hcl_bwd_kernel(Z, G, INV, LSE, U, NPOS, DZ, inv_t, L, E,
         w_j = tl.where(np_j > 0, 1.0 / tl.maximum(np_j, 1.0), 0.0)
         g = (u_i[:, None] * (tl.exp(s - lse_i[:, None]) - tl.where(pos, w_i[:, None], 0.0))
              + u_j[None, :] * (tl.exp(s - lse_j[None, :]) - tl.where(pos, w_j[None, :], 0.0)))
-        mm = tl.where(other, g * inv_t, 0.0)
-        # ẑ_j formed in float32 before any 16-bit rounding: folding inv_j (up to 1/eps) into M
-        # instead would overflow float16 for a tiny or zero z_j (inf · 0 = NaN)
-        zj = tl.load(Z + zb + cols[:, None] * E + ee[None, :], mask=cmask[:, None] & emask[None, :],
-                     other=0.0).to(tl.float32) * inv_j[:, None]
-        if DOT_FP32:
-            acc = tl.dot(mm, zj, acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(mm.to(Z.dtype.element_ty), zj.to(Z.dtype.element_ty), acc, input_precision=DOT_PRECISION)
+        # M·ẑ_j = (M·inv_j)·z_j with the raw z_j as the operand, both in float32 and multiplied
+        # in TF32 for 16-bit z (float32: "ieee"). A 16-bit z_j is exact in TF32, so the only
+        # rounding is M·inv_j's (relative 2^-11, nearly all of it radial and removed by the
+        # normalization below); rounding ẑ_j itself to 16 bits instead costs up to ~15% of dz on
+        # near-parallel tokens (the radial parts cancel, the rounding noise does not), and M in
+        # float16 overflows at large loss scales (|M| ~ |u|/τ). float32 M·inv_j cannot overflow
+        # (inv_j ≤ 1/eps = 1e12).
+        mm = tl.where(other, g * (inv_t * inv_j[None, :]), 0.0)
+        zj = tl.load(Z + zb + cols.to(tl.int64)[:, None] * E + ee[None, :], mask=cmask[:, None] & emask[None, :],
+                     other=0.0).to(tl.float32)
+        acc = tl.dot(mm, zj, acc, input_precision=DOT_PRECISION)
     msk = rmask[:, None] & emask[None, :]
+    ri = rows.to(tl.int64)[:, None] * E + ee[None, :]
     if ONE_SPLIT:
         # through the normalization: dz = (dẑ − ẑ (ẑ·dẑ))·inv (inv < 0 marks a norm clamped at
         # eps: then ẑ = z/eps and dz = dẑ/eps)
-        zi = tl.load(Z + zb + rows[:, None] * E + ee[None, :], mask=msk, other=0.0).to(tl.float32) * inv_i[:, None]
+        zi = tl.load(Z + zb + ri, mask=msk, other=0.0).to(tl.float32) * inv_i[:, None]
         dot = tl.sum(acc * zi, axis=1)
         acc = tl.where((inv_raw < 0)[:, None], acc, acc - zi * dot[:, None]) * inv_i[:, None]
-    tl.store(DZ + zb + rows[:, None] * E + ee[None, :], acc.to(DZ.dtype.element_ty), mask=msk)
+    tl.store(DZ + zb + ri, acc.to(DZ.dtype.element_ty), mask=msk)
 
 
 def _cfg(L: int, E: int, dtype, backward: bool) -> dict:
