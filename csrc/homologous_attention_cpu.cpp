@@ -11,10 +11,13 @@
 //     global tokens:  queries = global tokens,        keys = all L tokens
 // (no groups: one set, all against all). Every query is in exactly one set, so dQ rows are
 // written directly; dK and dV rows receive contributions from several sets and are accumulated
-// in per-(batch, head) buffers owned by one thread. OpenMP runs over work items: one per
-// (batch, head) when B·H covers the threads; with fewer (one long image at inference, say) each
-// row's sets are cut into P parts of about equal work so that B·H·P ≥ threads, and in the
-// backward every part accumulates its own dK, dV, summed afterwards.
+// per (batch, head). Scheduling: the (batch·head, set) pairs in order are cut into one
+// contiguous range per thread of about equal work (Σ n_q·n_k + n_q + n_k), so one long image
+// (B·H below the thread count) is shared out as well as a large batch is; with B·H < threads the
+// sets are first cut into at least ceil(threads / (B·H)) query chunks each. In the backward a
+// thread accumulates the dK, dV of a (batch, head) whose sets it all holds in its own buffer and
+// writes it out; one cut between threads (at most two per thread, its first and last) goes to
+// a buffer of its own, and those are summed in thread order afterwards.
 // Per set the thread gathers Q, K, Kᵀ, V (and Vᵀ, dO in the backward) into contiguous
 // accumulator-type buffers; every product (S = QKᵀ, O = PV; dP = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K,
 // dK = dSᵀ·Q) goes through one register-blocked micro-GEMM (8 rows × two vectors of C held in
@@ -45,28 +48,32 @@ using pyssl_cpu::gemm;
 struct Set {
   std::vector<int64_t> q;                        // query token indices
   std::shared_ptr<const std::vector<int64_t>> k;  // key token indices, ascending (shared by a
-                                                  // set's query chunks: gathered once per item)
+                                                  // set's query chunks: gathered once per segment)
 };
 
 // One set's score blocks (S, and dP, T in the backward) stay under kSetScores elements per
-// thread (256 KB each in float32, so the three stay in L2 between the products that use them):
-// a set with more queries is cut into query chunks that share its gathered keys, so long rows
-// without groups (one set of L×L) never hold L² floats. Measured at B = H = 1, d = 64 on one
-// thread against 2^20-score blocks: L = 2048 without groups 71 -> 43 ms forward+backward,
-// top-k 16 at L = 1024 33 -> 21 ms, L = 4096 in 4 groups 50 -> 47 ms (2^15: slightly slower).
+// thread (256 KB each in float32, so the three stay in L2 between the products that use them)
+// or 64 query rows, whichever is more: a set with more queries is cut into query chunks that
+// share its gathered keys, so long rows without groups (one set of L×L) never hold L² floats,
+// and a chunk keeps 64 rows as the inner dimension of the dK, dV products. Measured at
+// B = H = 1, d = 64, forward+backward, against 2^20-score blocks on one thread: L = 2048
+// without groups 71 -> 43 ms, top-k 16 at L = 1024 33 -> 21 ms, L = 4096 in 4 groups
+// 50 -> 47 ms (2^15: slightly slower); against 8-row chunks at long L on two threads:
+// L = 8192 510 -> 383 ms, L = 16384 1988 -> 1638 ms (32 rows: 386, 1718 ms).
 constexpr int64_t kSetScores = int64_t(1) << 16;
+constexpr int64_t kMinChunkRows = 64;
 
-// Parts per (batch, head) row: 1 when B·H covers the threads, else ceil(threads / (B·H)).
-int64_t num_parts(int64_t BH) {
-  const int64_t threads = at::get_num_threads();
-  return BH >= threads ? 1 : (threads + BH - 1) / BH;
+// Query chunks per set at least: 1 when B·H covers the threads, else ceil(threads / (B·H)), so
+// that a row with a single set (no groups) still gives every thread work.
+int64_t min_chunks(int64_t BH, int64_t threads) {
+  return BH >= threads ? 1 : (threads + BH - 1) / std::max<int64_t>(BH, 1);
 }
 
-// parts > 1: every set is also cut into at least `parts` query chunks (of 8 rows or more), so
-// that a row with a single set (no groups) still gives each part work.
+// Adds q × k as a set, cut into query chunks of max(kSetScores / nk, kMinChunkRows) rows, or
+// fewer (8 at least) where `parts` chunks are wanted for the threads.
 void add_set(std::vector<Set>& out, const std::vector<int64_t>& q, std::vector<int64_t> k, int64_t parts) {
   const int64_t nk = (int64_t)k.size(), nq = (int64_t)q.size();
-  int64_t rows = kSetScores / std::max<int64_t>(nk, 1);
+  int64_t rows = std::max(kMinChunkRows, kSetScores / std::max<int64_t>(nk, 1));
   if (parts > 1) rows = std::min(rows, (nq + parts - 1) / parts);
   const size_t per = (size_t)std::max<int64_t>(8, rows);
   auto keys = std::make_shared<const std::vector<int64_t>>(std::move(k));
@@ -111,32 +118,53 @@ std::vector<std::vector<Set>> build_sets(const c10::optional<at::Tensor>& groups
   return sets;
 }
 
-// The work items: parts[b][p] = [begin, end) of sets[b] (the same cut for every head of row
-// b), P = num_parts(B·H) parts cut at equal shares of the row's work Σ nq·nk (a part may be
-// empty when a row has few, short sets).
-struct Parts {
-  int64_t P = 1;
-  std::vector<std::vector<std::pair<size_t, size_t>>> range;
+// Thread t takes the (batch·head, set) pairs from first[t] up to first[t + 1] (exclusive), in
+// order: first[0] = (0, 0), first[T] = (B·H, 0); cut before the pair where the running work
+// passes t/T of the total (a range may be empty).
+struct Schedule {
+  std::vector<std::pair<int64_t, size_t>> first;
 };
 
-Parts cut_parts(const std::vector<std::vector<Set>>& sets, int64_t P) {
-  Parts parts;
-  parts.P = P;
-  for (const auto& row : sets) {
-    std::vector<double> cum(row.size() + 1, 0.0);
-    for (size_t i = 0; i < row.size(); ++i) cum[i + 1] = cum[i] + (double)row[i].q.size() * (double)row[i].k->size();
-    std::vector<std::pair<size_t, size_t>> r(parts.P);
-    size_t at = 0;
-    for (int64_t p = 0; p < parts.P; ++p) {
-      size_t end = at;
-      if (p == parts.P - 1) end = row.size();
-      else while (end < row.size() && cum[end] < cum.back() * (double)(p + 1) / (double)parts.P) ++end;
-      r[p] = {at, end};
-      at = end;
-    }
-    parts.range.push_back(std::move(r));
+double set_work(const Set& st) {
+  const double nq = (double)st.q.size(), nk = (double)st.k->size();
+  return nq * nk + nq + nk;
+}
+
+Schedule make_schedule(const std::vector<std::vector<Set>>& sets, int64_t H, int64_t BH, int64_t T) {
+  std::vector<double> row_work(sets.size(), 0.0);
+  double total = 0;
+  for (size_t b = 0; b < sets.size(); ++b) {
+    for (const Set& st : sets[b]) row_work[b] += set_work(st);
+    total += row_work[b] * (double)H;
   }
-  return parts;
+  Schedule sc;
+  sc.first.assign(T + 1, {BH, 0});
+  sc.first[0] = {0, 0};
+  int64_t t = 1;
+  double cum = 0;
+  for (int64_t bh = 0; bh < BH && t < T; ++bh) {
+    const auto& row = sets[bh / H];
+    if (cum + row_work[bh / H] < total * (double)t / (double)T) {   // no cut inside this row
+      cum += row_work[bh / H];
+      continue;
+    }
+    for (size_t si = 0; si < row.size(); ++si) {
+      while (t < T && cum >= total * (double)t / (double)T) sc.first[t++] = {bh, si};
+      cum += set_work(row[si]);
+    }
+  }
+  return sc;
+}
+
+// Calls f(bh, s0, s1) for each (batch, head) segment of thread t's range: sets [s0, s1) of bh.
+template <typename F>
+void for_segments(const Schedule& sc, const std::vector<std::vector<Set>>& sets, int64_t H, int64_t t, F&& f) {
+  auto [bh, si] = sc.first[t];
+  const auto [bh_end, si_end] = sc.first[t + 1];
+  for (; bh < bh_end || (bh == bh_end && si < si_end); ++bh, si = 0) {
+    const size_t s1 = bh == bh_end ? si_end : sets[bh / H].size();
+    f(bh, si, s1);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -188,9 +216,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   auto lse = at::empty({B, H, L}, q.options().dtype(acc_type));
   auto keep = topk > 0 ? at::zeros({B, H, L, nbytes}, q.options().dtype(at::kByte))
                        : at::empty({0}, q.options().dtype(at::kByte));
-  const int64_t P = num_parts(B * H);
-  const auto sets = build_sets(groups, B, L, P);
-  const Parts parts = cut_parts(sets, P);
+  const int64_t T = at::get_num_threads();
+  const auto sets = build_sets(groups, B, L, min_chunks(B * H, T));
+  const Schedule sched = make_schedule(sets, H, B * H, T);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
@@ -200,17 +228,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   const acc_t scale = (acc_t)scale_d;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
-  at::parallel_for(0, B * H * parts.P, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> Q, K, KT, V, S, O;
     std::vector<int32_t> order;
     std::vector<uint8_t> kept;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / parts.P;
+    for (int64_t t = begin; t < end; ++t) for_segments(sched, sets, H, t, [&](int64_t bh, size_t s0, size_t s1) {
       const int64_t b = bh / H;
       const int64_t base = bh * L * d;
-      const auto range = parts.range[b][item % parts.P];
       const std::vector<int64_t>* have = nullptr;   // the keys K, V hold
-      for (size_t si = range.first; si < range.second; ++si) {
+      for (size_t si = s0; si < s1; ++si) {
         const Set& st = sets[b][si];
         const std::vector<int64_t>& keys = *st.k;
         const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)keys.size();
@@ -257,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
           for (int64_t c = 0; c < d; ++c) o[c] = (scalar_t)O[i * d + c];
         }
       }
-    }
+    });
   });
   return {out, lse, keep};
 }
@@ -271,12 +297,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3);
   const int64_t nbytes = (L + 7) / 8;
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const int64_t P = num_parts(B * H);
-  const auto sets = build_sets(groups, B, L, P);
-  const Parts parts = cut_parts(sets, P);
-  // P > 1: each part's dK, dV rows (all L of its (batch, head)), summed into dk, dv afterwards
-  std::vector<acc_t> part_dk(parts.P > 1 ? (size_t)(B * H * parts.P * L * d) : 0);
-  std::vector<acc_t> part_dv(part_dk.size());
+  const int64_t T = at::get_num_threads();
+  const auto sets = build_sets(groups, B, L, min_chunks(B * H, T));
+  const Schedule sched = make_schedule(sets, H, B * H, T);
+  // the dK, dV of a (batch, head) cut between threads: one buffer (2·L·d) per thread and cut
+  // (at most two per thread: its first and last segment), summed after the parallel loop
+  struct Partial { int64_t bh; std::unique_ptr<acc_t[]> buf; };
+  std::vector<std::vector<Partial>> partials(T);
   const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
   const scalar_t *outp = out.data_ptr<scalar_t>(), *dop = dout.data_ptr<scalar_t>();
   scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
@@ -285,25 +312,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const acc_t scale = (acc_t)scale_d;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
-  at::parallel_for(0, B * H * parts.P, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> Q, K, KT, V, VT, DO, S, DP, T, G, delta;
-    std::vector<acc_t> own_dk(parts.P > 1 ? 0 : (size_t)L * d), own_dv(own_dk.size());
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / parts.P;
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> Q, K, KT, V, VT, DO, S, DP, Tr, G, delta, own;   // own: dK, dV of a whole (b, h)
+    for (int64_t t = begin; t < end; ++t) for_segments(sched, sets, H, t, [&](int64_t bh, size_t s0, size_t s1) {
       const int64_t b = bh / H;
       const int64_t base = bh * L * d;
-      const auto range = parts.range[b][item % parts.P];
-      acc_t* dK = parts.P > 1 ? part_dk.data() + item * L * d : own_dk.data();
-      acc_t* dV = parts.P > 1 ? part_dv.data() + item * L * d : own_dv.data();
-      std::fill(dK, dK + L * d, acc_t(0));
-      std::fill(dV, dV + L * d, acc_t(0));
+      const bool whole = s0 == 0 && s1 == sets[b].size();
+      acc_t* dK;
+      if (whole) {
+        own.resize((size_t)2 * L * d);
+        dK = own.data();
+      } else {
+        partials[t].push_back({bh, std::unique_ptr<acc_t[]>(new acc_t[(size_t)2 * L * d])});
+        dK = partials[t].back().buf.get();
+      }
+      acc_t* dV = dK + L * d;
+      std::fill(dK, dK + 2 * L * d, acc_t(0));
       const std::vector<int64_t>* have = nullptr;   // the keys K, V hold
-      for (size_t si = range.first; si < range.second; ++si) {
+      for (size_t si = s0; si < s1; ++si) {
         const Set& st = sets[b][si];
         const std::vector<int64_t>& keys = *st.k;
         const int64_t nq = (int64_t)st.q.size(), nk = (int64_t)keys.size();
         Q.resize(nq * d); K.resize(nk * d); KT.resize(nk * d); V.resize(nk * d); VT.resize(nk * d);
-        DO.resize(nq * d); S.resize(nq * nk); DP.resize(nq * nk); T.resize(nq * nk);
+        DO.resize(nq * d); S.resize(nq * nk); DP.resize(nq * nk); Tr.resize(nq * nk);
         G.resize(std::max(nq, nk) * d); delta.resize(nq);
         gather(qp + base, st.q, d, Q.data());
         if (have != &keys) {
@@ -349,8 +380,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
           }
         }
         // dV[k_j] += Σ_i P_ij dO_i
-        transpose(S.data(), nq, nk, T.data());
-        gemm(nk, d, nq, T.data(), nq, DO.data(), d, G.data(), d);
+        transpose(S.data(), nq, nk, Tr.data());
+        gemm(nk, d, nq, Tr.data(), nq, DO.data(), d, G.data(), d);
         for (int64_t j = 0; j < nk; ++j) {
           acc_t* dvr = dV + keys[j] * d;
 #pragma omp simd
@@ -363,39 +394,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
           for (int64_t c = 0; c < d; ++c) dqr[c] = (scalar_t)(scale * G[i * d + c]);
         }
         // dK[k_j] += scale Σ_i dS_ij q_i
-        transpose(DP.data(), nq, nk, T.data());
-        gemm(nk, d, nq, T.data(), nq, Q.data(), d, G.data(), d);
+        transpose(DP.data(), nq, nk, Tr.data());
+        gemm(nk, d, nq, Tr.data(), nq, Q.data(), d, G.data(), d);
         for (int64_t j = 0; j < nk; ++j) {
           acc_t* dkr = dK + keys[j] * d;
 #pragma omp simd
           for (int64_t c = 0; c < d; ++c) dkr[c] += scale * G[j * d + c];
         }
       }
-      if (parts.P == 1) {
-        for (int64_t t = 0; t < L * d; ++t) {
-          dkp[base + t] = (scalar_t)dK[t];
-          dvp[base + t] = (scalar_t)dV[t];
-        }
-      }
-    }
-  });
-  if (P > 1) {   // the parts summed in part order: deterministic for a given thread count
-    const int64_t n = L * d;
-    at::parallel_for(0, B * H * L, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t bh = r / L, off = (r % L) * d;
-        for (int64_t c = 0; c < d; ++c) {
-          acc_t sk = 0, sv = 0;
-          for (int64_t p = 0; p < P; ++p) {
-            sk += part_dk[(bh * P + p) * n + off + c];
-            sv += part_dv[(bh * P + p) * n + off + c];
-          }
-          dkp[bh * n + off + c] = (scalar_t)sk;
-          dvp[bh * n + off + c] = (scalar_t)sv;
+      if (whole) {
+        for (int64_t x = 0; x < L * d; ++x) {
+          dkp[base + x] = (scalar_t)dK[x];
+          dvp[base + x] = (scalar_t)dV[x];
         }
       }
     });
-  }
+  });
+  // the (batch, head) rows cut between threads: their buffers summed in thread order
+  // (deterministic for a given thread count)
+  std::vector<std::vector<const acc_t*>> cut(B * H);
+  std::vector<int64_t> cut_rows;
+  for (int64_t t = 0; t < T; ++t)
+    for (const Partial& p : partials[t]) {
+      if (cut[p.bh].empty()) cut_rows.push_back(p.bh);
+      cut[p.bh].push_back(p.buf.get());
+    }
+  const int64_t n = L * d;
+  at::parallel_for(0, (int64_t)cut_rows.size() * L, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sk(d), sv(d);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bh = cut_rows[r / L], off = (r % L) * d;
+      std::fill(sk.begin(), sk.end(), acc_t(0));
+      std::fill(sv.begin(), sv.end(), acc_t(0));
+      for (const acc_t* buf : cut[bh]) {
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) { sk[c] += buf[off + c]; sv[c] += buf[n + off + c]; }
+      }
+      for (int64_t c = 0; c < d; ++c) {
+        dkp[bh * n + off + c] = (scalar_t)sk[c];
+        dvp[bh * n + off + c] = (scalar_t)sv[c];
+      }
+    }
+  });
   return {dq, dk, dv};
 }
 

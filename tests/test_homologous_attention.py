@@ -472,7 +472,7 @@ def test_attention_leaves_its_inputs_alone(backend, topk):
 @pytest.mark.parametrize("mode", ["no groups", "one group + globals", "topk"])
 def test_cpu_long_rows_are_cut_into_query_chunks(mode):
     """L = 1200 without groups is one set of 1200 × 1200 scores: the C++ kernel cuts it into
-    query chunks sharing their keys (at most 2^16 scores per thread); results unchanged."""
+    query chunks sharing their keys (2^16 scores or 64 rows per thread); results unchanged."""
     q, k, v = (t.requires_grad_() for t in _qkv(b=1, h=2, l=1200, d=8, seed=5))
     groups = None
     if mode == "one group + globals":
@@ -483,20 +483,22 @@ def test_cpu_long_rows_are_cut_into_query_chunks(mode):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("b,h", [(1, 1), (1, 3), (2, 4)])
 @pytest.mark.parametrize("mode", ["no groups", "groups", "one group + globals", "topk"])
-def test_cpu_one_image_one_head_uses_every_thread(threads, mode):
-    """B·H = 1 below the thread count: the C++ kernel cuts the row's sets into parts of equal
-    work, one per thread (more parts than sets leaves some empty; a part can start inside a set's
-    query chunks), each part with its own dK, dV summed afterwards. Float64 against the dense
-    reference for every thread count."""
+def test_cpu_threads_share_out_any_batch(threads, b, h, mode):
+    """The C++ kernel gives each thread one contiguous range of (batch·head, set) pairs of equal
+    work: with B·H below the thread count (one image: 1 or 3 heads) the sets are cut into
+    query chunks first and a (batch, head) is shared by several threads; with B·H above it
+    (2·4 on 3 or 5 threads) ranges still end inside a (batch, head). Such a row's dK, dV are
+    summed from the threads' buffers afterwards. Float64 against the dense reference."""
     l = 1200 if mode in ("no groups", "topk") else 300
-    q, k, v = (t.double().requires_grad_() for t in _qkv(b=1, h=1, l=l, d=8, seed=7))
+    q, k, v = (t.double().requires_grad_() for t in _qkv(b=b, h=h, l=l, d=8, seed=7))
     groups = None
     if mode == "groups":
-        groups = _groups(1, l, 4, n_global=2)
+        groups = _groups(b, l, 4, n_global=2)
     elif mode == "one group + globals":
-        groups = torch.zeros(1, l, dtype=torch.int64)
-        groups[0, ::100] = -1
+        groups = torch.zeros(b, l, dtype=torch.int64)
+        groups[:, ::100] = -1
     topk = 16 if mode == "topk" else None
     old = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -25,9 +25,9 @@ Backends:
   cpu    C++/OpenMP (csrc/homologous_attention_cpu.cpp): per (batch, head), tokens are
          gathered by group into dense blocks (each group's queries against its keys and the
          global keys; global queries against every key), so masked-out pairs cost nothing; no
-         B·H·L·L tensor exists (an n_q×n_k float block per thread, at most 2^16 scores: larger
-         sets are cut into query chunks). Threads take (batch, head) rows, or parts of a row's
-         sets of equal work when B·H is below the thread count.
+         B·H·L·L tensor exists (an n_q×n_k float block per thread, 2^16 scores or 64 query rows:
+         larger sets are cut into query chunks). Each thread takes one contiguous range of the
+         (batch·head, set) pairs of equal work, so one long image is shared out too.
   torch  PyTorch only. Group mode: the same dense blocks as the C++ kernel, bucketed by shape
          and batched (gathered rows, unmasked attention, scattered back); without groups or top-k,
          one unmasked attention. On the CPU an unmasked block is attended by the flash-attention
