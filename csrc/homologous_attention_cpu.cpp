@@ -22,8 +22,8 @@
 // accumulator-type buffers; every product (S = QKᵀ, O = PV; dP = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K,
 // dK = dSᵀ·Q) goes through one register-blocked micro-GEMM (8 rows × two vectors of C held in
 // registers over the whole inner loop), the softmax through a vectorized exp; only the n_q×n_k
-// score block of one set (at most kSetScores elements: large sets are cut into query chunks
-// sharing their gathered keys) exists per thread, never a B·H·L·L tensor. Memory
+// score block of one set (kSetScores elements or 64 query rows, whichever is more: large sets
+// are cut into query chunks sharing their gathered keys) exists per thread, never a B·H·L·L tensor. Memory
 // traffic: q, k, v (and out, dout) read once per (batch, head) into cache-resident buffers;
 // masked-out pairs are never computed (the work is Σ_sets n_q·n_k·d instead of L²·d).
 #include <torch/extension.h>
@@ -62,6 +62,12 @@ struct Set {
 // L = 8192 510 -> 383 ms, L = 16384 1988 -> 1638 ms (32 rows: 386, 1718 ms).
 constexpr int64_t kSetScores = int64_t(1) << 16;
 constexpr int64_t kMinChunkRows = 64;
+
+// The ranges to cut: the thread count, or 1 when called inside a parallel region (parallel_for
+// then runs serially, and T ranges would only cut the sets finer and hold T partial buffers).
+int64_t threads_here() {
+  return at::in_parallel_region() ? 1 : at::get_num_threads();
+}
 
 // Query chunks per set at least: 1 when B·H covers the threads, else ceil(threads / (B·H)), so
 // that a row with a single set (no groups) still gives every thread work.
@@ -216,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   auto lse = at::empty({B, H, L}, q.options().dtype(acc_type));
   auto keep = topk > 0 ? at::zeros({B, H, L, nbytes}, q.options().dtype(at::kByte))
                        : at::empty({0}, q.options().dtype(at::kByte));
-  const int64_t T = at::get_num_threads();
+  const int64_t T = threads_here();
   const auto sets = build_sets(groups, B, L, min_chunks(B * H, T));
   const Schedule sched = make_schedule(sets, H, B * H, T);
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -297,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3);
   const int64_t nbytes = (L + 7) / 8;
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const int64_t T = at::get_num_threads();
+  const int64_t T = threads_here();
   const auto sets = build_sets(groups, B, L, min_chunks(B * H, T));
   const Schedule sched = make_schedule(sets, H, B * H, T);
   // the dK, dV of a (batch, head) cut between threads: one buffer (2·L·d) per thread and cut
