@@ -13,8 +13,8 @@
 // written directly; dK and dV rows receive contributions from several sets and are accumulated
 // per (batch, head). Scheduling: the (batch·head, set) pairs in order are cut into one
 // contiguous range per thread of about equal work (Σ n_q·n_k + n_q + n_k), so one long image
-// (B·H below the thread count) is shared out as well as a large batch is; with B·H < threads the
-// sets are first cut into at least ceil(threads / (B·H)) query chunks each. In the backward a
+// (B·H below the thread count) is shared out as well as a large batch is: sets are first cut
+// into query chunks of at most a quarter of a thread's share of the work. In the backward a
 // thread accumulates the dK, dV of a (batch, head) whose sets it all holds in its own buffer and
 // writes it out; one cut between threads (at most two per thread, its first and last) goes to
 // a buffer of its own, and those are summed in thread order afterwards.
@@ -69,19 +69,13 @@ int64_t threads_here() {
   return at::in_parallel_region() ? 1 : at::get_num_threads();
 }
 
-// Query chunks per set at least: 1 when B·H covers the threads, else ceil(threads / (B·H)), so
-// that a row with a single set (no groups) still gives every thread work.
-int64_t min_chunks(int64_t BH, int64_t threads) {
-  return BH >= threads ? 1 : (threads + BH - 1) / std::max<int64_t>(BH, 1);
-}
-
 // Adds q × k as a set, cut into query chunks of max(kSetScores / nk, kMinChunkRows) rows, or
-// fewer (8 at least) where `parts` chunks are wanted for the threads.
-void add_set(std::vector<Set>& out, const std::vector<int64_t>& q, std::vector<int64_t> k, int64_t parts) {
-  const int64_t nk = (int64_t)k.size(), nq = (int64_t)q.size();
-  int64_t rows = std::max(kMinChunkRows, kSetScores / std::max<int64_t>(nk, 1));
-  if (parts > 1) rows = std::min(rows, (nq + parts - 1) / parts);
-  const size_t per = (size_t)std::max<int64_t>(8, rows);
+// fewer (8 at least) to keep a chunk under `cap` scores.
+void add_set(std::vector<Set>& out, const std::vector<int64_t>& q, std::vector<int64_t> k, double cap) {
+  const int64_t nk = std::max<int64_t>((int64_t)k.size(), 1);
+  int64_t rows = std::max(kMinChunkRows, kSetScores / nk);
+  if ((double)rows * (double)nk > cap) rows = std::max<int64_t>(8, (int64_t)(cap / (double)nk));
+  const size_t per = (size_t)rows;
   auto keys = std::make_shared<const std::vector<int64_t>>(std::move(k));
   for (size_t i = 0; i < q.size(); i += per) {
     Set s;
@@ -91,17 +85,24 @@ void add_set(std::vector<Set>& out, const std::vector<int64_t>& q, std::vector<i
   }
 }
 
-std::vector<std::vector<Set>> build_sets(const c10::optional<at::Tensor>& groups, int64_t B, int64_t L,
-                                         int64_t parts) {
-  std::vector<std::vector<Set>> sets(B);
+// Every batch row's sets (query chunks of the blocks above). With T > 1 threads a chunk is also
+// kept under a quarter of a thread's share of the work (B·H·Σ n_q·n_k / 4T scores), so that the
+// ranges of make_schedule can be cut evenly: one image's single set (no groups) or a batch
+// slightly above a multiple of T is shared out; a batch of B·H ≥ 4T short rows is not cut.
+std::vector<std::vector<Set>> build_sets(const c10::optional<at::Tensor>& groups, int64_t B, int64_t H,
+                                         int64_t L, int64_t T) {
+  struct Block {
+    std::vector<int64_t> q, k;
+  };
+  std::vector<std::vector<Block>> blocks(B);
   std::vector<int64_t> all(L);
   std::iota(all.begin(), all.end(), 0);
-  if (!groups.has_value()) {
-    for (int64_t b = 0; b < B; ++b) add_set(sets[b], all, all, parts);
-    return sets;
-  }
-  const int64_t* g = groups->data_ptr<int64_t>();
+  const int64_t* g = groups.has_value() ? groups->data_ptr<int64_t>() : nullptr;
   for (int64_t b = 0; b < B; ++b) {
+    if (!g) {
+      blocks[b].push_back({all, all});
+      continue;
+    }
     const int64_t* gb = g + b * L;
     std::vector<int64_t> globals;
     std::vector<std::pair<int64_t, int64_t>> members;   // (group, token)
@@ -116,11 +117,18 @@ std::vector<std::vector<Set>> build_sets(const c10::optional<at::Tensor>& groups
       while (j < members.size() && members[j].first == members[i].first) q.push_back(members[j++].second);
       std::vector<int64_t> k(q.size() + globals.size());
       std::merge(q.begin(), q.end(), globals.begin(), globals.end(), k.begin());
-      add_set(sets[b], q, std::move(k), parts);
+      blocks[b].push_back({std::move(q), std::move(k)});
       i = j;
     }
-    if (!globals.empty()) add_set(sets[b], globals, all, parts);
+    if (!globals.empty()) blocks[b].push_back({globals, all});
   }
+  double total = 0;
+  for (const auto& row : blocks)
+    for (const Block& blk : row) total += (double)blk.q.size() * (double)blk.k.size();
+  const double cap = T > 1 ? total * (double)H / (4.0 * (double)T) : std::numeric_limits<double>::infinity();
+  std::vector<std::vector<Set>> sets(B);
+  for (int64_t b = 0; b < B; ++b)
+    for (Block& blk : blocks[b]) add_set(sets[b], blk.q, std::move(blk.k), cap);
   return sets;
 }
 
@@ -223,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   auto keep = topk > 0 ? at::zeros({B, H, L, nbytes}, q.options().dtype(at::kByte))
                        : at::empty({0}, q.options().dtype(at::kByte));
   const int64_t T = threads_here();
-  const auto sets = build_sets(groups, B, L, min_chunks(B * H, T));
+  const auto sets = build_sets(groups, B, H, L, T);
   const Schedule sched = make_schedule(sets, H, B * H, T);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -304,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t nbytes = (L + 7) / 8;
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   const int64_t T = threads_here();
-  const auto sets = build_sets(groups, B, L, min_chunks(B * H, T));
+  const auto sets = build_sets(groups, B, H, L, T);
   const Schedule sched = make_schedule(sets, H, B * H, T);
   // the dK, dV of a (batch, head) cut between threads: one buffer (2·L·d) per thread and cut
   // (at most two per thread: its first and last segment), summed after the parallel loop

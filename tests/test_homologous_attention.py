@@ -487,9 +487,9 @@ def test_cpu_long_rows_are_cut_into_query_chunks(mode):
 @pytest.mark.parametrize("mode", ["no groups", "groups", "one group + globals", "topk"])
 def test_cpu_threads_share_out_any_batch(threads, b, h, mode):
     """The C++ kernel gives each thread one contiguous range of (batch·head, set) pairs of equal
-    work: with B·H below the thread count (one image: 1 or 3 heads) the sets are cut into
-    query chunks first and a (batch, head) is shared by several threads; with B·H above it
-    (2·4 on 3 or 5 threads) ranges still end inside a (batch, head). Such a row's dK, dV are
+    work, the sets first cut into query chunks of at most a quarter of a thread's share: with
+    B·H below the thread count (one image: 1 or 3 heads) a (batch, head) is shared by several
+    threads; with B·H above it (2·4 on 3 or 5 threads) ranges still end inside a (batch, head). Such a row's dK, dV are
     summed from the threads' buffers afterwards. Float64 against the dense reference."""
     l = 1200 if mode in ("no groups", "topk") else 300
     q, k, v = (t.double().requires_grad_() for t in _qkv(b=b, h=h, l=l, d=8, seed=7))
