@@ -170,6 +170,21 @@ Schedule make_schedule(const std::vector<std::vector<Set>>& sets, int64_t H, int
   return sc;
 }
 
+// The sets and the threads' ranges of one call (forward and backward build the same).
+struct Plan {
+  std::vector<std::vector<Set>> sets;
+  Schedule sched;
+  int64_t T;
+};
+
+Plan make_plan(const c10::optional<at::Tensor>& groups, int64_t B, int64_t H, int64_t L) {
+  Plan p;
+  p.T = threads_here();
+  p.sets = build_sets(groups, B, H, L, p.T);
+  p.sched = make_schedule(p.sets, H, B * H, p.T);
+  return p;
+}
+
 // Calls f(bh, s0, s1) for each (batch, head) segment of thread t's range: sets [s0, s1) of bh.
 template <typename F>
 void for_segments(const Schedule& sc, const std::vector<std::vector<Set>>& sets, int64_t H, int64_t t, F&& f) {
@@ -230,9 +245,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   auto lse = at::empty({B, H, L}, q.options().dtype(acc_type));
   auto keep = topk > 0 ? at::zeros({B, H, L, nbytes}, q.options().dtype(at::kByte))
                        : at::empty({0}, q.options().dtype(at::kByte));
-  const int64_t T = threads_here();
-  const auto sets = build_sets(groups, B, H, L, T);
-  const Schedule sched = make_schedule(sets, H, B * H, T);
+  const Plan plan = make_plan(groups, B, H, L);
+  const auto& sets = plan.sets;
+  const Schedule& sched = plan.sched;
+  const int64_t T = plan.T;
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
@@ -311,9 +327,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3);
   const int64_t nbytes = (L + 7) / 8;
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const int64_t T = threads_here();
-  const auto sets = build_sets(groups, B, H, L, T);
-  const Schedule sched = make_schedule(sets, H, B * H, T);
+  const Plan plan = make_plan(groups, B, H, L);
+  const auto& sets = plan.sets;
+  const Schedule& sched = plan.sched;
+  const int64_t T = plan.T;
   // the dK, dV of a (batch, head) cut between threads: one buffer (2·L·d) per thread and cut
   // (at most two per thread: its first and last segment), summed after the parallel loop
   struct Partial { int64_t bh; std::unique_ptr<acc_t[]> buf; };

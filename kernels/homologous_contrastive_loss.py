@@ -182,16 +182,16 @@ def backward(z, groups, temperature, lse, inv, u, npos):
     cfg = _cfg(L, E, z.dtype, backward=True)
     splits = triton.cdiv(E, cfg["E_SPLIT"])
     one = splits == 1
-    dz = torch.empty_like(z) if (one or z.dtype == torch.float32) else torch.empty(z.shape, dtype=torch.float32,
-                                                                                  device=z.device)
+    dz = torch.empty(z.shape, dtype=z.dtype if one else torch.float32, device=z.device)
     _hcl_bwd_kernel[(B, triton.cdiv(L, cfg["BLOCK_M"]), splits)](
         z, groups, inv, lse, u, npos, dz, 1.0 / temperature, L, E, ONE_SPLIT=one, **cfg, **dot_options(z.dtype))
     if one:
         return dz
     # dẑ of every slice is in dz: the normalization's backward over whole rows
-    zh = z.float() * inv.abs()[..., None]
+    inv_abs = inv.abs()[..., None]
+    zh = z.float() * inv_abs
     dot = (dz * zh).sum(-1, keepdim=True)
-    return (torch.where(inv[..., None] < 0, dz, dz - zh * dot) * inv.abs()[..., None]).to(z.dtype)
+    return (torch.where(inv[..., None] < 0, dz, dz - zh * dot) * inv_abs).to(z.dtype)
 
 
 def _case(kernel, dtype, L, E):
