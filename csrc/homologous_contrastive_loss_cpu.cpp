@@ -33,7 +33,7 @@
 
 namespace {
 
-using pyssl_cpu::exp_nonpos;
+using pyssl_cpu::fast_exp;
 using pyssl_cpu::gemm;
 
 template <typename scalar_t, typename acc_t>
@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const at::T
   const int64_t* gp = groups.data_ptr<int64_t>();
   acc_t* rp = static_cast<acc_t*>(rows.data_ptr());
   acc_t* lp = static_cast<acc_t*>(lse.data_ptr());
-  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();   // constexpr: not captured, a constant in the loops
   const Plan<acc_t> plan(zp, gp, B, L, E, eps);
   at::parallel_for(0, (int64_t)plan.items.size(), 1, [&](int64_t begin, int64_t end) {
     SampleView<acc_t> st;
@@ -189,17 +189,20 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const at::T
       for (int64_t i = item.i0; i < item.i1; ++i) {
         acc_t* s = S.data() + (i - item.i0) * n;
         acc_t m = ninf, pos = 0;
+        const int64_t* grp = sm.grp.data();
+        const int64_t gi = grp[i];
+        s[i] = ninf;   // the row's own token is in neither sum
+#pragma omp simd reduction(max : m) reduction(+ : pos)
         for (int64_t j = 0; j < n; ++j) {
           s[j] *= (acc_t)inv_t;
-          if (j == i) continue;
-          m = std::max(m, s[j]);
-          if (sm.grp[j] == sm.grp[i]) pos += s[j];
+          m = s[j] > m ? s[j] : m;
+          pos += grp[j] == gi && j != i ? s[j] : acc_t(0);
         }
         acc_t l = 0;
         if (m != ninf) {
           acc_t sum = 0;
-          for (int64_t j = 0; j < n; ++j)
-            if (j != i) sum += exp_nonpos(s[j] - m);
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < n; ++j) sum += fast_exp(s[j] - m);
           l = m + std::log(sum);
         }
         const int64_t t = item.b * L + sm.idx[i];
@@ -255,7 +258,7 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& groups, const at
           const int64_t gi = sm.grp[i];
           for (int64_t j = 0; j < n; ++j) {
             if (j == i || ui == 0) { s[j] = 0; continue; }
-            s[j] = ui * (exp_nonpos(s[j] * (acc_t)inv_t - li) - (sm.grp[j] == gi ? wi : acc_t(0)));
+            s[j] = ui * (fast_exp(s[j] * (acc_t)inv_t - li) - (sm.grp[j] == gi ? wi : acc_t(0)));
           }
         }
         for (int64_t i = 0; i < n; ++i)
@@ -275,8 +278,8 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& groups, const at
             if (j == i) { s[j] = 0; continue; }
             const acc_t sij = s[j] * (acc_t)inv_t;
             const bool same = sm.grp[j] == gi;
-            const acc_t gij = ui == 0 ? acc_t(0) : ui * (exp_nonpos(sij - li) - (same ? wi : acc_t(0)));
-            const acc_t gji = u[j] == 0 ? acc_t(0) : u[j] * (exp_nonpos(sij - l[j]) - (same ? w[j] : acc_t(0)));
+            const acc_t gij = ui == 0 ? acc_t(0) : ui * (fast_exp(sij - li) - (same ? wi : acc_t(0)));
+            const acc_t gji = u[j] == 0 ? acc_t(0) : u[j] * (fast_exp(sij - l[j]) - (same ? w[j] : acc_t(0)));
             s[j] = (gij + gji) * (acc_t)inv_t;
           }
         }
