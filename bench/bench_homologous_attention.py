@@ -4,15 +4,22 @@ Cases (names fixed):
   homattn_cpu   B=16, H=12, L=197, d=64, 4 groups + 1 global token, fp32, CPU.
   homattn_vitb  B=256, H=12, L=197, d=64, 4 groups + 1 global token, bf16, CUDA.
   homattn_long  B=4, H=16, L=4096, d=64, 4 groups, bf16, CUDA.
+  homattn_topk_cpu   B=16, H=12, L=197, d=64, top-49 of all keys (K = L/4, Mixed Autoencoder's
+                     homologous attention at mixing ratio 4), fp32, CPU.
+  homattn_topk_vitb  the same at B=256, bf16, CUDA (pyssl-triton holds whole rows on chip;
+                     pyssl-triton[stream] forces the streamed kernel that longer rows take).
+  homattn_topk_long  B=4, H=16, L=4096, d=64, top-1024, bf16, CUDA (the streamed kernel).
 Groups are interleaved at random over the positions (as mix_patches makes them).
 impls:
-  naive      masked softmax as a user writes it: scores, masked_fill, softmax, @ v (B·H·L·L).
-  sdpa_mask  F.scaled_dot_product_attention with the dense boolean mask (built outside the step).
+  naive      masked softmax as a user writes it: scores, masked_fill, softmax, @ v (B·H·L·L);
+             top-k cases: the kept set from torch.topk of the scores in the step.
+  sdpa_mask  F.scaled_dot_product_attention with the dense boolean mask (built outside the step);
+             top-k cases: the mask from the scores and torch.topk in the step, without gradient.
   flex       FlexAttention (torch.compile'd) with the same mask as a block mask built outside the
              timed region (its build time is in the note); on the CPU forward only (FlexAttention
              has no CPU backward), so its time is not comparable to the others there.
   pyssl-<b>  pyssl.homologous_attention on backend b.
-TFLOP/s count only the unmasked pairs: 4·d FLOPs per pair forward, 10·d backward.
+TFLOP/s count only the unmasked (kept) pairs: 4·d FLOPs per pair forward, 10·d backward.
 """
 from __future__ import annotations
 
@@ -41,7 +48,13 @@ def _problem(b, h, l, d, n_groups, n_global, dtype, device, seed=0):
         rows.append(torch.cat([torch.full((n_global,), -1), ids]))
     groups = torch.stack(rows).to(device)
     mask = ((groups[:, :, None] == groups[:, None, :]) | (groups[:, :, None] < 0) | (groups[:, None, :] < 0))
-    return {"q": q, "k": k, "v": v, "do": do, "groups": groups, "pairs": float(mask.sum()) * h}
+    return {"q": q, "k": k, "v": v, "do": do, "groups": groups, "topk": None, "pairs": float(mask.sum()) * h}
+
+
+def _topk_problem(b, h, l, d, topk, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(b, h, l, d, generator=g).to(device, dtype) for _ in range(4))
+    return {"q": q, "k": k, "v": v, "do": do, "groups": None, "topk": topk, "pairs": float(b * h * l * min(topk, l))}
 
 
 def _leaves(inp):
@@ -62,22 +75,39 @@ def _fwd_bwd(fn, inp):
 
 def _mask(inp):
     g = inp["groups"]
+    if g is None:
+        return None
     return ((g[:, :, None] == g[:, None, :]) | (g[:, :, None] < 0) | (g[:, None, :] < 0))[:, None]
 
 
+def _topk_keep(s, topk):
+    """The kept set of a top-k case from its scores (torch.topk: ties in no stated order)."""
+    idx = s.topk(min(topk, s.shape[-1]), dim=-1).indices
+    return torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, idx, True)
+
+
 def attn_naive(inp):
-    mask = _mask(inp)
+    mask, topk = _mask(inp), inp["topk"]
     scale = inp["q"].shape[-1] ** -0.5
 
     def fn(q, k, v):
         s = (q @ k.transpose(-1, -2)) * scale
-        return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v
+        keep = _topk_keep(s.detach(), topk) if topk else mask
+        return torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1) @ v
     return _fwd_bwd(fn, inp)
 
 
 def attn_sdpa_mask(inp):
-    mask = _mask(inp)
-    return _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), inp)
+    mask, topk = _mask(inp), inp["topk"]
+    scale = inp["q"].shape[-1] ** -0.5
+
+    def fn(q, k, v):
+        if topk:
+            with torch.no_grad():
+                keep = _topk_keep((q @ k.transpose(-1, -2)) * scale, topk)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return _fwd_bwd(fn, inp)
 
 
 def attn_flex(inp):
@@ -121,9 +151,26 @@ def attn_pyssl(backend):
         why = HA.not_supported_reasons(inp["q"]).get(backend, []) if backend != "auto" else []
         if why:
             raise Skip(f"{backend}: " + "; ".join(why))
-        g = inp["groups"]
-        return _fwd_bwd(lambda q, k, v: pyssl.homologous_attention(q, k, v, g, backend=backend), inp)
+        g, topk = inp["groups"], inp["topk"]
+        return _fwd_bwd(lambda q, k, v: pyssl.homologous_attention(q, k, v, g, topk=topk, backend=backend), inp)
     return setup
+
+
+def _with_env(name, value, step, note):
+    """step with the environment variable name set to value for its duration (the kernels read
+    their switches per call)."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            step()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    run.note = note
+    return run
 
 
 def _flops(inp):
@@ -134,20 +181,15 @@ def _flops(inp):
 def attn_pyssl_noskip(inp):
     """The Triton kernels with tile skipping off (PYSSL_HOMATTN_NO_SKIP=1, read per call): every
     key tile visited with the group ids masked in it, what skipping is measured against."""
-    step = attn_pyssl("triton")(inp)
+    return _with_env("PYSSL_HOMATTN_NO_SKIP", "1", attn_pyssl("triton")(inp),
+                     "every key tile visited, group ids masked per tile; FLOP/s counted on unmasked pairs")
 
-    def noskip():
-        old = os.environ.get("PYSSL_HOMATTN_NO_SKIP")
-        os.environ["PYSSL_HOMATTN_NO_SKIP"] = "1"
-        try:
-            step()
-        finally:
-            if old is None:
-                del os.environ["PYSSL_HOMATTN_NO_SKIP"]
-            else:
-                os.environ["PYSSL_HOMATTN_NO_SKIP"] = old
-    noskip.note = "every key tile visited, group ids masked per tile; FLOP/s counted on unmasked pairs"
-    return noskip
+
+def attn_pyssl_stream(inp):
+    """The Triton top-k forward streamed (PYSSL_HOMATTN_TOPK_STREAM=1) where rows would fit on
+    chip: what the radix search over streamed key tiles costs against whole rows."""
+    return _with_env("PYSSL_HOMATTN_TOPK_STREAM", "1", attn_pyssl("triton")(inp),
+                     "top-k rows streamed (radix search, up to 17 passes over k) instead of held whole")
 
 
 def _impls(backend):
@@ -157,6 +199,14 @@ def _impls(backend):
              "pyssl-torch": attn_pyssl("torch"), f"pyssl-{backend}": attn_pyssl(backend)}
     if backend == "triton":
         impls["pyssl-triton[noskip]"] = attn_pyssl_noskip
+    return impls
+
+
+def _topk_impls(backend, stream=False):
+    impls = {"naive": attn_naive, "sdpa_mask": attn_sdpa_mask, "pyssl-torch": attn_pyssl("torch"),
+             f"pyssl-{backend}": attn_pyssl(backend)}
+    if stream:
+        impls["pyssl-triton[stream]"] = attn_pyssl_stream
     return impls
 
 
@@ -182,4 +232,24 @@ CASES = [
          _impls("triton"),
          flops=_flops, repeats=5, warmup=2,
          notes="B=4, H=16, L=4096, d=64, 4 groups, bf16, forward+backward (pyssl-triton[noskip] as in homattn_vitb)."),
+    Case("homattn_topk_cpu", "cpu",
+         _sizes(lambda dev: _topk_problem(16, 12, 197, 64, 49, torch.float32, dev),
+                lambda dev: _topk_problem(2, 2, 23, 8, 6, torch.float32, dev)),
+         _topk_impls("cpu"),
+         flops=_flops, repeats=5, warmup=2,
+         notes="B=16, H=12, L=197, d=64, top-49 of all keys, fp32, forward+backward; naive and sdpa_mask "
+               "rank with torch.topk in the step."),
+    Case("homattn_topk_vitb", "cuda",
+         _sizes(lambda dev: _topk_problem(256, 12, 197, 64, 49, torch.bfloat16, dev),
+                lambda dev: _topk_problem(2, 2, 23, 8, 6, torch.float32, dev)),
+         _topk_impls("triton", stream=True),
+         flops=_flops, repeats=5, warmup=2,
+         notes="B=256, H=12, L=197, d=64, top-49, bf16, forward+backward. pyssl-triton holds whole rows on "
+               "chip; pyssl-triton[stream] (PYSSL_HOMATTN_TOPK_STREAM=1) takes the streamed kernel of long rows."),
+    Case("homattn_topk_long", "cuda",
+         _sizes(lambda dev: _topk_problem(4, 16, 4096, 64, 1024, torch.bfloat16, dev),
+                lambda dev: _topk_problem(1, 2, 64, 8, 16, torch.float32, dev)),
+         _topk_impls("triton"),
+         flops=_flops, repeats=5, warmup=2,
+         notes="B=4, H=16, L=4096, d=64, top-1024, bf16, forward+backward (the streamed top-k kernel)."),
 ]

@@ -73,6 +73,25 @@ def max_topk_l(dtype, d: int = 64) -> int:
     return _TOPK_L.get((dtype == torch.float32, bd), 0)
 
 
+def shared_memory(device) -> Optional[int]:
+    """Largest shared memory a block may opt in to on a CUDA device (None: not a CUDA device, or
+    torch does not say). The whole-row top-k limits are set for sm_90 (227 KiB)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+
+
+def topk_whole_rows(dtype, L: int, d: int, device) -> bool:
+    """Whether the top-k forward holds whole rows on chip (_attn_topk_fwd_kernel: L up to
+    max_topk_l and k, v of the row within the GPU's shared memory) or streams them
+    (_attn_topk_stream_fwd_kernel: any L, up to 17 passes over k). PYSSL_HOMATTN_TOPK_STREAM=1,
+    read per call, streams every row (what the benchmark compares the two kernels with)."""
+    if os.environ.get("PYSSL_HOMATTN_TOPK_STREAM", "0") == "1" or L > max_topk_l(dtype, d):
+        return False
+    have = shared_memory(device)
+    return have is None or topk_shared_bytes(dtype, L, d) <= have
+
+
 def topk_shared_bytes(dtype, L: int, d: int) -> int:
     """Shared memory of one top-k program: k and v of the padded row and the 16-row q tile
     (what Triton reports for every top-k compile case on sm_90)."""
@@ -199,6 +218,13 @@ def _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, ibase, SL, L, p0, p_hi, l
         ok = _pair_mask(LSE, GS, bh, b, L, 1, k0, offs_m, offs_n, mmask, nmask, MASK_GROUPS, False,
                         RM, BLOCK)
         m_i, l_i, acc = _fwd_step(q, kk, vv, ok, m_i, l_i, acc, scale, DOT_PRECISION)
+    _fwd_store(O, LSE, base, bh, L, rows, mmask, dd, dmask, acc, m_i, l_i, D)
+
+
+@triton.jit
+def _fwd_store(O, LSE, base, bh, L, rows, mmask, dd, dmask, acc, m_i, l_i, D: tl.constexpr):
+    """The normalized output rows (at token positions rows) and their log-sum-exp (-inf for a
+    row that kept nothing)."""
     live = l_i > 0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
     lse = tl.where(live, m_i + tl.log(tl.where(live, l_i, 1.0)), float("-inf"))
@@ -210,7 +236,12 @@ def _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, ibase, SL, L, p0, p_hi, l
 @triton.jit
 def _fwd_step(q, kk, vv, ok, m_i, l_i, acc, scale, DOT_PRECISION: tl.constexpr):
     s = tl.dot(q, tl.trans(kk), input_precision=DOT_PRECISION) * scale
-    s = tl.where(ok, s, float("-inf"))
+    return _online_softmax(tl.where(ok, s, float("-inf")), vv, m_i, l_i, acc, DOT_PRECISION)
+
+
+@triton.jit
+def _online_softmax(s, vv, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax: s the tile's scores with the excluded pairs at -inf."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
@@ -274,9 +305,7 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L, H, NB,
         gq = tl.load(G + b * L + rows, mask=mmask, other=0)
         gk = tl.load(G + b * L + cols, mask=nmask, other=0)
         allowed = allowed & _group_mask(gq, gk)
-    sb = s.to(tl.int32, bitcast=True)
-    flip = sb ^ ((sb >> 31) & 0x7FFFFFFF)
-    key = (flip.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)[None, :]
+    key = (_ordered(s).to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)[None, :]
     key = tl.where(allowed, key, -9223372036854775807 - 1)
     ordered = tl.sort(key, dim=1, descending=True)
     thr = tl.sum(tl.where(cols[None, :] == KTH, ordered, 0), axis=1)
@@ -292,13 +321,125 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L, H, NB,
     lse = tl.where(live, m_safe + tl.log(tl.where(live, den, 1.0)), float("-inf"))
     tl.store(O + base + rows[:, None] * D + dd[None, :], out.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
     tl.store(LSE + bh.to(tl.int64) * L + rows, lse, mask=mmask)
-    # the kept set as bytes: bit j % 8 of byte j // 8
-    kb = tl.reshape(kept.to(tl.int32), (BLOCK_M, L_PAD // 8, 8))
+    _store_kept(BITS, bh, L, NB, rows, mmask, kept, 0, BLOCK_M, L_PAD)
+
+
+
+
+@triton.jit
+def _ordered(s):
+    """The float32 scores as int32 in the same order (sign-magnitude to two's complement;
+    -0.0 must have been turned into +0.0)."""
+    sb = s.to(tl.int32, bitcast=True)
+    return sb ^ ((sb >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _store_kept(BITS, bh, L, NB, rows, mmask, kept, n0, RM: tl.constexpr, RN: tl.constexpr):
+    """The kept keys n0 + [0, RN) of an RM-row tile as bytes: bit j % 8 of byte j // 8 is key j."""
+    kb = tl.reshape(kept.to(tl.int32), (RM, RN // 8, 8))
     byte = tl.sum(kb << tl.arange(0, 8)[None, None, :], axis=2)
-    nb = tl.arange(0, L_PAD // 8)
+    nb = n0 // 8 + tl.arange(0, RN // 8)
     tl.store(BITS + (bh.to(tl.int64) * L + rows[:, None]) * NB + nb[None, :], byte.to(tl.uint8),
              mask=mmask[:, None] & (nb[None, :] < NB))
 
+
+# ----------------------------------------------------------------------------------------------
+# _attn_topk_stream_fwd_kernel: top-k rows of any length. Program (batch·head, BLOCK_M query
+# rows in token order); key tiles of BLOCK_N stream through. The K-th largest score of each row
+# is found by a radix search over its order-preserving int32 image, two bits per pass: 16 passes
+# over the key tiles, each counting per row the allowed keys at or above three candidates
+# (prefix + 1, 2, 3 << shift) and keeping the largest candidate that K keys reach. The count of
+# the smallest failing candidate of the last pass that had one is the count above the threshold
+# (the bits below it all passed), so need = K − that count ties are kept: the first in key order,
+# by a cumulative count of the ties across the tiles. A final pass keeps those keys, runs the
+# online softmax over them and writes the bitmask. All passes are one loop over (pass, tile)
+# with one tl.dot, so the scores ranked are bit-for-bit the scores kept. Rows whose allowed set
+# is at most K keep it all; when every row of the program is such (group ids counted first, in
+# a loop without dots) the search is skipped. Registers: the q tile, the output accumulator
+# (BLOCK_M × BLOCK_D fp32), per row the running max and sum, three counters, the threshold and
+# the tie count. Traffic: q, out and the bitmask once; k once per pass (17 at most), v once.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_topk_stream_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L, H, NB, TOPK,
+                                 HAS_GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+                                 DOT_PRECISION: tl.constexpr):
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = bh // H
+    base = bh.to(tl.int64) * L * D
+    ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH
+    gbase = b.to(tl.int64) * L
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = rows < L
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    q = tl.load(Q + ibase + rows.to(tl.int64)[:, None] * SL + dd[None, :], mask=mmask[:, None] & dmask[None, :],
+                other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    gq = tl.zeros((BLOCK_M,), tl.int64)
+    n_ok = tl.zeros((BLOCK_M,), tl.int32) + L
+    if HAS_GROUPS:
+        gq = tl.load(G + gbase + rows, mask=mmask, other=0)
+        n_ok = tl.zeros((BLOCK_M,), tl.int32)
+        for g0 in range(0, L, BLOCK_N):
+            cols = g0 + tl.arange(0, BLOCK_N)
+            gk = tl.load(G + gbase + cols, mask=cols < L, other=0)
+            n_ok += tl.sum((_group_mask(gq, gk) & (cols < L)[None, :]).to(tl.int32), axis=1)
+    search = mmask & (n_ok > TOPK)
+    npass = tl.max(search.to(tl.int32), axis=0) * 16
+    ntiles = tl.cdiv(L, BLOCK_N)
+    ans = tl.zeros((BLOCK_M,), tl.int64)     # the threshold as flip + 2^31, two bits per pass from the top
+    n_gt = tl.zeros((BLOCK_M,), tl.int32)    # allowed keys above the threshold
+    c1 = tl.zeros((BLOCK_M,), tl.int32)
+    c2 = tl.zeros((BLOCK_M,), tl.int32)
+    c3 = tl.zeros((BLOCK_M,), tl.int32)
+    seen = tl.zeros((BLOCK_M,), tl.int32)    # ties at the threshold in the key tiles passed
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for it in range(0, (npass + 1) * ntiles):
+        ph = it // ntiles
+        n0 = (it - ph * ntiles) * BLOCK_N
+        cols = n0 + tl.arange(0, BLOCK_N)
+        nmask = cols < L
+        c64 = cols.to(tl.int64)
+        kt = tl.load(K + ibase + c64[None, :] * SL + dd[:, None], mask=dmask[:, None] & nmask[None, :], other=0.0)
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale + 0.0    # + 0.0: −0.0 ties +0.0
+        allowed = mmask[:, None] & nmask[None, :]
+        if HAS_GROUPS:
+            gk = tl.load(G + gbase + cols, mask=nmask, other=0)
+            allowed = allowed & _group_mask(gq, gk)
+        flip = _ordered(s)
+        if ph < npass:
+            step = tl.full((BLOCK_M,), 1, tl.int64) << (30 - 2 * ph).to(tl.int64)
+            lo = ans - 2147483648                 # the prefix in the int32 order of flip
+            c1 += tl.sum((allowed & (flip >= (lo + step).to(tl.int32)[:, None])).to(tl.int32), axis=1)
+            c2 += tl.sum((allowed & (flip >= (lo + 2 * step).to(tl.int32)[:, None])).to(tl.int32), axis=1)
+            c3 += tl.sum((allowed & (flip >= (lo + 3 * step).to(tl.int32)[:, None])).to(tl.int32), axis=1)
+            if n0 + BLOCK_N >= L:                 # the pass is complete
+                x = (c1 >= TOPK).to(tl.int32) + (c2 >= TOPK).to(tl.int32) + (c3 >= TOPK).to(tl.int32)
+                n_gt = tl.where(x == 3, n_gt, tl.where(x == 0, c1, tl.where(x == 1, c2, c3)))
+                ans += x.to(tl.int64) * step
+                c1 = tl.zeros((BLOCK_M,), tl.int32)
+                c2 = tl.zeros((BLOCK_M,), tl.int32)
+                c3 = tl.zeros((BLOCK_M,), tl.int32)
+        else:
+            thr = (ans - 2147483648).to(tl.int32)[:, None]
+            tie = allowed & (flip == thr)
+            rank = tl.cumsum(tie.to(tl.int32), axis=1) + seen[:, None]
+            kept = allowed & (~search[:, None] | (flip > thr) | (tie & (rank <= (TOPK - n_gt)[:, None])))
+            seen += tl.sum(tie.to(tl.int32), axis=1)
+            vv = tl.load(V + ibase + c64[:, None] * SL + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+            if DOT_FP32:
+                vv = vv.to(tl.float32)
+            m_i, l_i, acc = _online_softmax(tl.where(kept, s, float("-inf")), vv, m_i, l_i, acc, DOT_PRECISION)
+            _store_kept(BITS, bh, L, NB, rows, mmask, kept, n0, BLOCK_M, BLOCK_N)
+    _fwd_store(O, LSE, base, bh, L, rows, mmask, dd, dmask, acc, m_i, l_i, D)
 
 
 @triton.jit
@@ -555,9 +696,12 @@ def _warps(kernel, dtype, use_bits: bool = False, cfg: Optional[dict] = None, d:
     set, wins."""
     if cfg is not None and cfg.get("num_warps"):
         return cfg["num_warps"]
-    phase = "fwd" if kernel is _attn_fwd_kernel else "bwd"
-    warps = _gpu_tiles(dtype, d, phase)[1]
-    if kernel is _attn_fwd_kernel:
+    if kernel is _attn_topk_stream_fwd_kernel and dtype == torch.float32:
+        # the search's counters: the float32 forward's 8 warps spill at d <= 64, its 4 at d <= 128
+        return 4 if d <= 64 else 8
+    fwd = kernel is _attn_fwd_kernel or kernel is _attn_topk_stream_fwd_kernel
+    warps = _gpu_tiles(dtype, d, "fwd" if fwd else "bwd")[1]
+    if fwd:
         return warps[0]
     if kernel is _attn_bwd_dkdv_kernel:
         return warps[2] if use_bits else warps[1]
@@ -676,13 +820,21 @@ def forward(q, k, v, groups, topk: int, scale: float):
     if topk:
         nb = (L + 7) // 8
         bits = torch.empty((B, H, L, nb), dtype=torch.uint8, device=q.device)
-        lp = pow2(L, lo=16)
-        bm = 16
-        grid = (B * H, triton.cdiv(L, bm))
-        _attn_topk_fwd_kernel[grid](q, k, v, out, lse, bits, groups if groups is not None else dummy,
-                                    float(scale), *strides, L, H, nb, min(topk, lp) - 1,
-                                    HAS_GROUPS=groups is not None, D=D, BLOCK_D=bd, BLOCK_M=bm, L_PAD=lp,
-                                    num_warps=_topk_warps(q.dtype), **dot_options(q.dtype))
+        g = groups if groups is not None else dummy
+        if topk_whole_rows(q.dtype, L, D, q.device):
+            lp = pow2(L, lo=16)
+            bm = 16
+            _attn_topk_fwd_kernel[(B * H, triton.cdiv(L, bm))](
+                q, k, v, out, lse, bits, g, float(scale), *strides, L, H, nb, min(topk, lp) - 1,
+                HAS_GROUPS=groups is not None, D=D, BLOCK_D=bd, BLOCK_M=bm, L_PAD=lp,
+                num_warps=_topk_warps(q.dtype), **dot_options(q.dtype))
+        else:
+            cfg = _config(L, q.dtype, "fwd", D)
+            _attn_topk_stream_fwd_kernel[(B * H, triton.cdiv(L, cfg["BLOCK_M"]))](
+                q, k, v, out, lse, bits, g, float(scale), *strides, L, H, nb, min(topk, L),
+                HAS_GROUPS=groups is not None, D=D, BLOCK_D=bd, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                num_warps=_warps(_attn_topk_stream_fwd_kernel, q.dtype, cfg=cfg, d=D),
+                num_stages=cfg["num_stages"], **dot_options(q.dtype))
         perm = torch.empty(0, dtype=torch.int64, device=q.device)
         return out, lse, bits, perm
     cfg = _config(L, q.dtype, "fwd", D)
@@ -774,6 +926,18 @@ def _topk_case(dtype, l_pad, d=64):
     return (_attn_topk_fwd_kernel, sig, const, dict(num_warps=_topk_warps(dtype)), _aligned(sig))
 
 
+def _topk_stream_case(dtype, d=64, has_groups=True):
+    t = "*" + _TL_NAME[dtype]
+    sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", BITS="*u8", G="*i64", scale="fp32", **_STRIDES, L="i32", H="i32",
+               NB="i32", TOPK="i32", HAS_GROUPS="constexpr", D="constexpr", BLOCK_D="constexpr",
+               BLOCK_M="constexpr", BLOCK_N="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
+    bm, bn, _, ns = _tiles(dtype, None, d, "fwd")
+    const = dict(HAS_GROUPS=has_groups, D=d, BLOCK_D=pow2(d, lo=16), BLOCK_M=bm, BLOCK_N=bn,
+                 **dot_options(dtype, interpret=False))
+    return (_attn_topk_stream_fwd_kernel, sig, const,
+            dict(num_warps=_warps(_attn_topk_stream_fwd_kernel, dtype, d=d), num_stages=ns), _aligned(sig))
+
+
 def _bwd_case(kernel, dtype, use_bits, mask_groups=False, tiles=None, d=64):
     t = "*" + _TL_NAME[dtype]
     names = ["Q", "K", "V", "DO", "LSE", "DELTA"] + (["DK", "DV"] if kernel is _attn_bwd_dkdv_kernel else ["DQ"])
@@ -814,6 +978,9 @@ COMPILE_CASES = [
     _topk_case(torch.bfloat16, 256),
     _topk_case(torch.float16, 512),
     _topk_case(torch.float32, 128),
+    _topk_stream_case(torch.bfloat16),
+    _topk_stream_case(torch.float16, has_groups=False),
+    _topk_stream_case(torch.float32),
     _bwd_case(_attn_bwd_dkdv_kernel, torch.bfloat16, False),
     _bwd_case(_attn_bwd_dq_kernel, torch.bfloat16, False),
     _bwd_case(_attn_bwd_dkdv_kernel, torch.bfloat16, True),
@@ -837,11 +1004,11 @@ COMPILE_CASES = [
         _bwd_case(_attn_bwd_dkdv_kernel, dtype, True, d=d), _bwd_case(_attn_bwd_dq_kernel, dtype, True, d=d),
         _bwd_case(_attn_bwd_dkdv_kernel, dtype, False, mask_groups=True, d=d),
         _bwd_case(_attn_bwd_dq_kernel, dtype, False, mask_groups=True, d=d),
-        _topk_case(dtype, max_topk_l(dtype, d), d=d))],
+        _topk_case(dtype, max_topk_l(dtype, d), d=d), _topk_stream_case(dtype, d=d))],
     _topk_case(torch.bfloat16, max_topk_l(torch.bfloat16, 128), d=128),
     _topk_case(torch.float32, max_topk_l(torch.float32, 128), d=128),
 ]
 
 __all__ = ["forward", "backward", "strided_inputs", "plan", "tables", "MAX_PLAN_L", "visited_fraction", "max_topk_l",
-           "topk_shared_bytes", "MAX_TOPK_L", "BG",
+           "topk_shared_bytes", "topk_whole_rows", "shared_memory", "MAX_TOPK_L", "BG",
            "COMPILE_CASES"]

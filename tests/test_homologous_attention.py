@@ -102,38 +102,92 @@ def test_wide_heads(backend, mode):
     _check_against_reference(q, k, v, groups, topk, backend)
 
 
-def test_triton_limits_follow_the_head_dimension():
-    """The top-k kernel keeps k and v of the whole row in shared memory: the longest row it
-    takes shrinks as d grows, and auto falls back to torch with the reason."""
-    from pyssl.kernels.homologous_attention import MAX_HEAD_DIM, max_topk_l
+def test_triton_topk_kernel_choice(monkeypatch):
+    """Top-k rows are held whole on chip where k and v of the row fit in shared memory (the
+    longest such row shrinks as d grows; sized for sm_90's 227 KiB, less on a smaller GPU), and
+    streamed otherwise: the Triton backend serves every L, its only limit the head dimension."""
+    from pyssl.kernels import homologous_attention as K
     bf = torch.bfloat16
-    assert max_topk_l(bf, 64) == 512 and max_topk_l(bf, 80) == 256 and max_topk_l(bf, 256) == 128
-    assert max_topk_l(torch.float32, 64) == 128 and max_topk_l(torch.float32, 128) == 64
-    assert max_topk_l(bf, 512) == 0
+    assert K.max_topk_l(bf, 64) == 512 and K.max_topk_l(bf, 80) == 256 and K.max_topk_l(bf, 256) == 128
+    assert K.max_topk_l(torch.float32, 64) == 128 and K.max_topk_l(torch.float32, 128) == 64
+    assert K.max_topk_l(bf, 512) == 0
+    # the shared memory ptxas reports for the compile cases (tests/test_triton_compile.py)
+    assert K.topk_shared_bytes(bf, 512, 64) == 133120 and K.topk_shared_bytes(bf, 256, 128) == 135168
+    assert K.topk_shared_bytes(torch.float32, 64, 256) == 147456 and K.topk_shared_bytes(bf, 64, 64) == 18432
+    cpu = torch.device("cpu")
+    assert K.topk_whole_rows(bf, 512, 64, cpu) and not K.topk_whole_rows(bf, 513, 64, cpu)
+    assert K.topk_whole_rows(bf, 256, 128, cpu) and not K.topk_whole_rows(bf, 300, 128, cpu)
+    assert K.topk_whole_rows(torch.float32, 128, 64, cpu) and not K.topk_whole_rows(torch.float32, 150, 64, cpu)
+    monkeypatch.setattr(K, "shared_memory", lambda device: 99 * 1024)     # e.g. sm_89
+    assert not K.topk_whole_rows(bf, 256, 128, cpu) and K.topk_whole_rows(bf, 128, 64, cpu)
+    monkeypatch.setenv("PYSSL_HOMATTN_TOPK_STREAM", "1")
+    assert not K.topk_whole_rows(bf, 128, 64, cpu)
 
     def triton_reasons(l, d, topk=None):   # meta tensors: only the shape and dtype rules speak
         rs = HA.not_supported_reasons(torch.empty(1, 1, l, d, dtype=bf, device="meta"), topk=topk)["triton"]
         return " ".join(r for r in rs if "needs CUDA tensors" not in r)
 
-    assert triton_reasons(300, 64, topk=8) == ""
-    assert "L <= 256 for torch.bfloat16 at d=128, got L=300" in triton_reasons(300, 128, topk=8)
-    assert triton_reasons(300, 128) == ""
-    assert "head dimensions d <= 256, got d=257" in triton_reasons(16, MAX_HEAD_DIM + 1)
+    assert triton_reasons(300, 128, topk=8) == "" and triton_reasons(8192, 64, topk=8) == ""
+    assert "head dimensions d <= 256, got d=257" in triton_reasons(16, K.MAX_HEAD_DIM + 1, topk=8)
 
 
-def test_triton_topk_falls_back_on_smaller_gpus(monkeypatch):
-    """The top-k limits are sized for sm_90's 227 KiB of shared memory per block; on a GPU that
-    gives less (e.g. 99 KiB on sm_89) auto falls back instead of failing at launch."""
-    from pyssl.kernels.homologous_attention import topk_shared_bytes
-    bf = torch.bfloat16
-    # the shared memory ptxas reports for the compile cases (tests/test_triton_compile.py)
-    assert topk_shared_bytes(bf, 512, 64) == 133120 and topk_shared_bytes(bf, 256, 128) == 135168
-    assert topk_shared_bytes(torch.float32, 64, 256) == 147456 and topk_shared_bytes(bf, 64, 64) == 18432
-    monkeypatch.setattr(HA, "_shared_memory", lambda device: 99 * 1024)
-    q = torch.empty(1, 1, 256, 128, dtype=bf, device="meta")
-    assert any("needs 135168 B of shared memory" in r for r in HA.not_supported_reasons(q, topk=8)["triton"])
-    small = torch.empty(1, 1, 128, 64, dtype=bf, device="meta")
-    assert not any("shared memory" in r for r in HA.not_supported_reasons(small, topk=8)["triton"])
+TOPK_MODES = [m for m in MODES if MODES[m]["topk"]]
+
+
+@pytest.mark.parametrize("l", [21, 50])
+@pytest.mark.parametrize("mode", TOPK_MODES)
+def test_triton_streamed_topk_matches_reference(mode, l, monkeypatch):
+    """The streamed top-k forward (PYSSL_HOMATTN_TOPK_STREAM=1 forces it at any L): one key tile
+    (L = 21) and several (L = 50 in 16-wide tiles under the interpreter), outputs, gradients and
+    exactly the reference's kept set."""
+    monkeypatch.setenv("PYSSL_HOMATTN_TOPK_STREAM", "1")
+    dev = device_for("triton")
+    b = 2 if l < 32 else 1
+    q, k, v = (t.requires_grad_() for t in _qkv(b=b, h=2, l=l, device=dev))
+    groups, topk = _case(mode, b, l, dev)
+    _check_against_reference(q, k, v, groups, topk, "triton")
+    keep = HA.attention_with_stats(q.detach(), k.detach(), v.detach(), groups, topk=topk, backend="triton")[2]
+    assert torch.equal(HA.unpack_bits(keep, l).cpu(),
+                       reference.homologous_kept(q.detach().cpu(), k.detach().cpu(),
+                                                 None if groups is None else groups.cpu(), topk))
+
+
+def test_triton_long_float32_rows_stream():
+    """float32 rows above max_topk_l (128 at d <= 64) take the streamed kernel without being
+    told: ten key tiles, groups and global tokens, against the reference and the torch
+    backend's kept set."""
+    dev = device_for("triton")
+    q, k, v = (t.requires_grad_() for t in _qkv(b=1, h=1, l=150, d=16, device=dev, seed=3))
+    groups = _groups(1, 150, 3, n_global=2, seed=3).to(dev)
+    _check_against_reference(q, k, v, groups, 20, "triton")
+    a = HA.attention_with_stats(q.detach(), k.detach(), v.detach(), groups, topk=20, backend="triton")[2]
+    b = HA.attention_with_stats(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), groups.cpu(), topk=20,
+                                backend="torch")[2]
+    assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_triton_topk_ties_across_key_tiles(stream, monkeypatch):
+    """Every score equal (q = 0): the kept set is the first K allowed keys in key order, with
+    the tied keys spread over several key tiles (L = 50, K = 20 and 37) and groups; negative
+    and positive equal scores mixed with distinct ones (keys ±k)."""
+    if stream:
+        monkeypatch.setenv("PYSSL_HOMATTN_TOPK_STREAM", "1")
+    dev = device_for("triton")
+    _, k, v = _qkv(b=1, h=1, l=50, d=8, device=dev, seed=5)
+    q = torch.zeros_like(k)
+    for groups in (None, _groups(1, 50, 2, n_global=1, seed=5).to(dev)):
+        for topk in (20, 37):
+            keep = HA.unpack_bits(HA.attention_with_stats(q, k, v, groups, topk=topk, backend="triton")[2], 50)
+            allowed = reference.homologous_kept(q.cpu(), k.cpu(), None if groups is None else groups.cpu(), None)
+            first = allowed & (allowed.cumsum(-1) <= topk)
+            assert torch.equal(keep.cpu(), first)
+    # integer scores with many ties at each value, both signs: kept = reference's (ties to the lower index)
+    q = torch.ones(1, 1, 50, 8, device=dev)
+    kk = (torch.arange(50, device=dev) % 7 - 3).float().view(1, 1, 50, 1).expand(1, 1, 50, 8).contiguous()
+    for topk in (5, 13, 30):
+        keep = HA.unpack_bits(HA.attention_with_stats(q, kk, kk, None, topk=topk, backend="triton")[2], 50)
+        assert torch.equal(keep.cpu(), reference.homologous_kept(q.cpu(), kk.cpu(), None, topk))
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
@@ -184,6 +238,34 @@ def test_topk_ties_go_to_the_lower_key_index(backend):
     # top 4: 0, 2, 4, then the tie at 1 between keys 1 and 3 -> key 1
     _, _, keep = HA.attention_with_stats(q, k, v, None, topk=4, backend=backend)
     assert HA.unpack_bits(keep, 6)[0, 0, 0].tolist() == [True, True, True, False, True, False]
+
+
+@pytest.mark.parametrize("backend,stream", [("cpu", False), ("torch", False), ("triton", False), ("triton", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_selection_hard_scores(backend, stream, dtype, monkeypatch):
+    """Scores the kept-set search must order exactly: zeros from -0.0 and +0.0 keys, magnitudes from 1e-30 to
+    1e30 of both signs, runs of equal scores cut by K, -inf-free but far-apart values; the kept
+    set equals the reference's (ties to the lower key index) for every K."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take float32/bfloat16/float16")
+    if stream:
+        monkeypatch.setenv("PYSSL_HOMATTN_TOPK_STREAM", "1")
+    dev = device_for(backend)
+    vals = [0.0, -0.0, 1e30, -1e30, 1e-30, -1e-30, 3.0, 3.0, 3.0, -0.0, 0.0, 2.5, 3.0, -1e-30, 1e30, 7.0,
+            -7.0, 3.0, 0.0, -2.5]
+    # q = (1, 0): score j = scale · k_j[0] exactly; k_j = (-0.0, 5) gives -0.0 (1·-0.0 + 0·5 = -0.0)
+    L = len(vals)
+    k = torch.zeros(1, 1, L, 2, dtype=dtype)
+    k[0, 0, :, 0] = torch.tensor(vals, dtype=dtype)
+    k[0, 0, :, 1] = 5.0
+    q = torch.zeros(1, 1, L, 2, dtype=dtype)
+    q[..., 0] = 1.0
+    q[..., 1] = -0.0
+    v = torch.randn(1, 1, L, 2, dtype=dtype)
+    for topk in (1, 2, 3, 4, 6, 8, 10, 12, 14, 19):
+        keep = HA.attention_with_stats(q.to(dev), k.to(dev), v.to(dev), None, topk=topk, scale=1.0, backend=backend)[2]
+        want = reference.homologous_kept(q, k, None, topk, scale=1.0)
+        assert torch.equal(HA.unpack_bits(keep, L).cpu(), want), topk
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
@@ -432,8 +514,8 @@ def test_backends_say_why_they_cannot_serve():
     with pytest.raises(ValueError, match="backend='triton' cannot serve"):
         pyssl.homologous_attention(q, k, v, backend="triton")
     assert HA.not_supported_reasons(q)["cpu"] == []
-    long = torch.zeros(1, 1, 200, 16)
-    assert any("L <= 128" in r for r in HA.not_supported_reasons(long, topk=5)["triton"])
+    wide = torch.zeros(1, 1, 20, 300)
+    assert any("head dimensions d <= 256, got d=300" in r for r in HA.not_supported_reasons(wide, topk=5)["triton"])
 
 
 @pytest.mark.parametrize("kwargs,match", [

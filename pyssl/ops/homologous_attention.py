@@ -18,10 +18,11 @@ the arithmetic is bit-identical).
 Backends:
   triton FlashAttention-style kernels (kernels/homologous_attention.py): group mode sorts tokens
          by group once per call (the permutation is saved for the backward) and skips the tiles
-         outside the block diagonal; top-k mode finds each row's kept set in-kernel from whole
-         score rows (L up to 512 for 16-bit inputs at d ≤ 64, less for wider heads and float32,
-         and within the GPU's shared memory: kernels/homologous_attention.py max_topk_l) and saves
-         it as the bitmask. Head dimensions up to 256.
+         outside the block diagonal; top-k mode finds each row's kept set in-kernel and saves it
+         as the bitmask: from whole score rows held on chip where they fit (L up to 512 for 16-bit
+         inputs at d ≤ 64, less for wider heads and float32, and within the GPU's shared memory:
+         kernels/homologous_attention.py max_topk_l), else by a radix search over streamed key
+         tiles (any L; up to 17 passes over k). Head dimensions up to 256.
   cpu    C++/OpenMP (csrc/homologous_attention_cpu.cpp): per (batch, head), tokens are
          gathered by group into dense blocks (each group's queries against its keys and the
          global keys; global queries against every key), so masked-out pairs cost nothing; no
@@ -89,33 +90,15 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _shared_memory(device: torch.device) -> Optional[int]:
-    """Largest shared memory a block may opt in to on a CUDA device (None: not a CUDA device, or
-    torch does not say). The top-k limits are set for sm_90 (227 KiB); smaller GPUs fall back."""
-    if device.type != "cuda":
-        return None
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
-
-
 def _backend_checks(q: Tensor, topk: Optional[int] = None):
     def triton():
         r = []
         if q.dtype == torch.float64:
             r.append("the Triton kernels take float32/bfloat16/float16, not float64")
-        from pyssl.kernels.homologous_attention import MAX_HEAD_DIM, max_topk_l, topk_shared_bytes
+        from pyssl.kernels.homologous_attention import MAX_HEAD_DIM
         d = q.shape[3]
         if d > MAX_HEAD_DIM:
             r.append(f"the Triton kernels take head dimensions d <= {MAX_HEAD_DIM}, got d={d}")
-        elif topk:
-            lim = max_topk_l(q.dtype, d)
-            if q.shape[2] > lim:
-                r.append(f"the Triton top-k kernel holds whole rows of k and v on chip: L <= {lim} "
-                         f"for {q.dtype} at d={d}, got L={q.shape[2]}")
-            else:
-                need, have = topk_shared_bytes(q.dtype, q.shape[2], d), _shared_memory(q.device)
-                if have is not None and need > have:
-                    r.append(f"the Triton top-k kernel needs {need} B of shared memory at L={q.shape[2]}, "
-                             f"d={d}; this GPU gives a block {have} B")
         return r
 
     return {"triton": triton, "cpu": lambda: [], "torch": lambda: []}
