@@ -145,12 +145,15 @@ def _allowed_rows(groups: Optional[Tensor], i0: int, r: int, l: int, device) -> 
 
 
 def _topk_mask(s: Tensor, allowed: Optional[Tensor], topk: int) -> Tensor:
-    """Kept keys: rank by (score desc, index asc) among allowed keys, rank < topk."""
+    """Kept keys: rank by (score desc, index asc) among allowed keys, rank < topk. From the K-th
+    largest score (torch.topk, not a sort of the row): the scores above it, and the first
+    K − (count above) equal to it in key order."""
     sm = s if allowed is None else s.masked_fill(~allowed, float("-inf"))
-    order = torch.sort(sm, dim=-1, descending=True, stable=True).indices
-    l = s.shape[-1]
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(l, device=s.device).expand_as(order))
-    kept = rank < topk
+    kk = min(topk, s.shape[-1])
+    kth = sm.topk(kk, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = sm > kth
+    tie = sm == kth
+    kept = above | (tie & (tie.cumsum(-1) <= kk - above.sum(-1, keepdim=True)))
     return kept if allowed is None else kept & allowed
 
 
