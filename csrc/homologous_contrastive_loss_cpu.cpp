@@ -252,14 +252,16 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& groups, const at
       if (rt == n) {
         // the whole sample in one tile (ViT lengths): G in place, one exp per score, then
         // (G + Gᵀ)/τ by mirroring. G_ij = u_i (e^{s_ij − lse_i} − [j ∈ P(i)]/|P(i)|)
+        const int64_t* grp = sm.grp.data();
         for (int64_t i = 0; i < n; ++i) {
           acc_t* s = S.data() + i * n;
           const acc_t ui = u[i], li = l[i], wi = w[i];
-          const int64_t gi = sm.grp[i];
-          for (int64_t j = 0; j < n; ++j) {
-            if (j == i || ui == 0) { s[j] = 0; continue; }
-            s[j] = ui * (fast_exp(s[j] * (acc_t)inv_t - li) - (sm.grp[j] == gi ? wi : acc_t(0)));
-          }
+          const int64_t gi = grp[i];
+          if (ui == 0) { std::fill(s, s + n, acc_t(0)); continue; }
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j)
+            s[j] = ui * (fast_exp(s[j] * (acc_t)inv_t - li) - (grp[j] == gi ? wi : acc_t(0)));
+          s[i] = 0;   // the token itself (branch-free loop above, fixed here)
         }
         for (int64_t i = 0; i < n; ++i)
           for (int64_t j = i; j < n; ++j) {
@@ -270,18 +272,23 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& groups, const at
       } else {
         // a tile of a longer sample: its rows of (G + Gᵀ)/τ directly, G_ji from the column
         // token's statistics (s_ji = s_ij)
+        const int64_t* grp = sm.grp.data();
+        const acc_t* uj = u.data();
+        const acc_t* lj = l.data();
+        const acc_t* wj = w.data();
         for (int64_t i = item.i0; i < item.i1; ++i) {
           acc_t* s = S.data() + (i - item.i0) * n;
           const acc_t ui = u[i], li = l[i], wi = w[i];
-          const int64_t gi = sm.grp[i];
+          const int64_t gi = grp[i];
+#pragma omp simd
           for (int64_t j = 0; j < n; ++j) {
-            if (j == i) { s[j] = 0; continue; }
             const acc_t sij = s[j] * (acc_t)inv_t;
-            const bool same = sm.grp[j] == gi;
+            const bool same = grp[j] == gi;
             const acc_t gij = ui == 0 ? acc_t(0) : ui * (fast_exp(sij - li) - (same ? wi : acc_t(0)));
-            const acc_t gji = u[j] == 0 ? acc_t(0) : u[j] * (fast_exp(sij - l[j]) - (same ? w[j] : acc_t(0)));
+            const acc_t gji = uj[j] == 0 ? acc_t(0) : uj[j] * (fast_exp(sij - lj[j]) - (same ? wj[j] : acc_t(0)));
             s[j] = (gij + gji) * (acc_t)inv_t;
           }
+          s[i] = 0;   // the token itself (branch-free loop above, fixed here)
         }
       }
       gemm(rt, E, n, S.data(), n, st.Zn, E, dZt.data(), E);
@@ -295,6 +302,7 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& groups, const at
           continue;
         }
         acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
         for (int64_t c = 0; c < E; ++c) dot += zr[c] * g[c];
         for (int64_t c = 0; c < E; ++c) out[c] = (scalar_t)((g[c] - zr[c] * dot) * inv);
       }
