@@ -269,7 +269,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PERM, GS, TAB, NTILE, NG, scale, SB, SH, S
 
 
 # ----------------------------------------------------------------------------------------------
-# _attn_topk_fwd_kernel: program (BLOCK_M query rows in token order, batch·head) holding whole
+# _attn_topk_fwd_kernel: program (batch·head, BLOCK_M query rows in token order; _row_block's
+# 1-D grid) holding whole
 # rows: the score tile (BLOCK_M × L_PAD, fp32) and its int64 keys in registers, k and v of the
 # whole (batch, head) through shared memory. Traffic: q, out, the bitmask once; k, v once per
 # program (L/BLOCK_M times per head, from L2).
@@ -279,8 +280,7 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L, H, NB,
                           HAS_GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
-    bh = tl.program_id(0)          # batch·head on axis 0 (up to 2^31 − 1; axis 1 stops at 65535)
-    pid_m = tl.program_id(1)
+    bh, pid_m = _row_block(L, BLOCK_M)
     b = bh // H
     base = bh.to(tl.int64) * L * D
     ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH
@@ -299,7 +299,7 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L, H, NB,
         q = q.to(tl.float32)
         kt = kt.to(tl.float32)
         vv = vv.to(tl.float32)
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale + 0.0    # + 0.0: −0.0 ties +0.0
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale + 0.0    # + 0.0: a −0.0 dot ties +0.0
     allowed = mmask[:, None] & nmask[None, :]
     if HAS_GROUPS:
         gq = tl.load(G + b * L + rows, mask=mmask, other=0)
@@ -327,6 +327,17 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L, H, NB,
 
 
 @triton.jit
+def _row_block(L, BLOCK_M: tl.constexpr):
+    """(batch·head, query block) of a 1-D grid of B·H·cdiv(L, BLOCK_M) programs, the query block
+    fastest: programs running together share one head's k and v in L2 (the streamed top-k
+    kernel reads k up to 17 times). One axis: up to 2^31 − 1 programs."""
+    nm = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // nm
+    return bh, pid - bh * nm
+
+
+@triton.jit
 def _ordered(s):
     """The float32 scores as int32 in the same order (sign-magnitude to two's complement;
     -0.0 must have been turned into +0.0)."""
@@ -346,14 +357,16 @@ def _store_kept(BITS, bh, L, NB, rows, mmask, kept, n0, RM: tl.constexpr, RN: tl
 
 # ----------------------------------------------------------------------------------------------
 # _attn_topk_stream_fwd_kernel: top-k rows of any length. Program (batch·head, BLOCK_M query
-# rows in token order); key tiles of BLOCK_N stream through. The K-th largest score of each row
-# is found by a radix search over its order-preserving int32 image, two bits per pass: 16 passes
-# over the key tiles, each counting per row the allowed keys at or above three candidates
-# (prefix + 1, 2, 3 << shift) and keeping the largest candidate that K keys reach. The count of
-# the smallest failing candidate of the last pass that had one is the count above the threshold
-# (the bits below it all passed), so need = K − that count ties are kept: the first in key order,
-# by a cumulative count of the ties across the tiles. A final pass keeps those keys, runs the
-# online softmax over them and writes the bitmask. All passes are one loop over (pass, tile)
+# rows in token order), query blocks fastest in a 1-D grid (_row_block: the programs resident
+# together read one head's k from L2); key tiles of BLOCK_N stream through. The K-th largest
+# score of each row is found by a radix search over its order-preserving int32 image, two bits
+# per pass: 16 passes over the key tiles, each counting per row the allowed keys at or above
+# three candidates (prefix + 1, 2, 3 << shift; a key's three hits packed in one int32, so a tile
+# costs one row sum) and keeping the largest candidate that K keys reach. The count of the
+# smallest failing candidate of the last pass that had one is the count above the threshold
+# (the bits below it all passed), so need = K − that count ties are kept: the first in key
+# order, by a cumulative count of the ties across the tiles. A final pass keeps those keys, runs
+# the online softmax over them and writes the bitmask. All passes are one loop over (pass, tile)
 # with one tl.dot, so the scores ranked are bit-for-bit the scores kept. Rows whose allowed set
 # is at most K keep it all; when every row of the program is such (group ids counted first, in
 # a loop without dots) the search is skipped. Registers: the q tile, the output accumulator
@@ -365,8 +378,7 @@ def _attn_topk_stream_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L,
                                  HAS_GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
                                  DOT_PRECISION: tl.constexpr):
-    bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    bh, pid_m = _row_block(L, BLOCK_M)
     b = bh // H
     base = bh.to(tl.int64) * L * D
     ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH
@@ -388,6 +400,7 @@ def _attn_topk_stream_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L,
             cols = g0 + tl.arange(0, BLOCK_N)
             gk = tl.load(G + gbase + cols, mask=cols < L, other=0)
             n_ok += tl.sum((_group_mask(gq, gk) & (cols < L)[None, :]).to(tl.int32), axis=1)
+    tl.static_assert(BLOCK_N < 1024)          # the packed per-tile counts
     search = mmask & (n_ok > TOPK)
     npass = tl.max(search.to(tl.int32), axis=0) * 16
     ntiles = tl.cdiv(L, BLOCK_N)
@@ -409,7 +422,7 @@ def _attn_topk_stream_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L,
         kt = tl.load(K + ibase + c64[None, :] * SL + dd[:, None], mask=dmask[:, None] & nmask[None, :], other=0.0)
         if DOT_FP32:
             kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale + 0.0    # + 0.0: −0.0 ties +0.0
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale + 0.0    # + 0.0: a −0.0 dot ties +0.0
         allowed = mmask[:, None] & nmask[None, :]
         if HAS_GROUPS:
             gk = tl.load(G + gbase + cols, mask=nmask, other=0)
@@ -418,9 +431,16 @@ def _attn_topk_stream_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L,
         if ph < npass:
             step = tl.full((BLOCK_M,), 1, tl.int64) << (30 - 2 * ph).to(tl.int64)
             lo = ans - 2147483648                 # the prefix in the int32 order of flip
-            c1 += tl.sum((allowed & (flip >= (lo + step).to(tl.int32)[:, None])).to(tl.int32), axis=1)
-            c2 += tl.sum((allowed & (flip >= (lo + 2 * step).to(tl.int32)[:, None])).to(tl.int32), axis=1)
-            c3 += tl.sum((allowed & (flip >= (lo + 3 * step).to(tl.int32)[:, None])).to(tl.int32), axis=1)
+            # excluded keys at −2^31, below every candidate (each is at least lo + step); the three
+            # hits of a key packed in one int32 (10 bits each: BLOCK_N < 1024), one row sum per tile
+            fm = tl.where(allowed, flip, -2147483648)
+            hits = ((fm >= (lo + step).to(tl.int32)[:, None]).to(tl.int32)
+                    + ((fm >= (lo + 2 * step).to(tl.int32)[:, None]).to(tl.int32) << 10)
+                    + ((fm >= (lo + 3 * step).to(tl.int32)[:, None]).to(tl.int32) << 20))
+            h = tl.sum(hits, axis=1)
+            c1 += h & 1023
+            c2 += (h >> 10) & 1023
+            c3 += h >> 20
             if n0 + BLOCK_N >= L:                 # the pass is complete
                 x = (c1 >= TOPK).to(tl.int32) + (c2 >= TOPK).to(tl.int32) + (c3 >= TOPK).to(tl.int32)
                 n_gt = tl.where(x == 3, n_gt, tl.where(x == 0, c1, tl.where(x == 1, c2, c3)))
@@ -696,9 +716,11 @@ def _warps(kernel, dtype, use_bits: bool = False, cfg: Optional[dict] = None, d:
     set, wins."""
     if cfg is not None and cfg.get("num_warps"):
         return cfg["num_warps"]
-    if kernel is _attn_topk_stream_fwd_kernel and dtype == torch.float32:
-        # the search's counters: the float32 forward's 8 warps spill at d <= 64, its 4 at d <= 128
-        return 4 if d <= 64 else 8
+    if kernel is _attn_topk_stream_fwd_kernel:
+        # the search's state on top of the forward's: ptxas spills the forward's warp counts
+        # (16-bit at d <= 64: 4 warps take 255 registers and spill under Triton 3.6; float32:
+        # 8 warps spill at d <= 64, 4 at d <= 128)
+        return 4 if (dtype == torch.float32 and d <= 64) else 8
     fwd = kernel is _attn_fwd_kernel or kernel is _attn_topk_stream_fwd_kernel
     warps = _gpu_tiles(dtype, d, "fwd" if fwd else "bwd")[1]
     if fwd:
@@ -824,13 +846,13 @@ def forward(q, k, v, groups, topk: int, scale: float):
         if topk_whole_rows(q.dtype, L, D, q.device):
             lp = pow2(L, lo=16)
             bm = 16
-            _attn_topk_fwd_kernel[(B * H, triton.cdiv(L, bm))](
+            _attn_topk_fwd_kernel[(B * H * triton.cdiv(L, bm),)](
                 q, k, v, out, lse, bits, g, float(scale), *strides, L, H, nb, min(topk, lp) - 1,
                 HAS_GROUPS=groups is not None, D=D, BLOCK_D=bd, BLOCK_M=bm, L_PAD=lp,
                 num_warps=_topk_warps(q.dtype), **dot_options(q.dtype))
         else:
             cfg = _config(L, q.dtype, "fwd", D)
-            _attn_topk_stream_fwd_kernel[(B * H, triton.cdiv(L, cfg["BLOCK_M"]))](
+            _attn_topk_stream_fwd_kernel[(B * H * triton.cdiv(L, cfg["BLOCK_M"]),)](
                 q, k, v, out, lse, bits, g, float(scale), *strides, L, H, nb, min(topk, L),
                 HAS_GROUPS=groups is not None, D=D, BLOCK_D=bd, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                 num_warps=_warps(_attn_topk_stream_fwd_kernel, q.dtype, cfg=cfg, d=D),
