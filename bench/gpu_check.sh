@@ -81,11 +81,13 @@ XDIST_OPT=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 step tests 400 0 -- $PY -m pytest -v -rfE --tb=short $XDIST_OPT $TIMEOUT_OPT tests -p no:cacheprovider
 log "tests: $(tail -1 "$LOGS/tests.log" 2>/dev/null); failed so far: $(grep -cE '^\[gw[0-9]+\] \[ *[0-9]+%\] (FAILED|ERROR) |::[^ ]+ (FAILED|ERROR)( |$)' "$LOGS/tests.log" 2>/dev/null)"
 
-# With time to spare: the kNN and contrastive-loss cases, and tile variants of the attention and
+# With time to spare: the kNN, contrastive-loss and top-k attention cases, and tile variants of the attention and
 # the MLCD backward (kernels/homologous_attention.py PYSSL_HOMATTN_TRITON, kernels/mlcd_loss.py
 # PYSSL_MLCD_TRITON_BWD), each recorded as "pyssl-triton[tag]" beside the default.
 step bench_knn 60 0 -- $PY -m bench --cases knn_gpu
 step bench_hcl 60 0 -- $PY -m bench --cases hcl_vitb,hcl_long
+# top-k attention: whole rows on chip against the streamed kernel at ViT length, streamed at 4096
+step bench_homattn_topk 50 0 -- $PY -m bench --cases homattn_topk_vitb,homattn_topk_long
 # the model-parallel MLCDLoss path on one rank (NCCL): 1M classes, D = 512, 4096 rows, ratio 0.1,
 # bf16 features and centers (mlcd_1m_sampled has 8192 rows); its JSON goes into logs.tgz
 step bench_mlcd_parallel 45 0 -- $PY -m torch.distributed.run --nproc_per_node 1 -m bench.mlcd_parallel \
