@@ -268,6 +268,29 @@ def test_topk_selection_hard_scores(backend, stream, dtype, monkeypatch):
         assert torch.equal(HA.unpack_bits(keep, L).cpu(), want), topk
 
 
+@pytest.mark.parametrize("backend,l", [("cpu", 300), ("torch", 300), ("triton", 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_kept_set_with_many_ties(backend, l, dtype):
+    """Integer-valued q and k (every score exact, a few dozen distinct values per row, so K
+    lands inside runs of equal scores), groups with global tokens, K from 1 to past the
+    allowed count: the kept set is the reference's, bit for bit, and has min(K, allowed) keys."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take float32/bfloat16/float16")
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randint(-2, 3, (2, 2, l, 4), generator=g).to(dtype)
+    k = torch.randint(-3, 4, (2, 2, l, 4), generator=g).to(dtype)
+    v = torch.randn(2, 2, l, 4, generator=g, dtype=torch.float64).to(dtype)
+    groups = _groups(2, l, 3, n_global=2, seed=11)
+    allowed = reference.homologous_kept(q, k, groups, None).sum(-1)
+    for topk in (1, 7, l // 4, l // 3 + 5, l):
+        keep = HA.attention_with_stats(q.to(dev), k.to(dev), v.to(dev), groups.to(dev), topk=topk, scale=1.0,
+                                       backend=backend)[2]
+        got = HA.unpack_bits(keep, l).cpu()
+        assert torch.equal(got, reference.homologous_kept(q, k, groups, topk, scale=1.0)), topk
+        assert torch.equal(got.sum(-1), allowed.clamp_max(topk)), topk
+
+
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 @pytest.mark.parametrize("topk", [None, 6])
