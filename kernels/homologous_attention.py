@@ -26,14 +26,18 @@ meets every other). PYSSL_HOMATTN_NO_SKIP=1 visits all non-global keys with the 
 loaded per tile instead (what the benchmark compares). Many groups much smaller than BLOCK
 cost up to one partial tile each: at G groups of n < BLOCK tokens the work is G·BLOCK^2.
 
-Top-k mode (topk = K > 0). A program holds whole score rows (BLOCK_M × L_PAD, L_PAD = next power
-of two of L, at most max_topk_l(dtype, d): for 16-bit inputs 512 at d <= 64, 256 at d <= 128,
-128 at d <= 256; for float32 128 at d <= 64, else 64): scores are keyed as (order-preserving
-int32 of the float32 score) << 32 | (2^31 − 1 − key index), so one int64 order ranks by score and puts the lower
-index first among ties; tl.sort gives the K-th largest key per row, the kept set is the allowed
-keys at or above it, saved as a bitmask (B, H, L, ceil(L/8)) uint8 (bit j % 8 of byte j // 8 is
-key j) for the backward, which never re-ranks. perm is the identity there, and the backward
-runs on the tile table of one group spanning the row (fixed BLOCK tiles from 0).
+Top-k mode (topk = K > 0). Rows that fit on chip (topk_whole_rows) are held whole by a program
+(BLOCK_M × L_PAD, L_PAD = next power of two of L, at most max_topk_l(dtype, d): for 16-bit
+inputs 512 at d <= 64, 256 at d <= 128, 128 at d <= 256; for float32 128 at d <= 64, else 64):
+scores are keyed as (order-preserving int32 of the float32 score) << 32 | (2^31 − 1 − key
+index), so one int64 order ranks by score and puts the lower index first among ties; tl.sort
+gives the K-th largest key per row, the kept set is the allowed keys at or above it. Longer rows
+(or PYSSL_HOMATTN_TOPK_STREAM=1) stream their key tiles: a radix search over the int32 images
+finds the K-th largest score in up to 16 passes, a last pass keeps the keys above it and the
+first ties in key order (_attn_topk_stream_fwd_kernel). Both save the kept set as a bitmask
+(B, H, L, ceil(L/8)) uint8 (bit j % 8 of byte j // 8 is key j) for the backward, which never
+re-ranks. perm is the identity there, and the backward runs on the tile table of one group
+spanning the row (fixed BLOCK tiles from 0).
 
 Backward (both modes): FlashAttention-2's split into two atomic-free kernels: dK/dV by key tiles
 (looping over the query tiles that can see them: the group's span and the global rows) and dQ
