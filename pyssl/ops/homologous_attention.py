@@ -153,7 +153,7 @@ def _topk_mask(s: Tensor, allowed: Optional[Tensor], topk: int) -> Tensor:
     kth = sm.topk(kk, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     above = sm > kth
     tie = sm == kth
-    kept = above | (tie & (tie.cumsum(-1) <= kk - above.sum(-1, keepdim=True)))
+    kept = above | (tie & (tie.cumsum(-1, dtype=torch.int32) <= kk - above.sum(-1, keepdim=True, dtype=torch.int32)))
     return kept if allowed is None else kept & allowed
 
 
