@@ -90,7 +90,7 @@ inline float fast_exp(float x) {
   // an integer subtraction; NaN input still gives NaN through p.
   int32_t tb;
   std::memcpy(&tb, &t, sizeof(tb));
-  const int32_t bits = (tb - 0x4B400000 + 127) << 23;
+  const uint32_t bits = (uint32_t)(tb - 0x4B400000 + 127) << 23;   // unsigned: no signed overflow for NaN
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   float y = p * two_n;

@@ -444,18 +444,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
           const acc_t l = lp[bh * L + qi];
           if (l == ninf) { std::fill(s, s + nk, acc_t(0)); std::fill(DP.data() + i * nk, DP.data() + (i + 1) * nk, acc_t(0)); continue; }
           if (bits) {
-            // the row's bits unpacked to one int32 per token, then read through the key indices
-            // (a vector gather; bit extraction per key ran scalar, ~1/4 of the backward)
             const uint8_t* row_bits = bits + (bh * L + qi) * nbytes;
-            int32_t* kb = kept32.data();
-            for (int64_t bb = 0; bb < nbytes; ++bb) {
-              const int32_t byte = row_bits[bb];
-              for (int tt = 0; tt < 8; ++tt) kb[8 * bb + tt] = (byte >> tt) & 1;
-            }
             const int64_t* kj = keys.data();
             const acc_t sc = scale;   // a local: the captured reference's load stops the vectorizer
+            const int64_t b0 = kj[0] >> 3, b1 = kj[nk - 1] >> 3;   // keys ascending
+            if (b1 - b0 < nk) {
+              // the bytes the keys span unpacked to one int32 per token, then read through the
+              // key indices (a vector gather; bit extraction per key ran scalar, ~1/4 of the
+              // backward at L = 197): when the span is no wider than 8 tokens per key
+              int32_t* kb = kept32.data();
+              for (int64_t bb = b0; bb <= b1; ++bb) {
+                const int32_t byte = row_bits[bb];
+                for (int tt = 0; tt < 8; ++tt) kb[8 * bb + tt] = (byte >> tt) & 1;
+              }
 #pragma omp simd
-            for (int64_t j = 0; j < nk; ++j) s[j] = kb[kj[j]] ? s[j] * sc : ninf;
+              for (int64_t j = 0; j < nk; ++j) s[j] = kb[kj[j]] ? s[j] * sc : ninf;
+            } else {   // few keys spread over a long row (many small groups)
+              for (int64_t j = 0; j < nk; ++j) s[j] = (row_bits[kj[j] >> 3] >> (kj[j] & 7)) & 1 ? s[j] * sc : ninf;
+            }
           } else {
 #pragma omp simd
             for (int64_t j = 0; j < nk; ++j) s[j] *= scale;

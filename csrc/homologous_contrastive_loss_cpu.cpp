@@ -191,10 +191,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const at::T
         acc_t m = ninf, pos = 0;
         const int64_t* grp = sm.grp.data();
         const int64_t gi = grp[i];
-        s[i] = ninf;   // the row's own token is in neither sum
 #pragma omp simd reduction(max : m) reduction(+ : pos)
         for (int64_t j = 0; j < n; ++j) {
-          s[j] *= (acc_t)inv_t;
+          s[j] = j == i ? ninf : s[j] * (acc_t)inv_t;   // the row's own token is in neither sum
           m = s[j] > m ? s[j] : m;
           pos += grp[j] == gi && j != i ? s[j] : acc_t(0);
         }
