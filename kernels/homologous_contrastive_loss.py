@@ -80,7 +80,10 @@ def _hcl_fwd_kernel(Z, G, INV, ROWS, LSE, inv_t, L, E,
                                                         BLOCK_M, BLOCK_N, BLOCK_E, DOT_FP32, DOT_PRECISION)
         m_new = tl.maximum(m, tl.max(tl.where(other, s, float("-inf")), axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # no valid column yet: keep den 0
-        den = den * tl.exp(m - m_safe) + tl.sum(tl.where(other, tl.exp(s - m_safe[:, None]), 0.0), axis=1)
+        # exponents clamped at 0: the excluded entries (the diagonal at 1/τ, padding) would overflow
+        # to inf before the select drops them; the kept ones are at most the running max anyway
+        den = den * tl.exp(m - m_safe) + tl.sum(tl.where(other, tl.exp(tl.minimum(s - m_safe[:, None], 0.0)), 0.0),
+                                                axis=1)
         m = m_new
         psum += tl.sum(tl.where(pos, s, 0.0), axis=1)
         npos += tl.sum(pos.to(tl.float32), axis=1)
@@ -118,8 +121,10 @@ def _hcl_bwd_kernel(Z, G, INV, LSE, U, NPOS, DZ, inv_t, L, E,
         u_j = tl.load(U + gb + cols, mask=cmask, other=0.0)
         np_j = tl.load(NPOS + gb + cols, mask=cmask, other=0.0)
         w_j = tl.where(np_j > 0, 1.0 / tl.maximum(np_j, 1.0), 0.0)
-        g = (u_i[:, None] * (tl.exp(s - lse_i[:, None]) - tl.where(pos, w_i[:, None], 0.0))
-             + u_j[None, :] * (tl.exp(s - lse_j[None, :]) - tl.where(pos, w_j[None, :], 0.0)))
+        # s <= lse of both its row and its column for every pair kept below: exponents clamped at
+        # 0 so the excluded ones (the diagonal, padding) give no inf (0·inf = NaN before the select)
+        g = (u_i[:, None] * (tl.exp(tl.minimum(s - lse_i[:, None], 0.0)) - tl.where(pos, w_i[:, None], 0.0))
+             + u_j[None, :] * (tl.exp(tl.minimum(s - lse_j[None, :], 0.0)) - tl.where(pos, w_j[None, :], 0.0)))
         # M·ẑ_j = (M·inv_j)·z_j with the raw z_j as the operand, both in float32 and multiplied
         # in TF32 for 16-bit z (float32: "ieee"). A 16-bit z_j is exact in TF32, so the only
         # rounding is M·inv_j's (relative 2^-11, nearly all of it radial and removed by the

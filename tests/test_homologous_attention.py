@@ -728,6 +728,19 @@ def test_contrastive_loss_float_and_bf16(backend, dtype, tol):
 
 
 @pytest.mark.parametrize("backend", CL_BACKENDS)
+def test_contrastive_loss_extreme_temperatures(backend):
+    """τ = 1e-3 (scores up to 1000) and τ far above any score (1e30, and 1e46, where 1/τ is zero
+    in float32: every logit 0, the loss log(n − 1) − 0 per token): float32 against the reference."""
+    z = torch.randn(2, 30, 16).to(device_for(backend))
+    groups = _groups(2, 30, 3, n_global=1).to(z.device)
+    for t in (1e-3, 1e30, 1e46):
+        out = pyssl.homologous_contrastive_loss(z, groups, temperature=t, backend=backend)
+        ref = reference.homologous_contrastive_loss(z.cpu(), groups.cpu(), temperature=t)
+        assert torch.isfinite(out).all(), t
+        torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CL_BACKENDS)
 def test_contrastive_loss_lone_tokens_and_near_parallel(backend):
     # sample 0: a single valid token (no term at all); sample 1: near-parallel features, t = 0.05;
     # group ids far from 0 (they are ranked per sample, not used as indices)
