@@ -59,6 +59,21 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
   }
 }
 
+// dst (cols × rows) = transpose of src (rows × cols), both row-major, in 16 × 16 tiles (a
+// plain double loop writes every element to a different cache line of dst).
+template <typename T>
+inline void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
+  constexpr int64_t kT = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kT) {
+    const int64_t i1 = std::min(rows, i0 + kT);
+    for (int64_t j0 = 0; j0 < cols; j0 += kT) {
+      const int64_t j1 = std::min(cols, j0 + kT);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * rows + i] = src[i * cols + j];
+    }
+  }
+}
+
 // exp for float32 written so that gcc -O3 vectorizes it inside `#pragma omp simd` loops (no
 // calls, no branches, no float->int conversion; std::floor and std::max would each stop it:
 // floor may raise the inexact flag, max returns a reference to one of its arguments). Cody-Waite reduction x = n·ln2 + r with

@@ -44,6 +44,7 @@ namespace {
 
 using pyssl_cpu::fast_exp;
 using pyssl_cpu::gemm;
+using pyssl_cpu::transpose;
 
 struct Set {
   std::vector<int64_t> q;                        // query token indices
@@ -205,12 +206,6 @@ void gather(const scalar_t* src, const std::vector<int64_t>& idx, int64_t d, acc
   }
 }
 
-// dst (d × n) = transpose of rows (n × d)
-template <typename acc_t>
-void transpose(const acc_t* rows, int64_t n, int64_t d, acc_t* dst) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < d; ++c) dst[c * n + i] = rows[i * d + c];
-}
 
 // Scores as integers in the same order (IEEE sign-magnitude to two's complement): int32 for
 // float, int64 for double. NaN ranks with -inf (below every number) and -0.0 with +0.0, as the

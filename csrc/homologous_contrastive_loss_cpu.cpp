@@ -42,6 +42,7 @@ void normalized_rows(const scalar_t* z, const std::vector<int64_t>& idx, int64_t
   for (size_t i = 0; i < idx.size(); ++i) {
     const scalar_t* r = z + idx[i] * E;
     acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
     for (int64_t c = 0; c < E; ++c) ss += (acc_t)r[c] * (acc_t)r[c];
     const acc_t inv = acc_t(1) / std::max(std::sqrt(ss), (acc_t)eps);
     inv_norm[i] = std::sqrt(ss) > (acc_t)eps ? inv : acc_t(-1) / (acc_t)eps;   // sign marks the clamp
@@ -55,8 +56,7 @@ void normalized_rows_t(const scalar_t* z, const std::vector<int64_t>& idx, int64
                        acc_t* zn, acc_t* znt, acc_t* inv_norm) {
   const int64_t n = (int64_t)idx.size();
   normalized_rows(z, idx, E, eps, zn, inv_norm);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < E; ++c) znt[c * n + i] = zn[i * E + c];
+  pyssl_cpu::transpose(zn, n, E, znt);
 }
 
 struct Sample {
@@ -191,11 +191,13 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const at::T
         acc_t m = ninf, pos = 0;
         const int64_t* grp = sm.grp.data();
         const int64_t gi = grp[i];
+        const acc_t it = (acc_t)inv_t;   // locals and `&`, not `&&`: what the vectorizer needs
 #pragma omp simd reduction(max : m) reduction(+ : pos)
         for (int64_t j = 0; j < n; ++j) {
-          s[j] = j == i ? ninf : s[j] * (acc_t)inv_t;   // the row's own token is in neither sum
-          m = s[j] > m ? s[j] : m;
-          pos += grp[j] == gi && j != i ? s[j] : acc_t(0);
+          const acc_t v = j == i ? ninf : s[j] * it;   // the row's own token is in neither sum
+          s[j] = v;
+          m = v > m ? v : m;
+          pos += (grp[j] == gi) & (j != i) ? v : acc_t(0);
         }
         acc_t l = 0;
         if (m != ninf) {

@@ -59,12 +59,16 @@ void fold_row(const float* __restrict row, const float* __restrict bias, int64_t
   for (int64_t j0 = 0; j0 < n; j0 += kStrip) {
     const int64_t m = std::min(kStrip, n - j0);
     float best = -std::numeric_limits<float>::infinity();
+    // value selects, not std::max (a reference to one argument: GCC does not vectorize it)
     if (bias) {
 #pragma omp simd reduction(max : best)
-      for (int64_t j = 0; j < m; ++j) best = std::max(best, row[j0 + j] + bias[j0 + j]);
+      for (int64_t j = 0; j < m; ++j) {
+        const float v = row[j0 + j] + bias[j0 + j];
+        best = v > best ? v : best;
+      }
     } else {
 #pragma omp simd reduction(max : best)
-      for (int64_t j = 0; j < m; ++j) best = std::max(best, row[j0 + j]);
+      for (int64_t j = 0; j < m; ++j) best = row[j0 + j] > best ? row[j0 + j] : best;
     }
     if (!(best > heap[0].score)) continue;  // the whole strip loses to the current k-th best
     for (int64_t j = 0; j < m; ++j) {

@@ -150,7 +150,7 @@ float lse_row(float* __restrict row, const float* __restrict rw, int64_t C, floa
       while (k < cols.size() && cols[k] < j0 + n) row[cols[k++]] = -kInf;
       bm = -kInf;
 #pragma omp simd reduction(max : bm)
-      for (int64_t j = 0; j < n; ++j) bm = std::max(bm, blk[j]);
+      for (int64_t j = 0; j < n; ++j) bm = blk[j] > bm ? blk[j] : bm;   // not std::max: it stops the vectorizer
     }
     if (bm == -kInf) {
       // Whole block masked (the max skips NaN, so look for one: NaN input must give NaN).
