@@ -21,7 +21,8 @@
 // Per set the thread gathers Q, K, Kᵀ, V (and Vᵀ, dO in the backward) into contiguous
 // accumulator-type buffers; every product (S = QKᵀ, O = PV; dP = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K,
 // dK = dSᵀ·Q) goes through one register-blocked micro-GEMM (8 rows × two vectors of C held in
-// registers over the whole inner loop), the softmax through a vectorized exp; only the n_q×n_k
+// registers over the whole inner loop), the softmax through a vectorized exp, a top-k row's
+// threshold by a SIMD bisection over its scores' integer images (topk_row); only the n_q×n_k
 // score block of one set (kSetScores elements or 64 query rows, whichever is more: large sets
 // are cut into query chunks sharing their gathered keys) exists per thread, never a B·H·L·L tensor. Memory
 // traffic: q, k, v (and out, dout) read once per (batch, head) into cache-resident buffers;
