@@ -60,7 +60,6 @@ import triton.language as tl
 
 from pyssl.kernels._tiles import dot_options, interpreting, pow2
 
-MAX_TOPK_L = 512          # 16-bit inputs, d <= 64; float32 rows (FMA dots, 32-bit keys) fit up to 128
 MAX_HEAD_DIM = 256        # widest head the kernels take (BLOCK_D = next power of two of d)
 BG = 16                   # width of the global-token tiles (rows or keys)
 
@@ -273,7 +272,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PERM, GS, TAB, NTILE, NG, scale, SB, SH, S
 
 
 # ----------------------------------------------------------------------------------------------
-# _attn_topk_fwd_kernel: program (batch·head, BLOCK_M query rows in token order; _row_block's
+# _attn_topk_fwd_kernel: program (batch·head, BLOCK_M query rows in token order; _topk_program's
 # 1-D grid) holding whole
 # rows: the score tile (BLOCK_M × L_PAD, fp32) and its int64 keys in registers, k and v of the
 # whole (batch, head) through shared memory. Traffic: q, out, the bitmask once; k, v once per
@@ -284,23 +283,13 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L, H, NB,
                           HAS_GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, L_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
-    bh, pid_m = _row_block(L, BLOCK_M)
-    b = bh // H
-    base = bh.to(tl.int64) * L * D
-    ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = rows < L
+    bh, b, base, ibase, rows, mmask, dd, dmask, q = _topk_program(Q, L, H, SB, SH, SL, D, BLOCK_D, BLOCK_M, DOT_FP32)
     cols = tl.arange(0, L_PAD)
     nmask = cols < L
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    r64 = rows.to(tl.int64)        # row strides of strided views can be large: int64 offsets
     c64 = cols.to(tl.int64)
-    q = tl.load(Q + ibase + r64[:, None] * SL + dd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
     kt = tl.load(K + ibase + c64[None, :] * SL + dd[:, None], mask=dmask[:, None] & nmask[None, :], other=0.0)
     vv = tl.load(V + ibase + c64[:, None] * SL + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
     if DOT_FP32:
-        q = q.to(tl.float32)
         kt = kt.to(tl.float32)
         vv = vv.to(tl.float32)
     s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale + 0.0    # + 0.0: a −0.0 dot ties +0.0
@@ -331,14 +320,29 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L, H, NB,
 
 
 @triton.jit
-def _row_block(L, BLOCK_M: tl.constexpr):
-    """(batch·head, query block) of a 1-D grid of B·H·cdiv(L, BLOCK_M) programs, the query block
-    fastest: programs running together share one head's k and v in L2 (the streamed top-k
-    kernel reads k up to 17 times). One axis: up to 2^31 − 1 programs."""
+def _topk_program(Q, L, H, SB, SH, SL, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  DOT_FP32: tl.constexpr):
+    """A program of the top-k kernels: (batch·head, query block) of a 1-D grid of
+    B·H·cdiv(L, BLOCK_M) programs, the query block fastest (programs running together share
+    one head's k and v in L2; the streamed kernel reads k up to 17 times; one axis takes up to
+    2^31 − 1 programs), and its q tile (int64 offsets: row strides of strided views can be
+    large). Returns (bh, b, base of the contiguous outputs, ibase of the strided q, k, v,
+    rows, row mask, dd, dd mask, q)."""
     nm = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // nm
-    return bh, pid - bh * nm
+    b = bh // H
+    base = bh.to(tl.int64) * L * D
+    ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH
+    rows = (pid - bh * nm) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = rows < L
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    q = tl.load(Q + ibase + rows.to(tl.int64)[:, None] * SL + dd[None, :], mask=mmask[:, None] & dmask[None, :],
+                other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    return bh, b, base, ibase, rows, mmask, dd, dmask, q
 
 
 @triton.jit
@@ -361,7 +365,7 @@ def _store_kept(BITS, bh, L, NB, rows, mmask, kept, n0, RM: tl.constexpr, RN: tl
 
 # ----------------------------------------------------------------------------------------------
 # _attn_topk_stream_fwd_kernel: top-k rows of any length. Program (batch·head, BLOCK_M query
-# rows in token order), query blocks fastest in a 1-D grid (_row_block: the programs resident
+# rows in token order), query blocks fastest in a 1-D grid (_topk_program: the programs resident
 # together read one head's k from L2); key tiles of BLOCK_N stream through. The K-th largest
 # score of each row is found by a radix search over its order-preserving int32 image, two bits
 # per pass: 16 passes over the key tiles, each counting per row the allowed keys at or above
@@ -382,19 +386,8 @@ def _attn_topk_stream_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L,
                                  HAS_GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
                                  DOT_PRECISION: tl.constexpr):
-    bh, pid_m = _row_block(L, BLOCK_M)
-    b = bh // H
-    base = bh.to(tl.int64) * L * D
-    ibase = b.to(tl.int64) * SB + (bh % H).to(tl.int64) * SH
+    bh, b, base, ibase, rows, mmask, dd, dmask, q = _topk_program(Q, L, H, SB, SH, SL, D, BLOCK_D, BLOCK_M, DOT_FP32)
     gbase = b.to(tl.int64) * L
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = rows < L
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    q = tl.load(Q + ibase + rows.to(tl.int64)[:, None] * SL + dd[None, :], mask=mmask[:, None] & dmask[None, :],
-                other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
     gq = tl.zeros((BLOCK_M,), tl.int64)
     n_ok = tl.zeros((BLOCK_M,), tl.int32) + L
     if HAS_GROUPS:
@@ -1036,5 +1029,5 @@ COMPILE_CASES = [
 ]
 
 __all__ = ["forward", "backward", "strided_inputs", "plan", "tables", "MAX_PLAN_L", "visited_fraction", "max_topk_l",
-           "topk_shared_bytes", "topk_whole_rows", "shared_memory", "MAX_TOPK_L", "BG",
+           "topk_shared_bytes", "topk_whole_rows", "shared_memory", "BG",
            "COMPILE_CASES"]

@@ -90,7 +90,7 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _backend_checks(q: Tensor, topk: Optional[int] = None):
+def _backend_checks(q: Tensor):
     def triton():
         r = []
         if q.dtype == torch.float64:
@@ -105,8 +105,9 @@ def _backend_checks(q: Tensor, topk: Optional[int] = None):
 
 
 def not_supported_reasons(q: Tensor, topk: Optional[int] = None) -> dict:
-    """Why each backend cannot serve this input (empty list: it can)."""
-    return _dispatch.not_supported_reasons(_backend_checks(q, topk), q.device)
+    """Why each backend cannot serve this input (empty list: it can). topk is accepted for
+    callers that pass it; every backend serves top-k rows of any length."""
+    return _dispatch.not_supported_reasons(_backend_checks(q), q.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,6 +437,6 @@ def attention_with_stats(q, k, v, groups=None, *, topk=None, scale=None, backend
     """(out, lse, keep bitmask): the op's saved statistics, for tests and diagnostics."""
     fn = "homologous_attention"
     scale = _check_inputs(fn, q, k, v, groups, topk, scale)
-    chosen = _dispatch.choose(fn, backend, q.device, _PREFERENCE, _backend_checks(q, topk))
+    chosen = _dispatch.choose(fn, backend, q.device, _PREFERENCE, _backend_checks(q))
     g = None if groups is None else groups.to(torch.int64)
     return _attn_op(q, k, v, g, int(topk or 0), scale, chosen)[:3]
