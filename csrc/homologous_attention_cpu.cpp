@@ -209,15 +209,16 @@ void gather(const scalar_t* src, const std::vector<int64_t>& idx, int64_t d, acc
 
 
 // Scores as integers in the same order (IEEE sign-magnitude to two's complement): int32 for
-// float, int64 for double. NaN ranks with -inf (below every number) and -0.0 with +0.0, as the
-// float comparisons of the reference rank them.
+// float, int64 for double. -0.0 ranks with +0.0 and every NaN as the positive quiet NaN, above
+// +inf, as torch.sort ranks NaN (a kept NaN then makes the row's output NaN, as in the reference,
+// instead of a NaN score being silently dropped).
 template <typename acc_t>
 using key_of = typename std::conditional<std::is_same<acc_t, double>::value, int64_t, int32_t>::type;
 
 template <typename acc_t>
 inline key_of<acc_t> ordered_key(acc_t x) {
   using K = key_of<acc_t>;
-  x = std::isnan(x) ? -std::numeric_limits<acc_t>::infinity() : x + acc_t(0);
+  x = std::isnan(x) ? std::numeric_limits<acc_t>::quiet_NaN() : x + acc_t(0);
   K b;
   std::memcpy(&b, &x, sizeof b);
   return b ^ ((b >> (8 * sizeof(K) - 1)) & std::numeric_limits<K>::max());
@@ -340,9 +341,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
           acc_t m = ninf;
 #pragma omp simd reduction(max : m)
           for (int64_t j = 0; j < nk; ++j) m = s[j] > m ? s[j] : m;
-          if (m == ninf) {   // no kept key: a zero row of P, a zero output
-            std::fill(s, s + nk, acc_t(0));
-            lp[bh * L + qi] = ninf;
+          if (m == ninf) {
+            // the max skips NaN: a row of NaN scores is poisoned (NaN output and lse, as in the
+            // reference), not taken for a row without kept keys (a zero row of P, a zero output)
+            bool nan = false;
+            for (int64_t j = 0; j < nk; ++j) nan |= std::isnan(s[j]);
+            std::fill(s, s + nk, nan ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0));
+            lp[bh * L + qi] = nan ? std::numeric_limits<acc_t>::quiet_NaN() : ninf;
             continue;
           }
           acc_t sum = 0;

@@ -227,8 +227,9 @@ def _fwd_block(Q, K, V, O, LSE, PERM, GS, b, bh, base, ibase, SL, L, p0, p_hi, l
 @triton.jit
 def _fwd_store(O, LSE, base, bh, L, rows, mmask, dd, dmask, acc, m_i, l_i, D: tl.constexpr):
     """The normalized output rows (at token positions rows) and their log-sum-exp (-inf for a
-    row that kept nothing)."""
-    live = l_i > 0
+    row that kept nothing; NaN, like the row, where a kept score was NaN: the GPU's max skips
+    NaN, the sum does not)."""
+    live = l_i != 0.0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
     lse = tl.where(live, m_i + tl.log(tl.where(live, l_i, 1.0)), float("-inf"))
     tl.store(O + base + rows[:, None] * D + dd[None, :], out.to(O.dtype.element_ty),
@@ -308,7 +309,7 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L, H, NB,
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     p = tl.exp(s - m_safe[:, None])
     den = tl.sum(p, axis=1)
-    live = den > 0
+    live = den != 0.0    # NaN (a kept NaN score) stays live: a NaN row and lse, as in _fwd_store
     p = p / tl.where(live, den, 1.0)[:, None]
     out = tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PRECISION)
     lse = tl.where(live, m_safe + tl.log(tl.where(live, den, 1.0)), float("-inf"))
@@ -348,7 +349,8 @@ def _topk_program(Q, L, H, SB, SH, SL, D: tl.constexpr, BLOCK_D: tl.constexpr, B
 @triton.jit
 def _ordered(s):
     """The float32 scores as int32 in the same order (sign-magnitude to two's complement;
-    -0.0 must have been turned into +0.0)."""
+    -0.0 must have been turned into +0.0). A NaN the GPU computes is the canonical 0x7FFFFFFF,
+    which lands above +inf: NaN ranks first, as torch.sort ranks it."""
     sb = s.to(tl.int32, bitcast=True)
     return sb ^ ((sb >> 31) & 0x7FFFFFFF)
 

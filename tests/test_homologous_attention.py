@@ -327,6 +327,54 @@ def test_large_scores_are_stable(backend):
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
+NAN_CASES = [("q", 5), ("q", 11), ("k", 2), ("k", 11), ("v", 6)]   # token 11 is global
+
+
+@pytest.mark.parametrize("backend,stream", [("cpu", False), ("torch", False), ("triton", False), ("triton", True)])
+@pytest.mark.parametrize("tensor,token", NAN_CASES)
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("topk", [None, 2, 5])
+def test_nan_inputs_poison_the_rows_that_use_them(backend, stream, tensor, token, grouped, topk, monkeypatch):
+    """A NaN in q_i, or in k_j / v_j of a key j that query i keeps, makes output i NaN (as in
+    the reference, and as a diverging run must show), never a silently finite or zero row: NaN
+    scores rank above every number (torch.sort's order), so a NaN key is kept wherever allowed.
+    Rows that touch no NaN are exact; dq of the NaN rows and dk carry the NaN."""
+    if stream:
+        monkeypatch.setenv("PYSSL_HOMATTN_TOPK_STREAM", "1")
+    if stream and not topk:
+        pytest.skip("the streamed kernel is top-k only")
+    dev = device_for(backend)
+    q, k, v = _qkv(b=1, h=2, l=12, d=4)
+    groups = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, -1]]) if grouped else None
+    bad = dict(q=q.clone(), k=k.clone(), v=v.clone())
+    bad[tensor][0, 1, token, 1] = float("nan")
+    kept = reference.homologous_kept(bad["q"], bad["k"], groups, topk)
+    nan_key = (bad["k"].isnan() | bad["v"].isnan()).any(-1)
+    want_nan = bad["q"].isnan().any(-1) | (kept & nan_key[:, :, None, :]).any(-1)
+    assert want_nan.any() and not want_nan.all()
+    ins = [bad[n].to(dev, copy=True).requires_grad_() for n in "qkv"]
+    out = pyssl.homologous_attention(*ins, None if groups is None else groups.to(dev), topk=topk, backend=backend)
+    out.sum().backward()
+    got_nan = out.isnan().any(-1).cpu()
+    if tensor == "v":
+        # P · V: a zero of P (a key not kept) times the NaN is NaN too, in the reference as in
+        # every kernel that multiplies over more keys than it keeps: at least the kept rows
+        assert (got_nan | ~want_nan).all()
+    else:   # NaN scores: exactly the rows that keep one, the whole row, and its saved lse
+        assert torch.equal(got_nan, want_nan)
+        assert torch.equal(out.isnan().all(-1).cpu(), want_nan)
+        lse = HA.attention_with_stats(*(t.detach() for t in ins), None if groups is None else groups.to(dev),
+                                      topk=topk, backend=backend)[1]
+        assert torch.equal(lse.isnan().cpu(), want_nan)
+    # rows that touch no NaN: the reference on inputs with the NaN zeroed gives their values
+    ref = reference.homologous_attention(*(bad[n].nan_to_num(0.0) for n in "qkv"), groups, topk=topk)
+    torch.testing.assert_close(out.detach().cpu()[~got_nan], ref[~got_nan], atol=2e-5, rtol=1e-5)
+    # the NaN reaches the gradients of the rows that used it (where else NaN shows up is the
+    # dense products' business: 0 · NaN is NaN in the reference too)
+    assert ins[0].grad.cpu()[want_nan].isnan().any(-1).all()
+    assert ins[1].grad.isnan().any()
+
+
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 def test_opcheck_and_compile(backend):
     dev = device_for(backend)

@@ -148,8 +148,10 @@ def _allowed_rows(groups: Optional[Tensor], i0: int, r: int, l: int, device) -> 
 def _topk_mask(s: Tensor, allowed: Optional[Tensor], topk: int) -> Tensor:
     """Kept keys: rank by (score desc, index asc) among allowed keys, rank < topk. From the K-th
     largest score (torch.topk, not a sort of the row): the scores above it, and the first
-    K − (count above) equal to it in key order."""
-    sm = s if allowed is None else s.masked_fill(~allowed, float("-inf"))
+    K − (count above) equal to it in key order. NaN ranks as +inf (torch.sort ranks it above
+    +inf: the same outputs, NaN either way, where a row holds both)."""
+    sm = s.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    sm = sm if allowed is None else sm.masked_fill(~allowed, float("-inf"))
     kk = min(topk, s.shape[-1])
     kth = sm.topk(kk, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     above = sm > kth
@@ -207,8 +209,8 @@ def _torch_backward(q, k, v, out, dout, lse, groups, keep, topk, scale):
         s = scale * (qc @ kf.transpose(-1, -2))
         kept = unpack_bits(keep[:, :, i0:i0 + r], l) if topk else _allowed_rows(groups, i0, r, l, q.device)
         lc = lse[:, :, i0:i0 + r, None]
-        p = torch.exp(s - torch.where(torch.isfinite(lc), lc, torch.zeros_like(lc)))
-        live = torch.isfinite(lc)
+        live = lc != float("-inf")                         # a NaN lse (NaN scores) stays live: NaN gradients
+        p = torch.exp(s - torch.where(live, lc, torch.zeros_like(lc)))
         p = torch.where(live if kept is None else (kept & live), p, torch.zeros_like(p))
         doc = do[:, :, i0:i0 + r]
         dv += p.transpose(-1, -2) @ doc
@@ -240,7 +242,10 @@ def _attend(qs: Tensor, ks: Tensor, vs: Tensor, scale: float) -> Tuple[Tensor, T
     flash = _flash_cpu(qs.device)
     if flash is not None:
         o, lse = flash[0](_unit_stride(qs), _unit_stride(ks), _unit_stride(vs), 0.0, False, scale=scale)
-        return o, lse
+        # its max skips NaN scores, and a row of them comes out as zeros with lse 0: a NaN in a
+        # query or in any key of the block poisons the row, as in the reference (sync-free)
+        nan = qs.isnan().any(-1) | ks.isnan().any(-1).any(-1, keepdim=True)
+        return o.masked_fill(nan[..., None], float("nan")), lse.masked_fill(nan, float("nan"))
     s = scale * (qs @ ks.transpose(-1, -2))
     lse = torch.logsumexp(s, dim=-1)
     return torch.exp(s - lse[..., None]) @ vs, lse
