@@ -133,10 +133,13 @@ def homologous_kept(q, k, groups=None, topk=None, scale=None):
     allowed = allowed.expand(b, h, l, l)
     if topk is None:
         return allowed
-    s = (scale * q.double() @ k.double().transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+    # scale · (q · k), the product first, as the kernels: (scale · q) · k rounds two equal dot
+    # products apart by an ulp wherever scale is no power of two, and the tie rule would follow
+    # the rounding instead of the key index
+    s = (scale * (q.double() @ k.double().transpose(-1, -2))).masked_fill(~allowed, float("-inf"))
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(l, device=q.device).expand_as(order))
-    return allowed & (rank < topk)
+    return allowed & (rank < min(topk, l))
 
 
 def homologous_attention(q, k, v, groups=None, *, topk=None, scale=None):
@@ -144,7 +147,7 @@ def homologous_attention(q, k, v, groups=None, *, topk=None, scale=None):
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     kept = homologous_kept(q.detach(), k.detach(), groups, topk, scale)
-    s = (scale * q @ k.transpose(-1, -2)).masked_fill(~kept, float("-inf"))
+    s = (scale * (q @ k.transpose(-1, -2))).masked_fill(~kept, float("-inf"))
     p = torch.softmax(s, dim=-1)
     p = torch.where(kept.any(-1, keepdim=True), p, torch.zeros_like(p))
     return p @ v

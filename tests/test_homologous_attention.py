@@ -50,6 +50,7 @@ MODES = {
     "topk": dict(n_groups=None, topk=5),
     "group+topk": dict(n_groups=3, topk=4),
     "topk>=allowed": dict(n_groups=3, topk=40),
+    "topk beyond int64": dict(n_groups=3, topk=2 ** 63),
     "uneven+group_of_one+topk": dict(n_groups=4, uneven=True, topk=3),
     # K above a group's own size (5) and below L: global keys fill the rest of the kept set
     "group+globals2+topk": dict(n_groups=4, n_global=2, topk=6),
@@ -240,6 +241,27 @@ def test_topk_ties_go_to_the_lower_key_index(backend):
     assert HA.unpack_bits(keep, 6)[0, 0, 0].tolist() == [True, True, True, False, True, False]
 
 
+@pytest.mark.parametrize("backend", ["reference"] + ATTN_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_ties_of_different_vectors_at_the_default_scale(backend, dtype):
+    """Equal dot products of different key vectors tie at any scale (1/sqrt(8) here, no power
+    of two): scale · (q · k), not (scale · q) · k, whose roundings differ by an ulp (the reference
+    had kept key 2 first here)."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take float32/bfloat16/float16")
+    dev = "cpu" if backend == "reference" else device_for(backend)
+    q = torch.tensor([1.0, 1, 1, 2, -2, -1, -1, -2]).expand(1, 1, 3, 8).to(dev, dtype)
+    k = torch.tensor([[0.0] * 8, [2, 1, 0, 2, 0, 0, 1, 2], [1, 0, 0, 0, 1, -2, -1, 0]]).view(1, 1, 3, 8).to(dev, dtype)
+    v = torch.randn(1, 1, 3, 8, dtype=torch.float64).to(dev, dtype)
+    assert (q[0, 0, 0] @ k[0, 0].T).tolist() == [0, 2, 2]
+    for topk, want in [(1, [0, 1, 0]), (2, [0, 1, 1])]:
+        if backend == "reference":
+            kept = reference.homologous_kept(q, k, None, topk)
+        else:
+            kept = HA.unpack_bits(HA.attention_with_stats(q, k, v, None, topk=topk, backend=backend)[2], 3)
+        assert kept[0, 0].int().tolist() == [want] * 3, topk
+
+
 @pytest.mark.parametrize("backend,stream", [("cpu", False), ("torch", False), ("triton", False), ("triton", True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_topk_selection_hard_scores(backend, stream, dtype, monkeypatch):
@@ -388,9 +410,18 @@ def test_opcheck_and_compile(backend):
         out, lse, keep, perm = HA._attn_op(qt, kt, vt, groups, topk, 0.5, backend)
         torch.library.opcheck(HA._attn_bwd_op, (qt, kt, vt, out, dot, lse, groups, keep, perm, topk, 0.5,
                                                 backend))
-    f = torch.compile(lambda a, b, c: pyssl.homologous_attention(a, b, c, groups, topk=3, backend=backend),
-                      fullgraph=True, backend="eager")
-    torch.testing.assert_close(f(q, k, v), pyssl.homologous_attention(q, k, v, groups, topk=3, backend=backend))
+    for topk in (None, 3):
+        # aot_eager traces the autograd graph too: forward and backward through the fake kernels
+        f = torch.compile(lambda a, b, c: pyssl.homologous_attention(a, b, c, groups, topk=topk, backend=backend),
+                          fullgraph=True, backend="aot_eager")
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        want = [t.clone().requires_grad_() for t in (q, k, v)]
+        got_out = f(*ins)
+        want_out = pyssl.homologous_attention(*want, groups, topk=topk, backend=backend)
+        torch.testing.assert_close(got_out, want_out)
+        g = torch.randn_like(got_out)
+        for a, b in zip(torch.autograd.grad(got_out, ins, g), torch.autograd.grad(want_out, want, g)):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
@@ -932,8 +963,14 @@ def test_contrastive_loss_opcheck_and_compile(backend):
     z = torch.randn(2, 9, 5, device=dev)
     groups = _groups(2, 9, 3).to(dev)
     torch.library.opcheck(HCL._rows_op, (z, groups, 0.2, backend))
-    f = torch.compile(lambda t: HCL._rows_op(t, groups, 0.2, backend)[0].sum(), fullgraph=True, backend="eager")
-    torch.testing.assert_close(f(z), HCL._rows_op(z, groups, 0.2, backend)[0].sum())
+    rows, lse = HCL._rows_op(z, groups, 0.2, backend)
+    torch.library.opcheck(HCL._rows_bwd_op, (z, groups, lse, torch.randn_like(rows), 0.2, backend))
+    f = torch.compile(lambda t: pyssl.homologous_contrastive_loss(t, groups, backend=backend), fullgraph=True,
+                      backend="aot_eager")
+    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got, want = f(a), pyssl.homologous_contrastive_loss(b, groups, backend=backend)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, a)[0], torch.autograd.grad(want, b)[0])
 
 
 def test_contrastive_loss_by_hand():

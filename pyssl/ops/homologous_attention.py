@@ -444,4 +444,5 @@ def attention_with_stats(q, k, v, groups=None, *, topk=None, scale=None, backend
     scale = _check_inputs(fn, q, k, v, groups, topk, scale)
     chosen = _dispatch.choose(fn, backend, q.device, _PREFERENCE, _backend_checks(q))
     g = None if groups is None else groups.to(torch.int64)
-    return _attn_op(q, k, v, g, int(topk or 0), scale, chosen)[:3]
+    # K >= L keeps every allowed key: clamped, a K beyond int64 still fits the op's schema
+    return _attn_op(q, k, v, g, int(min(topk, q.shape[2])) if topk else 0, scale, chosen)[:3]
