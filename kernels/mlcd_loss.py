@@ -328,6 +328,20 @@ def _grad_full(x_op, w_op, POS, GPOS, rows, rmask, cols, cmask, rx, rw, lse_log2
 
 
 @triton.jit
+def _g_operand(g, dtype: tl.constexpr):
+    """G scaled by the other operand's inverse norms, as the products' operand in the input
+    dtype. float16 saturates at ±65504 first: a zero (or ~0) row has an inverse norm of 1e12,
+    and inf · 0 in the product made every row's gradient NaN; saturated, a zero row adds exactly
+    its zero. (Rows of norm below ~|G| / 65504, elements in float16's subnormal range, get a
+    gradient underestimated by the saturation; bfloat16 and float32 have the range.) NaN
+    stays NaN."""
+    if dtype == tl.float16:
+        g = tl.minimum(tl.maximum(g, -65504.0, propagate_nan=tl.PropagateNan.ALL), 65504.0,
+                       propagate_nan=tl.PropagateNan.ALL)
+    return g.to(dtype)
+
+
+@triton.jit
 def _finish_store(acc, q, V_ROWS, OUT_ROWS, rv, vmask, d0, D, Q_FROM_ACC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_DO: tl.constexpr):
     """Normalization backward of a (BLOCK_M, BLOCK_DO) block of rows and its store:
@@ -430,7 +444,7 @@ def _mlcd_grad_dx_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, GSCALE, DX, PA
             if live:
                 g = _grad_full(x_op, w_op, POS, GPOS, rows, rmask, cols, cmask, rx, rw, lse_log2,
                                gneg_scale, scale_log2e, L, BLOCK_N, BLOCK_C, DOT_PRECISION)
-                gw = (g * rw[None, :]).to(w_blk.dtype)   # the dot runs in the input dtype
+                gw = _g_operand(g * rw[None, :], w_blk.dtype)   # the dot runs in the input dtype
             if DOT_FP32:
                 gw = gw.to(tl.float32)
             acc = tl.dot(gw, w_op, acc, input_precision=DOT_PRECISION)
@@ -443,7 +457,7 @@ def _mlcd_grad_dx_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, GSCALE, DX, PA
             q += tl.sum(g * cos, axis=1)
             w_blk = tl.load(W + ids.to(tl.int64)[:, None] * stride_w + do[None, :],
                             mask=cmask[:, None] & domask[None, :], other=0.0)
-            gw = (g * rw[None, :]).to(w_blk.dtype)   # the dot runs in the input dtype on the GPU
+            gw = _g_operand(g * rw[None, :], w_blk.dtype)   # the dot runs in the input dtype on the GPU
             if DOT_FP32:
                 gw = gw.to(tl.float32)
                 w_blk = w_blk.to(tl.float32)
@@ -522,7 +536,7 @@ def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, GSCALE, DW,
             if live:
                 g = _grad_full(x_op, w_op, POS, GPOS, rows, rmask, cols, cmask, rx, rw, lse_log2,
                                gneg_scale, scale_log2e, L, BLOCK_N, BLOCK_C, DOT_PRECISION)
-                gx = (g * rx[:, None]).to(x_blk.dtype)   # the dot runs in the input dtype
+                gx = _g_operand(g * rx[:, None], x_blk.dtype)   # the dot runs in the input dtype
             if DOT_FP32:
                 gx = gx.to(tl.float32)
             acc = tl.dot(tl.trans(gx), x_op, acc, input_precision=DOT_PRECISION)
@@ -537,7 +551,7 @@ def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, GSCALE, DW,
             r += tl.sum(g * cos, axis=0)
             x_blk = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + do[None, :],
                             mask=rmask[:, None] & domask[None, :], other=0.0)
-            gx = (g * rx[:, None]).to(x_blk.dtype)   # the dot runs in the input dtype on the GPU
+            gx = _g_operand(g * rx[:, None], x_blk.dtype)   # the dot runs in the input dtype on the GPU
             if DOT_FP32:
                 gx = gx.to(tl.float32)
                 x_blk = x_blk.to(tl.float32)

@@ -145,6 +145,33 @@ def test_fp16_gradients_under_loss_scaling(backend, reduction):
     torch.testing.assert_close(xh.grad.double(), x64.grad, rtol=3e-2, atol=3e-2 * x64.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("which", ["x", "w"])
+def test_fp16_zero_rows(backend, which):
+    """float16 with an all-zero feature row or an all-zero class center: its inverse norm is
+    1e12, and the Triton products' operand G / ||.|| overflowed to inf, inf · 0 = NaN in every
+    row of dW (zero x row) or dX (zero center). No NaN anywhere; every entry the float64
+    reference holds within float16's range agrees (the zero row's own gradient is ~1e12: inf)."""
+    dev = device_for(backend)
+    x, w, pos = make_problem(n=16, c=64, d=32, dtype=torch.float64, seed=5)
+    if which == "x":
+        x[3] = 0
+    else:
+        w[20] = 0
+        pos[pos == 20] = 21 if not (pos == 21).any() else -1
+        pos[:, 0] = torch.where(pos[:, 0] < 0, 22, pos[:, 0])
+    x, w, pos = x.to(dev, torch.float16), w.to(dev, torch.float16), pos.to(dev)
+    out, dx, dw, g = grads(lambda a, b: pyssl.mlcd_loss(a, b, pos, scale=1.0, backend=backend), x, w)
+    assert not dx.isnan().any() and not dw.isnan().any() and torch.isfinite(out).all()
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = R.mlcd_loss(x64, w64, pos, scale=1.0)
+    ref.backward()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-2, atol=0)
+    for got, want in ((dx, x64.grad), (dw, w64.grad)):
+        fin = want.abs() < 65504
+        assert torch.equal(torch.isfinite(got), fin)
+        torch.testing.assert_close(got.double()[fin], want[fin], rtol=2e-2, atol=2e-2 * want[fin].abs().max().item())
+
+
 def _hard_case(kind, dev):
     """Scale 64 with features nearly parallel to their positives."""
     g = torch.Generator().manual_seed(11)
