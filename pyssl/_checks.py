@@ -13,7 +13,7 @@ import numbers
 import torch
 from torch import Tensor
 
-__all__ = ["tensor", "integer", "real", "integer_tensor"]
+__all__ = ["tensor", "integer", "real", "integer_tensor", "generator"]
 
 
 def _or_none(optional: bool) -> str:
@@ -68,3 +68,10 @@ def integer_tensor(fn: str, name: str, t: Tensor) -> Tensor:
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
         raise ValueError(f"{fn}: {name} must be an integer tensor, got {t.dtype}")
     return t
+
+
+def generator(fn: str, name: str, v):
+    """v itself when it is a torch.Generator or None."""
+    if v is not None and not isinstance(v, torch.Generator):
+        raise TypeError(f"{fn}: {name} must be a torch.Generator or None, got {type(v).__name__}")
+    return v

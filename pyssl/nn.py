@@ -46,7 +46,8 @@ class _ClassCenters(torch.nn.Module):
         self.sample_ratio = float(sample_ratio)
         if margin_grad not in _MARGIN_GRADS:
             raise ValueError(f"{fn}: margin_grad must be one of {_MARGIN_GRADS}, got {margin_grad!r}")
-        self.margin_grad, self.backend, self.generator = margin_grad, _backend(fn, backend), generator
+        self.margin_grad, self.backend = margin_grad, _backend(fn, backend)
+        self.generator = _checks.generator(fn, "generator", generator)
         # model parallel: this rank holds classes [class_start, class_start + num_local)
         self.process_group = process_group
         self.class_start, self.num_local = 0, self.num_classes

@@ -365,6 +365,28 @@ def test_no_dense_logits_are_allocated(monkeypatch, chunk_elems):
         assert max(sizes) >= M._chunk_rows(n, c, d) * c     # the watcher did see the row buffer
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_module_in_training_under_torch_compile_fullgraph(backend, dtype):
+    """Training mode samples S on every call: sample_classes is an op with a data-dependent
+    output size, so the whole module (sampling, the bfloat16 features' cast of the sampled
+    centers, the loss) compiles into one graph; same RNG stream, same loss and gradients."""
+    dev = device_for(backend)
+    crit = pyssl.nn.MLCDLoss(200, 16, sample_ratio=0.2, backend=backend, device=dev)
+    x, _, pos = make_problem(n=10, c=200, d=16, device=dev, dtype=dtype)
+    x.requires_grad_(True)
+    compiled = torch.compile(crit, fullgraph=True, backend="aot_eager")
+    results = []
+    for f in (crit, compiled, compiled):
+        torch.manual_seed(3)
+        loss = f(x, pos)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (x, crit.weight))))
+    assert int((results[0][2] != 0).any(1).sum()) < 200           # rows outside S: no gradient
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            torch.testing.assert_close(a, b)
+    torch.library.opcheck(M._sample_op, (pos, 200, 0.2))
+
+
 def test_module_samples_in_training_and_uses_all_in_eval(backend):
     dev = device_for(backend)
     crit = pyssl.nn.MLCDLoss(200, 16, sample_ratio=0.1, backend=backend,
@@ -417,7 +439,8 @@ def test_module_bad_arguments():
                              (dict(num_classes=10, dim=0), ValueError, "dim must be >= 1"),
                              (dict(num_classes=10, dim=3, margin=float("nan")), ValueError, "margin must be finite"),
                              (dict(num_classes=10, dim=3, scale=0), ValueError, "scale must be > 0"),
-                             (dict(num_classes=10, dim=3, sample_ratio=1.5), ValueError, "sample_ratio must be in")):
+                             (dict(num_classes=10, dim=3, sample_ratio=1.5), ValueError, "sample_ratio must be in"),
+                             (dict(num_classes=10, dim=3, generator=0), TypeError, "generator must be a torch.Generator")):
         with pytest.raises(err, match=msg):
             pyssl.nn.MLCDLoss(**kwargs)
 
@@ -592,6 +615,8 @@ def test_bad_input_types_and_other_entry_points():
         pyssl.sample_classes(pos[:, 0], 10, 0.5)
     with pytest.raises(TypeError, match="num_classes must be an int"):
         pyssl.sample_classes(pos, 10.0, 0.5)
+    with pytest.raises(TypeError, match="sample_classes: generator must be a torch.Generator or None, got int"):
+        pyssl.sample_classes(pos, 10, 0.5, generator=5)
     with pytest.raises(TypeError, match="scale must be a real number"):
         pyssl.mlcd_loss(x, w, pos, scale="64")
     with pytest.raises(TypeError, match="margin must be a real number"):

@@ -37,8 +37,7 @@ def mix_patches(patches: Tensor, ratio: float = 0.25, *, generator: Optional[tor
     g = int(round(1.0 / ratio))
     if b % g != 0:
         raise ValueError(f"{fn}: the batch size B = {b} must be divisible by G = round(1/ratio) = {g}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    _checks.generator(fn, "generator", generator)
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"{fn}: generator must be a CPU generator, got one on {generator.device}")
     m = b // g

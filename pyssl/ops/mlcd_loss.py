@@ -643,7 +643,10 @@ def margin_softmax_loss(x: Tensor, weight: Tensor, labels: Tensor, *, scale: flo
 def sample_classes(positives: Tensor, num_classes: int, ratio: float = 0.1, *,
                    generator: Optional[torch.Generator] = None) -> Tensor:
     """S = every positive of the batch ∪ round(ratio·(C − |P|)) other classes drawn uniformly
-    without replacement; sorted, unique, int64, on positives' device."""
+    without replacement; sorted, unique, int64, on positives' device. Without a generator it
+    is the op pyssl::sample_classes (the data checks and the draw inside, from the default
+    generator), so it runs under torch.compile(fullgraph=True) with S of a data-dependent size;
+    a torch.Generator cannot enter a graph, so with one it runs in Python."""
     fn = "sample_classes"
     _checks.tensor(fn, "positives", positives)
     if positives.dtype != torch.int64:
@@ -656,8 +659,24 @@ def sample_classes(positives: Tensor, num_classes: int, ratio: float = 0.1, *,
     ratio = _checks.real(fn, "ratio", ratio)
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"{fn}: ratio must be in [0, 1], got {ratio!r}")
+    if _checks.generator(fn, "generator", generator) is None:
+        return _sample_op(positives, num_classes, ratio)
     _validate_data(positives, None, num_classes, MLCD, fn)
     return _sample(positives, num_classes, ratio, generator)
+
+
+@torch.library.custom_op("pyssl::sample_classes", mutates_args=())
+def _sample_op(positives: Tensor, num_classes: int, ratio: float) -> Tensor:
+    _validate_data(positives, None, num_classes, MLCD, "sample_classes")
+    return _sample(positives, num_classes, ratio, None)
+
+
+@_sample_op.register_fake
+def _(positives, num_classes, ratio):
+    # |S| depends on the data (the batch's distinct positives): an unbacked size, at least one
+    # class (every row holds a positive), at most all of them
+    n = torch.library.get_ctx().new_dynamic_size(min=1, max=num_classes)
+    return positives.new_empty((n,))
 
 
 def _sample(positives: Tensor, num_classes: int, ratio: float,

@@ -377,6 +377,7 @@ def _run(fn, kind, x, weight, ids, class_start, process_group, classes, sample_r
         # classes may be empty: a shard holding no positive of the batch need not add a column
         E._check_common(fn, x, weight, classes, scale, reduction, margin_grad, shard=True)
         class_start = _checks.integer(fn, "class_start", class_start, lo=0)
+        _checks.generator(fn, "generator", generator)
         if classes is not None and sample_ratio is not None:
             raise ValueError(f"{fn}: give classes or sample_ratio, not both")
         if sample_ratio is not None:
