@@ -104,7 +104,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("buf"));
   m.def("mlcd_chunk_grad", &mlcd_chunk_grad,
         "buf <- G' = rw * G in place from buf's logits; dxhat_out = G' @ w; dw_acc += G'.T @ xhat "
-        "(dw_acc = G'.T @ xhat when accumulate is false)",
+        "(dw_acc = G'.T @ xhat when accumulate is false); an empty 1-D dxhat_out or dw_acc skips that product",
         py::arg("buf"), py::arg("xhat"), py::arg("w"), py::arg("rw"), py::arg("pos_col"),
         py::arg("scale"), py::arg("lse_total"), py::arg("gneg"), py::arg("gpos"),
         py::arg("dxhat_out"), py::arg("dw_acc"), py::arg("accumulate"));

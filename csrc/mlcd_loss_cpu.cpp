@@ -6,7 +6,8 @@
 //                    set to -inf; returns lse_neg (R,) = logsumexp over the negative columns
 //                    (-inf for a row without one) and pos_cos (R, L) = clamp(cos) at the positives.
 //   mlcd_chunk_grad: buf (the logits left by mlcd_chunk_lse) <- G' = rw ⊙ G in place, then
-//                    dxhat_out = G'·W and dw_acc += G'ᵀ·x̂ (= when accumulate is false).
+//                    dxhat_out = G'·W and dw_acc += G'ᵀ·x̂ (= when accumulate is false); an
+//                    empty 1-D dxhat_out or dw_acc skips that product (a frozen input).
 //
 // Tiling: the caller picks R so that the (R, C') buffer fits its memory budget; this file sees
 // row chunks × all columns. The three GEMMs go to MKL (at::mm_out / addmm_), which tiles them far
@@ -228,15 +229,23 @@ void mlcd_chunk_grad(at::Tensor buf, at::Tensor xhat, at::Tensor w, at::Tensor r
   check_f32_matrix(gpos, "gpos");
   TORCH_CHECK(gpos.size(0) == R && gpos.size(1) == L, "mlcd cpu kernel: gpos must have shape (",
               R, ", ", L, ") like pos_col, got ", gpos.sizes());
-  check_f32_matrix(dxhat_out, "dxhat_out");
-  TORCH_CHECK(dxhat_out.size(0) == R && dxhat_out.size(1) == D,
-              "mlcd cpu kernel: dxhat_out must have shape (", R, ", ", D, "), got ",
-              dxhat_out.sizes());
-  check_f32_matrix(dw_acc, "dw_acc");
-  TORCH_CHECK(dw_acc.size(0) == C && dw_acc.size(1) == D,
-              "mlcd cpu kernel: dw_acc must have shape (", C, ", ", D, ") like w, got ",
-              dw_acc.sizes());
-  if (R == 0) return;
+  // an empty 1-D tensor in place of dxhat_out or dw_acc: that product is not wanted (a frozen
+  // input), and its GEMM, a third of the backward's work, is skipped
+  const bool want_dx = !(dxhat_out.dim() == 1 && dxhat_out.numel() == 0);
+  const bool want_dw = !(dw_acc.dim() == 1 && dw_acc.numel() == 0);
+  if (want_dx) {
+    check_f32_matrix(dxhat_out, "dxhat_out");
+    TORCH_CHECK(dxhat_out.size(0) == R && dxhat_out.size(1) == D,
+                "mlcd cpu kernel: dxhat_out must have shape (", R, ", ", D, "), got ",
+                dxhat_out.sizes());
+  }
+  if (want_dw) {
+    check_f32_matrix(dw_acc, "dw_acc");
+    TORCH_CHECK(dw_acc.size(0) == C && dw_acc.size(1) == D,
+                "mlcd cpu kernel: dw_acc must have shape (", C, ", ", D, ") like w, got ",
+                dw_acc.sizes());
+  }
+  if (R == 0 || !(want_dx || want_dw)) return;
 
   float* B = buf.data_ptr<float>();
   const float* rwp = rw.data_ptr<float>();
@@ -251,8 +260,9 @@ void mlcd_chunk_grad(at::Tensor buf, at::Tensor xhat, at::Tensor w, at::Tensor r
       grad_row(B + r * C, rwp, C, gn[r] * s, lt[r], pc + r * L, gp + r * L, L);
   });
 
-  at::mm_out(dxhat_out, buf, w);
+  if (want_dx) at::mm_out(dxhat_out, buf, w);
   // The first chunk writes dw_acc (beta = 0), later chunks add: no separate zero fill of C'×D.
+  if (!want_dw) return;
   if (accumulate) {
     dw_acc.addmm_(buf.t(), xhat);
   } else {

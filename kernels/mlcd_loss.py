@@ -886,21 +886,23 @@ def mlcd_lse(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
 
 def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
               pos_col: torch.Tensor, scale: float, lse_total: torch.Tensor, gneg: torch.Tensor,
-              gpos: torch.Tensor, dx_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+              gpos: torch.Tensor, dx_dtype: Optional[torch.dtype] = None, need_dx: bool = True,
+              need_dw: bool = True) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dx (N, D), dw (C, D)) of the contract, dw in w's dtype, dx in x's unless dx_dtype
     (float32: unrounded, for a caller that sums partial dx, as the model-parallel form does
     across ranks; it goes through the split form's float32 partials, whose stores do not spill,
-    where 16-bit FULL_D kernels storing float32 directly would); rows of dw outside S are zero."""
+    where 16-bit FULL_D kernels storing float32 directly would); rows of dw outside S are zero.
+    need_dx / need_dw False: that kernel is not launched and None comes back in its place."""
     x, w, classes, pos_col, Cp = _prepare(x, w, classes, pos_col)
     N, D = x.shape
     C = w.shape[0]
     L = pos_col.shape[1]
-    dx = torch.empty(N, D, device=x.device, dtype=dx_dtype or x.dtype)
+    dx = torch.empty(N, D, device=x.device, dtype=dx_dtype or x.dtype) if need_dx else None
     # With S = all classes every dw row is written by the kernel; otherwise the rows outside S
     # must be zero.
-    dw = (torch.empty if classes is None else torch.zeros)(C, D, device=w.device, dtype=w.dtype)
-    if N == 0 or Cp == 0 or D == 0:
-        return dx.zero_(), dw.zero_()
+    dw = (torch.empty if classes is None else torch.zeros)(C, D, device=w.device, dtype=w.dtype) if need_dw else None
+    if N == 0 or Cp == 0 or D == 0 or not (need_dx or need_dw):
+        return (None if dx is None else dx.zero_()), (None if dw is None else dw.zero_())
     lse_total = lse_total.to(torch.float32).contiguous()
     # The G tiles feed 16-bit tensor-core products: with the upstream gradient inside them, a
     # loss scaler's 2^16 (or a sum over many rows) overflows float16 and 1/N for large N
@@ -922,7 +924,22 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
                     BLOCK_DO=b["BLOCK_DO"], FULL_D=b["FULL_D"], CUT_CHAIN=b["CUT_CHAIN"],
                     num_warps=b["num_warps"], num_stages=b["num_stages"], **common)
 
-    # dx: row blocks x D slices x column splits.
+    if need_dx:
+        _launch_dx(x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, gscale, dx, N, Cp, D, scale, cfg,
+                   interpret, launch_args)
+    if need_dw:
+        # dw: column blocks x D slices.
+        b = _bwd_cfg(cfg, "dw", D)
+        _mlcd_grad_dw_kernel[(triton.cdiv(Cp, b["BLOCK_C"]), triton.cdiv(D, b["BLOCK_DO"]))](
+            x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, gscale, dw,
+            N, Cp, D, x.stride(0), w.stride(0), dw.stride(0), scale, scale * LOG2E,
+            **launch_args(b))
+    return dx, dw
+
+
+def _launch_dx(x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, gscale, dx, N, Cp, D, scale, cfg,
+               interpret, launch_args):
+    """dx: row blocks x D slices x column splits."""
     b = _bwd_cfg(cfg, "dx", D)
     row_blocks, slices = triton.cdiv(N, b["BLOCK_N"]), triton.cdiv(D, b["BLOCK_DO"])
     col_tiles = triton.cdiv(Cp, b["BLOCK_C"])
@@ -951,14 +968,6 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
         q = rx * (xf * acc).sum(1) if b["FULL_D"] else part_q.sum(0)
         acc.addcmul_(xf, (rx * q).unsqueeze(1), value=-1.0)
         dx.copy_(acc.mul_(rx.unsqueeze(1)))
-
-    # dw: column blocks x D slices.
-    b = _bwd_cfg(cfg, "dw", D)
-    _mlcd_grad_dw_kernel[(triton.cdiv(Cp, b["BLOCK_C"]), triton.cdiv(D, b["BLOCK_DO"]))](
-        x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, gscale, dw,
-        N, Cp, D, x.stride(0), w.stride(0), dw.stride(0), scale, scale * LOG2E,
-        **launch_args(b))
-    return dx, dw
 
 
 # ----------------------------------------------------------------------------------------------

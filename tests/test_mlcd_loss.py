@@ -533,12 +533,51 @@ def test_opcheck(backend):
     x, w, pos = make_problem(n=8, c=20, d=6, l=2, device=device_for(backend))
     classes = torch.arange(0, 20, 2, device=x.device).unique()
     classes = torch.cat([classes, pos[pos >= 0]]).unique()
-    for gif, red, cls in ((True, 1, None), (False, 0, None), (False, 2, classes)):
+    for gif, red, cls, need in ((True, 1, None, 3), (True, 2, classes, 1), (True, 1, None, 2), (False, 0, None, 3),
+                                (False, 2, classes, 3), (False, 0, classes, 2)):
         if backend == "triton" and gif:
             continue   # auto never asks the Triton path for gradients in the forward
-        args = (x.clone().requires_grad_(True), w.clone().requires_grad_(True), pos, cls,
-                M.MLCD, 8.0, 1.0, 0.3, 0.0, False, red, backend, gif)
+        args = (x.clone().requires_grad_(bool(need & 1)), w.clone().requires_grad_(bool(need & 2)), pos, cls,
+                M.MLCD, 8.0, 1.0, 0.3, 0.0, False, red, backend, gif, need)
         torch.library.opcheck(M._margin_loss_op, args)
+
+
+@pytest.mark.parametrize("frozen", ["x", "weight"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_frozen_input_gets_no_gradient_and_the_other_is_exact(backend, frozen, reduction, sampled, monkeypatch):
+    """A frozen input (the features of a linear probe, fixed class centers) gets no gradient
+    and its product is never formed: the kernels are asked for the other gradient only."""
+    dev = device_for(backend)
+    x, w, pos = make_problem(n=12, c=40, d=8, device=dev, seed=4)
+    classes = pyssl.sample_classes(pos, 40, 0.3, generator=torch.Generator(dev).manual_seed(1)) if sampled else None
+    asked = []
+    if backend == "triton":
+        from pyssl.kernels import mlcd_loss as K
+        real_grad = K.mlcd_grad
+        monkeypatch.setattr(K, "mlcd_grad", lambda *a: asked.append(a[8:]) or real_grad(*a))
+    else:
+        real_kernels = M._chunk_kernels
+
+        def spy(backend):
+            lse_fn, grad_fn = real_kernels(backend)
+            return lse_fn, lambda *a: asked.append((None, a[-3].dim() == 2, a[-2].dim() == 2)) or grad_fn(*a)
+        monkeypatch.setattr(M, "_chunk_kernels", spy)
+    xr, wr = x.clone().requires_grad_(frozen != "x"), w.clone().requires_grad_(frozen != "weight")
+    out = pyssl.mlcd_loss(xr, wr, pos, classes=classes, scale=8.0, reduction=reduction, backend=backend)
+    g = torch.randn_like(out)
+    out.backward(g)
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = R.mlcd_loss(x64, w64, pos, classes=classes, scale=8.0, reduction=reduction)
+    ref.backward(g.double())
+    torch.testing.assert_close(out.detach().double(), ref.detach(), **F32)
+    if frozen == "x":
+        assert xr.grad is None
+        torch.testing.assert_close(wr.grad.double(), w64.grad, **F32)
+    else:
+        assert wr.grad is None
+        torch.testing.assert_close(xr.grad.double(), x64.grad, **F32)
+    assert asked and all(tuple(a[1:]) == (frozen != "x", frozen != "weight") for a in asked), asked
 
 
 def test_torch_compile_fullgraph(backend):

@@ -238,7 +238,10 @@ def _torch_chunk_grad(buf, xhat, w_eff, rw, pos_col, scale, lse_total, gneg, gpo
     val = torch.where(valid, gpos, gpos.gather(1, first_i))
     buf.scatter_(1, col, torch.where(has, val, buf.gather(1, col)))
     buf.mul_(rw)
-    torch.mm(buf, w_eff, out=dxhat_out)
+    if dxhat_out.dim() == 2:        # (an empty 1-D dxhat_out or dw_acc: that product is skipped)
+        torch.mm(buf, w_eff, out=dxhat_out)
+    if dw_acc.dim() != 2:
+        return
     if accumulate:
         dw_acc.addmm_(buf.t(), xhat)
     else:
@@ -288,7 +291,11 @@ class _Chunked:
         """Normalization backwards; dw_acc holds rw ⊙ dŴ (see the engine contract). The
         gradients come out in dtype (default: x's)."""
         dtype = x.dtype if dtype is None else dtype
-        dx = (dxhat - self.xhat * (self.xhat * dxhat).sum(1, keepdim=True)) * self.rx[:, None]
+        dx = dw = None
+        if dxhat.dim() == 2:
+            dx = ((dxhat - self.xhat * (self.xhat * dxhat).sum(1, keepdim=True)) * self.rx[:, None]).to(dtype)
+        if dw_acc.dim() != 2:
+            return dx, dw
         # dW_c = rw_c (dŵ_c − ŵ_c (ŵ_c·dŵ_c)) = acc_c − w_c rw_c² (w_c·acc_c), with no C'×D
         # temporary: the row dots by a batched GEMV, the update in place
         dots = torch.bmm(self.w_eff.unsqueeze(1), dw_acc.unsqueeze(2)).view(-1)
@@ -298,7 +305,7 @@ class _Chunked:
         else:
             dw = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
             dw.index_copy_(0, classes, dw_acc.to(dtype))
-        return dx.to(dtype), dw
+        return dx, dw
 
 
 def _saved_grad_dtype(dtype):
@@ -310,9 +317,10 @@ def _saved_grad_dtype(dtype):
 
 def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact,
                      row_weight: Optional[float], backend, combine=None, valid=None, rows=None,
-                     grad_dtype=None):
+                     grad_dtype=None, need=(True, True)):
     """Loss rows, lse_total, gpos_unit; and dX, dW for upstream weight row_weight if given (in
-    grad_dtype, default _saved_grad_dtype(x.dtype)).
+    grad_dtype, default _saved_grad_dtype(x.dtype); need = (dX wanted, dW wanted): None for the
+    other, its GEMM skipped).
 
     The model-parallel form passes combine(lse_neg, pos_cos) -> the same for the chunk's rows
     over every shard (applied before the row math), valid = the whole batch's positives (those
@@ -325,8 +333,7 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
     gpos_unit = torch.empty(pos_col.shape, dtype=st.xhat.dtype, device=x.device)
     want_grad = row_weight is not None
     if want_grad:
-        dxhat = torch.empty_like(st.xhat)
-        dw_acc = torch.empty_like(st.w_eff)
+        dxhat, dw_acc = _grad_buffers(st, need)
     for r0, r1, buf, acc in st.chunks(n):
         pc = pos_col[r0:r1].contiguous()
         ln, pcs = st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), buf)
@@ -338,7 +345,7 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
             g = torch.full_like(lt, row_weight)
             gp = torch.where(pc >= 0, gp * row_weight, torch.zeros_like(gp))   # 0 at padding (contract)
             st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), lt.contiguous(),
-                       g, gp.contiguous(), dxhat[r0:r1], dw_acc, acc)
+                       g, gp.contiguous(), dxhat[r0:r1] if dxhat.dim() == 2 else dxhat, dw_acc, acc)
     if want_grad:
         dx, dw = st.finish(dxhat, dw_acc, x, weight, classes, grad_dtype or _saved_grad_dtype(x.dtype))
     else:
@@ -358,11 +365,19 @@ def _chunked_lse(x, weight, classes, pos_col, scale, backend):
     return lse_neg, pos_cos
 
 
-def _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend, dtype=None):
+def _grad_buffers(st, need):
+    """dx̂ and rw ⊙ dŴ accumulators, an empty 1-D tensor where that gradient is not needed (the
+    kernels then skip its GEMM)."""
+    skip = st.xhat.new_empty(0)
+    return (torch.empty_like(st.xhat) if need[0] else skip), (torch.empty_like(st.w_eff) if need[1] else skip)
+
+
+def _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend, dtype=None,
+                      need=(True, True)):
+    """(dx, dw) at upstream row gradients gneg, gpos; None for a gradient need says is not wanted."""
     st = _Chunked(x, weight, classes, backend)
     n = x.shape[0]
-    dxhat = torch.empty_like(st.xhat)
-    dw_acc = torch.empty_like(st.w_eff)
+    dxhat, dw_acc = _grad_buffers(st, need)
     lse_total = lse_total.to(st.xhat.dtype)
     gneg = gneg.to(st.xhat.dtype)
     gpos = gpos.to(st.xhat.dtype)
@@ -371,7 +386,7 @@ def _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos,
         st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), buf)
         st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale),
                    lse_total[r0:r1].contiguous(), gneg[r0:r1].contiguous(),
-                   gpos[r0:r1].contiguous(), dxhat[r0:r1], dw_acc, acc)
+                   gpos[r0:r1].contiguous(), dxhat[r0:r1] if dxhat.dim() == 2 else dxhat, dw_acc, acc)
     return st.finish(dxhat, dw_acc, x, weight, classes, dtype)
 
 
@@ -403,10 +418,21 @@ def engine_grad(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backe
     return _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend, acc)
 
 
-def _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, dx_dtype=None):
+def _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, dx_dtype=None,
+                     need=(True, True)):
     from pyssl.kernels import mlcd_loss as K
     return K.mlcd_grad(x, weight, classes, pos_col, float(scale), lse_total.float().contiguous(),
-                       gneg.float().contiguous(), gpos.float().contiguous(), dx_dtype)
+                       gneg.float().contiguous(), gpos.float().contiguous(), dx_dtype, *need)
+
+
+def _need(bits: int):
+    """(dx wanted, dw wanted) of the ops' need_grad bits (1: dx, 2: dw)."""
+    return bool(bits & 1), bool(bits & 2)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """A gradient not computed travels through the op schema as an empty tensor."""
+    return like.new_empty(0) if t is None else t
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +470,7 @@ def _choose_backend(fn, backend, x, l):
 @torch.library.custom_op("pyssl::margin_loss", mutates_args=())
 def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optional[Tensor],
                     kind: int, scale: float, m1: float, m2: float, m3: float, exact: bool,
-                    reduction: int, backend: str, grad_in_forward: bool
+                    reduction: int, backend: str, grad_in_forward: bool, need_grad: int
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn = "mlcd_loss" if kind == MLCD else "margin_softmax_loss"
     _validate_data(pos_ids, classes, weight.shape[0], kind)
@@ -456,12 +482,14 @@ def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optiona
         if grad_in_forward:
             w_row = _row_weights(reduction, n)
             g = torch.full_like(lse_total, w_row)
-            dx, dw = _triton_backward(x, weight, classes, pos_col, scale, lse_total, g, gpos_unit * w_row)
-            dx, dw = dx.to(_saved_grad_dtype(x.dtype)), dw.to(_saved_grad_dtype(x.dtype))   # as the fake says
+            dx, dw = _triton_backward(x, weight, classes, pos_col, scale, lse_total, g, gpos_unit * w_row,
+                                      need=_need(need_grad))
+            gd = _saved_grad_dtype(x.dtype)   # as the fake says
+            dx, dw = (None if dx is None else dx.to(gd)), (None if dw is None else dw.to(gd))
     else:
         w_row = _row_weights(reduction, n) if grad_in_forward else None
         rows, lse_total, gpos_unit, dx, dw = _chunked_forward(
-            x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact, w_row, backend)
+            x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact, w_row, backend, need=_need(need_grad))
     if reduction == 1:
         loss = rows.mean()
     elif reduction == 2:
@@ -469,43 +497,51 @@ def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optiona
     else:
         loss = rows
     loss = loss.to(x.dtype)
-    if dx is None:
-        dx, dw = x.new_empty(0), weight.new_empty(0)
+    dx, dw = _or_empty(dx, x), _or_empty(dw, weight)
     acc = _acc_dtype(x)
     return loss, lse_total.to(acc), gpos_unit.to(acc), pos_col.clone(memory_format=torch.contiguous_format), dx, dw
 
 
 @_margin_loss_op.register_fake
-def _(x, weight, pos_ids, classes, kind, scale, m1, m2, m3, exact, reduction, backend, grad_in_forward):
+def _(x, weight, pos_ids, classes, kind, scale, m1, m2, m3, exact, reduction, backend, grad_in_forward,
+      need_grad):
     n = x.shape[0]
     loss = x.new_empty(()) if reduction else x.new_empty((n,))
     stats = x.new_empty((n,), dtype=_acc_dtype(x))
     gpos = x.new_empty(pos_ids.shape, dtype=_acc_dtype(x))
     pos_col = pos_ids.new_empty(pos_ids.shape)
+    dx, dw = x.new_empty(0), weight.new_empty(0)
     if grad_in_forward:
         gd = _saved_grad_dtype(x.dtype)
-        dx, dw = x.new_empty(x.shape, dtype=gd), weight.new_empty(weight.shape, dtype=gd)
-    else:
-        dx, dw = x.new_empty(0), weight.new_empty(0)
+        want_dx, want_dw = _need(need_grad)
+        if want_dx:
+            dx = x.new_empty(x.shape, dtype=gd)
+        if want_dw:
+            dw = weight.new_empty(weight.shape, dtype=gd)
     return loss, stats, gpos, pos_col, dx, dw
 
 
 @torch.library.custom_op("pyssl::margin_loss_backward", mutates_args=())
 def _margin_loss_backward_op(x: Tensor, weight: Tensor, classes: Optional[Tensor], pos_col: Tensor,
                              scale: float, lse_total: Tensor, gneg: Tensor, gpos: Tensor,
-                             backend: str) -> Tuple[Tensor, Tensor]:
+                             backend: str, need_grad: int) -> Tuple[Tensor, Tensor]:
+    need = _need(need_grad)
     if backend == "triton":
-        return _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos)
-    return _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend)
+        dx, dw = _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, need=need)
+    else:
+        dx, dw = _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend, need=need)
+    return _or_empty(dx, x), _or_empty(dw, weight)
 
 
 @_margin_loss_backward_op.register_fake
-def _(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+def _(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend, need_grad):
+    want_dx, want_dw = _need(need_grad)
+    return (x.new_empty(x.shape) if want_dx else x.new_empty(0),
+            weight.new_empty(weight.shape) if want_dw else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, pos_ids, classes, kind, scale, m1, m2, m3, exact, reduction, backend, gif = inputs
+    x, weight, pos_ids, classes, kind, scale, m1, m2, m3, exact, reduction, backend, gif, need_grad = inputs
     loss, lse_total, gpos_unit, pos_col, dx, dw = output
     ctx.grad_in_forward = gif
     ctx.dtype = x.dtype
@@ -555,36 +591,43 @@ def _is_one(g: Tensor) -> bool:
 
 def _backward(ctx, grad_loss, *unused):
     if grad_loss is None:   # only auxiliary outputs reached the backward: no gradient flows
-        return (None,) * 13
+        return (None,) * 14
     if ctx.grad_in_forward:
         dx, dw, x, weight = ctx.saved_tensors
-        rest = (None,) * 11
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # create_graph=True: the gradients were formed in the forward as constants, so their
-            # own derivatives with respect to x and weight would silently be zero; a node on
-            # those paths raises instead (the upstream gradient's inputs, e.g. a learnable loss
-            # weight, still get theirs)
-            guard = _NoSecondOrder.apply(x, weight)
-            g = grad_loss.to(_acc_dtype(dx))
-            return ((dx * g + guard).to(ctx.dtype), (dw * g + guard).to(ctx.dtype)) + rest
-        if dx.dtype == ctx.dtype and _is_one(grad_loss):
-            # loss.backward(): the saved gradients are the answer. Without retain_graph autograd
-            # has released its saved copy by the time they are accumulated, so .grad takes them
-            # without a copy; with retain_graph it copies them. Saves a C'×D pass (~3% of
-            # mlcd_cpu) and that tensor's memory. One visible difference: torch.autograd.grad
-            # with retain_graph=True returns the saved tensor itself, and modifying it in place
-            # makes a later backward through the retained graph raise autograd's "modified by
-            # an inplace operation" error (never a wrong value).
-            return (dx, dw) + rest
-        # one scaling pass, no data-dependent branch (it must trace under torch.compile); the
-        # products are fresh tensors that autograd's accumulation can take without a copy
-        g = grad_loss.to(_acc_dtype(dx))
-        return ((dx * g).to(ctx.dtype), (dw * g).to(ctx.dtype)) + rest
+        dx, dw = _scaled_saved_grads(ctx, grad_loss, dx, dw, x, weight)
+        # a gradient the forward did not form (its input did not require one) is None
+        return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None) + (None,) * 12
     x, weight, classes, pos_col, lse_total, gpos_unit = ctx.saved_tensors
     gneg = upstream_rows(grad_loss.to(lse_total.dtype), ctx.reduction, x.shape[0])
     gpos = gpos_unit * gneg[:, None]
-    dx, dw = _margin_loss_backward_op(x, weight, classes, pos_col, ctx.scale, lse_total, gneg, gpos, ctx.backend)
-    return dx, dw, None, None, None, None, None, None, None, None, None, None, None
+    need = int(ctx.needs_input_grad[0]) | 2 * int(ctx.needs_input_grad[1])
+    dx, dw = _margin_loss_backward_op(x, weight, classes, pos_col, ctx.scale, lse_total, gneg, gpos, ctx.backend,
+                                      need)
+    return (dx if need & 1 else None, dw if need & 2 else None) + (None,) * 12
+
+
+def _scaled_saved_grads(ctx, grad_loss, dx, dw, x, weight):
+    """The gradients formed in the forward at unit upstream gradient, times grad_loss (an empty
+    placeholder where a gradient was not formed stays one)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True: the gradients were formed in the forward as constants, so their
+        # own derivatives with respect to x and weight would silently be zero; a node on
+        # those paths raises instead (the upstream gradient's inputs, e.g. a learnable loss
+        # weight, still get theirs)
+        guard = _NoSecondOrder.apply(x, weight)
+        return tuple((t * grad_loss.to(_acc_dtype(t)) + guard).to(ctx.dtype) for t in (dx, dw))
+    if all(t.numel() == 0 or t.dtype == ctx.dtype for t in (dx, dw)) and _is_one(grad_loss):
+        # loss.backward(): the saved gradients are the answer. Without retain_graph autograd
+        # has released its saved copy by the time they are accumulated, so .grad takes them
+        # without a copy; with retain_graph it copies them. Saves a C'×D pass (~3% of
+        # mlcd_cpu) and that tensor's memory. One visible difference: torch.autograd.grad
+        # with retain_graph=True returns the saved tensor itself, and modifying it in place
+        # makes a later backward through the retained graph raise autograd's "modified by
+        # an inplace operation" error (never a wrong value).
+        return dx, dw
+    # one scaling pass, no data-dependent branch (it must trace under torch.compile); the
+    # products are fresh tensors that autograd's accumulation can take without a copy
+    return tuple((t * grad_loss.to(_acc_dtype(t))).to(ctx.dtype) for t in (dx, dw))
 
 
 _margin_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -597,8 +640,11 @@ def _run(fn, kind, x, weight, pos_ids, classes, scale, m1, m2, m3, margin_grad, 
     # Gradients during the forward pay off where no recompute is needed (chunked backends);
     # they require a scalar loss, whose upstream gradient is one number.
     gif = needs_grad and red != 0 and chosen in ("cpu", "torch")
+    # which gradients to form: a frozen input (requires_grad False) skips its product, a third
+    # of the backward's work
+    need = int(x.requires_grad) | 2 * int(weight.requires_grad)
     out = _margin_loss_op(x, weight, pos_ids, classes, kind, float(scale), float(m1), float(m2), float(m3),
-                          margin_grad == "exact", red, chosen, gif)
+                          margin_grad == "exact", red, chosen, gif, need)
     return out[0]
 
 
