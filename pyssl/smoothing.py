@@ -179,7 +179,9 @@ class Smooth:
             key = (dev, bs, tuple(x.shape[1:]), out_dtype, self.channels_last, id(self.model),
                    getattr(self.model, "training", None))
             step = self._graphs.get(key)
-            if step is None or step.capacity < B:
+            # (the step holds its model, so the id cannot be reused by a new model while the
+            # graph lives; `is` makes sure anyway)
+            if step is None or step.capacity < B or step.model is not self.model:
                 # one graph per device: each holds a private memory pool of a batch's activations
                 for k in [k for k in self._graphs if k[0] == dev]:
                     del self._graphs[k]
@@ -277,15 +279,31 @@ class Smooth:
 def certify_from_counts(c_hat: Tensor, n_a: Tensor, n: int, alpha: float, sigma: float,
                         tv_bound: float = 0.0) -> Tuple[Tensor, Tensor]:
     """The certification rule on counts: pA_lower = Clopper–Pearson(alpha) − tv_bound."""
-    from scipy.stats import beta, norm
+    from scipy.stats import norm
+    import numpy as np
+    lower = pa_lower(n_a, n, alpha, tv_bound)
+    ok = lower >= 0.5
+    radius = np.where(ok, sigma * norm.ppf(np.clip(lower, 0.5, 1.0)), 0.0)
+    # float32 radii rounded toward zero: a certificate never claims more than the float64 value
+    r32 = radius.astype(np.float32)
+    r32 = np.where(r32.astype(np.float64) > radius, np.nextafter(r32, np.float32(0)), r32)
+    pred = torch.where(torch.from_numpy(ok), c_hat.cpu(), torch.full_like(c_hat.cpu(), -1))
+    return pred, torch.from_numpy(r32)
+
+
+def pa_lower(n_a: Tensor, n: int, alpha: float, tv_bound: float = 0.0):
+    """pA_lower (float64 numpy): the one-sided (1 − alpha) Clopper–Pearson lower bound of n_a
+    successes in n, minus tv_bound."""
+    from scipy.stats import beta
     import numpy as np
     na = n_a.cpu().numpy().astype(np.float64)
     with np.errstate(all="ignore"):
-        lower = np.where(na > 0, beta.ppf(alpha, np.maximum(na, 1), n - na + 1), 0.0) - tv_bound
-    ok = lower >= 0.5
-    radius = np.where(ok, sigma * norm.ppf(np.clip(lower, 0.5, 1.0)), 0.0)
-    pred = torch.where(torch.from_numpy(ok), c_hat.cpu(), torch.full_like(c_hat.cpu(), -1))
-    return pred, torch.from_numpy(radius).float()
+        lower = np.where(na > 0, beta.ppf(alpha, np.maximum(na, 1), n - na + 1), 0.0)
+    if tv_bound > 0:
+        # one ulp further down: a bound below half an ulp of the Clopper-Pearson value (images
+        # of fewer than ~6,000 elements) would otherwise be lost to the subtraction's rounding
+        lower = np.nextafter(lower - tv_bound, -np.inf)
+    return lower
 
 
 def _defer_range_check(image_ids) -> bool:
@@ -306,6 +324,8 @@ class _GraphStep:
 
     def __init__(self, smooth: Smooth, x: Tensor, bs: int, out_dtype, capacity: int):
         self.smooth = smooth
+        # the captured graph reads this model's parameters in place: it must outlive the graph
+        self.model = smooth.model
         self.bs = bs
         self.K = smooth.num_classes
         self.capacity = capacity

@@ -188,8 +188,18 @@ def test_extension_draw_reaches_the_far_tail(backend):
         torch.testing.assert_close(z, reference.gaussian_noise(x.cpu(), 1, 1.0, seed=seed)[0], atol=1e-4, rtol=1e-5)
 
 
-def test_tv_bound():
-    assert pyssl.noise_tv_bound(10 ** 6) <= 1e-9
+def test_tv_bound_covers_the_tail_the_transform_cannot_reach():
+    """The bound against the sampler's own extreme: the largest radius the transform can give
+    (radius word 0, extension word 0: u = ½·2⁻⁶⁴) leaves a Gaussian pair the tail
+    P(R > r_max) = exp(−r_max²/2) per pair, which the bound must cover for every pair, within
+    SPEC's 1e-9 at 10⁶ elements; without the extension (32-bit u) the same tail is 5.8e-5."""
+    z = torch.zeros(1, dtype=torch.int64)
+    r_max = math.sqrt(-2 * float(N._log_radius(z, N._unit(z, 64))[0]))
+    r_32 = math.sqrt(-2 * float(N._log_radius(z, N._unit(z, 32))[0]))
+    assert 9.4 < r_max < 9.6 and 6.6 < r_32 < 6.8
+    for e in (1, 2, 3, 3072, 150528, 10 ** 6):
+        assert pyssl.noise_tv_bound(e) >= math.ceil(e / 2) * math.exp(-r_max ** 2 / 2)
+    assert pyssl.noise_tv_bound(10 ** 6) <= 1e-9 < 500_000 * math.exp(-r_32 ** 2 / 2)
     assert pyssl.noise_tv_bound(10 ** 6) == 500_000 * 2.0 ** -64
     assert pyssl.noise_tv_bound(3) == 2 * 2.0 ** -64
     with pytest.raises(ValueError, match="numel"):
@@ -258,10 +268,33 @@ def test_opcheck_and_compile(backend):
     rs, rm = N._rows_for(2, 3, 0, x.device)
     ids = torch.arange(2, device=x.device)
     a, b = N._channel_affine("t", x, MEAN, STD)
-    torch.library.opcheck(N._noise_op, (x, rs, rm, ids, a, b, 0.5, 7, 0, torch.float32, False, backend))
+    for check in (False, True):
+        torch.library.opcheck(N._noise_op, (x, rs, rm, ids, a, b, 0.5, 7, 0, torch.float32, False, backend, check))
     f = torch.compile(lambda t: pyssl.gaussian_noise(t, 3, 0.5, seed=7, mean=MEAN, std=STD, backend=backend),
                       fullgraph=True, backend="eager")
     torch.testing.assert_close(f(x), pyssl.gaussian_noise(x, 3, 0.5, seed=7, mean=MEAN, std=STD, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_with_tensor_ids_mean_and_std(backend):
+    """image_ids and mean/std as tensors (what a data pipeline hands over) trace with
+    fullgraph=True: their values are checked inside the op, which still raises ValueError."""
+    dev = device_for(backend)
+    x = _x(b=2).to(dev)
+    mean, std = torch.tensor(MEAN, device=dev), torch.tensor(STD, device=dev)
+
+    def f(t, ids, m, s):
+        return pyssl.gaussian_noise(t, 3, 0.5, seed=7, image_ids=ids, mean=m, std=s, backend=backend)
+    g = torch.compile(f, fullgraph=True, backend="aot_eager")
+    ids = torch.tensor([5, 9], device=dev)
+    torch.testing.assert_close(g(x, ids, mean, std), f(x, ids, mean, std))
+    torch.testing.assert_close(g(x, ids, mean[:1], std[:1]), f(x, ids, mean[:1], std[:1]))
+    with pytest.raises(ValueError, match="image_ids must be in"):
+        g(x, torch.tensor([5, 1 << 32], device=dev), mean, std)
+    with pytest.raises(ValueError, match="std must be finite and > 0"):
+        g(x, ids, mean, torch.tensor([0.2, 0.0, 0.2], device=dev))
+    with pytest.raises(ValueError, match="mean must be finite"):
+        g(x, ids, torch.tensor([0.5, float("nan"), 0.5], device=dev), std)
 
 
 # ---------------------------------------------------------------- bad input
@@ -278,6 +311,7 @@ def test_opcheck_and_compile(backend):
     (dict(image_ids=torch.tensor([0, -1, 2])), "image_ids"),
     (dict(image_ids=torch.tensor([0.0, 1.0, 2.0])), "image_ids"),
     (dict(image_ids=torch.tensor([0, 1, 2], device="meta")), "image_ids must be on x's device"),
+    (dict(image_ids=[0, 1, 2 ** 64]), "image_ids must be integers in"),
     (dict(mean=[0.5, 0.5]), "mean"),
     (dict(std=[0.2, 0.0, 0.2]), "std"),
     (dict(std=[0.2, float("inf"), 0.2]), "std"),

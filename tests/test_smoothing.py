@@ -71,6 +71,26 @@ def test_certify_equals_cohen_on_the_same_counts(backend):
     assert SIGMA * norm.ppf(0.9) - float(radius[0]) < 0.25
 
 
+def test_certified_radius_never_exceeds_its_float64_value():
+    """Radii come back in float32 rounded toward zero (nearest rounding exceeded the float64
+    value in about half the cases), and a generator bound below half an ulp of pA_lower (small
+    images) still lowers it: by at least one ulp."""
+    import numpy as np
+    from scipy.stats import beta
+    from pyssl import smoothing as S
+    na = torch.arange(600, 1001)
+    pred, r = S.certify_from_counts(torch.zeros_like(na), na, 1000, 0.001, 0.5, 0.0)
+    lower = beta.ppf(0.001, na.numpy().astype(np.float64), 1000 - na.numpy() + 1)
+    exact = 0.5 * norm.ppf(lower)
+    assert r.dtype == torch.float32 and (pred == 0).all()
+    assert (r.double().numpy() <= exact).all()
+    assert (np.nextafter(r.numpy(), np.float32(np.inf)).astype(np.float64) > exact).all()   # the nearest below
+    tiny = 392 * 2.0 ** -64          # noise_tv_bound of a 784-element image: < half an ulp of 0.9
+    assert 0.9 - tiny == 0.9
+    assert (S.pa_lower(na, 1000, 0.001, tiny) < S.pa_lower(na, 1000, 0.001, 0.0)).all()
+    torch.testing.assert_close(torch.from_numpy(S.pa_lower(na, 1000, 0.001, 0.0)), torch.from_numpy(lower))
+
+
 def test_certify_subtracts_the_generator_bound(monkeypatch):
     """The bound is far below a probability's ulp at these sizes, so its subtraction is checked
     with a stand-in bound large enough to change outcomes: certify asks for the bound of one

@@ -74,7 +74,8 @@ _TORCH_CHUNK_QUADS = 1 << 20
 def noise_tv_bound(numel: int) -> float:
     """The generator's tail bound for one noisy image of `numel` elements: the Gaussian tail mass
     no draw reaches, summed over its pairs, ceil(numel/2)·2⁻⁶⁴ (module docstring: "Tail bound").
-    Smooth.certify subtracts it from the Clopper–Pearson bound."""
+    Smooth.certify subtracts it from the Clopper–Pearson bound. It covers the truncated tail
+    only, not the discretization of the uniforms and of the float32 transform."""
     numel = _checks.integer("noise_tv_bound", "numel", numel, lo=0)
     return math.ceil(numel / 2) * 2.0 ** -64
 
@@ -204,6 +205,43 @@ def _channel_affine(fn, x: Tensor, mean, std, dtype: torch.dtype = torch.float32
             torch.tensor(b, dtype=dtype, device=x.device))
 
 
+def _channel_affine_traced(fn, x: Tensor, mean, std, dtype: torch.dtype):
+    """_channel_affine for mean/std tensors under torch.compile: (a, b) formed on the device
+    without reading the values (their finiteness and std > 0 are checked in the op,
+    _check_values); the per-channel count is a shape, checked here."""
+    c = x.shape[1] if x.dim() > 1 else 0
+    vals = []
+    for name, v, default in (("mean", mean, 0.0), ("std", std, 1.0)):
+        if v is None:
+            v = torch.full((max(c, 1),), default, dtype=dtype, device=x.device)
+        elif isinstance(v, Tensor):
+            v = v.detach().reshape(-1).to(x.device, dtype)
+        else:
+            v = torch.tensor(affine_values(fn, v, None)[0], dtype=dtype, device=x.device)
+        if v.numel() == 0:
+            raise ValueError(f"{fn}: {name} is empty")
+        if v.numel() == 1 and c != 1:
+            v = v.expand(max(c, 1))
+        if x.dim() < 2 or v.numel() != c:
+            raise ValueError(f"{fn}: {name} must have one value per channel (x.shape[1] = "
+                             f"{c if x.dim() > 1 else 'none: x has no channel dimension'}), "
+                             f"got {v.numel()} values")
+        vals.append(v)
+    mean_t, std_t = vals
+    return (1.0 / std_t).contiguous(), (-mean_t / std_t).contiguous()
+
+
+def _check_values(fn, image_ids: Tensor, a: Optional[Tensor], b: Optional[Tensor]) -> None:
+    """The data checks of a traced call, in the op: ids in range, a = 1/std finite and > 0,
+    b = −mean/std finite."""
+    if bool(image_ids_out_of_range(image_ids)):
+        raise_image_ids_range(fn, image_ids)
+    if a is not None and not bool((torch.isfinite(a) & (a > 0)).all()):
+        raise ValueError(f"{fn}: std must be finite and > 0 in every channel")
+    if b is not None and not bool(torch.isfinite(b).all()):
+        raise ValueError(f"{fn}: mean must be finite (and mean / std within float range)")
+
+
 def _check_x(fn, x):
     _checks.tensor(fn, "x", x)
     if x.dim() < 1 or x.shape[0] == 0 or x.numel() == 0:
@@ -220,7 +258,11 @@ def _check_image_ids(fn, image_ids, b, device, check_range: bool = True):
             raise ValueError(f"{fn}: more than 2^32 images need explicit image_ids")
         return torch.arange(b, device=device, dtype=torch.int64)
     if not isinstance(image_ids, Tensor):
-        image_ids = torch.as_tensor(image_ids)     # on the host: checked there, copied below
+        try:
+            image_ids = torch.as_tensor(image_ids)     # on the host: checked there, copied below
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise ValueError(f"{fn}: image_ids must be integers in [0, 2^32), one per image of x; "
+                             f"{image_ids!r:.80} does not convert to an integer tensor ({e})") from None
     _checks.integer_tensor(fn, "image_ids", image_ids)
     if image_ids.shape != (b,):
         raise ValueError(f"{fn}: image_ids must have shape ({b},) (one id per image of x), got {tuple(image_ids.shape)}")
@@ -349,7 +391,11 @@ def _noise_rows(xf: Tensor, row_src: Tensor, row_sample: Tensor, image_ids: Tens
 @torch.library.custom_op("pyssl::gaussian_noise", mutates_args=())
 def _noise_op(x: Tensor, row_src: Tensor, row_sample: Tensor, image_ids: Tensor,
               a: Optional[Tensor], b: Optional[Tensor], sigma: float, seed: int, stream: int,
-              out_dtype: torch.dtype, channels_last: bool, backend: str) -> Tensor:
+              out_dtype: torch.dtype, channels_last: bool, backend: str, check: bool) -> Tensor:
+    if check:
+        # under torch.compile the data-dependent checks run here, in the op (eager: before it,
+        # where CPU image ids and Python mean/std cost no device sync)
+        _check_values("gaussian_noise", image_ids, a, b)
     xf = x.reshape(x.shape[0], -1).to(_engine_dtype(out_dtype)).contiguous()
     chw = _chw(x)
     y = _noise_rows(xf, row_src, row_sample, image_ids, a, b, sigma, seed, stream, out_dtype,
@@ -381,7 +427,7 @@ def _as_output(y: Tensor, x: Tensor, rows: int, channels_last: bool) -> Tensor:
 
 
 @_noise_op.register_fake
-def _(x, row_src, row_sample, image_ids, a, b, sigma, seed, stream, out_dtype, channels_last, backend):
+def _(x, row_src, row_sample, image_ids, a, b, sigma, seed, stream, out_dtype, channels_last, backend, check):
     rows = row_src.shape[0]
     shape = (rows,) + tuple(x.shape[1:])
     y = x.new_empty(shape, dtype=out_dtype)
@@ -406,7 +452,7 @@ def _noise_backward(ctx, grad):
         c = shape[1]
         g = g * a.to(acc).view((1, c) + (1,) * (len(shape) - 2))
     dx = torch.zeros(shape, dtype=acc, device=grad.device).index_add_(0, row_src, g)
-    return (dx.to(ctx.x_dtype),) + (None,) * 11
+    return (dx.to(ctx.x_dtype),) + (None,) * 12
 
 
 _noise_op.register_autograd(_noise_backward, setup_context=_noise_setup)
@@ -449,13 +495,19 @@ def gaussian_noise(x: Tensor, num_samples: int, sigma: float, *, seed: int, samp
         out_dtype = x.dtype
     if out_dtype not in _FLOATS + (torch.float64,):
         raise ValueError(f"{fn}: out_dtype must be a float dtype, got {out_dtype}")
-    ids = _check_image_ids(fn, image_ids, x.shape[0], x.device)
-    a, b = _channel_affine(fn, x, mean, std, _engine_dtype(out_dtype))
+    # under torch.compile, values a graph cannot read on the host (image ids, mean/std given as
+    # tensors) are checked inside the op instead
+    tracing = torch.compiler.is_compiling()
+    ids = _check_image_ids(fn, image_ids, x.shape[0], x.device, check_range=not tracing)
+    if tracing and (isinstance(mean, Tensor) or isinstance(std, Tensor)):
+        a, b = _channel_affine_traced(fn, x, mean, std, _engine_dtype(out_dtype))
+    else:
+        a, b = _channel_affine(fn, x, mean, std, _engine_dtype(out_dtype))
     channels_last = _out_memory_format(fn, x, memory_format)
     chosen = _dispatch.choose(fn, backend, x.device, _PREFERENCE,
                               _backend_checks(x, out_dtype, x.shape[0] * num_samples))
     row_src, row_sample = _rows_for(x.shape[0], num_samples, sample_offset, x.device)
-    return _noise_op(x, row_src, row_sample, ids, a, b, sigma, seed, 0, out_dtype, channels_last, chosen)
+    return _noise_op(x, row_src, row_sample, ids, a, b, sigma, seed, 0, out_dtype, channels_last, chosen, tracing)
 
 
 def noise_rows(x: Tensor, row_src: Tensor, row_sample: Tensor, sigma: float, *, seed: int,
@@ -464,4 +516,4 @@ def noise_rows(x: Tensor, row_src: Tensor, row_sample: Tensor, sigma: float, *, 
     """Engine entry for callers that pack rows themselves (Smooth): row r is the noisy copy of
     x[row_src[r]] with sample index row_sample[r]. Arguments are assumed checked."""
     return _noise_op(x, row_src, row_sample, image_ids, a, b, sigma, seed, stream, out_dtype,
-                     channels_last, backend)
+                     channels_last, backend, False)
