@@ -2,7 +2,8 @@
 
 Two entry points, both working directly on the raw features x (N, D) and raw class centers
 w (C, D) (float32, bfloat16 or float16, the same dtype), with classes = S (C',) int64 unique
-class ids or None (= all C classes) and pos_col (N, L) int64 column indices into S (-1 = padding):
+class ids or None (= all C classes) and pos_col (N, L) integer column indices into S (-1 = padding;
+held as int32 by the kernels):
 
     mlcd_lse(x, w, classes, pos_col, scale) -> (lse_neg (N,) f32, pos_cos (N, L) f32)
     mlcd_grad(x, w, classes, pos_col, scale, lse_total, gneg, gpos)
@@ -84,6 +85,8 @@ def _positive_tile(POS, GPOS, rows, rmask, cols, L: tl.constexpr, WITH_GPOS: tl.
     Compares each column index with the L pos_col entries of the row (L is a constexpr, the loop
     is unrolled); padding (-1) never matches. The L column vectors are re-read per tile: they
     are tiny (BLOCK_N * L int64, L1/L2 resident) next to the BLOCK_N x BLOCK_C x D tile dot.
+    pos_col is int32 (columns of S < 2^31): an int64 compare is two instructions, and these
+    L·BLOCK_C compares per row are the tile's largest elementwise cost after the exp.
     """
     is_pos = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.int1)
     gpos = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
@@ -395,7 +398,7 @@ def _finish_store(acc, q, V_ROWS, OUT_ROWS, rv, vmask, d0, D, Q_FROM_ACC: tl.con
 #             ptxas: 254 registers, no spills. Shared memory: the x block (BLOCK_N x BLOCK_DO)
 #             once + the pipelined w tiles (BLOCK_C x BLOCK_DO each) + the G tile staged for
 #             the product: ~196 KiB with 2 stages. D <= 256: BLOCK_N = 128 (acc 128 x 256,
-#             240 registers, ~129 KiB, 3 stages).
+#             255 registers, 3 stages, CUT_CHAIN: see _bwd_default).
 #   Traffic:  w[S] (the dominant term) read cdiv(N, BLOCK_N) times over in FULL_D form (once per
 #             row block: the tile feeds both dots; 2·BLOCK_N FLOPs per element read),
 #             cdiv(N, BLOCK_N) * (slices + 1) times sliced; the x block once per program
@@ -628,7 +631,8 @@ def _bwd_default(dtype: torch.dtype, D: int) -> Tuple[dict, dict, dict]:
     warps, so the (64, BLOCK_DO) fp32 accumulator is at most 128 registers per thread
     (FlashAttention-3's budget at head dim 256); 3 stages up to D = 256, 2 at D = 512 (3 would
     need ~260 KiB of shared memory). D = 512: 254 / 250 registers (dx / dw), no spills,
-    ~196 / ~201 KiB of shared memory. D <= 256: the dx kernel takes BLOCK_N = 128 (below).
+    ~196 / ~201 KiB of shared memory. D <= 256: the dx kernel takes BLOCK_N = 128 with the
+    chain cut (below).
     16-bit, D > 512: a full-D accumulator would need 256 registers per thread; BLOCK_DO = 512
     spills inside the loop, so the sliced form with 256-wide slices (no spills).
     fp32 (input_precision="ieee": FMA, not tensor cores): the sliced form with the tiles of
@@ -641,8 +645,11 @@ def _bwd_default(dtype: torch.dtype, D: int) -> Tuple[dict, dict, dict]:
             stages = 3 if (64 + 2 * 64) * Dp * 2 <= 160 * 1024 else 2
             # D <= 256: the dx kernel's row block can be 128 = 16 x 8 warps (acc 128 x 256 is
             # 128 registers per thread): no chain cut needed, each warpgroup owns 64 rows, and
-            # every w tile loaded serves twice the rows.
-            only_dx = dict(BLOCK_N=128) if Dp <= 256 else {}
+            # every w tile loaded serves twice the rows. With the chain cut all the same: uncut,
+            # ptxas spilled 752 B (Triton 3.7) / 808 B (3.6) at 255 registers once the positive
+            # masks went int32; cut, none under either (two stages uncut still spilled 32 B on
+            # 3.6; BLOCK_C = 32 also fits, at half the product's N).
+            only_dx = dict(BLOCK_N=128, CUT_CHAIN=1) if Dp <= 256 else {}
             return (dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, BLOCK_DO=Dp, num_warps=8,
                          num_stages=stages, DX_SPLITS=0, FULL_D=1, CUT_CHAIN=-1), only_dx, {})
         return (dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=3,
@@ -772,13 +779,22 @@ def _prepare(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
         raise ValueError(f"pos_col must be (N, L) with N = {x.shape[0]}, got {tuple(pos_col.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = w if w.stride(-1) == 1 else w.contiguous()
-    pos_col = pos_col.to(torch.int64).contiguous()
     if classes is not None:
         classes = classes.to(device=x.device, dtype=torch.int64).contiguous()
         Cp = classes.numel()
     else:
         Cp = w.shape[0]
+    if Cp >= 2 ** 31:
+        raise ValueError(f"the Triton kernels index at most 2^31 - 1 candidate classes per call (per shard), got {Cp}")
+    # int32 column indices: the positive masks compare them with every column of a tile, and a
+    # 64-bit compare costs two instructions (and registers: int64 copies of the columns spilled)
+    pos_col = pos_col.to(torch.int32).contiguous()
     return x, w, classes, pos_col, Cp
+
+
+def _cls_arg(classes: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The CLS pointer: the class ids, or (HAS_CLASSES=False, never read) an empty int64 tensor."""
+    return classes if classes is not None else torch.empty(0, dtype=torch.int64, device=like.device)
 
 
 def _inv_norms(x, w, classes, Cp, cfg):
@@ -835,7 +851,7 @@ def _lse_stats(x, w, classes, pos_col, scale, Cp, cfg, splits):
     part_max = torch.empty(splits, N, device=x.device, dtype=torch.float32)
     part_sum = torch.empty(splits, N, device=x.device, dtype=torch.float32)
     _mlcd_lse_fwd_kernel[(row_blocks, splits)](
-        x, w, classes if classes is not None else pos_col, rx, rw, pos_col, part_max, part_sum,
+        x, w, _cls_arg(classes, x), rx, rw, pos_col, part_max, part_sum,
         N, Cp, D, x.stride(0), w.stride(0), float(scale) * LOG2E, tiles_per_split,
         L=L, HAS_CLASSES=classes is not None, BLOCK_N=f["BLOCK_N"], BLOCK_C=f["BLOCK_C"],
         BLOCK_D=f["BLOCK_D"], num_warps=f["num_warps"], num_stages=f["num_stages"], **flags)
@@ -877,7 +893,7 @@ def mlcd_lse(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     if L > 0:
         p = cfg["pos"]
         _pos_cos_kernel[(triton.cdiv(N * L, p["BLOCK_P"]),)](
-            x, w, classes if classes is not None else pos_col, rx, rw, pos_col, pos_cos,
+            x, w, _cls_arg(classes, x), rx, rw, pos_col, pos_cos,
             N * L, D, x.stride(0), w.stride(0),
             L=L, HAS_CLASSES=classes is not None, BLOCK_P=p["BLOCK_P"], BLOCK_D=p["BLOCK_D"],
             num_warps=p["num_warps"])
@@ -915,7 +931,7 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     cfg = _config(x.dtype, N, Cp, D, _interpreting())
     interpret, flags = _common_flags()
     rx, rw = _inv_norms(x, w, classes, Cp, cfg)
-    cls = classes if classes is not None else pos_col
+    cls = _cls_arg(classes, x)
     scale = float(scale)
     common = dict(L=L, HAS_CLASSES=classes is not None, **flags)
 
@@ -987,7 +1003,7 @@ def _bwd_compile_case(kernel, dtype: torch.dtype, b: dict, split_out: bool = Fal
     """A compile case of a backward kernel with configuration b (from _bwd_cfg): also what a
     ptxas check of a candidate configuration builds (see the module docstring)."""
     t = "*" + _TL_DTYPE_NAME[dtype]
-    base = dict(X=t, W=t, CLS="*i64", RX="*fp32", RW="*fp32", POS="*i64", LSE="*fp32",
+    base = dict(X=t, W=t, CLS="*i64", RX="*fp32", RW="*fp32", POS="*i32", LSE="*fp32",
                 GNEG="*fp32", GPOS="*fp32", GSCALE="*fp32")
     scalars = dict(N="i32", C="i32", D="i32", stride_x="i32", stride_w="i32")
     const = dict(L="constexpr", HAS_CLASSES="constexpr", BLOCK_N="constexpr",
@@ -1025,7 +1041,7 @@ def _compile_cases() -> List[tuple]:
                                HAS_IDX="constexpr", BLOCK_R="constexpr", BLOCK_D="constexpr"),
                           dict(HAS_IDX=has_idx, BLOCK_R=nrm["BLOCK_R"], BLOCK_D=nrm["BLOCK_D"]),
                           dict(num_warps=nrm["num_warps"])))
-        base = dict(X=t, W=t, CLS="*i64", RX="*fp32", RW="*fp32", POS="*i64")
+        base = dict(X=t, W=t, CLS="*i64", RX="*fp32", RW="*fp32", POS="*i32")
         const = dict(L="constexpr", HAS_CLASSES="constexpr", BLOCK_N="constexpr",
                      BLOCK_C="constexpr", BLOCK_D="constexpr")
         cases.append((_mlcd_lse_fwd_kernel,
