@@ -128,6 +128,45 @@ def test_predict_equals_cohen_on_the_same_counts(backend):
     assert got.tolist() == [1, 1, -1, 0]
 
 
+def test_predict_and_certify_at_their_boundaries(monkeypatch):
+    """Cohen et al.'s rules at equality: PREDICT returns the class when the p-value equals
+    alpha (abstains only above it); CERTIFY returns the class with radius 0 when pA_lower is
+    exactly 1/2 (abstains only below it)."""
+    from scipy.stats import binomtest
+    from pyssl import smoothing as S
+    x, model, _ = _problem()
+    counts = torch.tensor([[3, 17], [10, 10], [17, 3], [2, 18]])
+    p = binomtest(17, 20, 0.5).pvalue
+    smooth = pyssl.Smooth(model, 2, SIGMA, seed=1, backend="cpu")
+    monkeypatch.setattr(smooth, "_counts", lambda *a: counts)
+    assert smooth.predict(x, 20, p).tolist() == [1, -1, 0, 1]
+    assert smooth.predict(x, 20, np.nextafter(p, 0)).tolist() == [-1, -1, -1, 1]
+    monkeypatch.setattr(S, "pa_lower", lambda n_a, n, alpha, tv=0.0: np.array([0.5, np.nextafter(0.5, 0), 0.75]))
+    pred, radius = S.certify_from_counts(torch.tensor([3, 1, 2]), torch.tensor([9, 9, 9]), 10, 0.01, SIGMA)
+    assert pred.tolist() == [3, -1, 2] and radius[:2].tolist() == [0.0, 0.0]
+    assert float(radius[2]) == pytest.approx(SIGMA * norm.ppf(0.75), rel=1e-6)
+
+
+def test_channels_last_batches_give_the_same_votes_on_the_cpu():
+    """channels_last=True writes the noisy batch channels-last (for conv nets): the same
+    noise, so the same votes as the contiguous batch."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5)).eval()
+    x = torch.rand(3, 3, 8, 8)
+    seen = []
+    net.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    opts = dict(batch_size=64, seed=9, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3], backend="cpu")
+    a = pyssl.Smooth(net, 5, 0.25, **opts)
+    b = pyssl.Smooth(net, 5, 0.25, channels_last=True, **opts)
+    ca = a._counts(x, 100, 0, a._prepare("t", x, None), "")
+    n_plain = len(seen)
+    cb = b._counts(x, 100, 0, b._prepare("t", x, None), "")
+    assert not any(seen[:n_plain]) and all(seen[n_plain:]) and len(seen) > n_plain
+    assert torch.equal(ca, cb)
+    assert a.predict(x, 100, 0.01).tolist() == b.predict(x, 100, 0.01).tolist()
+
+
 def test_triton_backend_counts_match():
     x, model, _ = _problem(device_for("triton"))
     a = pyssl.Smooth(model, 2, SIGMA, batch_size=50, seed=3, backend="triton").certify(x, 10, 40, 0.01)
