@@ -352,10 +352,10 @@ def test_large_scores_are_stable(backend):
 NAN_CASES = [("q", 5), ("q", 11), ("k", 2), ("k", 11), ("v", 6)]   # token 11 is global
 
 
-@pytest.mark.parametrize("backend,stream", [("cpu", False), ("torch", False), ("triton", False), ("triton", True)])
+@pytest.mark.parametrize("backend,stream,topk", [(b, False, k) for b in ATTN_BACKENDS for k in (None, 2, 5)]
+                         + [("triton", True, 2), ("triton", True, 5)])    # (the streamed kernel: top-k only)
 @pytest.mark.parametrize("tensor,token", NAN_CASES)
 @pytest.mark.parametrize("grouped", [True, False])
-@pytest.mark.parametrize("topk", [None, 2, 5])
 def test_nan_inputs_poison_the_rows_that_use_them(backend, stream, tensor, token, grouped, topk, monkeypatch):
     """A NaN in q_i, or in k_j / v_j of a key j that query i keeps, makes output i NaN (as in
     the reference, and as a diverging run must show), never a silently finite or zero row: NaN
@@ -363,8 +363,6 @@ def test_nan_inputs_poison_the_rows_that_use_them(backend, stream, tensor, token
     Rows that touch no NaN are exact; dq of the NaN rows and dk carry the NaN."""
     if stream:
         monkeypatch.setenv("PYSSL_HOMATTN_TOPK_STREAM", "1")
-    if stream and not topk:
-        pytest.skip("the streamed kernel is top-k only")
     dev = device_for(backend)
     q, k, v = _qkv(b=1, h=2, l=12, d=4)
     groups = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, -1]]) if grouped else None
