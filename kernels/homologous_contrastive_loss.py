@@ -43,18 +43,20 @@ _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"
 
 
 @triton.jit
-def _score_tile(Z, G, INV, zb, gb, L, E, rows, rmask, gi, inv_i, n0, inv_t,
+def _score_tile(Z, G, INV, zb, gb, L, E, rows, rmask, gi, rs_i, n0,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Scores s of the rows against columns [n0, n0 + BLOCK_N) of the sample, the A(i) and P(i)
-    masks, and the columns' ids and inverse norms (|INV|: a negative entry marks a clamped norm)."""
+    """Scores of the rows against columns [n0, n0 + BLOCK_N) of the sample in base 2,
+    s·log2(e) = ẑ_i·ẑ_j/τ·log2(e) (rs_i = inv_i/τ·log2(e) per row: two multiplies per score,
+    and exp2 is the hardware's exponential), the A(i) and P(i) masks, and the columns' ids and
+    inverse norms (|INV|: a negative entry marks a clamped norm)."""
     cols = n0 + tl.arange(0, BLOCK_N)
     cmask = cols < L
     gj = tl.load(G + gb + cols, mask=cmask, other=-1)
     inv_j = tl.abs(tl.load(INV + gb + cols, mask=cmask, other=0.0))
     raw = dot_rows_tile(Z + zb, Z + zb, rows, cols, rmask, cmask, E, E, E,
                         BLOCK_M, BLOCK_N, BLOCK_E, DOT_FP32, DOT_PRECISION)
-    s = raw * inv_i[:, None] * inv_j[None, :] * inv_t
+    s = raw * rs_i[:, None] * inv_j[None, :]
     other = (gi[:, None] >= 0) & (gj[None, :] >= 0) & (rows[:, None] != cols[None, :])
     pos = other & (gi[:, None] == gj[None, :])
     return s, other, pos, cols, cmask, inv_j
@@ -70,26 +72,27 @@ def _hcl_fwd_kernel(Z, G, INV, ROWS, LSE, inv_t, L, E,
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < L
     gi = tl.load(G + gb + rows, mask=rmask, other=-1)
-    inv_i = tl.abs(tl.load(INV + gb + rows, mask=rmask, other=0.0))
+    rs_i = tl.abs(tl.load(INV + gb + rows, mask=rmask, other=0.0)) * (inv_t * 1.4426950408889634)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     den = tl.zeros((BLOCK_M,), tl.float32)
     psum = tl.zeros((BLOCK_M,), tl.float32)
     npos = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, L, BLOCK_N):
-        s, other, pos, cols, cmask, inv_j = _score_tile(Z, G, INV, zb, gb, L, E, rows, rmask, gi, inv_i, n0, inv_t,
+        s, other, pos, cols, cmask, inv_j = _score_tile(Z, G, INV, zb, gb, L, E, rows, rmask, gi, rs_i, n0,
                                                         BLOCK_M, BLOCK_N, BLOCK_E, DOT_FP32, DOT_PRECISION)
         m_new = tl.maximum(m, tl.max(tl.where(other, s, float("-inf")), axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # no valid column yet: keep den 0
         # exponents clamped at 0: the excluded entries (the diagonal at 1/τ, padding) would overflow
         # to inf before the select drops them; the kept ones are at most the running max anyway
-        den = den * tl.exp(m - m_safe) + tl.sum(tl.where(other, tl.exp(tl.minimum(s - m_safe[:, None], 0.0)), 0.0),
-                                                axis=1)
+        den = den * tl.exp2(m - m_safe) + tl.sum(tl.where(other, tl.exp2(tl.minimum(s - m_safe[:, None], 0.0)), 0.0),
+                                                 axis=1)
         m = m_new
         psum += tl.sum(tl.where(pos, s, 0.0), axis=1)
         npos += tl.sum(pos.to(tl.float32), axis=1)
     has_other = m != float("-inf")
-    lse = tl.where(has_other, m + tl.log(tl.where(has_other, den, 1.0)), 0.0)
-    row = tl.where(npos > 0, lse - psum / tl.maximum(npos, 1.0), 0.0)
+    # back to natural units: m and psum are in base 2
+    lse = tl.where(has_other, (m + tl.log2(tl.where(has_other, den, 1.0))) * 0.6931471805599453, 0.0)
+    row = tl.where(npos > 0, lse - psum * 0.6931471805599453 / tl.maximum(npos, 1.0), 0.0)
     tl.store(ROWS + gb + rows, row, mask=rmask)
     tl.store(LSE + gb + rows, lse, mask=rmask)
 
@@ -109,22 +112,23 @@ def _hcl_bwd_kernel(Z, G, INV, LSE, U, NPOS, DZ, inv_t, L, E,
     gi = tl.load(G + gb + rows, mask=rmask, other=-1)
     inv_raw = tl.load(INV + gb + rows, mask=rmask, other=0.0)
     inv_i = tl.abs(inv_raw)
-    lse_i = tl.load(LSE + gb + rows, mask=rmask, other=0.0)
+    rs_i = inv_i * (inv_t * 1.4426950408889634)
+    lse_i = tl.load(LSE + gb + rows, mask=rmask, other=0.0) * 1.4426950408889634     # base 2, as s
     u_i = tl.load(U + gb + rows, mask=rmask, other=0.0)
     np_i = tl.load(NPOS + gb + rows, mask=rmask, other=0.0)
     w_i = tl.where(np_i > 0, 1.0 / tl.maximum(np_i, 1.0), 0.0)
     acc = tl.zeros((BLOCK_M, E_SPLIT), tl.float32)
     for n0 in range(0, L, BLOCK_N):
-        s, other, pos, cols, cmask, inv_j = _score_tile(Z, G, INV, zb, gb, L, E, rows, rmask, gi, inv_i, n0, inv_t,
+        s, other, pos, cols, cmask, inv_j = _score_tile(Z, G, INV, zb, gb, L, E, rows, rmask, gi, rs_i, n0,
                                                         BLOCK_M, BLOCK_N, BLOCK_E, DOT_FP32, DOT_PRECISION)
-        lse_j = tl.load(LSE + gb + cols, mask=cmask, other=0.0)
+        lse_j = tl.load(LSE + gb + cols, mask=cmask, other=0.0) * 1.4426950408889634
         u_j = tl.load(U + gb + cols, mask=cmask, other=0.0)
         np_j = tl.load(NPOS + gb + cols, mask=cmask, other=0.0)
         w_j = tl.where(np_j > 0, 1.0 / tl.maximum(np_j, 1.0), 0.0)
         # s <= lse of both its row and its column for every pair kept below: exponents clamped at
         # 0 so the excluded ones (the diagonal, padding) give no inf (0·inf = NaN before the select)
-        g = (u_i[:, None] * (tl.exp(tl.minimum(s - lse_i[:, None], 0.0)) - tl.where(pos, w_i[:, None], 0.0))
-             + u_j[None, :] * (tl.exp(tl.minimum(s - lse_j[None, :], 0.0)) - tl.where(pos, w_j[None, :], 0.0)))
+        g = (u_i[:, None] * (tl.exp2(tl.minimum(s - lse_i[:, None], 0.0)) - tl.where(pos, w_i[:, None], 0.0))
+             + u_j[None, :] * (tl.exp2(tl.minimum(s - lse_j[None, :], 0.0)) - tl.where(pos, w_j[None, :], 0.0)))
         # M·ẑ_j = (M·inv_j)·z_j with the raw z_j as the operand, both in float32 and multiplied
         # in TF32 for 16-bit z (float32: "ieee"). A 16-bit z_j is exact in TF32, so the only
         # rounding is M·inv_j's (relative 2^-11, nearly all of it radial and removed by the
