@@ -311,7 +311,9 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L, H, NB,
     s = tl.where(kept, s, float("-inf"))
     m = tl.max(s, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp(s - m_safe[:, None])
+    # exp(s − m) as exp2(s·log2 e − m·log2 e): one fused multiply-add per score (s itself stays
+    # in natural units: the ranking above compares it bit for bit)
+    p = tl.exp2(s * 1.4426950408889634 - (m_safe * 1.4426950408889634)[:, None])
     den = tl.sum(p, axis=1)
     live = den != 0.0    # NaN (a kept NaN score) stays live: a NaN row and lse, as in _fwd_store
     p = p / tl.where(live, den, 1.0)[:, None]
