@@ -303,7 +303,7 @@ def _attn_topk_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L, H, NB,
         gq = tl.load(G + b * L + rows, mask=mmask, other=0)
         gk = tl.load(G + b * L + cols, mask=nmask, other=0)
         allowed = allowed & _group_mask(gq, gk)
-    key = (_ordered(s).to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)[None, :]
+    key = (_ordered(s, DOT_FP32).to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)[None, :]
     key = tl.where(allowed, key, -9223372036854775807 - 1)
     ordered = tl.sort(key, dim=1, descending=True)
     thr = tl.sum(tl.where(cols[None, :] == KTH, ordered, 0), axis=1)
@@ -353,11 +353,17 @@ def _topk_program(Q, L, H, SB, SH, SL, D: tl.constexpr, BLOCK_D: tl.constexpr, B
 
 
 @triton.jit
-def _ordered(s):
+def _ordered(s, INTERPRETED: tl.constexpr):
     """The float32 scores as int32 in the same order (sign-magnitude to two's complement;
-    -0.0 must have been turned into +0.0). A NaN the GPU computes is the canonical 0x7FFFFFFF,
-    which lands above +inf: NaN ranks first, as torch.sort ranks it."""
-    sb = s.to(tl.int32, bitcast=True)
+    -0.0 must have been turned into +0.0). NaN ranks first, as torch.sort ranks it: a NaN the
+    GPU computes (the dot, the scale's multiply) is the canonical 0x7FFFFFFF, above +inf,
+    whatever the sign of the NaN that went in; the interpreter's numpy keeps a NaN's sign bit
+    (a -nan, or x86's 0 * inf), so there NaN is made canonical first (INTERPRETED: the
+    kernels' DOT_FP32, set exactly under the interpreter)."""
+    if INTERPRETED:
+        sb = tl.where(s != s, 0x7FFFFFFF, s.to(tl.int32, bitcast=True))
+    else:
+        sb = s.to(tl.int32, bitcast=True)
     return sb ^ ((sb >> 31) & 0x7FFFFFFF)
 
 
@@ -432,7 +438,7 @@ def _attn_topk_stream_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L,
         if HAS_GROUPS:
             gk = tl.load(G + gbase + cols, mask=nmask, other=0)
             allowed = allowed & _group_mask(gq, gk)
-        flip = _ordered(s)
+        flip = _ordered(s, DOT_FP32)
         if ph < npass:
             step = tl.full((BLOCK_M,), 1, tl.int64) << (30 - 2 * ph).to(tl.int64)
             lo = ans - 2147483648                 # the prefix in the int32 order of flip

@@ -349,14 +349,15 @@ def test_large_scores_are_stable(backend):
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
-NAN_CASES = [("q", 5), ("q", 11), ("k", 2), ("k", 11), ("v", 6)]   # token 11 is global
+# token 11 is global; -1: a NaN with its sign bit set (a user's -nan, or 0 · inf on x86)
+NAN_CASES = [("q", 5, 1), ("q", 11, 1), ("k", 2, 1), ("k", 11, 1), ("v", 6, 1), ("k", 2, -1), ("q", 5, -1)]
 
 
 @pytest.mark.parametrize("backend,stream,topk", [(b, False, k) for b in ATTN_BACKENDS for k in (None, 2, 5)]
                          + [("triton", True, 2), ("triton", True, 5)])    # (the streamed kernel: top-k only)
-@pytest.mark.parametrize("tensor,token", NAN_CASES)
+@pytest.mark.parametrize("tensor,token,sign", NAN_CASES)
 @pytest.mark.parametrize("grouped", [True, False])
-def test_nan_inputs_poison_the_rows_that_use_them(backend, stream, tensor, token, grouped, topk, monkeypatch):
+def test_nan_inputs_poison_the_rows_that_use_them(backend, stream, tensor, token, sign, grouped, topk, monkeypatch):
     """A NaN in q_i, or in k_j / v_j of a key j that query i keeps, makes output i NaN (as in
     the reference, and as a diverging run must show), never a silently finite or zero row: NaN
     scores rank above every number (torch.sort's order), so a NaN key is kept wherever allowed.
@@ -367,7 +368,9 @@ def test_nan_inputs_poison_the_rows_that_use_them(backend, stream, tensor, token
     q, k, v = _qkv(b=1, h=2, l=12, d=4)
     groups = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, -1]]) if grouped else None
     bad = dict(q=q.clone(), k=k.clone(), v=v.clone())
-    bad[tensor][0, 1, token, 1] = float("nan")
+    # the quiet NaN's bits, 0x7FC00000, or with the sign bit, 0xFFC00000
+    bad[tensor].view(torch.int32)[0, 1, token, 1] = 0x7FC00000 if sign > 0 else -0x00400000
+    assert bad[tensor][0, 1, token, 1].isnan() and (bad[tensor][0, 1, token, 1].view(torch.int32) < 0) == (sign < 0)
     kept = reference.homologous_kept(bad["q"], bad["k"], groups, topk)
     nan_key = (bad["k"].isnan() | bad["v"].isnan()).any(-1)
     want_nan = bad["q"].isnan().any(-1) | (kept & nan_key[:, :, None, :]).any(-1)

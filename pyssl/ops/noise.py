@@ -212,12 +212,15 @@ def _channel_affine_traced(fn, x: Tensor, mean, std, dtype: torch.dtype):
     c = x.shape[1] if x.dim() > 1 else 0
     vals = []
     for name, v, default in (("mean", mean, 0.0), ("std", std, 1.0)):
+        # float64 as the eager path's Python floats, rounded to dtype once at the end: the same
+        # a, b bit for bit (float64 tensors rounded to float32 first would differ in the last bit)
         if v is None:
-            v = torch.full((max(c, 1),), default, dtype=dtype, device=x.device)
+            v = torch.full((max(c, 1),), default, dtype=torch.float64, device=x.device)
         elif isinstance(v, Tensor):
-            v = v.detach().reshape(-1).to(x.device, dtype)
+            v = v.detach().reshape(-1).to(x.device, torch.float64)
         else:
-            v = torch.tensor(affine_values(fn, v, None)[0], dtype=dtype, device=x.device)
+            checked = affine_values(fn, v, None)[0] if name == "mean" else affine_values(fn, None, v)[1]
+            v = torch.tensor(checked, dtype=torch.float64, device=x.device)
         if v.numel() == 0:
             raise ValueError(f"{fn}: {name} is empty")
         if v.numel() == 1 and c != 1:
@@ -228,7 +231,7 @@ def _channel_affine_traced(fn, x: Tensor, mean, std, dtype: torch.dtype):
                              f"got {v.numel()} values")
         vals.append(v)
     mean_t, std_t = vals
-    return (1.0 / std_t).contiguous(), (-mean_t / std_t).contiguous()
+    return (1.0 / std_t).to(dtype).contiguous(), (-mean_t / std_t).to(dtype).contiguous()
 
 
 def _check_values(fn, image_ids: Tensor, a: Optional[Tensor], b: Optional[Tensor]) -> None:
