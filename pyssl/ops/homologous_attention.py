@@ -50,8 +50,12 @@ from pyssl import _checks, _dispatch
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
-# torch backend: query rows per chunk so that a (B, H, R, L) score block stays near this size
+# torch backend, group mode: a bucket's sets sliced so that their score blocks stay near this size
 CHUNK_ELEMS = 1 << 24
+# the torch backend's row chunks of top-k and ungrouped rows: (B, H, r, L) scores of ~2^22
+# elements (4 of its temporaries at once): at homattn_topk_cpu, 95.7 MB peak against 177.8 MB
+# for 2^24 (one chunk of whole rows), the same time
+ROW_CHUNK_ELEMS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +155,8 @@ def _topk_mask(s: Tensor, allowed: Optional[Tensor], topk: int) -> Tensor:
     K − (count above) equal to it in key order. NaN ranks as +inf (torch.sort ranks it above
     +inf: the same outputs, NaN either way, where a row holds both)."""
     sm = s.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
-    sm = sm if allowed is None else sm.masked_fill(~allowed, float("-inf"))
+    if allowed is not None:
+        sm.masked_fill_(~allowed, float("-inf"))
     kk = min(topk, s.shape[-1])
     kth = sm.topk(kk, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     above = sm > kth
@@ -162,7 +167,7 @@ def _topk_mask(s: Tensor, allowed: Optional[Tensor], topk: int) -> Tensor:
 
 def _chunk_rows(q: Tensor) -> int:
     b, h, l, _ = q.shape
-    return max(1, min(l, CHUNK_ELEMS // max(1, b * h * l)))
+    return max(1, min(l, ROW_CHUNK_ELEMS // max(1, b * h * l)))
 
 
 def _torch_forward(q, k, v, groups, topk, scale):
@@ -176,16 +181,18 @@ def _torch_forward(q, k, v, groups, topk, scale):
     rows = _chunk_rows(q)
     for i0 in range(0, l, rows):
         r = min(rows, l - i0)
-        s = scale * (q[:, :, i0:i0 + r].to(acc) @ kf.transpose(-1, -2))
+        # the chunk's scores are a fresh tensor: masked, shifted and exponentiated in place (each
+        # (B, H, r, L) temporary less is a chunk of peak memory less)
+        s = (q[:, :, i0:i0 + r].to(acc) @ kf.transpose(-1, -2)).mul_(scale)
         kept = _allowed_rows(groups, i0, r, l, q.device)
         if topk:
             kept = _topk_mask(s, kept, topk)
             keep[:, :, i0:i0 + r] = pack_bits(kept)
         if kept is not None:
-            s = s.masked_fill(~kept, float("-inf"))
+            s.masked_fill_(~kept, float("-inf"))
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(s - m)
+        p = s.sub_(m).exp_()
         den = p.sum(-1, keepdim=True)
         lse[:, :, i0:i0 + r] = (m + torch.log(den)).squeeze(-1)
         o = (p @ vf) / torch.where(den > 0, den, torch.ones_like(den))
@@ -206,16 +213,15 @@ def _torch_backward(q, k, v, out, dout, lse, groups, keep, topk, scale):
     for i0 in range(0, l, rows):
         r = min(rows, l - i0)
         qc = qf[:, :, i0:i0 + r]
-        s = scale * (qc @ kf.transpose(-1, -2))
         kept = unpack_bits(keep[:, :, i0:i0 + r], l) if topk else _allowed_rows(groups, i0, r, l, q.device)
         lc = lse[:, :, i0:i0 + r, None]
         live = lc != float("-inf")                         # a NaN lse (NaN scores) stays live: NaN gradients
-        p = torch.exp(s - torch.where(live, lc, torch.zeros_like(lc)))
-        p = torch.where(live if kept is None else (kept & live), p, torch.zeros_like(p))
+        # P and dS formed in place in the chunk's fresh score and dP tensors
+        p = (qc @ kf.transpose(-1, -2)).mul_(scale).sub_(torch.where(live, lc, torch.zeros_like(lc))).exp_()
+        p.masked_fill_(~(live if kept is None else (kept & live)), 0.0)
         doc = do[:, :, i0:i0 + r]
         dv += p.transpose(-1, -2) @ doc
-        dp = doc @ vf.transpose(-1, -2)
-        ds = p * (dp - delta[:, :, i0:i0 + r, None])
+        ds = (doc @ vf.transpose(-1, -2)).sub_(delta[:, :, i0:i0 + r, None]).mul_(p)
         dq[:, :, i0:i0 + r] = scale * (ds @ kf)
         dk += scale * (ds.transpose(-1, -2) @ qc)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
