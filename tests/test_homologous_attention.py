@@ -92,6 +92,17 @@ def test_torch_backend_without_flash_kernel(monkeypatch, mode, dtype):
     torch.testing.assert_close(with_flash[1], without[1], **tol)
 
 
+@pytest.mark.parametrize("mode", ["dense", "topk", "group+topk", "uneven+group_of_one+topk"])
+def test_torch_backend_in_row_chunks(mode, monkeypatch):
+    """The torch backend's chunked rows (top-k and ungrouped): several chunks of a few query
+    rows each, the last one short, give the reference's outputs and gradients."""
+    monkeypatch.setattr(HA, "ROW_CHUNK_ELEMS", 2 * 3 * 21 * 4)       # 4 rows of 21 per chunk
+    assert HA._chunk_rows(torch.empty(2, 3, 21, 8)) == 4
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    groups, topk = _case(mode, 2, 21, "cpu")
+    _check_against_reference(q, k, v, groups, topk, "torch")
+
+
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("mode", ["group+globals2", "group+topk"])
 def test_wide_heads(backend, mode):
