@@ -181,7 +181,8 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
         i, bad = i.cpu(), bad.cpu()
         if bool(bad.any()):
             row = b0 + int(bad.nonzero()[0, 0])
-            raise ValueError(f"{fn}: x holds non-finite values (row {row}; the rows before it are assigned)")
+            raise ValueError(f"{fn}: x holds non-finite values (row {row}; rows [0, {b0}) of the earlier "
+                             "batches are assigned)")
         idx_t[b0:b0 + batch_size] = i
         sim_t[b0:b0 + batch_size] = s.cpu()
     if out is not None:

@@ -440,7 +440,18 @@ _attn_op.register_autograd(_backward, setup_context=_setup)
 def homologous_attention(q: Tensor, k: Tensor, v: Tensor, groups: Optional[Tensor] = None, *,
                          topk: Optional[int] = None, scale: Optional[float] = None,
                          backend: str = "auto") -> Tensor:
-    """Attention restricted to each token's own source image (SPEC §2); see the module docstring."""
+    """Attention restricted to each token's own source image (Mixed Autoencoder).
+
+        S_ij = scale · q_i·k_j                  (scale defaults to 1/sqrt(d))
+        allowed(i, j) = groups[i] == groups[j] or groups[i] < 0 or groups[j] < 0
+        topk=K: of the allowed keys, query i keeps its K highest S_ij (per head; ties to the
+                lower key index; all of them where fewer than K are allowed)
+        O_i = Σ_j softmax over the kept j of S_ij · v_j     (a query with no kept key: 0)
+
+    q, k, v (B, H, L, d) of one float dtype (views with a unit last stride are read in place);
+    groups (B, L) integer or None (one group). Negative ids are global tokens (a CLS token):
+    they attend to all and are attended by all. The kept set gets no gradient. More in the
+    module docstring (backends, kernels)."""
     return attention_with_stats(q, k, v, groups, topk=topk, scale=scale, backend=backend)[0]
 
 

@@ -190,10 +190,11 @@ def _has_positive(groups: Tensor) -> Tensor:
 
 def homologous_contrastive_loss(z: Tensor, groups: Tensor, *, temperature: float = 0.2,
                                 reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """Homologous contrastive loss (SPEC §2) of token embeddings z (B, L, E) by group ids (B, L):
-    per token, the log-sum-exp of its cosine/temperature scores against the sample's other
-    valid tokens minus their mean over its own group; tokens with a negative id, or alone in
-    their group, contribute 0. reduction "mean" averages over the tokens that have a positive
+    """Homologous contrastive loss of token embeddings z (B, L, E) by group ids (B, L): within
+    each sample, with s_ij = cos(z_i, z_j)/temperature over the tokens of id >= 0, P(i) the
+    other tokens of i's group and A(i) all other tokens,
+        ℓ_i = −(1/|P(i)|) Σ_{p ∈ P(i)} [ s_ip − log Σ_{a ∈ A(i)} exp(s_ia) ];
+    tokens with a negative id, or alone in their group, contribute 0. reduction "mean" averages over the tokens that have a positive
     (0, not NaN, when none has: a batch without pairs adds nothing to a training loss).
     No backend keeps a B·L·L float tensor for the backward: the Triton and C++ kernels recompute
     scores from z; the torch backend recomputes its row chunks (activation checkpointing)."""

@@ -21,6 +21,11 @@ from pyssl import _checks
 
 def mix_patches(patches: Tensor, ratio: float = 0.25, *, generator: Optional[torch.Generator] = None
                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Mix G = round(1/ratio) consecutive images into one sample: (mixed (B/G, Np, P), groups
+    (B/G, Np) int64 in [0, G), the source of each position; sources (B/G, G) int64 batch
+    indices). An exact partition: every source gets floor or ceil of Np/G positions, chosen
+    uniformly at random (reproducible with a generator); mixed[m, p] = patches[sources[m,
+    groups[m, p]], p]. patches (B, Np, P) with B divisible by G. More in the module docstring."""
     fn = "mix_patches"
     _checks.tensor(fn, "patches", patches)
     if patches.dim() != 3:

@@ -655,7 +655,18 @@ def _run(fn, kind, x, weight, pos_ids, classes, scale, m1, m2, m3, margin_grad, 
 def mlcd_loss(x: Tensor, weight: Tensor, positives: Tensor, *, scale: float = 64.0, margin: float = 0.3,
               classes: Optional[Tensor] = None, margin_grad: str = "straight_through",
               reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """MLCD multi-label margin loss (SPEC §1), never materializing the N×C' logits.
+    """MLCD multi-label margin loss (Multi-label Cluster Discrimination), never materializing
+    the N×C' logits.
+
+    With cos_nc = clamp(x̂_n·ŵ_c, −1, 1) (rows L2-normalized), the row's positives P_n and its
+    negatives S \ P_n (other rows' positives are negatives):
+        a_ni = s·cos(arccos(cos_ni) + m)   (i ∈ P_n),      b_nj = s·cos_nj   (j ∈ S \ P_n)
+        L_n  = log(1 + Σ_i exp(−a_ni)) + log(1 + Σ_j exp(b_nj))
+    and loss = mean_n L_n (reduction "mean"; "sum", "none" too). The negative sum is never a
+    difference of sums: a row's own positives are masked inside each tile.
+    Gradients: ∂L_n/∂cos_nj = s·p⁻_nj on negatives and −s·p⁺_ni·κ_ni on positives, with κ = 1
+    (margin_grad="straight_through", PartialFC's) or sin(θ+m)/sin θ ("exact"); rows of weight
+    outside S get zero; a frozen input (requires_grad False) gets none and costs none.
 
     x (N, D) and weight (C, D) share a float dtype; positives (N, l) int64 class ids with -1 as
     padding (at least one per row, unique within a row); classes None (all C classes) or the
@@ -673,10 +684,12 @@ def margin_softmax_loss(x: Tensor, weight: Tensor, labels: Tensor, *, scale: flo
                         m2: float = 0.5, m3: float = 0.0, classes: Optional[Tensor] = None,
                         margin_grad: str = "straight_through", reduction: str = "mean",
                         backend: str = "auto") -> Tensor:
-    """Single-label margin softmax (ArcFace m2, CosFace m3, SphereFace m1) over S.
+    """Single-label margin softmax (ArcFace m2, CosFace m3, SphereFace m1) over S, on the
+    MLCD loss's engine (never an N×C' tensor).
 
-    Target logit s·(cos(m1·θ + m2) − m3), other logits s·cos θ, cross-entropy over the
-    candidate classes; labels (N,) int64.
+    Target logit s·(cos(m1·θ + m2) − m3), other logits s·cos θ (θ the angle between the
+    normalized x_n and w_c), cross-entropy over the candidate classes S (classes None: all C);
+    labels (N,) int64.
     """
     fn = "margin_softmax_loss"
     _check_common(fn, x, weight, classes, scale, reduction, margin_grad)

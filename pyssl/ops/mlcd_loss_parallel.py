@@ -1,6 +1,6 @@
 """Model-parallel MLCD loss and margin softmax: the class centers sharded across the ranks of a
-process group by contiguous class ranges (PartialFC style), SPEC §1 (pyssl.nn.MLCDLoss with a
-process_group). The numbers are those of one process holding every center.
+process group by contiguous class ranges (PartialFC style): pyssl.nn.MLCDLoss with a
+process_group. The numbers are those of one process holding every center.
 
 Rank r of P holds the centers of classes [start_r, start_r + C_r) and its own N_r rows. One call:
 

@@ -472,7 +472,10 @@ def gaussian_noise(x: Tensor, num_samples: int, sigma: float, *, seed: int, samp
                    std: Union[None, Sequence[float], Tensor] = None,
                    out_dtype: Optional[torch.dtype] = None, memory_format=None,
                    backend: str = "auto") -> Tensor:
-    """num_samples noisy, normalized copies of every image of x, image-major (SPEC §3).
+    """num_samples noisy, normalized copies of every image of x, image-major:
+    y[i·n + s] = a·(x[i] + sigma·z(seed, image_ids[i], sample_offset + s, element)) + b, with
+    a = 1/std, b = −mean/std per channel and z standard normal from the counter scheme (module
+    docstring: Philox4x32-10, Box–Muller with tails to 9.49σ).
 
     x: (B, ...) float pixels (noise is added before normalization). mean/std: one value per
     channel (x.shape[1]). out_dtype: float32/bfloat16/float16, or float64 (torch backend, which
