@@ -6,7 +6,7 @@ import pyssl
 from pyssl import reference
 from pyssl.ops import homologous_attention as HA
 
-from conftest import device_for
+from conftest import GPU, device_for
 
 ATTN_BACKENDS = ["cpu", "torch", "triton"]
 
@@ -759,6 +759,29 @@ def test_mix_patches_reproducible_and_random():
         _, g, _ = pyssl.mix_patches(torch.randn(4, 30, 1), 0.25, generator=torch.Generator().manual_seed(s))
         firsts.add(tuple((g[0] == i).sum().item() for i in range(4)))
     assert len(firsts) > 1
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU")
+def test_mix_patches_on_the_gpu_without_a_host_sync():
+    """GPU patches: a seeded CPU generator gives the CPU's mix (reproducible across devices)
+    with no host sync (the labels reach the device from pinned memory), and a generator on the
+    GPU draws there."""
+    p = torch.randn(8, 50, 3)
+    want = pyssl.mix_patches(p, 0.25, generator=torch.Generator().manual_seed(4))
+    pc = p.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = pyssl.mix_patches(pc, 0.25, generator=torch.Generator().manual_seed(4))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(got, want):
+        assert a.is_cuda and torch.equal(a.cpu(), b)
+    mixed, groups, sources = pyssl.mix_patches(pc, 0.25, generator=torch.Generator("cuda").manual_seed(4))
+    assert groups.is_cuda and reference.mix_groups_valid(groups.cpu(), 4)
+    assert torch.equal(mixed, pc[sources.gather(1, groups), torch.arange(50, device="cuda")])
+    with pytest.raises(ValueError, match="generator must be a CPU generator or one on patches' device"):
+        pyssl.mix_patches(p, 0.25, generator=torch.Generator("cuda"))
 
 
 def test_mix_patches_gradient_and_bad_input():

@@ -6,8 +6,11 @@ patches (B, Np, P), B divisible by G. The consecutive images m·G … m·G + G �
 m: position p of mixed[m] is patch p of source groups[m, p] (an index into sources[m]). The
 assignment is an exact partition: Np mod G sources, chosen uniformly at random, get ceil(Np/G)
 positions and the others floor(Np/G); given those counts every arrangement of positions is
-equally likely. The randomness comes from `generator` (a CPU torch.Generator), so a seeded
-generator reproduces the mix on any device. mixed is a gather of patches: differentiable.
+equally likely. The randomness comes from `generator`: a CPU torch.Generator (or the default
+CPU one) draws the (B/G)·(Np + G) uniforms on the host, so a seeded generator reproduces the
+mix on any device, and GPU patches get the labels through pinned memory without a host sync
+(a plain copy from pageable memory would wait for the stream every step); a generator on the
+patches' GPU draws there. mixed is a gather of patches: differentiable.
 """
 from __future__ import annotations
 
@@ -43,16 +46,23 @@ def mix_patches(patches: Tensor, ratio: float = 0.25, *, generator: Optional[tor
     if b % g != 0:
         raise ValueError(f"{fn}: the batch size B = {b} must be divisible by G = round(1/ratio) = {g}")
     _checks.generator(fn, "generator", generator)
-    if generator is not None and generator.device.type != "cpu":
-        raise ValueError(f"{fn}: generator must be a CPU generator, got one on {generator.device}")
+    dev = patches.device
+    draw = torch.device("cpu") if generator is None else generator.device
+    if draw.type != "cpu" and draw != dev and not (draw.index is None and draw.type == dev.type):
+        raise ValueError(f"{fn}: generator must be a CPU generator or one on patches' device ({dev}), "
+                         f"got one on {generator.device}")
+    if draw.type != "cpu":
+        draw = dev
     m = b // g
     # which sources get the extra position: a random relabelling of (position mod G)
-    relabel = torch.rand(m, g, generator=generator).argsort(dim=1)
-    base = relabel.gather(1, (torch.arange(np_) % g).expand(m, np_))
+    relabel = torch.rand(m, g, generator=generator, device=draw).argsort(dim=1)
+    base = relabel.gather(1, (torch.arange(np_, device=draw) % g).expand(m, np_))
     # a uniformly random arrangement of those labels over the positions
-    perm = torch.rand(m, np_, generator=generator).argsort(dim=1)
-    groups = base.gather(1, perm).to(patches.device)
-    sources = (torch.arange(m)[:, None] * g + torch.arange(g)[None, :]).to(patches.device)
+    perm = torch.rand(m, np_, generator=generator, device=draw).argsort(dim=1)
+    groups = base.gather(1, perm)
+    if groups.device != dev:
+        groups = groups.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else groups.to(dev)
+    sources = torch.arange(m, device=dev)[:, None] * g + torch.arange(g, device=dev)[None, :]
     src_rows = sources.gather(1, groups)                              # (m, Np) batch index
     pos = torch.arange(np_, device=patches.device).expand(m, np_)
     mixed = patches[src_rows, pos]

@@ -659,8 +659,8 @@ def mlcd_loss(x: Tensor, weight: Tensor, positives: Tensor, *, scale: float = 64
     the N×C' logits.
 
     With cos_nc = clamp(x̂_n·ŵ_c, −1, 1) (rows L2-normalized), the row's positives P_n and its
-    negatives S \ P_n (other rows' positives are negatives):
-        a_ni = s·cos(arccos(cos_ni) + m)   (i ∈ P_n),      b_nj = s·cos_nj   (j ∈ S \ P_n)
+    negatives S ∖ P_n (other rows' positives are negatives):
+        a_ni = s·cos(arccos(cos_ni) + m)   (i ∈ P_n),      b_nj = s·cos_nj   (j ∈ S ∖ P_n)
         L_n  = log(1 + Σ_i exp(−a_ni)) + log(1 + Σ_j exp(b_nj))
     and loss = mean_n L_n (reduction "mean"; "sum", "none" too). The negative sum is never a
     difference of sums: a row's own positives are masked inside each tile.
