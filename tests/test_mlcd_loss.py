@@ -5,7 +5,7 @@ import torch
 import pyssl
 from pyssl import reference as R
 from pyssl.ops import mlcd_loss as M
-from conftest import device_for
+from conftest import GPU, device_for
 
 # fp32 tolerances: the backends reorder fp32 sums (GEMM blocking, online log-sum-exp), and the
 # scale s multiplies cosine errors, so losses agree to ~1e-5 relative and gradients to ~1e-4.
@@ -527,6 +527,25 @@ def test_unit_upstream_gradient_retained_graph_in_place_is_caught(backend):
     else:                               # Triton recomputes in the backward: the right gradient
         again, = torch.autograd.grad(loss, x)
         torch.testing.assert_close(again, want)
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU")
+def test_data_checks_read_the_device_once():
+    """The op's data checks (ids in range, a positive per row, no duplicates, classes valid)
+    reduce to one flag on the device: one host sync per call when the data is good."""
+    import warnings
+    x, w, pos = make_problem(n=64, c=500, d=8, device="cuda")
+    classes = pyssl.sample_classes(pos, 500, 0.2)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            M._validate_data(pos, classes, 500, M.MLCD)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [c for c in caught if "synchroniz" in str(c.message)]
+    assert len(syncs) == 1, [str(c.message) for c in caught]
 
 
 def test_opcheck(backend):

@@ -97,30 +97,39 @@ def _check_ids(fn, name, ids, x, ndim):
 
 def _validate_data(pos_ids: Tensor, classes: Optional[Tensor], num_classes: int, kind: int,
                    fn: Optional[str] = None) -> None:
-    """Data-dependent checks: one host sync, done inside the op so torch.compile sees no break."""
+    """Data-dependent checks, done inside the op so torch.compile sees no break: every check
+    reduced on the device into one flag, read with one host sync; the details (which id,
+    which row) only when a check failed."""
     arg = "positives" if kind == MLCD else "labels"
     fn = fn or ("mlcd_loss" if kind == MLCD else "margin_softmax_loss")
     valid = pos_ids >= 0
     bad = (pos_ids < (-1 if kind == MLCD else 0)) | (pos_ids >= num_classes)
+    empty = ~valid.any(1)
+    dup = None
+    if pos_ids.shape[1] > 1:
+        srt = pos_ids.sort(1).values
+        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+    c_out = c_dup = None
+    if classes is not None:
+        csrt = classes.sort().values
+        c_out, c_dup = (classes < 0) | (classes >= num_classes), csrt[1:] == csrt[:-1]
+    flags = [t.any() for t in (bad, empty, dup, c_out, c_dup) if t is not None]
+    if not bool(torch.stack(flags).any()):
+        return
     if bool(bad.any()):
         v = pos_ids[bad][0].item()
         pad = " (-1 is padding)" if kind == MLCD else ""
         raise ValueError(f"{fn}: {arg} holds class id {v}, out of range [0, {num_classes}){pad}")
-    if not bool(valid.any(1).all()):
-        row = int((~valid.any(1)).nonzero()[0].item())
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0].item())
         raise ValueError(f"{fn}: row {row} of positives has no positive (all -1)")
-    if pos_ids.shape[1] > 1:
-        srt = pos_ids.sort(1).values
-        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
-        if bool(dup.any()):
-            row = int(dup.any(1).nonzero()[0].item())
-            raise ValueError(f"{fn}: positives of row {row} contain a duplicated class id")
-    if classes is not None:
-        if bool(((classes < 0) | (classes >= num_classes)).any()):
-            raise ValueError(f"{fn}: classes holds ids outside [0, {num_classes})")
-        srt = classes.sort().values
-        if bool((srt[1:] == srt[:-1]).any()):
-            raise ValueError(f"{fn}: classes holds duplicated ids")
+    if dup is not None and bool(dup.any()):
+        row = int(dup.any(1).nonzero()[0].item())
+        raise ValueError(f"{fn}: positives of row {row} contain a duplicated class id")
+    if c_out is not None and bool(c_out.any()):
+        raise ValueError(f"{fn}: classes holds ids outside [0, {num_classes})")
+    if c_dup is not None and bool(c_dup.any()):
+        raise ValueError(f"{fn}: classes holds duplicated ids")
 
 
 def _find_columns(ids: Tensor, classes: Tensor):
