@@ -354,7 +354,7 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
             g = torch.full_like(lt, row_weight)
             gp = torch.where(pc >= 0, gp * row_weight, torch.zeros_like(gp))   # 0 at padding (contract)
             st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), lt.contiguous(),
-                       g, gp.contiguous(), dxhat[r0:r1] if dxhat.dim() == 2 else dxhat, dw_acc, acc)
+                       g, gp.contiguous(), dxhat[r0:r1], dw_acc, acc)
     if want_grad:
         dx, dw = st.finish(dxhat, dw_acc, x, weight, classes, grad_dtype or _saved_grad_dtype(x.dtype))
     else:
@@ -376,7 +376,7 @@ def _chunked_lse(x, weight, classes, pos_col, scale, backend):
 
 def _grad_buffers(st, need):
     """dx̂ and rw ⊙ dŴ accumulators, an empty 1-D tensor where that gradient is not needed (the
-    kernels then skip its GEMM)."""
+    kernels then skip its GEMM; its row slices stay empty 1-D tensors)."""
     skip = st.xhat.new_empty(0)
     return (torch.empty_like(st.xhat) if need[0] else skip), (torch.empty_like(st.w_eff) if need[1] else skip)
 
@@ -395,7 +395,7 @@ def _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos,
         st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), buf)
         st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale),
                    lse_total[r0:r1].contiguous(), gneg[r0:r1].contiguous(),
-                   gpos[r0:r1].contiguous(), dxhat[r0:r1] if dxhat.dim() == 2 else dxhat, dw_acc, acc)
+                   gpos[r0:r1].contiguous(), dxhat[r0:r1], dw_acc, acc)
     return st.finish(dxhat, dw_acc, x, weight, classes, dtype)
 
 

@@ -181,6 +181,17 @@ def affine_values(fn, mean, std):
     return tuple(vals)
 
 
+def _channels(fn, name, n: int, x: Tensor) -> int:
+    """x's channel count C, which a mean or std of n values must serve: one value per channel
+    (dimension 1), or one for all of them."""
+    c = x.shape[1] if x.dim() > 1 else 0
+    if x.dim() < 2 or n not in (1, c):
+        raise ValueError(f"{fn}: {name} must have one value per channel (x.shape[1] = "
+                         f"{c if x.dim() > 1 else 'none: x has no channel dimension'}), "
+                         f"got {c if n == 1 else n} values")
+    return c
+
+
 def _channel_affine(fn, x: Tensor, mean, std, dtype: torch.dtype = torch.float32):
     """(a, b) (C,) of dtype on x's device with y = a·v + b; None/None is the identity.
     mean/std: as affine_values takes them (or its checked output)."""
@@ -192,13 +203,8 @@ def _channel_affine(fn, x: Tensor, mean, std, dtype: torch.dtype = torch.float32
         if v is None:
             checked[name] = [default] * c
             continue
-        if len(v) == 1 and c != 1:
-            v = v * c
-        if x.dim() < 2 or len(v) != c:
-            raise ValueError(f"{fn}: {name} must have one value per channel (x.shape[1] = "
-                             f"{c if x.dim() > 1 else 'none: x has no channel dimension'}), "
-                             f"got {len(v)} values")
-        checked[name] = v
+        c = _channels(fn, name, len(v), x)
+        checked[name] = v * c if len(v) == 1 else v
     a = [1.0 / s_ for s_ in checked["std"]]
     b = [-m_ / s_ for m_, s_ in zip(checked["mean"], checked["std"])]
     return (torch.tensor(a, dtype=dtype, device=x.device),
@@ -209,13 +215,12 @@ def _channel_affine_traced(fn, x: Tensor, mean, std, dtype: torch.dtype):
     """_channel_affine for mean/std tensors under torch.compile: (a, b) formed on the device
     without reading the values (their finiteness and std > 0 are checked in the op,
     _check_values); the per-channel count is a shape, checked here."""
-    c = x.shape[1] if x.dim() > 1 else 0
     vals = []
     for name, v, default in (("mean", mean, 0.0), ("std", std, 1.0)):
         # float64 as the eager path's Python floats, rounded to dtype once at the end: the same
         # a, b bit for bit (float64 tensors rounded to float32 first would differ in the last bit)
         if v is None:
-            v = torch.full((max(c, 1),), default, dtype=torch.float64, device=x.device)
+            v = torch.full((1,), default, dtype=torch.float64, device=x.device)
         elif isinstance(v, Tensor):
             v = v.detach().reshape(-1).to(x.device, torch.float64)
         else:
@@ -223,13 +228,8 @@ def _channel_affine_traced(fn, x: Tensor, mean, std, dtype: torch.dtype):
             v = torch.tensor(checked, dtype=torch.float64, device=x.device)
         if v.numel() == 0:
             raise ValueError(f"{fn}: {name} is empty")
-        if v.numel() == 1 and c != 1:
-            v = v.expand(max(c, 1))
-        if x.dim() < 2 or v.numel() != c:
-            raise ValueError(f"{fn}: {name} must have one value per channel (x.shape[1] = "
-                             f"{c if x.dim() > 1 else 'none: x has no channel dimension'}), "
-                             f"got {v.numel()} values")
-        vals.append(v)
+        c = _channels(fn, name, v.numel(), x)
+        vals.append(v.expand(c) if v.numel() == 1 else v)
     mean_t, std_t = vals
     return (1.0 / std_t).to(dtype).contiguous(), (-mean_t / std_t).to(dtype).contiguous()
 
