@@ -12,14 +12,40 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def dot_options(dtype, interpret: Optional[bool] = None) -> dict:
-    """DOT_FP32 / DOT_PRECISION constexprs of the attention-like kernels: under the interpreter
-    the tl.dot operands go through float32 ("ieee"); on the GPU float32 inputs use "ieee" (no
-    TF32) and 16-bit inputs tensor cores (the precision argument is then unused)."""
+def fp32_dot_precision() -> str:
+    """The tl.dot input_precision of float32 operands on the GPU: torch's own float32 matmul
+    setting, read on every call the way torch.mm and FlexAttention read it, so a float32 model
+    runs our kernels as it runs its matmuls. "tf32" after
+    torch.backends.cuda.matmul.fp32_precision = "tf32" (or torch.backends.fp32_precision, or the
+    legacy torch.set_float32_matmul_precision("high" / "medium")); "ieee" otherwise, the default
+    (torch's "highest"), and always on ROCm."""
+    import torch
+    if torch.version.hip:
+        return "ieee"
+    new = getattr(getattr(torch.backends.cuda, "matmul", None), "fp32_precision", "none")
+    if new != "none":
+        return "ieee" if new == "ieee" else "tf32"
+    try:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    except RuntimeError:   # torch refuses to answer after a mix of its legacy and new settings
+        return "ieee"
+
+
+def dot_options(dtype, interpret: Optional[bool] = None, fp32_precision: Optional[str] = None) -> dict:
+    """DOT_FP32 / DOT_PRECISION constexprs of the dot-using kernels: under the interpreter the
+    tl.dot operands go through float32 ("ieee"); on the GPU float32 inputs use torch's float32
+    matmul precision (fp32_dot_precision: "ieee" by default, "tf32" where the user allowed it;
+    fp32_precision overrides, for compile checks) and 16-bit inputs tensor cores (the precision
+    argument is then unused)."""
     import torch
     interpret = interpreting() if interpret is None else interpret
-    return dict(DOT_FP32=bool(interpret),
-                DOT_PRECISION="ieee" if (dtype == torch.float32 or interpret) else "tf32")
+    if interpret:
+        prec = "ieee"
+    elif dtype == torch.float32:
+        prec = fp32_precision or fp32_dot_precision()
+    else:
+        prec = "tf32"
+    return dict(DOT_FP32=bool(interpret), DOT_PRECISION=prec)
 
 
 def pow2(n: int, lo: int = 16, hi: Optional[int] = None) -> int:

@@ -47,7 +47,8 @@ PyTorch.
 
 Interpreter notes: loads are converted to float32 (DOT_FP32) because the interpreter does bf16
 arithmetic wrongly; on the GPU 16-bit operands go to tensor cores with fp32 accumulation and fp32
-inputs use input_precision="ieee".
+inputs follow torch's float32 matmul precision: input_precision="ieee" by default, "tf32" where
+the user allowed TF32 (_tiles.fp32_dot_precision; the tiles of _TF32_TILES then).
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyssl.kernels._tiles import dot_options, interpreting, pow2
+from pyssl.kernels._tiles import dot_options, fp32_dot_precision, interpreting, pow2
 
 MAX_HEAD_DIM = 256        # widest head the kernels take (BLOCK_D = next power of two of d)
 BG = 16                   # width of the global-token tiles (rows or keys)
@@ -684,8 +685,29 @@ _GPU_TILES = {
 }
 
 
-def _gpu_tiles(dtype, d: int, phase: str):
-    return _GPU_TILES[(dtype == torch.float32, max(pow2(d, lo=16), 64), phase)]
+# float32 under torch's TF32 setting (tensor-core dots on float32 operands): the float32 tiles
+# except where those spill with TF32 (ptxas -v, Triton 3.6 and 3.7). A stages pair is (dK/dV, dQ):
+# at d <= 64 the dQ kernel spills with 2 stages (4 or 8 warps), dK/dV with 1 (under 3.7).
+_TF32_TILES = {
+    (64, "fwd"): (32, (4, 4, 8, 4), 1), (64, "bwd"): (32, (8, 4, 8, 8), (2, 1)),
+    (128, "bwd"): (32, (8, 8, 8, 4), 2),
+}
+
+
+def _gpu_tiles(dtype, d: int, phase: str, prec: Optional[str] = None):
+    """The _GPU_TILES entry; float32 under TF32 (prec, default torch's current setting) takes
+    _TF32_TILES where it has one."""
+    key = (max(pow2(d, lo=16), 64), phase)
+    if dtype == torch.float32 and key in _TF32_TILES and (prec or fp32_dot_precision()) == "tf32":
+        return _TF32_TILES[key]
+    return _GPU_TILES[(dtype == torch.float32,) + key]
+
+
+def _stages(stages, kernel=None) -> int:
+    """num_stages of one kernel from a table entry (a pair: dK/dV's, dQ's)."""
+    if isinstance(stages, tuple):
+        return stages[1] if kernel is _attn_bwd_dq_kernel else stages[0]
+    return stages
 
 
 def _config(L: int, dtype, phase: str = "fwd", d: int = 64) -> dict:
@@ -705,7 +727,8 @@ def _config(L: int, dtype, phase: str = "fwd", d: int = 64) -> dict:
         b, stages = (32 if L <= 32 else 16), 2
     else:
         b, _, stages = _gpu_tiles(dtype, d, phase)
-    cfg = dict(BLOCK_M=b, BLOCK_N=b, num_warps=None, num_stages=stages)
+    cfg = dict(BLOCK_M=b, BLOCK_N=b, num_warps=None, num_stages=_stages(stages),
+               num_stages_dq=_stages(stages, _attn_bwd_dq_kernel))
     spec = os.environ.get(_ENV, "").strip()
     for item in filter(None, (t.strip() for t in spec.split(","))):
         key, _, val = item.partition("=")
@@ -722,10 +745,13 @@ def _config(L: int, dtype, phase: str = "fwd", d: int = 64) -> dict:
                              f"of two, BLOCK_* >= 16)")
         if where in ("", phase):
             cfg[key] = v
+            if key == "num_stages":
+                cfg["num_stages_dq"] = v
     return cfg
 
 
-def _warps(kernel, dtype, use_bits: bool = False, cfg: Optional[dict] = None, d: int = 64) -> int:
+def _warps(kernel, dtype, use_bits: bool = False, cfg: Optional[dict] = None, d: int = 64,
+           prec: Optional[str] = None) -> int:
     """Warps per program from _GPU_TILES (ptxas's allocation differs by kernel: at d <= 64 the
     float32 forward and top-k dK/dV need 8, the group dK/dV and dQ 4). cfg["num_warps"], when
     set, wins."""
@@ -737,7 +763,7 @@ def _warps(kernel, dtype, use_bits: bool = False, cfg: Optional[dict] = None, d:
         # 8 warps spill at d <= 64, 4 at d <= 128)
         return 4 if (dtype == torch.float32 and d <= 64) else 8
     fwd = kernel is _attn_fwd_kernel or kernel is _attn_topk_stream_fwd_kernel
-    warps = _gpu_tiles(dtype, d, "fwd" if fwd else "bwd")[1]
+    warps = _gpu_tiles(dtype, d, "fwd" if fwd else "bwd", prec)[1]
     if fwd:
         return warps[0]
     if kernel is _attn_bwd_dkdv_kernel:
@@ -909,14 +935,16 @@ def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: floa
         mask_groups = groups is not None and not skip
     dq, dk, dv = (torch.empty((B, H, L, D), dtype=q.dtype, device=q.device) for _ in range(3))
     common = dict(MASK_GROUPS=mask_groups, USE_BITS=bool(topk), D=D, BLOCK_D=bd, BLOCK_M=block,
-                  BLOCK_N=cfg["BLOCK_N"], BGC=BG, num_stages=cfg["num_stages"], **dot_options(q.dtype))
+                  BLOCK_N=cfg["BLOCK_N"], BGC=BG, **dot_options(q.dtype))
     grid = _grid(B, H, L, block)
     _attn_bwd_dkdv_kernel[grid](q, k, v, dout, lse, delta, dk, dv, perm, gs, tab, ntile, ng, bits,
                                 float(scale), *strides, L, H, L + 1, nb,
-                                num_warps=_warps(_attn_bwd_dkdv_kernel, q.dtype, bool(topk), cfg, D), **common)
+                                num_warps=_warps(_attn_bwd_dkdv_kernel, q.dtype, bool(topk), cfg, D),
+                                num_stages=cfg["num_stages"], **common)
     _attn_bwd_dq_kernel[grid](q, k, v, dout, lse, delta, dq, perm, gs, tab, ntile, ng, bits,
                               float(scale), *strides, L, H, L + 1, nb,
-                              num_warps=_warps(_attn_bwd_dq_kernel, q.dtype, cfg=cfg, d=D), **common)
+                              num_warps=_warps(_attn_bwd_dq_kernel, q.dtype, cfg=cfg, d=D),
+                              num_stages=cfg["num_stages_dq"], **common)
     return dq, dk, dv
 
 
@@ -932,50 +960,52 @@ _TABLE_SIG = dict(PERM="*i64", GS="*i64", TAB="*i32", NTILE="*i32", NG="*i32")
 _STRIDES = dict(SB="i32", SH="i32", SL="i32")
 
 
-def _tiles(dtype, tiles, d, phase):
+def _tiles(dtype, tiles, d, phase, prec="ieee", kernel=None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): the default GPU configuration (num_warps None:
     _warps decides), or tiles, a variant bench/gpu_check.sh times through PYSSL_HOMATTN_TRITON."""
     if tiles is None:
-        b, _, stages = _gpu_tiles(dtype, d, phase)
-        return b, b, None, stages
+        b, _, stages = _gpu_tiles(dtype, d, phase, prec)
+        return b, b, None, _stages(stages, kernel)
     return tiles
 
 
-def _fwd_case(dtype, mask_groups, tiles=None, d=64):
+def _fwd_case(dtype, mask_groups, tiles=None, d=64, prec="ieee"):
     t = "*" + _TL_NAME[dtype]
     sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", **_TABLE_SIG, scale="fp32", **_STRIDES, L="i32", H="i32",
                TM="i32", MASK_GROUPS="constexpr", D="constexpr", BLOCK_D="constexpr", BLOCK_M="constexpr",
                BLOCK_N="constexpr", BGC="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
-    bm, bn, nw, ns = _tiles(dtype, tiles, d, "fwd")
+    bm, bn, nw, ns = _tiles(dtype, tiles, d, "fwd", prec)
     const = dict(MASK_GROUPS=mask_groups, D=d, BLOCK_D=pow2(d, lo=16), BLOCK_M=bm, BLOCK_N=bn, BGC=BG,
-                 **dot_options(dtype, interpret=False))
-    return (_attn_fwd_kernel, sig, const, dict(num_warps=nw or _warps(_attn_fwd_kernel, dtype, d=d), num_stages=ns),
+                 **dot_options(dtype, interpret=False, fp32_precision=prec))
+    return (_attn_fwd_kernel, sig, const, dict(num_warps=nw or _warps(_attn_fwd_kernel, dtype, d=d, prec=prec),
+                                               num_stages=ns),
             _aligned(sig))
 
 
-def _topk_case(dtype, l_pad, d=64):
+def _topk_case(dtype, l_pad, d=64, prec="ieee"):
     t = "*" + _TL_NAME[dtype]
     sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", BITS="*u8", G="*i64", scale="fp32", **_STRIDES, L="i32", H="i32",
                NB="i32", KTH="i32", HAS_GROUPS="constexpr", D="constexpr", BLOCK_D="constexpr",
                BLOCK_M="constexpr", L_PAD="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
     const = dict(HAS_GROUPS=True, D=d, BLOCK_D=pow2(d, lo=16), BLOCK_M=16, L_PAD=l_pad,
-                 **dot_options(dtype, interpret=False))
+                 **dot_options(dtype, interpret=False, fp32_precision=prec))
     return (_attn_topk_fwd_kernel, sig, const, dict(num_warps=_topk_warps(dtype)), _aligned(sig))
 
 
-def _topk_stream_case(dtype, d=64, has_groups=True):
+def _topk_stream_case(dtype, d=64, has_groups=True, prec="ieee"):
     t = "*" + _TL_NAME[dtype]
     sig = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", BITS="*u8", G="*i64", scale="fp32", **_STRIDES, L="i32", H="i32",
                NB="i32", TOPK="i32", HAS_GROUPS="constexpr", D="constexpr", BLOCK_D="constexpr",
                BLOCK_M="constexpr", BLOCK_N="constexpr", DOT_FP32="constexpr", DOT_PRECISION="constexpr")
-    bm, bn, _, ns = _tiles(dtype, None, d, "fwd")
+    bm, bn, _, ns = _tiles(dtype, None, d, "fwd", prec)
     const = dict(HAS_GROUPS=has_groups, D=d, BLOCK_D=pow2(d, lo=16), BLOCK_M=bm, BLOCK_N=bn,
-                 **dot_options(dtype, interpret=False))
+                 **dot_options(dtype, interpret=False, fp32_precision=prec))
     return (_attn_topk_stream_fwd_kernel, sig, const,
-            dict(num_warps=_warps(_attn_topk_stream_fwd_kernel, dtype, d=d), num_stages=ns), _aligned(sig))
+            dict(num_warps=_warps(_attn_topk_stream_fwd_kernel, dtype, d=d, prec=prec), num_stages=ns),
+            _aligned(sig))
 
 
-def _bwd_case(kernel, dtype, use_bits, mask_groups=False, tiles=None, d=64):
+def _bwd_case(kernel, dtype, use_bits, mask_groups=False, tiles=None, d=64, prec="ieee"):
     t = "*" + _TL_NAME[dtype]
     names = ["Q", "K", "V", "DO", "LSE", "DELTA"] + (["DK", "DV"] if kernel is _attn_bwd_dkdv_kernel else ["DQ"])
     sig = {n: (t if n in ("Q", "K", "V", "DO", "DK", "DV", "DQ") else "*fp32") for n in names}
@@ -983,10 +1013,10 @@ def _bwd_case(kernel, dtype, use_bits, mask_groups=False, tiles=None, d=64):
                MASK_GROUPS="constexpr", USE_BITS="constexpr", D="constexpr", BLOCK_D="constexpr",
                BLOCK_M="constexpr", BLOCK_N="constexpr", BGC="constexpr", DOT_FP32="constexpr",
                DOT_PRECISION="constexpr")
-    bm, bn, nw, ns = _tiles(dtype, tiles, d, "bwd")
+    bm, bn, nw, ns = _tiles(dtype, tiles, d, "bwd", prec, kernel)
     const = dict(MASK_GROUPS=mask_groups, USE_BITS=use_bits, D=d, BLOCK_D=pow2(d, lo=16), BLOCK_M=bm, BLOCK_N=bn,
-                 BGC=BG, **dot_options(dtype, interpret=False))
-    return (kernel, sig, const, dict(num_warps=nw or _warps(kernel, dtype, use_bits, d=d), num_stages=ns),
+                 BGC=BG, **dot_options(dtype, interpret=False, fp32_precision=prec))
+    return (kernel, sig, const, dict(num_warps=nw or _warps(kernel, dtype, use_bits, d=d, prec=prec), num_stages=ns),
             _aligned(sig))
 
 
@@ -1044,6 +1074,22 @@ COMPILE_CASES = [
         _topk_case(dtype, max_topk_l(dtype, d), d=d), _topk_stream_case(dtype, d=d))],
     _topk_case(torch.bfloat16, max_topk_l(torch.bfloat16, 128), d=128),
     _topk_case(torch.float32, max_topk_l(torch.float32, 128), d=128),
+    # float32 under torch's TF32 setting (dot_options): the same tiles on tensor cores
+    _fwd_case(torch.float32, False, prec="tf32"),
+    _fwd_case(torch.float32, True, prec="tf32"),
+    _topk_case(torch.float32, 128, prec="tf32"),
+    _topk_stream_case(torch.float32, prec="tf32"),
+    _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, False, prec="tf32"),
+    _bwd_case(_attn_bwd_dq_kernel, torch.float32, False, prec="tf32"),
+    _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, True, prec="tf32"),
+    _bwd_case(_attn_bwd_dq_kernel, torch.float32, True, prec="tf32"),
+    _bwd_case(_attn_bwd_dq_kernel, torch.float32, False, mask_groups=True, prec="tf32"),
+    _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, False, mask_groups=True, prec="tf32"),
+    *[case for d in (128, 256) for case in (
+        _fwd_case(torch.float32, True, d=d, prec="tf32"),
+        _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, True, d=d, prec="tf32"),
+        _bwd_case(_attn_bwd_dq_kernel, torch.float32, False, d=d, prec="tf32"),
+        _bwd_case(_attn_bwd_dq_kernel, torch.float32, False, mask_groups=True, d=d, prec="tf32"))],
 ]
 
 __all__ = ["forward", "backward", "strided_inputs", "plan", "tables", "MAX_PLAN_L", "visited_fraction", "max_topk_l",

@@ -23,7 +23,8 @@ columns in BLOCK_N tiles, so L has no limit and nothing of size L·L exists anyw
                       M = (G + Gᵀ)/τ in registers and accumulates dẑ = M·Ẑ for its
                       E_SPLIT columns of E (BLOCK_M × E_SPLIT float32 accumulator; M·inv_j and
                       the raw z_j tile are float32 operands, multiplied in TF32 for 16-bit z, in
-                      which 16-bit values are exact, and "ieee" for float32 z). With one slice (E ≤ E_SPLIT) the normalization's
+                      which 16-bit values are exact; float32 z follows torch's float32 matmul
+                      precision: "ieee" unless TF32 is allowed, _tiles.dot_options). With one slice (E ≤ E_SPLIT) the normalization's
                       backward dz = (dẑ − ẑ(ẑ·dẑ))·inv is applied in registers and dz written once;
                       with several, each slice recomputes the scores (E/E_SPLIT times the score
                       FLOPs) and the normalization runs afterwards in PyTorch on the float32 dẑ.
@@ -130,7 +131,7 @@ def _hcl_bwd_kernel(Z, G, INV, LSE, U, NPOS, DZ, inv_t, L, E,
         g = (u_i[:, None] * (tl.exp2(tl.minimum(s - lse_i[:, None], 0.0)) - tl.where(pos, w_i[:, None], 0.0))
              + u_j[None, :] * (tl.exp2(tl.minimum(s - lse_j[None, :], 0.0)) - tl.where(pos, w_j[None, :], 0.0)))
         # M·ẑ_j = (M·inv_j)·z_j with the raw z_j as the operand, both in float32 and multiplied
-        # in TF32 for 16-bit z (float32: "ieee"). A 16-bit z_j is exact in TF32, so the only
+        # in TF32 for 16-bit z (float32: torch's float32 matmul precision). A 16-bit z_j is exact in TF32, so the only
         # rounding is M·inv_j's (relative 2^-11, nearly all of it radial and removed by the
         # normalization below); rounding ẑ_j itself to 16 bits instead costs up to ~15% of dz on
         # near-parallel tokens (the radial parts cancel, the rounding noise does not), and M in
@@ -203,7 +204,7 @@ def backward(z, groups, temperature, lse, inv, u, npos):
     return (torch.where(inv[..., None] < 0, dz, dz - zh * dot) * inv_abs).to(z.dtype)
 
 
-def _case(kernel, dtype, L, E):
+def _case(kernel, dtype, L, E, prec="ieee"):
     t = "*" + _TL_NAME[dtype]
     bwd = kernel is _hcl_bwd_kernel
     if bwd:
@@ -213,7 +214,7 @@ def _case(kernel, dtype, L, E):
         sig = dict(Z=t, G="*i64", INV="*fp32", ROWS="*fp32", LSE="*fp32", inv_t="fp32", L="i32", E="i32")
     cfg = _cfg(L, E, dtype, backward=bwd)
     warps = cfg.pop("num_warps")
-    const = dict(cfg, **dot_options(dtype, interpret=False))
+    const = dict(cfg, **dot_options(dtype, interpret=False, fp32_precision=prec))
     if bwd:
         const["ONE_SPLIT"] = E <= cfg["E_SPLIT"]
         if not const["ONE_SPLIT"]:
@@ -235,6 +236,9 @@ COMPILE_CASES = [
     _case(_hcl_bwd_kernel, torch.float32, 197, 64),
     _case(_hcl_bwd_kernel, torch.float32, 197, 256),
     _case(_hcl_bwd_kernel, torch.float32, 1024, 768),
+    # float32 under torch's TF32 setting (dot_options)
+    _case(_hcl_fwd_kernel, torch.float32, 197, 128, prec="tf32"),
+    _case(_hcl_bwd_kernel, torch.float32, 197, 256, prec="tf32"),
 ]
 
 __all__ = ["forward", "backward", "COMPILE_CASES"]

@@ -316,6 +316,8 @@ def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, *,
         queries.stride(0), bank.stride(0), tiles_per_split,
         HAS_BIAS=bias is not None, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_B=block_b,
         BLOCK_D=cfg["BLOCK_D"], LOG_B=block_b.bit_length() - 1, LOG_K=k_pad.bit_length() - 1,
+        # exact float32 distances whatever torch's TF32 setting: a search ranks neighbours, and
+        # TF32's 10-bit operands would reorder near-equal ones against faiss and the reference
         DOT_FP32=interpret, DOT_PRECISION="ieee",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits == 1:

@@ -50,7 +50,9 @@ Interpreter notes (TRITON_INTERPRET=1, CPU tensors): the interpreter does bf16 a
 wrongly, so every load is converted to float32 before any arithmetic, and under the interpreter
 (DOT_FP32=True) tl.dot operands are converted to float32 too (after the same rounding to the
 input dtype that the GPU path applies to G). On the GPU the dot operands stay in the input
-dtype (tensor cores; fp32 accumulation), and fp32 inputs use input_precision="ieee" (no TF32).
+dtype (tensor cores; fp32 accumulation); fp32 inputs follow torch's float32 matmul precision:
+input_precision="ieee" (FMA) by default, "tf32" (tensor cores) where the user allowed TF32
+(torch.backends.cuda.matmul.fp32_precision = "tf32"; _tiles.fp32_dot_precision), read per call.
 
 Offsets into x and w are computed in int64: with millions of classes C * D exceeds 2**31.
 """
@@ -64,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyssl.kernels._tiles import dot_rows_tile as _dot_tile
+from pyssl.kernels._tiles import dot_options as _dot_options, dot_rows_tile as _dot_tile
 from pyssl.kernels._tiles import interpreting as _interpreting, pow2 as _p2
 
 LOG2E = math.log2(math.e)
@@ -813,10 +815,11 @@ def _inv_norms(x, w, classes, Cp, cfg):
     return rx, rw
 
 
-def _common_flags():
-    """(interpreting, the constexprs every dot-using kernel takes)."""
+def _common_flags(dtype):
+    """(interpreting, the constexprs every dot-using kernel takes): float32 inputs follow
+    torch's float32 matmul precision ("ieee" unless the user allowed TF32, _tiles.dot_options)."""
     interpret = _interpreting()
-    return interpret, dict(DOT_FP32=interpret, DOT_PRECISION="ieee")
+    return interpret, _dot_options(dtype, interpret)
 
 
 def combine_lse_stats(row_max: torch.Tensor, row_sum: torch.Tensor, dim: int = 0):
@@ -838,7 +841,7 @@ def lse_from_stats(row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor
 def _lse_stats(x, w, classes, pos_col, scale, Cp, cfg, splits):
     N, D = x.shape
     L = pos_col.shape[1]
-    interpret, flags = _common_flags()
+    interpret, flags = _common_flags(x.dtype)
     f = _fwd_cfg(cfg)
     row_blocks = triton.cdiv(N, f["BLOCK_N"])
     col_tiles = triton.cdiv(Cp, f["BLOCK_C"])
@@ -929,7 +932,7 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     gneg = (gneg.to(torch.float32) / gscale).contiguous()
     gpos = (gpos.to(torch.float32) / gscale).contiguous()
     cfg = _config(x.dtype, N, Cp, D, _interpreting())
-    interpret, flags = _common_flags()
+    interpret, flags = _common_flags(x.dtype)
     rx, rw = _inv_norms(x, w, classes, Cp, cfg)
     cls = _cls_arg(classes, x)
     scale = float(scale)
@@ -999,7 +1002,7 @@ def _aligned(signature: dict) -> List[str]:
 
 
 def _bwd_compile_case(kernel, dtype: torch.dtype, b: dict, split_out: bool = False,
-                      has_classes: bool = True, L: int = 4) -> tuple:
+                      has_classes: bool = True, L: int = 4, prec: str = "ieee") -> tuple:
     """A compile case of a backward kernel with configuration b (from _bwd_cfg): also what a
     ptxas check of a candidate configuration builds (see the module docstring)."""
     t = "*" + _TL_DTYPE_NAME[dtype]
@@ -1022,7 +1025,7 @@ def _bwd_compile_case(kernel, dtype: torch.dtype, b: dict, split_out: bool = Fal
     consts = dict(L=L, HAS_CLASSES=has_classes, BLOCK_N=b["BLOCK_N"], BLOCK_C=b["BLOCK_C"],
                   BLOCK_D=b["BLOCK_D"], BLOCK_DO=b["BLOCK_DO"], FULL_D=b["FULL_D"],
                   CUT_CHAIN=b["CUT_CHAIN"], **extra,
-                  DOT_FP32=False, DOT_PRECISION="ieee")
+                  DOT_FP32=False, DOT_PRECISION=prec)
     return (kernel, sig, consts, dict(num_warps=b["num_warps"], num_stages=b["num_stages"]),
             _aligned(sig))
 
@@ -1030,12 +1033,12 @@ def _bwd_compile_case(kernel, dtype: torch.dtype, b: dict, split_out: bool = Fal
 def _compile_cases() -> List[tuple]:
     cases = []
     D = 512
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, prec in ((torch.float32, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "tf32")):
         t = "*" + _TL_DTYPE_NAME[dtype]
         cfg = _config(dtype, 4096, 1 << 20, D, interpret=False)
         f, nrm, p = cfg["fwd"], cfg["norm"], cfg["pos"]
-        flags = dict(DOT_FP32=False, DOT_PRECISION="ieee")
-        for has_idx in (False, True):
+        flags = dict(DOT_FP32=False, DOT_PRECISION=prec)
+        for has_idx in ((False, True) if prec == "ieee" else ()):
             cases.append((_row_inv_norm_kernel,
                           dict(X=t, IDX="*i64", OUT="*fp32", R="i32", D="i32", stride_x="i32",
                                HAS_IDX="constexpr", BLOCK_R="constexpr", BLOCK_D="constexpr"),
@@ -1052,6 +1055,8 @@ def _compile_cases() -> List[tuple]:
                       dict(L=4, HAS_CLASSES=True, BLOCK_N=f["BLOCK_N"], BLOCK_C=f["BLOCK_C"],
                            BLOCK_D=f["BLOCK_D"], **flags),
                       dict(num_warps=f["num_warps"], num_stages=f["num_stages"])))
+        if prec != "ieee":
+            continue
         cases.append((_pos_cos_kernel,
                       dict(base, OUT="*fp32", NL="i32", D="i32", stride_x="i32", stride_w="i32",
                            L="constexpr", HAS_CLASSES="constexpr", BLOCK_P="constexpr",
@@ -1073,6 +1078,10 @@ def _compile_cases() -> List[tuple]:
             cases.append(_bwd_compile_case(_mlcd_grad_dx_kernel, dtype, _bwd_cfg(cfg, "dx", Dk),
                                            split_out=split_out))
         cases.append(_bwd_compile_case(_mlcd_grad_dw_kernel, dtype, _bwd_cfg(cfg, "dw", Dk)))
+        if dtype == torch.float32:   # under torch's TF32 setting: the same tiles on tensor cores
+            for kern in (_mlcd_grad_dx_kernel, _mlcd_grad_dw_kernel):
+                cases.append(_bwd_compile_case(kern, dtype, _bwd_cfg(cfg, kern.__name__[11:13], Dk),
+                                               prec="tf32"))
         if dtype == torch.bfloat16 and Dk == 512:   # S = all classes (no id gather)
             for kern in (_mlcd_grad_dx_kernel, _mlcd_grad_dw_kernel):
                 cases.append(_bwd_compile_case(kern, dtype, _bwd_cfg(cfg, kern.__name__[11:13], Dk),
