@@ -46,6 +46,12 @@ def integer(fn: str, name: str, v, *, lo=None, hi=None, optional: bool = False):
     return v
 
 
+def finite(v) -> bool:
+    """math.isfinite by comparisons (NaN fails both): under torch.compile with dynamic shapes a
+    Python float may arrive as a SymFloat, which math.isfinite cannot take."""
+    return -math.inf < v < math.inf
+
+
 def real(fn: str, name: str, v, *, positive: bool = False, nonnegative: bool = False,
          optional: bool = False):
     """float(v) for a finite real number (bool is refused); > 0 or >= 0 when asked."""
@@ -54,7 +60,7 @@ def real(fn: str, name: str, v, *, positive: bool = False, nonnegative: bool = F
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a real number{_or_none(optional)}, got {type(v).__name__}")
     v = float(v)
-    if not math.isfinite(v):
+    if not finite(v):
         raise ValueError(f"{fn}: {name} must be finite, got {v!r}")
     if positive and v <= 0:
         raise ValueError(f"{fn}: {name} must be > 0, got {v!r}")

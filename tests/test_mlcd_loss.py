@@ -609,6 +609,17 @@ def test_torch_compile_fullgraph(backend):
                                                                   reduction="none"), x, w, F32)
 
 
+def test_torch_compile_dynamic_shapes(backend):
+    """compile(dynamic=True) (or the automatic dynamic shapes after a batch-size change) makes
+    Python floats SymFloats: the argument checks must not call math.isfinite on them."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b, p: pyssl.mlcd_loss(a, b, p, scale=8.0, backend=backend), fullgraph=True,
+                      dynamic=True, backend="aot_eager")
+    for n in (8, 13):
+        x, w, pos = make_problem(n=n, c=20, d=6, l=2, device=device_for(backend), seed=n)
+        check_against_reference(lambda a, b: f(a, b, pos), lambda a, b: R.mlcd_loss(a, b, pos, scale=8.0), x, w, F32)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input (SPEC §5)
 # ---------------------------------------------------------------------------------------------

@@ -276,6 +276,21 @@ def test_opcheck_and_compile(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_with_dynamic_shapes(backend):
+    """compile(dynamic=True): the channel count is a SymInt, which the per-channel check of
+    mean/std must compare by value; two batch and image sizes, one graph, the eager values."""
+    torch._dynamo.reset()
+    dev = device_for(backend)
+
+    def f(t):
+        return pyssl.gaussian_noise(t, 3, 0.5, seed=7, mean=MEAN, std=STD, backend=backend)
+    g = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in ((2, 3, 8, 8), (3, 3, 6, 8)):
+        x = torch.rand(shape, device=dev)
+        assert torch.equal(g(x), f(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_with_tensor_ids_mean_and_std(backend):
     """image_ids and mean/std as tensors (what a data pipeline hands over) trace with
     fullgraph=True: their values are checked inside the op, which still raises ValueError."""

@@ -173,7 +173,7 @@ def affine_values(fn, mean, std):
             raise TypeError(f"{fn}: {name} must be a sequence of numbers or a tensor, got {v!r}") from None
         if not v:
             raise ValueError(f"{fn}: {name} is empty")
-        if not all(math.isfinite(u) for u in v):
+        if not all(_checks.finite(u) for u in v):
             raise ValueError(f"{fn}: {name} must be finite, got {v}")
         if name == "std" and any(u <= 0 for u in v):
             raise ValueError(f"{fn}: std must be > 0 in every channel, got {v}")
@@ -185,7 +185,9 @@ def _channels(fn, name, n: int, x: Tensor) -> int:
     """x's channel count C, which a mean or std of n values must serve: one value per channel
     (dimension 1), or one for all of them."""
     c = x.shape[1] if x.dim() > 1 else 0
-    if x.dim() < 2 or n not in (1, c):
+    # two comparisons, not `n in (1, c)`: under torch.compile(dynamic=True) c is a SymInt,
+    # which tuple membership does not compare by value
+    if x.dim() < 2 or (n != 1 and n != c):
         raise ValueError(f"{fn}: {name} must have one value per channel (x.shape[1] = "
                          f"{c if x.dim() > 1 else 'none: x has no channel dimension'}), "
                          f"got {c if n == 1 else n} values")
