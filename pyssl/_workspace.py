@@ -31,7 +31,11 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     buf = cache.get(key)
     if buf is None or buf.numel() < numel:
         cache.pop(key, None)
-        buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+        # a normal tensor even when the first call runs under torch.inference_mode: an inference
+        # tensor cached here would make every later call outside inference mode fail on its
+        # in-place writes
+        with torch.inference_mode(False):
+            buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 

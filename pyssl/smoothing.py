@@ -330,12 +330,15 @@ class _GraphStep:
         self.K = smooth.num_classes
         self.capacity = capacity
         dev = x.device
-        self.counts = torch.zeros((capacity + 1) * self.K, dtype=torch.int64, device=dev)
-        self.static_src = torch.full((bs,), capacity, dtype=torch.int64, device=dev)
-        self.ones = torch.ones(bs, dtype=torch.int64, device=dev)
+        # normal tensors even when the capturing call runs under torch.inference_mode: later
+        # calls outside it write these buffers in place, which inference tensors refuse
+        with torch.inference_mode(False):
+            self.counts = torch.zeros((capacity + 1) * self.K, dtype=torch.int64, device=dev)
+            self.static_src = torch.full((bs,), capacity, dtype=torch.int64, device=dev)
+            self.ones = torch.ones(bs, dtype=torch.int64, device=dev)
+            self.flat = torch.zeros((bs, x[0].numel()), dtype=out_dtype, device=dev)
+            self.static_in = _noise._as_output(self.flat, x, bs, smooth.channels_last)
         self.chw = _noise._chw(x)
-        self.flat = torch.zeros((bs, x[0].numel()), dtype=out_dtype, device=dev)
-        self.static_in = _noise._as_output(self.flat, x, bs, smooth.channels_last)
         self.graph = None
 
     def begin(self) -> Tensor:

@@ -609,6 +609,20 @@ def test_torch_compile_fullgraph(backend):
                                                                   reduction="none"), x, w, F32)
 
 
+def test_inference_mode_first_then_training(backend):
+    """A first call under torch.inference_mode (an evaluation before training) must not leave an
+    inference tensor in the CPU backends' reusable scratch buffer: later calls outside it write
+    that buffer in place."""
+    pyssl.empty_cache()
+    x, w, pos = make_problem(n=8, c=30, d=6, l=2, device=device_for(backend))
+    with torch.inference_mode():
+        first = pyssl.mlcd_loss(x, w, pos, scale=8.0, backend=backend)
+    check_against_reference(lambda a, b: pyssl.mlcd_loss(a, b, pos, scale=8.0, backend=backend),
+                            lambda a, b: R.mlcd_loss(a, b, pos, scale=8.0), x, w, F32)
+    with torch.inference_mode():
+        torch.testing.assert_close(pyssl.mlcd_loss(x, w, pos, scale=8.0, backend=backend), first)
+
+
 def test_torch_compile_dynamic_shapes(backend):
     """compile(dynamic=True) (or the automatic dynamic shapes after a batch-size change) makes
     Python floats SymFloats: the argument checks must not call math.isfinite on them."""

@@ -244,11 +244,10 @@ def test_certified_accuracy():
     torch.testing.assert_close(acc, torch.tensor([3 / 5, 2 / 5, 2 / 5, 1 / 5, 0.0]))
 
 
-def test_graph_step_bookkeeping_without_a_gpu(monkeypatch):
-    """The CUDA-graph path's own logic, run on the CPU with the capture replaced by eager calls:
-    one step kept per shape and reused across calls, its counts buffer zeroed per call and
-    after the warm-up, padding rows of the last partial batch voting into the discarded slot,
-    a larger batch of images growing the buffer, and the votes equal to the plain path's."""
+def _eager_graphs(monkeypatch):
+    """The CUDA-graph path on the CPU: the capture replaced by eager calls of the captured body
+    (the warm-up voting into the padding slot, then zeroed, as on the GPU). Returns the list of
+    captured steps."""
     from pyssl import smoothing as S
 
     class Eager:                       # what replay() would run: the captured body
@@ -263,14 +262,23 @@ def test_graph_step_bookkeeping_without_a_gpu(monkeypatch):
     captures = []
 
     def capture(step):
-        step._body()                   # the warm-up votes into the padding slot...
+        step._body()
         step.graph = Eager(step._body)
-        step.counts.zero_()            # ...and is zeroed, as on the GPU
+        step.counts.zero_()
         captures.append(step)
 
     monkeypatch.setattr(S, "_graphs_on", lambda dev: True)
     monkeypatch.setattr(S._GraphStep, "_capture", capture)
     monkeypatch.setattr(S._GraphStep, "_replay", lambda step: step.graph.replay())
+    return captures
+
+
+def test_graph_step_bookkeeping_without_a_gpu(monkeypatch):
+    """The CUDA-graph path's own logic, run on the CPU with the capture replaced by eager calls:
+    one step kept per shape and reused across calls, its counts buffer zeroed per call and
+    after the warm-up, padding rows of the last partial batch voting into the discarded slot,
+    a larger batch of images growing the buffer, and the votes equal to the plain path's."""
+    captures = _eager_graphs(monkeypatch)
     x, model, _ = _problem()
     plain = pyssl.Smooth(model, 2, SIGMA, batch_size=300, seed=2, backend="cpu")
     graph = pyssl.Smooth(model, 2, SIGMA, batch_size=300, seed=2, backend="cpu", cuda_graph=True)
@@ -290,6 +298,23 @@ def test_graph_step_bookkeeping_without_a_gpu(monkeypatch):
     graph._counts(x, 10, 0, graph._prepare("t", x, None), "")
     assert len(captures) == 3 and len(graph._graphs) == 1
     model.train(mode)
+
+
+def test_graph_buffers_captured_under_inference_mode(monkeypatch):
+    """A Smooth whose graph step is first built inside torch.inference_mode (a certification
+    script's usual wrapper) still works outside it: the step's static buffers are normal
+    tensors, written in place by every later call."""
+    captures = _eager_graphs(monkeypatch)
+    x, model, _ = _problem()
+    plain = pyssl.Smooth(model, 2, SIGMA, batch_size=300, seed=2, backend="cpu")
+    graph = pyssl.Smooth(model, 2, SIGMA, batch_size=300, seed=2, backend="cpu", cuda_graph=True)
+    with torch.inference_mode():
+        first = graph.certify(x, 100, 1000, 0.001)
+    again = graph.certify(x, 100, 1000, 0.001)
+    want = plain.certify(x, 100, 1000, 0.001)
+    assert len(captures) == 1 and not captures[0].counts.is_inference()
+    for got in (first, again):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs and autocast need a GPU")
