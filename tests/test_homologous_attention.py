@@ -991,6 +991,35 @@ def test_contrastive_loss_mean_without_positives_is_zero():
         assert torch.autograd.grad(loss, z)[0].abs().max() == 0
 
 
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_compile_with_dynamic_shapes(backend):
+    """compile(dynamic=True): one graph over two sequence lengths (L a SymInt in the op's checks,
+    fakes and autograd), group and top-k mode, the attention and the contrastive loss, forward and
+    backward equal to eager."""
+    torch._dynamo.reset()
+    dev = device_for(backend)
+    attn = torch.compile(lambda a, b, c, g, t: pyssl.homologous_attention(a, b, c, g, topk=t, backend=backend),
+                         fullgraph=True, dynamic=True, backend="aot_eager")
+    hcl = torch.compile(lambda z, g: pyssl.homologous_contrastive_loss(z, g, backend=backend),
+                        fullgraph=True, dynamic=True, backend="aot_eager")
+    for l in (10, 13):
+        q, k, v = _qkv(b=1, h=2, l=l, d=4, device=dev, seed=l)
+        groups = _groups(1, l, 2, seed=l).to(dev)
+        for topk in (None, 3):
+            got_in = [t.clone().requires_grad_() for t in (q, k, v)]
+            want_in = [t.clone().requires_grad_() for t in (q, k, v)]
+            got = attn(*got_in, groups, topk)
+            want = pyssl.homologous_attention(*want_in, groups, topk=topk, backend=backend)
+            torch.testing.assert_close(got, want)
+            for a, b in zip(torch.autograd.grad(got.sum(), got_in), torch.autograd.grad(want.sum(), want_in)):
+                torch.testing.assert_close(a, b)
+        z = q[0].transpose(0, 1).reshape(l, 8)[None].contiguous()
+        za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+        got, want = hcl(za, groups), pyssl.homologous_contrastive_loss(zb, groups, backend=backend)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, za)[0], torch.autograd.grad(want, zb)[0])
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_contrastive_loss_opcheck_and_compile(backend):
     from pyssl.ops import homologous_contrastive_loss as HCL
