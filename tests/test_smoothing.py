@@ -456,6 +456,11 @@ def test_bad_input():
         pyssl.Smooth(model, 3, SIGMA).predict(x, 10, 0.01)
     with pytest.raises(ValueError, match="image_ids"):
         s.predict(x, 10, 0.01, image_ids=torch.tensor([0, 1]))
+    # one image (C, H, W) where a batch is expected, as Cohen et al.'s certify takes it: the
+    # per-channel error names the likely cause
+    rgb = pyssl.Smooth(model, 2, SIGMA, mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2])
+    with pytest.raises(ValueError, match=r"mean must have one value per channel.*pass x\[None\]"):
+        rgb.certify(torch.rand(3, 4, 4), 10, 10, 0.01)
     with pytest.raises(ValueError, match="same length"):
         pyssl.certified_accuracy(torch.zeros(3, dtype=torch.int64), torch.zeros(2), torch.zeros(3, dtype=torch.int64), [0.0])
     with pytest.raises(ValueError, match="radii"):

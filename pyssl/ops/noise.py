@@ -188,9 +188,13 @@ def _channels(fn, name, n: int, x: Tensor) -> int:
     # two comparisons, not `n in (1, c)`: under torch.compile(dynamic=True) c is a SymInt,
     # which tuple membership does not compare by value
     if x.dim() < 2 or (n != 1 and n != c):
+        # the likeliest cause: one image (C, H, W) given where a batch is expected (Cohen et
+        # al.'s certify takes one image)
+        hint = (f"; x is a batch (B, C, ...): for one image of shape {tuple(x.shape)} pass x[None]"
+                if x.dim() >= 1 and x.shape[0] == n else "")
         raise ValueError(f"{fn}: {name} must have one value per channel (x.shape[1] = "
                          f"{c if x.dim() > 1 else 'none: x has no channel dimension'}), "
-                         f"got {c if n == 1 else n} values")
+                         f"got {c if n == 1 else n} values{hint}")
     return c
 
 
