@@ -1025,7 +1025,7 @@ def _bwd_compile_case(kernel, dtype: torch.dtype, b: dict, split_out: bool = Fal
     consts = dict(L=L, HAS_CLASSES=has_classes, BLOCK_N=b["BLOCK_N"], BLOCK_C=b["BLOCK_C"],
                   BLOCK_D=b["BLOCK_D"], BLOCK_DO=b["BLOCK_DO"], FULL_D=b["FULL_D"],
                   CUT_CHAIN=b["CUT_CHAIN"], **extra,
-                  DOT_FP32=False, DOT_PRECISION=prec)
+                  **_dot_options(dtype, False, prec))    # what a launch passes (_common_flags)
     return (kernel, sig, consts, dict(num_warps=b["num_warps"], num_stages=b["num_stages"]),
             _aligned(sig))
 
@@ -1037,7 +1037,7 @@ def _compile_cases() -> List[tuple]:
         t = "*" + _TL_DTYPE_NAME[dtype]
         cfg = _config(dtype, 4096, 1 << 20, D, interpret=False)
         f, nrm, p = cfg["fwd"], cfg["norm"], cfg["pos"]
-        flags = dict(DOT_FP32=False, DOT_PRECISION=prec)
+        flags = _dot_options(dtype, False, prec)    # what a launch passes (_common_flags)
         for has_idx in ((False, True) if prec == "ieee" else ()):
             cases.append((_row_inv_norm_kernel,
                           dict(X=t, IDX="*i64", OUT="*fp32", R="i32", D="i32", stride_x="i32",
