@@ -674,8 +674,11 @@ def mlcd_loss(x: Tensor, weight: Tensor, positives: Tensor, *, scale: float = 64
     and loss = mean_n L_n (reduction "mean"; "sum", "none" too). The negative sum is never a
     difference of sums: a row's own positives are masked inside each tile.
     Gradients: ∂L_n/∂cos_nj = s·p⁻_nj on negatives and −s·p⁺_ni·κ_ni on positives, with κ = 1
-    (margin_grad="straight_through", PartialFC's) or sin(θ+m)/sin θ ("exact"); rows of weight
-    outside S get zero; a frozen input (requires_grad False) gets none and costs none.
+    (margin_grad="straight_through", PartialFC's) or sin(θ+m)/sin θ ("exact", with sin θ taken
+    from the cosine and clamped at 1e-6 like any cos-based ArcFace: for a feature within ~3e-4 rad
+    of a positive center the float32 cosine rounds to 1 and that positive's gradient is too large,
+    harmless where its weight p⁺ is tiny, e^-61 at s = 64); rows of weight outside S get zero; a
+    frozen input (requires_grad False) gets none and costs none.
 
     x (N, D) and weight (C, D) share a float dtype; positives (N, l) int64 class ids with -1 as
     padding (at least one per row, unique within a row); classes None (all C classes) or the
