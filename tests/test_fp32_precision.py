@@ -74,9 +74,8 @@ def test_attention_takes_the_tf32_tiles(restore_precision, monkeypatch):
     monkeypatch.setenv("PYSSL_HOMATTN_TRITON", "bwd.num_stages=3")
     tf32 = HA._config(4096, torch.float32, "bwd", 64)
     assert (tf32["num_stages"], tf32["num_stages_dq"]) == (3, 3)
-    for key, (block, warps, stages) in HA._TF32_TILES.items():
-        ids = {(c[0].__name__, c[2]["D"] if "D" in c[2] else None) for c in HA.COMPILE_CASES
-               if c[2].get("DOT_PRECISION") == "tf32"}
+    ids = {(c[0].__name__, c[2].get("D")) for c in HA.COMPILE_CASES if c[2].get("DOT_PRECISION") == "tf32"}
+    for key in HA._TF32_TILES:
         kernels = ("_attn_fwd_kernel",) if key[1] == "fwd" else ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
         for name in kernels:
             assert (name, key[0]) in ids, f"no TF32 compile case of {name} at d={key[0]}"

@@ -434,8 +434,13 @@ def _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, 
                        gneg.float().contiguous(), gpos.float().contiguous(), dx_dtype, *need)
 
 
+def _need_bits(dx: bool, dw: bool) -> int:
+    """The ops' need_grad bits (1: dx, 2: dw) of which gradients are wanted."""
+    return int(dx) | 2 * int(dw)
+
+
 def _need(bits: int):
-    """(dx wanted, dw wanted) of the ops' need_grad bits (1: dx, 2: dw)."""
+    """(dx wanted, dw wanted) of the ops' need_grad bits (_need_bits)."""
     return bool(bits & 1), bool(bits & 2)
 
 
@@ -609,7 +614,7 @@ def _backward(ctx, grad_loss, *unused):
     x, weight, classes, pos_col, lse_total, gpos_unit = ctx.saved_tensors
     gneg = upstream_rows(grad_loss.to(lse_total.dtype), ctx.reduction, x.shape[0])
     gpos = gpos_unit * gneg[:, None]
-    need = int(ctx.needs_input_grad[0]) | 2 * int(ctx.needs_input_grad[1])
+    need = _need_bits(*ctx.needs_input_grad[:2])
     dx, dw = _margin_loss_backward_op(x, weight, classes, pos_col, ctx.scale, lse_total, gneg, gpos, ctx.backend,
                                       need)
     return (dx if need & 1 else None, dw if need & 2 else None) + (None,) * 12
@@ -651,7 +656,7 @@ def _run(fn, kind, x, weight, pos_ids, classes, scale, m1, m2, m3, margin_grad, 
     gif = needs_grad and red != 0 and chosen in ("cpu", "torch")
     # which gradients to form: a frozen input (requires_grad False) skips its product, a third
     # of the backward's work
-    need = int(x.requires_grad) | 2 * int(weight.requires_grad)
+    need = _need_bits(x.requires_grad, weight.requires_grad)
     out = _margin_loss_op(x, weight, pos_ids, classes, kind, float(scale), float(m1), float(m2), float(m3),
                           margin_grad == "exact", red, chosen, gif, need)
     return out[0]
