@@ -123,23 +123,16 @@ class _ClassCenters(torch.nn.Module):
     def reset_parameters(self) -> None:
         torch.nn.init.normal_(self.weight, std=0.01)
 
-    def _candidates(self, x, positives: Tensor):
-        """(weight, positives, classes) for the op. In training with sample_ratio < 1, classes =
-        sample_classes(positives). Centers whose dtype differs from the features' (float32
-        centers, bfloat16/float16 features under autocast or a half-precision backbone) are cast
-        to x's dtype, as autocast does for a linear layer's weight — with sampling only the
-        sampled rows, the positives renumbered to them; the gradient returns in the centers' dtype."""
+    def _candidates(self, positives: Tensor):
+        """The candidate classes of a call: sample_classes(positives) in training with
+        sample_ratio < 1, else None (all). float32 centers with bfloat16/float16 features (autocast or a
+        half-precision backbone) go to the op as they are: it rounds the candidate rows to x's
+        dtype, as autocast does for a linear layer's weight, and returns their gradient in
+        float32."""
         classes = None
         if self.training and self.sample_ratio < 1.0:
             classes = sample_classes(positives, self.num_classes, self.sample_ratio, generator=self.generator)
-        w = self.weight
-        if not (isinstance(x, Tensor) and x.is_floating_point() and x.dtype != w.dtype):
-            return w, positives, classes
-        if classes is None:
-            return w.to(x.dtype), positives, None
-        # cast only the sampled rows (C'·D, not C·D)
-        cols = torch.searchsorted(classes, positives.clamp_min(0))
-        return w.index_select(0, classes).to(x.dtype), torch.where(positives >= 0, cols, positives), None
+        return classes
 
 
 class MLCDLoss(_ClassCenters):
@@ -170,14 +163,15 @@ class MLCDLoss(_ClassCenters):
         self.margin = float(_checks.real("MLCDLoss", "margin", margin))
 
     def forward(self, x: Tensor, positives: Tensor) -> Tensor:
-        """Loss of features x (N, dim) with their positives (N, l). Mixed precision: float32
-        centers with bfloat16/float16 features (autocast, or a half-precision backbone) are
-        cast to x's dtype for the op, as autocast does for a linear layer's weight (in training
-        only the sampled rows); their gradient returns in float32."""
+        """Loss of features x (N, dim) with their positives (N, l), in float32 (float64 for
+        float64 x). Mixed precision: with float32 centers and bfloat16/float16 features
+        (autocast, or a half-precision backbone) the candidate centers are rounded to x's dtype
+        for the products, as autocast does for a linear layer's weight (in training only the
+        sampled rows); their gradient returns in float32."""
         if self.process_group is not None:
             return self._sharded(mlcd_loss_parallel, x, positives, margin=self.margin)
-        w, positives, classes = self._candidates(x, positives)
-        return mlcd_loss(x, w, positives, scale=self.scale, margin=self.margin, classes=classes,
+        classes = self._candidates(positives)
+        return mlcd_loss(x, self.weight, positives, scale=self.scale, margin=self.margin, classes=classes,
                          margin_grad=self.margin_grad, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -222,10 +216,10 @@ class MarginSoftmaxLoss(_ClassCenters):
             return self._sharded(margin_softmax_loss_parallel, x, labels, m1=self.m1, m2=self.m2, m3=self.m3,
                                  reduction=self.reduction)
         try:
-            w, pos, classes = self._candidates(x, labels[:, None])
+            classes = self._candidates(labels[:, None])
         except ValueError as e:   # sample_classes' range check: say whose labels
             raise ValueError(f"{fn}: labels: {e}") from e
-        return margin_softmax_loss(x, w, pos[:, 0], scale=self.scale, m1=self.m1, m2=self.m2, m3=self.m3,
+        return margin_softmax_loss(x, self.weight, labels, scale=self.scale, m1=self.m1, m2=self.m2, m3=self.m3,
                                    classes=classes, margin_grad=self.margin_grad, reduction=self.reduction,
                                    backend=self.backend)
 

@@ -29,3 +29,13 @@ def device_for(backend: str) -> str:
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
+
+
+def at_angles(w, pos, thetas, generator):
+    """Features at the given angles (float64) from their rows' first positive center: x_n =
+    ŵ cos θ_n + v sin θ_n with v a random unit vector orthogonal to ŵ, times a norm of 3."""
+    wh = torch.nn.functional.normalize(w[pos[:, 0]].double(), dim=1)
+    v = torch.randn(wh.shape, generator=generator, dtype=torch.float64)
+    v = torch.nn.functional.normalize(v - wh * (v * wh).sum(1, keepdim=True), dim=1)
+    t = thetas[:, None]
+    return 3.0 * (wh * torch.cos(t) + v * torch.sin(t))

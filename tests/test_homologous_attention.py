@@ -833,6 +833,7 @@ def test_contrastive_loss_float_and_bf16(backend, dtype, tol):
     z = torch.randn(4, 30, 16).to(device_for(backend), dtype).requires_grad_()
     groups = _groups(4, 30, 4, n_global=1).to(z.device)
     out = pyssl.homologous_contrastive_loss(z, groups, backend=backend)
+    assert out.dtype == torch.float32      # the loss in float32 for every input dtype but float64
     zf = z.detach().float().requires_grad_()
     ref = reference.homologous_contrastive_loss(zf, groups)
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)

@@ -5,7 +5,7 @@ import torch
 import pyssl
 from pyssl import reference as R
 from pyssl.ops import mlcd_loss as M
-from conftest import GPU, device_for
+from conftest import GPU, at_angles, device_for
 
 # fp32 tolerances: the backends reorder fp32 sums (GEMM blocking, online log-sum-exp), and the
 # scale s multiplies cosine errors, so losses agree to ~1e-5 relative and gradients to ~1e-4.
@@ -113,7 +113,8 @@ def test_half_precision(backend, dtype):
     dev = device_for(backend)
     x, w, pos = make_problem(n=16, c=64, d=32, device=dev, dtype=dtype, seed=7)
     out, dx, dw, g = grads(lambda a, b: pyssl.mlcd_loss(a, b, pos, scale=16.0, backend=backend), x, w)
-    assert out.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
+    # the loss in float32 (as torch's losses under autocast), the gradients in the inputs' dtype
+    assert out.dtype == torch.float32 and dx.dtype == dtype and dw.dtype == dtype
     x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
     ref = R.mlcd_loss(x64, w64, pos, scale=16.0)
     ref.backward()
@@ -201,6 +202,40 @@ def test_hard_numerics(backend, kind, margin_grad):
     check_against_reference(lambda a, b: pyssl.mlcd_loss(a, b, pos, backend=backend, **kw),
                             lambda a, b: R.mlcd_loss(a, b, pos, **kw), x, w,
                             dict(rtol=1e-3, atol=1e-4))
+
+
+@pytest.mark.parametrize("kind", ["mlcd", "softmax"])
+def test_exact_margin_near_a_center(backend, kind):
+    """margin_grad="exact" at features 3e-5 to 3e-2 rad from a positive center, at a small scale
+    where the positive's weight p⁺ is large: κ = sin(θ+m)/sin θ needs sin θ, which the float32
+    cosine (1 − θ²/2, rounding to 1 below ~3e-4 rad) cannot give; the ops take θ from the chord
+    ‖x̂ − ŵ‖ there. Against the float64 reference on the float32 inputs: the chord's float32
+    error is ~1e-7 absolute, so 3e-5 rad is within ~1%; the cosine's sin θ was off by up to 100x."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(21)
+    n, c, d = 8, 30, 32
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    pos = torch.stack([torch.randperm(c, generator=g)[:2] for _ in range(n)])
+    thetas = torch.tensor([3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1.0], dtype=torch.float64)
+    x = at_angles(w, pos, thetas, g)
+    x, w, pos = x.float().to(dev), w.float().to(dev), pos.to(dev)
+    if kind == "mlcd":
+        kw = dict(scale=4.0, margin=0.3, margin_grad="exact", reduction="none")
+        op, ref_op, ids = pyssl.mlcd_loss, R.mlcd_loss, pos
+    else:
+        kw = dict(scale=4.0, m1=1.0, m2=0.3, margin_grad="exact", reduction="none")
+        op, ref_op, ids = pyssl.margin_softmax_loss, R.margin_softmax_loss, pos[:, 0].contiguous()
+    out, dx, dw, up = grads(lambda a, b: op(a, b, ids, backend=backend, **kw), x, w)
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = ref_op(x64, w64, ids, **kw)
+    ref.backward(up.double())
+    # the value is the float32 cosine's (SPEC): acos of a cosine that rounded to 1 is off by up
+    # to ~3.5e-4 rad, s·sin(m)·3.5e-4 ~ 4e-4 in the target logit
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-3, atol=1e-3)
+    # per row: the near rows' gradients are dominated by their positive's term
+    for i in range(n):
+        torch.testing.assert_close(dx[i].double(), x64.grad[i], rtol=2e-2, atol=2e-2 * x64.grad[i].abs().max().item())
+    torch.testing.assert_close(dw.double(), w64.grad, rtol=2e-2, atol=1e-2 * w64.grad.abs().max().item())
 
 
 def test_negative_sum_is_not_a_difference(backend):
@@ -419,7 +454,7 @@ def test_module_mixed_precision(backend, ratio):
     xb = x.bfloat16().requires_grad_(True)
     loss = crit(xb, pos)
     loss.backward()
-    assert loss.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16
     assert crit.weight.grad.dtype == torch.float32
     w64 = crit.weight.detach().bfloat16().double().requires_grad_(True)
     ref = R.mlcd_loss(xb.detach().double(), w64, pos, classes=classes)
@@ -431,6 +466,61 @@ def test_module_mixed_precision(backend, ratio):
         outside = torch.ones(50, dtype=torch.bool, device=dev)
         outside[classes] = False
         assert outside.any() and (crit.weight.grad[outside] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["mlcd", "softmax"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_functional_float32_weight_with_16bit_x(backend, dtype, kind, sampled):
+    """The functional ops take float32 centers with 16-bit features (autocast, a half-precision
+    backbone) as the module does: the candidate rows are rounded to x's dtype for the products,
+    the loss is float32, x's gradient in x's dtype, weight's in float32 (zero outside S)."""
+    dev = device_for(backend)
+    x, w, pos = make_problem(n=14, c=60, d=16, device=dev, seed=9)
+    classes = pyssl.sample_classes(pos, 60, 0.3, generator=torch.Generator(dev).manual_seed(2)) if sampled else None
+    if kind == "mlcd":
+        kw = dict(scale=16.0, classes=classes, margin_grad="exact", reduction="none")
+        op, ref_op, ids = pyssl.mlcd_loss, R.mlcd_loss, pos
+    else:
+        kw = dict(scale=16.0, m2=0.3, classes=classes, reduction="none")
+        op, ref_op, ids = pyssl.margin_softmax_loss, R.margin_softmax_loss, pos.max(1).values
+    xh = x.to(dtype).requires_grad_(True)
+    wf = w.clone().requires_grad_(True)
+    out = op(xh, wf, ids, backend=backend, **kw)
+    g = torch.rand_like(out) + 0.5
+    out.backward(g)
+    assert out.dtype == torch.float32 and xh.grad.dtype == dtype and wf.grad.dtype == torch.float32
+    x64 = xh.detach().double().requires_grad_(True)
+    w64 = w.to(dtype).double().requires_grad_(True)        # the rows the products see
+    ref = ref_op(x64, w64, ids, **kw)
+    ref.backward(g.double())
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(xh.grad.double(), x64.grad, rtol=3e-2, atol=3e-2 * x64.grad.abs().max().item())
+    torch.testing.assert_close(wf.grad.double(), w64.grad, rtol=3e-2, atol=3e-2 * w64.grad.abs().max().item())
+    if sampled:
+        outside = torch.ones(60, dtype=torch.bool, device=dev)
+        outside[classes] = False
+        assert outside.any() and (wf.grad[outside] == 0).all()
+
+
+def test_functional_under_cpu_autocast():
+    """A bf16 autocast region (a backbone's linear layer gives bf16 features) with float32
+    centers: the functional op runs, returns a float32 loss, and matches the reference on the
+    bf16-rounded operands."""
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(12, 16)
+    w = torch.nn.Parameter(torch.randn(40, 16))
+    inp = torch.randn(10, 12)
+    _, _, pos = make_problem(n=10, c=40, d=16, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = proj(inp)
+        assert feats.dtype == torch.bfloat16
+        loss = pyssl.mlcd_loss(feats, w, pos, scale=16.0)
+    loss.backward()
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32
+    ref = R.mlcd_loss(feats.detach().double(), w.detach().bfloat16().double(), pos, scale=16.0)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-2, atol=0)
+    assert proj.weight.grad is not None and torch.isfinite(proj.weight.grad).all()
 
 
 def test_module_bad_arguments():
@@ -559,6 +649,13 @@ def test_opcheck(backend):
         args = (x.clone().requires_grad_(bool(need & 1)), w.clone().requires_grad_(bool(need & 2)), pos, cls,
                 M.MLCD, 8.0, 1.0, 0.3, 0.0, False, red, backend, gif, need)
         torch.library.opcheck(M._margin_loss_op, args)
+    # float32 centers with bfloat16 features: the fakes give each gradient its input's dtype
+    for gif, red, cls in ((True, 1, classes), (False, 0, classes), (False, 2, None)):
+        if backend == "triton" and gif:
+            continue
+        args = (x.bfloat16().requires_grad_(), w.clone().requires_grad_(), pos, cls,
+                M.MLCD, 8.0, 1.0, 0.3, 0.0, True, red, backend, gif, 3)
+        torch.library.opcheck(M._margin_loss_op, args)
 
 
 @pytest.mark.parametrize("frozen", ["x", "weight"])
@@ -646,6 +743,8 @@ def _bad_cases():
         ("weight must be \\(C, D\\)", dict(ok, weight=w[0])),
         ("D=", dict(ok, weight=torch.randn(10, 4))),
         ("does not match x dtype", dict(ok, weight=w.double())),
+        ("does not match x dtype", dict(ok, weight=w.bfloat16())),       # 16-bit centers, float32 x
+        ("does not match x dtype", dict(ok, x=x.half(), weight=w.bfloat16())),
         ("x is empty", dict(ok, x=x[:0], positives=pos[:0])),
         ("weight is empty", dict(ok, weight=w[:0])),
         ("positives must be int64", dict(ok, positives=pos.int())),

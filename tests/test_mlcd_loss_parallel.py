@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pyssl
+from conftest import at_angles
 from pyssl import reference
 from pyssl.ops import mlcd_loss as E
 from pyssl.ops.mlcd_loss_parallel import margin_softmax_loss_parallel, mlcd_loss_parallel, shard_range
@@ -174,6 +175,25 @@ def case_hard_numerics(rank):
         _check(rank, *got, x, w, pos, scale=64.0, margin_grad="exact", tol=dict(atol=1e-4, rtol=1e-4))
 
 
+def case_exact_margin_near_a_center(rank):
+    """margin_grad="exact" with features 1e-4 to 1e-2 rad from a positive center at scale 4 (the
+    positive's weight large): each positive's θ comes from the chord ‖x̂ − ŵ‖ of the shard that
+    holds its center, carried to every rank with the cosines."""
+    x, w, pos = _problem(3)
+    g = torch.Generator().manual_seed(7)
+    thetas = torch.tensor([1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.5, 1e-4, 2e-4], dtype=torch.float64)[:x.shape[0]]
+    x = at_angles(w, pos, thetas, g).float()
+    w = w.float()
+    kw = dict(scale=4.0, margin_grad="exact")
+    for backend in BACKENDS:
+        for reduction in ("mean", "none"):
+            got = _run_op(rank, x, w, pos, reduction=reduction, backend=backend, **kw)
+            _check(rank, *got, x, w, pos, reduction=reduction, tol=dict(atol=2e-3, rtol=2e-2), **kw)
+            got = _run_op(rank, x, w, pos, kind="softmax", reduction=reduction, backend=backend, m2=0.3, **kw)
+            _check(rank, *got, x, w, pos, kind="softmax", reduction=reduction, tol=dict(atol=2e-3, rtol=2e-2),
+                   m2=0.3, **kw)
+
+
 def case_module(rank):
     """MLCDLoss / MarginSoftmaxLoss with a process group: the shard, sampling per shard in
     training (the union of the ranks' sets), all classes in eval, float32 centers with bfloat16
@@ -218,7 +238,7 @@ def case_module(rank):
     crit.weight.grad = None
     loss = crit(xb, po)
     loss.backward(torch.full_like(loss, 0.5))    # _check's upstream gradient
-    assert loss.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16
     assert crit.weight.grad.dtype == torch.float32
     _check(rank, loss, xb.grad, crit.weight.grad, _gathered(xb.detach()).double(), w.bfloat16(), pos,
            tol=dict(atol=2e-3, rtol=1e-2))
@@ -286,14 +306,14 @@ def case_low_precision(rank):
     start, count = _shard(rank)
     for backend in BACKENDS:
         got = _run_op(rank, x, w, pos, dtype=torch.float16, backend=backend)
-        assert got[1].dtype == got[2].dtype == torch.float16
+        assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float16
         _check(rank, *got, x.half(), w.half(), pos, tol=tol)
     xb = x.bfloat16()
     union = torch.cat([_local_classes(r, pos, 3) for r in range(_world())])
     for backend in BACKENDS:
         got = _run_op(rank, x, w, pos, dtype=torch.bfloat16, wdtype=torch.float32,
                       classes=_local_classes(rank, pos, 3), backend=backend)
-        assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+        assert got[0].dtype == got[2].dtype == torch.float32 and got[1].dtype == torch.bfloat16
         _check(rank, *got, xb, w.bfloat16(), pos, classes=union, tol=tol)
         # rows outside the candidate set get exactly zero
         outside = torch.ones(count, dtype=torch.bool)
@@ -428,14 +448,16 @@ def _spawn(case, world):
         mp.spawn(_worker, args=(world, os.path.join(d, "init"), case), nprocs=world, join=True)
 
 
-@pytest.mark.parametrize("case", ["case_backends", "case_classes", "case_hard_numerics", "case_module",
-                                  "case_low_precision", "case_grad_flags", "case_errors", "case_bench_script"])
+@pytest.mark.parametrize("case", ["case_backends", "case_classes", "case_hard_numerics",
+                                  "case_exact_margin_near_a_center", "case_module", "case_low_precision",
+                                  "case_grad_flags", "case_errors", "case_bench_script"])
 def test_parallel(case):
     _spawn(case, 2)
 
 
-def test_parallel_three_ranks():
-    _spawn("case_three_ranks", 3)
+@pytest.mark.parametrize("case", ["case_three_ranks", "case_exact_margin_near_a_center"])
+def test_parallel_three_ranks(case):
+    _spawn(case, 3)
 
 
 def test_shard_range_tiles_the_classes():

@@ -196,6 +196,7 @@ def homologous_contrastive_loss(z: Tensor, groups: Tensor, *, temperature: float
         ℓ_i = −(1/|P(i)|) Σ_{p ∈ P(i)} [ s_ip − log Σ_{a ∈ A(i)} exp(s_ia) ];
     tokens with a negative id, or alone in their group, contribute 0. reduction "mean" averages over the tokens that have a positive
     (0, not NaN, when none has: a batch without pairs adds nothing to a training loss).
+    The loss is float32 for 16-bit z (float64 for float64), its gradient in z's dtype.
     No backend keeps a B·L·L float tensor for the backward: the Triton and C++ kernels recompute
     scores from z; the torch backend recomputes its row chunks (activation checkpointing)."""
     fn = "homologous_contrastive_loss"
@@ -208,9 +209,10 @@ def homologous_contrastive_loss(z: Tensor, groups: Tensor, *, temperature: float
         has = _has_positive(groups)
     else:
         rows, has = _torch_rows(z, groups, float(temperature))
+    # the loss stays in the accumulation dtype (float32 for 16-bit z), as the margin losses'
     if reduction == "none":
-        return rows.to(z.dtype)
+        return rows
     total = rows.sum()
     if reduction == "sum":
-        return total.to(z.dtype)
-    return (total / has.sum().clamp_min(1)).to(z.dtype)
+        return total
+    return total / has.sum().clamp_min(1)

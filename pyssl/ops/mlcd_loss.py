@@ -47,8 +47,8 @@ _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 
 def _check_common(fn, x, weight, classes, scale, reduction, margin_grad, shard=False):
     """Shapes, dtypes, devices and settings. shard: the model-parallel form's rank, which may
-    have no rows (N = 0) and an empty candidate set, and may take float32 centers with 16-bit x
-    (it casts the rows it uses)."""
+    have no rows (N = 0) and an empty candidate set. float32 centers with 16-bit x are taken
+    (the candidate rows are rounded to x's dtype, see _rounded_rows)."""
     _checks.tensor(fn, "x", x)
     _checks.tensor(fn, "weight", weight)
     if x.dim() != 2:
@@ -57,9 +57,10 @@ def _check_common(fn, x, weight, classes, scale, reduction, margin_grad, shard=F
         raise ValueError(f"{fn}: weight must be (C, D), got shape {tuple(weight.shape)}")
     if x.dtype not in _FLOATS + (torch.float64,):
         raise ValueError(f"{fn}: x must be float32, bfloat16, float16 or float64 (torch backend), got {x.dtype}")
-    mixed_ok = shard and weight.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
+    mixed_ok = weight.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
     if weight.dtype != x.dtype and not mixed_ok:
-        raise ValueError(f"{fn}: weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+        raise ValueError(f"{fn}: weight dtype {weight.dtype} does not match x dtype {x.dtype} (float32 "
+                         "weight with bfloat16/float16 x is taken too)")
     if weight.device != x.device:
         raise ValueError(f"{fn}: weight is on {weight.device} but x is on {x.device}")
     if x.shape[0] == 0 and not shard:
@@ -160,16 +161,25 @@ def _positive_columns(pos_ids: Tensor, classes: Optional[Tensor], fn: str) -> Te
 # --------------------------------------------------------------------------------------------
 
 def _row_terms(kind: int, lse_neg: Tensor, pos_cos: Tensor, valid: Tensor, scale: float,
-               m1: float, m2: float, m3: float, exact: bool):
+               m1: float, m2: float, m3: float, exact: bool, chord: Optional[Tensor] = None):
     """From the engine's (lse_neg, pos_cos) give (loss_rows, lse_total, gpos_unit).
 
     lse_total is what the engine subtracts to turn a negative logit into its probability;
     gpos_unit is ∂loss_n/∂cos of each positive for a unit upstream gradient (0 at padding).
+    chord: the positives' ½‖x̂ − ŵ‖² (_positive_chords), where margin_grad="exact" takes θ
+    from near a center.
     """
     c = pos_cos.clamp(-1.0, 1.0)
     theta = torch.acos(c)
     t = scale * (torch.cos(m1 * theta + m2) - m3)              # positive (target) logits
     if exact:
+        if chord is not None:
+            # within ~0.14 rad of the center the float32 cosine is 1 − O(θ²) and acos of it has
+            # lost θ's digits (all of them below ~3e-4 rad, where the cosine rounds to 1 and
+            # sin θ would hit the clamp); the chord 1 − cos = 2 sin²(θ/2) of the unit vectors
+            # keeps them. The logit's value stays the cosine's, as SPEC defines it.
+            near = 2.0 * torch.asin(torch.sqrt(chord.clamp(0.0, 2.0) * 0.5))
+            theta = torch.where(c > 0.99, near, theta)
         dt = scale * m1 * torch.sin(m1 * theta + m2) / torch.sin(theta).clamp_min(SIN_EPS)
     else:
         dt = torch.full_like(t, scale)
@@ -190,6 +200,40 @@ def _row_terms(kind: int, lse_neg: Tensor, pos_cos: Tensor, valid: Tensor, scale
         p_t = torch.exp(t - lse_total[:, None])
         gpos = torch.where(valid, (p_t - 1.0) * dt, torch.zeros_like(t))
     return rows, lse_total, gpos
+
+
+def _positive_chords(xhat: Tensor, w: Tensor, ids: Tensor, w_round: Optional[torch.dtype] = None) -> Tensor:
+    """½‖x̂_n − ŵ_c‖² (= 1 − cos θ) of every positive, from the vectors rather than their dot:
+    xhat (R, D) unit rows in the accumulation dtype, w the centers at any scale, ids (R, l) the
+    positives' rows of w (< 0: padding, 0 there), w_round the dtype the kernels round those rows
+    to first (float32 centers with 16-bit x), or None. R·l·D work, in row blocks of bounded
+    size; only margin_grad="exact" asks for it."""
+    r, l = ids.shape
+    out = torch.zeros(ids.shape, dtype=xhat.dtype, device=xhat.device)
+    if r == 0:
+        return out
+    valid = ids >= 0
+    idx = ids.clamp_min(0)
+    step = max(1, CHUNK_ELEMS // max(1, l * xhat.shape[1]))
+    for r0 in range(0, r, step):
+        r1 = min(r, r0 + step)
+        wr = w[idx[r0:r1]]                                     # (rows, l, D)
+        if w_round is not None:
+            wr = wr.to(w_round)
+        wr = wr.to(xhat.dtype)
+        wr = wr / torch.linalg.vector_norm(wr, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        out[r0:r1] = 0.5 * (xhat[r0:r1, None, :] - wr).square().sum(-1)
+    return torch.where(valid, out, torch.zeros_like(out))
+
+
+def _chords_of(x: Tensor, weight: Tensor, classes: Optional[Tensor], pos_col: Tensor) -> Tensor:
+    """_positive_chords from the op's own inputs (the Triton path and the model-parallel form,
+    which hold no normalized copies): pos_col names columns of S."""
+    acc = _acc_dtype(x)
+    xf = x.to(acc)
+    xhat = xf / torch.linalg.vector_norm(xf, dim=1, keepdim=True).clamp_min(NORM_EPS)
+    ids = pos_col if classes is None else torch.where(pos_col >= 0, classes[pos_col.clamp_min(0)], pos_col)
+    return _positive_chords(xhat, weight, ids, x.dtype if weight.dtype != x.dtype else None)
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -281,6 +325,8 @@ class _Chunked:
         self.rx = 1.0 / torch.linalg.vector_norm(self.xf, dim=1).clamp_min(NORM_EPS)
         self.xhat = (self.xf * self.rx[:, None]).contiguous()
         w = weight if classes is None else weight.index_select(0, classes)
+        if w.dtype != x.dtype:     # float32 centers, 16-bit x: the rows rounded as on Triton
+            w = w.to(x.dtype)
         self.w_eff = w.to(acc).contiguous()
         self.rw = 1.0 / torch.linalg.vector_norm(self.w_eff, dim=1).clamp_min(NORM_EPS)
         n, d = x.shape
@@ -296,9 +342,10 @@ class _Chunked:
             r1 = min(n, r0 + self.rows)
             yield r0, r1, self.buf[: r1 - r0], r0 > 0
 
-    def finish(self, dxhat, dw_acc, x, weight, classes, dtype=None):
-        """Normalization backwards; dw_acc holds rw ⊙ dŴ (see the engine contract). The
-        gradients come out in dtype (default: x's)."""
+    def finish(self, dxhat, dw_acc, x, weight, classes, dtype=None, w_dtype=None):
+        """Normalization backwards; dw_acc holds rw ⊙ dŴ (see the engine contract). dx comes
+        out in dtype (default: x's), dw in w_dtype (default: dtype if given, else weight's)."""
+        w_dtype = w_dtype or dtype or weight.dtype
         dtype = x.dtype if dtype is None else dtype
         dx = dw = None
         if dxhat.dim() == 2:
@@ -310,10 +357,10 @@ class _Chunked:
         dots = torch.bmm(self.w_eff.unsqueeze(1), dw_acc.unsqueeze(2)).view(-1)
         dw_acc.addcmul_(self.w_eff, (dots * self.rw * self.rw)[:, None], value=-1.0)
         if classes is None:
-            dw = dw_acc.to(dtype)
+            dw = dw_acc.to(w_dtype)
         else:
-            dw = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-            dw.index_copy_(0, classes, dw_acc.to(dtype))
+            dw = torch.zeros(weight.shape, dtype=w_dtype, device=weight.device)
+            dw.index_copy_(0, classes, dw_acc.to(w_dtype))
         return dx, dw
 
 
@@ -328,7 +375,7 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
                      row_weight: Optional[float], backend, combine=None, valid=None, rows=None,
                      grad_dtype=None, need=(True, True)):
     """Loss rows, lse_total, gpos_unit; and dX, dW for upstream weight row_weight if given (in
-    grad_dtype, default _saved_grad_dtype(x.dtype); need = (dX wanted, dW wanted): None for the
+    grad_dtype, default _saved_grad_dtype of x's and weight's dtypes; need = (dX wanted, dW wanted): None for the
     other, its GEMM skipped).
 
     The model-parallel form passes combine(lse_neg, pos_cos) -> the same for the chunk's rows
@@ -346,9 +393,10 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
     for r0, r1, buf, acc in st.chunks(n):
         pc = pos_col[r0:r1].contiguous()
         ln, pcs = st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), buf)
+        chord = _positive_chords(st.xhat[r0:r1], st.w_eff, pc) if exact else None
         if combine is not None:
-            ln, pcs = combine(ln, pcs)
-        rows_c, lt, gp = _row_terms(kind, ln, pcs, valid[r0:r1], scale, m1, m2, m3, exact)
+            ln, pcs, chord = combine_with_chords(combine, ln, pcs, chord)
+        rows_c, lt, gp = _row_terms(kind, ln, pcs, valid[r0:r1], scale, m1, m2, m3, exact, chord)
         rows_out[r0:r1], lse_total[r0:r1], gpos_unit[r0:r1] = rows_c, lt, gp
         if want_grad:
             g = torch.full_like(lt, row_weight)
@@ -356,10 +404,21 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
             st.grad_fn(buf, st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), lt.contiguous(),
                        g, gp.contiguous(), dxhat[r0:r1], dw_acc, acc)
     if want_grad:
-        dx, dw = st.finish(dxhat, dw_acc, x, weight, classes, grad_dtype or _saved_grad_dtype(x.dtype))
+        dx, dw = st.finish(dxhat, dw_acc, x, weight, classes, grad_dtype or _saved_grad_dtype(x.dtype),
+                           grad_dtype or _saved_grad_dtype(weight.dtype))
     else:
         dx = dw = None
     return rows_out, lse_total, gpos_unit, dx, dw
+
+
+def combine_with_chords(combine, lse, pcos, chord):
+    """The model-parallel combine (a shard's (lse, cosines found here) -> the whole row's) with
+    the chords riding along the cosines' sum: each positive's chord comes from the one shard that
+    holds its center, zeros elsewhere, as its cosine does."""
+    if chord is None:
+        return combine(lse, pcos) + (None,)
+    lse, both = combine(lse, torch.cat([pcos, chord.to(pcos.dtype)], 1))
+    return lse, both[:, :pcos.shape[1]], both[:, pcos.shape[1]:]
 
 
 def _chunked_lse(x, weight, classes, pos_col, scale, backend):
@@ -403,10 +462,31 @@ def _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos,
 # triton backend
 # --------------------------------------------------------------------------------------------
 
+def _rounded_rows(x, weight, classes):
+    """The kernels' (weight, classes): float32 centers with 16-bit x give the candidate rows
+    rounded to x's dtype, as autocast rounds a linear layer's weight ((C', D), classes None: pos_col
+    already names columns of S, which are now the rows). The tiles take one dtype; this copy of
+    C'·D 16-bit values is the price of mixed dtypes (same-dtype inputs are read in place)."""
+    if weight.dtype == x.dtype:
+        return weight, classes
+    w = weight if classes is None else weight.index_select(0, classes)
+    return w.to(x.dtype), None
+
+
+def _scatter_rows(dw, weight, classes):
+    """dw of _rounded_rows' rows back to weight's shape and dtype (zero outside S)."""
+    if dw is None or classes is None:
+        return None if dw is None else dw.to(weight.dtype)
+    out = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    return out.index_copy_(0, classes, dw.to(weight.dtype))
+
+
 def _triton_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact):
     from pyssl.kernels import mlcd_loss as K
+    chord = _chords_of(x, weight, classes, pos_col) if exact else None
+    weight, classes = _rounded_rows(x, weight, classes)
     lse_neg, pos_cos = K.mlcd_lse(x, weight, classes, pos_col, float(scale))
-    return _row_terms(kind, lse_neg, pos_cos, pos_col >= 0, scale, m1, m2, m3, exact)
+    return _row_terms(kind, lse_neg, pos_cos, pos_col >= 0, scale, m1, m2, m3, exact, chord)
 
 
 def engine_lse(x, weight, classes, pos_col, scale, backend):
@@ -430,8 +510,10 @@ def engine_grad(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backe
 def _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, dx_dtype=None,
                      need=(True, True)):
     from pyssl.kernels import mlcd_loss as K
-    return K.mlcd_grad(x, weight, classes, pos_col, float(scale), lse_total.float().contiguous(),
-                       gneg.float().contiguous(), gpos.float().contiguous(), dx_dtype, *need)
+    w_use, cls_use = _rounded_rows(x, weight, classes)
+    dx, dw = K.mlcd_grad(x, w_use, cls_use, pos_col, float(scale), lse_total.float().contiguous(),
+                         gneg.float().contiguous(), gpos.float().contiguous(), dx_dtype, *need)
+    return dx, (dw if w_use is weight else _scatter_rows(dw, weight, classes))
 
 
 def _need_bits(dx: bool, dw: bool) -> int:
@@ -498,8 +580,8 @@ def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optiona
             g = torch.full_like(lse_total, w_row)
             dx, dw = _triton_backward(x, weight, classes, pos_col, scale, lse_total, g, gpos_unit * w_row,
                                       need=_need(need_grad))
-            gd = _saved_grad_dtype(x.dtype)   # as the fake says
-            dx, dw = (None if dx is None else dx.to(gd)), (None if dw is None else dw.to(gd))
+            gd, gw = _saved_grad_dtype(x.dtype), _saved_grad_dtype(weight.dtype)   # as the fake says
+            dx, dw = (None if dx is None else dx.to(gd)), (None if dw is None else dw.to(gw))
     else:
         w_row = _row_weights(reduction, n) if grad_in_forward else None
         rows, lse_total, gpos_unit, dx, dw = _chunked_forward(
@@ -510,9 +592,12 @@ def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optiona
         loss = rows.sum()
     else:
         loss = rows
-    loss = loss.to(x.dtype)
-    dx, dw = _or_empty(dx, x), _or_empty(dw, weight)
     acc = _acc_dtype(x)
+    # the loss stays in the accumulation dtype: a 16-bit loss would round a value near 50 to
+    # 0.25 (bf16), and torch's own losses under autocast, cut-cross-entropy and Liger's fused
+    # linear cross-entropy all return float32
+    loss = loss.to(acc)
+    dx, dw = _or_empty(dx, x), _or_empty(dw, weight)
     return loss, lse_total.to(acc), gpos_unit.to(acc), pos_col.clone(memory_format=torch.contiguous_format), dx, dw
 
 
@@ -520,18 +605,17 @@ def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optiona
 def _(x, weight, pos_ids, classes, kind, scale, m1, m2, m3, exact, reduction, backend, grad_in_forward,
       need_grad):
     n = x.shape[0]
-    loss = x.new_empty(()) if reduction else x.new_empty((n,))
+    loss = x.new_empty(() if reduction else (n,), dtype=_acc_dtype(x))
     stats = x.new_empty((n,), dtype=_acc_dtype(x))
     gpos = x.new_empty(pos_ids.shape, dtype=_acc_dtype(x))
     pos_col = pos_ids.new_empty(pos_ids.shape)
     dx, dw = x.new_empty(0), weight.new_empty(0)
     if grad_in_forward:
-        gd = _saved_grad_dtype(x.dtype)
         want_dx, want_dw = _need(need_grad)
         if want_dx:
-            dx = x.new_empty(x.shape, dtype=gd)
+            dx = x.new_empty(x.shape, dtype=_saved_grad_dtype(x.dtype))
         if want_dw:
-            dw = weight.new_empty(weight.shape, dtype=gd)
+            dw = weight.new_empty(weight.shape, dtype=_saved_grad_dtype(weight.dtype))
     return loss, stats, gpos, pos_col, dx, dw
 
 
@@ -558,7 +642,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, pos_ids, classes, kind, scale, m1, m2, m3, exact, reduction, backend, gif, need_grad = inputs
     loss, lse_total, gpos_unit, pos_col, dx, dw = output
     ctx.grad_in_forward = gif
-    ctx.dtype = x.dtype
+    ctx.dtype, ctx.w_dtype = x.dtype, weight.dtype
     ctx.reduction = reduction
     ctx.scale = scale
     ctx.backend = backend
@@ -623,14 +707,15 @@ def _backward(ctx, grad_loss, *unused):
 def _scaled_saved_grads(ctx, grad_loss, dx, dw, x, weight):
     """The gradients formed in the forward at unit upstream gradient, times grad_loss (an empty
     placeholder where a gradient was not formed stays one)."""
+    pairs = ((dx, ctx.dtype), (dw, ctx.w_dtype))     # each gradient in its input's dtype
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # create_graph=True: the gradients were formed in the forward as constants, so their
         # own derivatives with respect to x and weight would silently be zero; a node on
         # those paths raises instead (the upstream gradient's inputs, e.g. a learnable loss
         # weight, still get theirs)
         guard = _NoSecondOrder.apply(x, weight)
-        return tuple((t * grad_loss.to(_acc_dtype(t)) + guard).to(ctx.dtype) for t in (dx, dw))
-    if all(t.numel() == 0 or t.dtype == ctx.dtype for t in (dx, dw)) and _is_one(grad_loss):
+        return tuple((t * grad_loss.to(_acc_dtype(t)) + guard).to(dt) for t, dt in pairs)
+    if all(t.numel() == 0 or t.dtype == dt for t, dt in pairs) and _is_one(grad_loss):
         # loss.backward(): the saved gradients are the answer. Without retain_graph autograd
         # has released its saved copy by the time they are accumulated, so .grad takes them
         # without a copy; with retain_graph it copies them. Saves a C'×D pass (~3% of
@@ -641,7 +726,7 @@ def _scaled_saved_grads(ctx, grad_loss, dx, dw, x, weight):
         return dx, dw
     # one scaling pass, no data-dependent branch (it must trace under torch.compile); the
     # products are fresh tensors that autograd's accumulation can take without a copy
-    return tuple((t * grad_loss.to(_acc_dtype(t))).to(ctx.dtype) for t in (dx, dw))
+    return tuple((t * grad_loss.to(_acc_dtype(t))).to(dt) for t, dt in pairs)
 
 
 _margin_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -679,13 +764,17 @@ def mlcd_loss(x: Tensor, weight: Tensor, positives: Tensor, *, scale: float = 64
     and loss = mean_n L_n (reduction "mean"; "sum", "none" too). The negative sum is never a
     difference of sums: a row's own positives are masked inside each tile.
     Gradients: ∂L_n/∂cos_nj = s·p⁻_nj on negatives and −s·p⁺_ni·κ_ni on positives, with κ = 1
-    (margin_grad="straight_through", PartialFC's) or sin(θ+m)/sin θ ("exact", with sin θ taken
-    from the cosine and clamped at 1e-6 like any cos-based ArcFace: for a feature within ~3e-4 rad
-    of a positive center the float32 cosine rounds to 1 and that positive's gradient is too large,
-    harmless where its weight p⁺ is tiny, e^-61 at s = 64); rows of weight outside S get zero; a
+    (margin_grad="straight_through", PartialFC's) or sin(θ+m)/sin θ ("exact"; within 0.14 rad of
+    a positive center, where the float32 cosine 1 − θ²/2 has lost θ's digits (below ~3e-4 rad it
+    rounds to 1), θ comes from the chord ‖x̂ − ŵ‖ of the unit vectors instead, an N·l·D pass; sin θ
+    is clamped at 1e-6); rows of weight outside S get zero; a
     frozen input (requires_grad False) gets none and costs none.
 
-    x (N, D) and weight (C, D) share a float dtype; positives (N, l) int64 class ids with -1 as
+    x (N, D) and weight (C, D) share a float dtype, or weight is float32 and x bfloat16/float16
+    (a half-precision backbone or autocast with float32 centers: the candidate rows are rounded
+    to x's dtype for the products, as autocast rounds a linear layer's weight, and weight's
+    gradient comes back in float32). The loss is float32 (float64 for float64 x), the
+    gradients in their inputs' dtypes. positives (N, l) int64 class ids with -1 as
     padding (at least one per row, unique within a row); classes None (all C classes) or the
     unique candidate ids S holding every positive of the batch (see sample_classes).
     """
@@ -706,7 +795,7 @@ def margin_softmax_loss(x: Tensor, weight: Tensor, labels: Tensor, *, scale: flo
 
     Target logit s·(cos(m1·θ + m2) − m3), other logits s·cos θ (θ the angle between the
     normalized x_n and w_c), cross-entropy over the candidate classes S (classes None: all C);
-    labels (N,) int64.
+    labels (N,) int64. dtypes as in mlcd_loss (float32 weight with 16-bit x; a float32 loss).
     """
     fn = "margin_softmax_loss"
     _check_common(fn, x, weight, classes, scale, reduction, margin_grad)

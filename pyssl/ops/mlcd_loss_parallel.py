@@ -188,14 +188,19 @@ class _ShardedMarginLoss(torch.autograd.Function):
                                               combine, backend, metas, ctx)
             ctx.save_for_backward(dx_own, dw)
         else:
+            chord = None
             if empty or error:
                 lse = torch.full((ntot,), float("-inf"), dtype=acc, device=x.device)
                 pcos = torch.zeros(pos.shape, dtype=acc, device=x.device)
+                if call.exact:
+                    chord = torch.zeros_like(pcos)
             else:
                 lse, pcos = E.engine_lse(xs, w_use, cls_use, pos_col, call.scale, backend)
-            lse_neg, pos_cos = combine(lse, pcos)
+                if call.exact:
+                    chord = E._chords_of(xs, w_use, cls_use, pos_col)
+            lse_neg, pos_cos, chord = E.combine_with_chords(combine, lse, pcos, chord)
             rows, lse_total, gpos_unit = E._row_terms(call.kind, lse_neg, pos_cos, valid, call.scale,
-                                                      call.m1, call.m2, call.m3, call.exact)
+                                                      call.m1, call.m2, call.m3, call.exact, chord)
             ctx.save_for_backward(xs, w_use, cls_use, pos_col, lse_total, gpos_unit, classes)
         if call.reduction == 1:
             loss = rows.mean()
@@ -203,7 +208,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
             loss = rows.sum()
         else:
             loss = rows[offset:offset + n]
-        return loss.to(x.dtype)
+        return loss.to(acc)    # float32 for 16-bit x, as the single-process op
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
@@ -276,10 +281,12 @@ def _fused_forward(call, xs, w_use, cls_use, classes, pos_col, valid, idle, comb
         loss_rows = torch.empty(ntot, dtype=acc, device=xs.device)
         for r0 in range(0, ntot, rows_per_chunk):
             r1 = min(ntot, r0 + rows_per_chunk)
-            lse_neg, pos_cos = combine(torch.full((r1 - r0,), float("-inf"), dtype=acc, device=xs.device),
-                                       torch.zeros((r1 - r0, pos_col.shape[1]), dtype=acc, device=xs.device))
+            zeros = torch.zeros((r1 - r0, pos_col.shape[1]), dtype=acc, device=xs.device)
+            lse_neg, pos_cos, chord = E.combine_with_chords(
+                combine, torch.full((r1 - r0,), float("-inf"), dtype=acc, device=xs.device), zeros,
+                zeros if call.exact else None)
             loss_rows[r0:r1] = E._row_terms(call.kind, lse_neg, pos_cos, valid[r0:r1], call.scale,
-                                            call.m1, call.m2, call.m3, call.exact)[0]
+                                            call.m1, call.m2, call.m3, call.exact, chord)[0]
         dx, dw = torch.zeros(ntot, d, dtype=acc, device=xs.device), None
     else:
         loss_rows, _, _, dx, dw = E._chunked_forward(
