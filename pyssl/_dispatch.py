@@ -129,3 +129,19 @@ def choose(op: str, backend: str, device: torch.device, preference: Dict[str, Se
 def not_supported_reasons(op_checks: Dict[str, Callable[[], List[str]]], device: torch.device) -> Dict[str, List[str]]:
     """Every backend's reasons for one input, for error messages and users' diagnostics."""
     return {name: common_reasons(name, device) + fn() for name, fn in op_checks.items()}
+
+
+def no_second_order_error(what: str, wrt: str) -> RuntimeError:
+    return RuntimeError(f"{what}: second derivatives with respect to {wrt} are not implemented (a double "
+                        "backward, create_graph=True, reached them)")
+
+
+def no_second_order(backward_op, what: str, wrt: str) -> None:
+    """Give a backward custom op an autograd formula that raises no_second_order_error: a double
+    backward through it then says what is missing instead of torch's "no autograd formula was
+    registered". (A first backward under create_graph only records the node; it raises when a
+    second backward reaches it.)"""
+    def backward(ctx, *grads):
+        raise no_second_order_error(what, wrt)
+
+    backward_op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)

@@ -1068,3 +1068,37 @@ def test_contrastive_loss_bad_input():
         pyssl.homologous_contrastive_loss(z.to(torch.int32), g)
     import numpy as np
     pyssl.homologous_contrastive_loss(z, g, temperature=np.float32(0.5))   # numpy scalars are numbers
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_double_backward_says_what_is_missing(backend, topk):
+    """A backward through the backward (create_graph=True, e.g. a gradient penalty) is not
+    implemented, as in FlashAttention and FlexAttention: it raises an error naming the op, not
+    torch's "no autograd formula"; the first backward under create_graph is still right."""
+    dev = device_for(backend)
+    q, k, v = (torch.randn(1, 2, 12, 8, device=dev, requires_grad=True) for _ in range(3))
+    groups = _groups(1, 12, 3).to(dev)
+    o = pyssl.homologous_attention(q, k, v, groups, topk=topk, backend=backend)
+    gq, = torch.autograd.grad(o.square().sum(), q, create_graph=True)
+    qr = q.detach().double().requires_grad_()
+    ref = reference.homologous_attention(qr, k.detach().double(), v.detach().double(), groups, topk=topk)
+    want, = torch.autograd.grad(ref.square().sum(), qr)
+    torch.testing.assert_close(gq.detach().double(), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="homologous_attention: second derivatives with respect to q, k and v"):
+        gq.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_contrastive_loss_double_backward_says_what_is_missing(backend):
+    """The fused backends have no second derivatives (an error naming the op); the torch backend,
+    plain autograd under checkpointing, has them."""
+    z = torch.randn(2, 10, 8, device=device_for(backend), requires_grad=True)
+    groups = _groups(2, 10, 3).to(z.device)
+    loss = pyssl.homologous_contrastive_loss(z, groups, backend=backend)
+    gz, = torch.autograd.grad(loss, z, create_graph=True)
+    with pytest.raises(RuntimeError, match="homologous_contrastive_loss .*second derivatives with respect to z"):
+        gz.square().sum().backward()
+    zt = z.detach().clone().requires_grad_()
+    gt, = torch.autograd.grad(pyssl.homologous_contrastive_loss(zt, groups, backend="torch"), zt, create_graph=True)
+    gt.square().sum().backward()
+    assert zt.grad is not None and torch.isfinite(zt.grad).all() and zt.grad.abs().sum() > 0

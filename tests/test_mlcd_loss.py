@@ -600,6 +600,20 @@ def test_unit_upstream_gradient_keeps_double_backward(backend):
             torch.autograd.grad(gx.square().sum(), x)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_through_the_backward_op_says_what_is_missing(backend, reduction):
+    """Where the backward recomputes (Triton; reduction "none" everywhere) a double backward
+    reaches the backward op: it raises the same error as the saved-gradient path, not torch's
+    "no autograd formula"."""
+    dev = device_for(backend)
+    x, w, pos = make_problem(n=6, c=20, d=8, device=dev)
+    x.requires_grad_()
+    loss = pyssl.mlcd_loss(x, w, pos, scale=8.0, reduction=reduction, backend=backend)
+    gx, = torch.autograd.grad(loss.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives with respect to x and weight"):
+        gx.square().sum().backward()
+
+
 def test_unit_upstream_gradient_retained_graph_in_place_is_caught(backend):
     """What the fast path changes (documented at _backward): autograd.grad with retain_graph
     returns the saved gradient itself; modifying it in place makes the next backward through the

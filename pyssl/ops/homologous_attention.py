@@ -435,6 +435,8 @@ def _backward(ctx, dout, *unused):
 
 
 _attn_op.register_autograd(_backward, setup_context=_setup)
+# as FlashAttention's and FlexAttention's: the backward is a fused kernel without a formula of its own
+_dispatch.no_second_order(_attn_bwd_op, "pyssl.homologous_attention", "q, k and v")
 
 
 def homologous_attention(q: Tensor, k: Tensor, v: Tensor, groups: Optional[Tensor] = None, *,

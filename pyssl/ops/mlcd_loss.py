@@ -657,6 +657,10 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(x, weight, classes, pos_col, lse_total, gpos_unit)
 
 
+_SECOND_ORDER_WHAT = "pyssl margin losses (mlcd_loss, margin_softmax_loss)"
+_dispatch.no_second_order(_margin_loss_backward_op, _SECOND_ORDER_WHAT, "x and weight")
+
+
 class _NoSecondOrder(torch.autograd.Function):
     """A zero that depends on x and weight, added to the gradients of a double backward: the
     second derivatives of the margin losses with respect to x and weight are not implemented,
@@ -668,9 +672,7 @@ class _NoSecondOrder(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError("pyssl margin losses (mlcd_loss, margin_softmax_loss): second derivatives "
-                           "with respect to x and weight are not implemented (a double backward, "
-                           "create_graph=True, reached them)")
+        raise _dispatch.no_second_order_error(_SECOND_ORDER_WHAT, "x and weight")
 
 
 def _is_one(g: Tensor) -> bool:
