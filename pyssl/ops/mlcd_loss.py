@@ -202,38 +202,39 @@ def _row_terms(kind: int, lse_neg: Tensor, pos_cos: Tensor, valid: Tensor, scale
     return rows, lse_total, gpos
 
 
-def _positive_chords(xhat: Tensor, w: Tensor, ids: Tensor, w_round: Optional[torch.dtype] = None) -> Tensor:
+def _positive_chords(x: Tensor, w: Tensor, ids: Tensor, w_round: Optional[torch.dtype] = None,
+                     normalized: bool = False) -> Tensor:
     """½‖x̂_n − ŵ_c‖² (= 1 − cos θ) of every positive, from the vectors rather than their dot:
-    xhat (R, D) unit rows in the accumulation dtype, w the centers at any scale, ids (R, l) the
-    positives' rows of w (< 0: padding, 0 there), w_round the dtype the kernels round those rows
-    to first (float32 centers with 16-bit x), or None. R·l·D work, in row blocks of bounded
-    size; only margin_grad="exact" asks for it."""
+    x (R, D) the features (normalized: already unit rows in the accumulation dtype), w the
+    centers at any scale, ids (R, l) the positives' rows of w (< 0: padding, 0 there), w_round
+    the dtype the kernels round those rows to first (float32 centers with 16-bit x), or None.
+    R·l·D work in row blocks of bounded size (no R×D or R×l×D temporary); only
+    margin_grad="exact" asks for it."""
     r, l = ids.shape
-    out = torch.zeros(ids.shape, dtype=xhat.dtype, device=xhat.device)
-    if r == 0:
-        return out
+    acc = _acc_dtype(x)
+    out = torch.zeros(ids.shape, dtype=acc, device=x.device)
     valid = ids >= 0
     idx = ids.clamp_min(0)
-    step = max(1, CHUNK_ELEMS // max(1, l * xhat.shape[1]))
+    step = max(1, CHUNK_ELEMS // max(1, l * x.shape[1]))
     for r0 in range(0, r, step):
         r1 = min(r, r0 + step)
+        xr = x[r0:r1].to(acc)
+        if not normalized:
+            xr = xr / torch.linalg.vector_norm(xr, dim=1, keepdim=True).clamp_min(NORM_EPS)
         wr = w[idx[r0:r1]]                                     # (rows, l, D)
         if w_round is not None:
             wr = wr.to(w_round)
-        wr = wr.to(xhat.dtype)
+        wr = wr.to(acc)
         wr = wr / torch.linalg.vector_norm(wr, dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        out[r0:r1] = 0.5 * (xhat[r0:r1, None, :] - wr).square().sum(-1)
+        out[r0:r1] = 0.5 * (xr[:, None, :] - wr).square().sum(-1)
     return torch.where(valid, out, torch.zeros_like(out))
 
 
 def _chords_of(x: Tensor, weight: Tensor, classes: Optional[Tensor], pos_col: Tensor) -> Tensor:
     """_positive_chords from the op's own inputs (the Triton path and the model-parallel form,
     which hold no normalized copies): pos_col names columns of S."""
-    acc = _acc_dtype(x)
-    xf = x.to(acc)
-    xhat = xf / torch.linalg.vector_norm(xf, dim=1, keepdim=True).clamp_min(NORM_EPS)
     ids = pos_col if classes is None else torch.where(pos_col >= 0, classes[pos_col.clamp_min(0)], pos_col)
-    return _positive_chords(xhat, weight, ids, x.dtype if weight.dtype != x.dtype else None)
+    return _positive_chords(x, weight, ids, x.dtype if weight.dtype != x.dtype else None)
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -393,7 +394,7 @@ def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact
     for r0, r1, buf, acc in st.chunks(n):
         pc = pos_col[r0:r1].contiguous()
         ln, pcs = st.lse_fn(st.xhat[r0:r1], st.w_eff, st.rw, pc, float(scale), buf)
-        chord = _positive_chords(st.xhat[r0:r1], st.w_eff, pc) if exact else None
+        chord = _positive_chords(st.xhat[r0:r1], st.w_eff, pc, normalized=True) if exact else None
         if combine is not None:
             ln, pcs, chord = combine_with_chords(combine, ln, pcs, chord)
         rows_c, lt, gp = _row_terms(kind, ln, pcs, valid[r0:r1], scale, m1, m2, m3, exact, chord)
