@@ -375,9 +375,9 @@ def _saved_grad_dtype(dtype):
 def _chunked_forward(x, weight, classes, pos_col, kind, scale, m1, m2, m3, exact,
                      row_weight: Optional[float], backend, combine=None, valid=None, rows=None,
                      grad_dtype=None, need=(True, True)):
-    """Loss rows, lse_total, gpos_unit; and dX, dW for upstream weight row_weight if given (in
-    grad_dtype, default _saved_grad_dtype of x's and weight's dtypes; need = (dX wanted, dW wanted): None for the
-    other, its GEMM skipped).
+    """Loss rows, lse_total, gpos_unit; and dX, dW for upstream weight row_weight if given (both
+    in grad_dtype if given, else each in _saved_grad_dtype of its input's dtype; need = (dX
+    wanted, dW wanted): None for the other, its GEMM skipped).
 
     The model-parallel form passes combine(lse_neg, pos_cos) -> the same for the chunk's rows
     over every shard (applied before the row math), valid = the whole batch's positives (those
@@ -770,8 +770,8 @@ def mlcd_loss(x: Tensor, weight: Tensor, positives: Tensor, *, scale: float = 64
     (margin_grad="straight_through", PartialFC's) or sin(θ+m)/sin θ ("exact"; within 0.14 rad of
     a positive center, where the float32 cosine 1 − θ²/2 has lost θ's digits (below ~3e-4 rad it
     rounds to 1), θ comes from the chord ‖x̂ − ŵ‖ of the unit vectors instead, an N·l·D pass; sin θ
-    is clamped at 1e-6); rows of weight outside S get zero; a
-    frozen input (requires_grad False) gets none and costs none.
+    is clamped at 1e-6); rows of weight outside S get zero; a frozen input (requires_grad False)
+    gets none and costs none.
 
     x (N, D) and weight (C, D) share a float dtype, or weight is float32 and x bfloat16/float16
     (a half-precision backbone or autocast with float32 centers: the candidate rows are rounded
