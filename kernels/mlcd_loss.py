@@ -906,8 +906,12 @@ def mlcd_lse(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
 def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
               pos_col: torch.Tensor, scale: float, lse_total: torch.Tensor, gneg: torch.Tensor,
               gpos: torch.Tensor, dx_dtype: Optional[torch.dtype] = None, need_dx: bool = True,
-              need_dw: bool = True) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(dx (N, D), dw (C, D)) of the contract, dw in w's dtype, dx in x's unless dx_dtype
+              need_dw: bool = True, dw_dtype: Optional[torch.dtype] = None
+              ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dx (N, D), dw (C, D)) of the contract, dw in w's dtype unless dw_dtype (float32 for the
+    16-bit rows of float32 centers: the kernel then stores dw / gscale in w's dtype, in range
+    whatever the upstream gradient's size, and the factor is applied in float32 afterwards; a
+    float32 store straight from the 16-bit FULL_D kernel spills at D = 512), dx in x's unless dx_dtype
     (float32: unrounded, for a caller that sums partial dx, as the model-parallel form does
     across ranks; it goes through the split form's float32 partials, whose stores do not spill,
     where 16-bit FULL_D kernels storing float32 directly would); rows of dw outside S are zero.
@@ -921,7 +925,7 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     # must be zero.
     dw = (torch.empty if classes is None else torch.zeros)(C, D, device=w.device, dtype=w.dtype) if need_dw else None
     if N == 0 or Cp == 0 or D == 0 or not (need_dx or need_dw):
-        return (None if dx is None else dx.zero_()), (None if dw is None else dw.zero_())
+        return (None if dx is None else dx.zero_()), (None if dw is None else dw.zero_().to(dw_dtype or w.dtype))
     lse_total = lse_total.to(torch.float32).contiguous()
     # The G tiles feed 16-bit tensor-core products: with the upstream gradient inside them, a
     # loss scaler's 2^16 (or a sum over many rows) overflows float16 and 1/N for large N
@@ -949,10 +953,13 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     if need_dw:
         # dw: column blocks x D slices.
         b = _bwd_cfg(cfg, "dw", D)
+        widen = dw_dtype is not None and dw_dtype != dw.dtype
         _mlcd_grad_dw_kernel[(triton.cdiv(Cp, b["BLOCK_C"]), triton.cdiv(D, b["BLOCK_DO"]))](
-            x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, gscale, dw,
+            x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, torch.ones_like(gscale) if widen else gscale, dw,
             N, Cp, D, x.stride(0), w.stride(0), dw.stride(0), scale, scale * LOG2E,
             **launch_args(b))
+        if widen:
+            dw = dw.to(dw_dtype).mul_(gscale)
     return dx, dw
 
 

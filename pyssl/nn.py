@@ -19,7 +19,8 @@ from pyssl import _checks
 from pyssl._dispatch import BACKENDS
 from pyssl.ops.homologous_attention import homologous_attention
 from pyssl.ops.homologous_contrastive_loss import homologous_contrastive_loss
-from pyssl.ops.mlcd_loss import _MARGIN_GRADS, _check_ids, margin_softmax_loss, mlcd_loss, sample_classes
+from pyssl.ops.mlcd_loss import (_MARGIN_GRADS, _check_ids, margin_softmax_loss, mlcd_loss, sample_classes,
+                                 takes_dtypes)
 from pyssl.ops.mlcd_loss_parallel import _gather_rows, margin_softmax_loss_parallel, mlcd_loss_parallel, shard_range
 
 
@@ -123,16 +124,25 @@ class _ClassCenters(torch.nn.Module):
     def reset_parameters(self) -> None:
         torch.nn.init.normal_(self.weight, std=0.01)
 
-    def _candidates(self, positives: Tensor):
-        """The candidate classes of a call: sample_classes(positives) in training with
-        sample_ratio < 1, else None (all). float32 centers with bfloat16/float16 features (autocast or a
+    def _candidates(self, x, positives: Tensor):
+        """(weight, positives, classes) for the op. In training with sample_ratio < 1, classes =
+        sample_classes(positives). float32 centers with bfloat16/float16 features (autocast or a
         half-precision backbone) go to the op as they are: it rounds the candidate rows to x's
         dtype, as autocast does for a linear layer's weight, and returns their gradient in
-        float32."""
+        float32. Other mixes (float64 features, 16-bit centers with float32 features) are cast
+        to x's dtype here — with sampling only the sampled rows, the positives renumbered to
+        them; the gradient returns in the centers' dtype."""
         classes = None
         if self.training and self.sample_ratio < 1.0:
             classes = sample_classes(positives, self.num_classes, self.sample_ratio, generator=self.generator)
-        return classes
+        w = self.weight
+        if not (isinstance(x, Tensor) and x.is_floating_point()) or takes_dtypes(x.dtype, w.dtype):
+            return w, positives, classes
+        if classes is None:
+            return w.to(x.dtype), positives, None
+        # cast only the sampled rows (C'·D, not C·D)
+        cols = torch.searchsorted(classes, positives.clamp_min(0))
+        return w.index_select(0, classes).to(x.dtype), torch.where(positives >= 0, cols, positives), None
 
 
 class MLCDLoss(_ClassCenters):
@@ -170,8 +180,8 @@ class MLCDLoss(_ClassCenters):
         sampled rows); their gradient returns in float32."""
         if self.process_group is not None:
             return self._sharded(mlcd_loss_parallel, x, positives, margin=self.margin)
-        classes = self._candidates(positives)
-        return mlcd_loss(x, self.weight, positives, scale=self.scale, margin=self.margin, classes=classes,
+        w, positives, classes = self._candidates(x, positives)
+        return mlcd_loss(x, w, positives, scale=self.scale, margin=self.margin, classes=classes,
                          margin_grad=self.margin_grad, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -216,10 +226,10 @@ class MarginSoftmaxLoss(_ClassCenters):
             return self._sharded(margin_softmax_loss_parallel, x, labels, m1=self.m1, m2=self.m2, m3=self.m3,
                                  reduction=self.reduction)
         try:
-            classes = self._candidates(labels[:, None])
+            w, pos, classes = self._candidates(x, labels[:, None])
         except ValueError as e:   # sample_classes' range check: say whose labels
             raise ValueError(f"{fn}: labels: {e}") from e
-        return margin_softmax_loss(x, self.weight, labels, scale=self.scale, m1=self.m1, m2=self.m2, m3=self.m3,
+        return margin_softmax_loss(x, w, pos[:, 0], scale=self.scale, m1=self.m1, m2=self.m2, m3=self.m3,
                                    classes=classes, margin_grad=self.margin_grad, reduction=self.reduction,
                                    backend=self.backend)
 

@@ -503,6 +503,22 @@ def test_functional_float32_weight_with_16bit_x(backend, dtype, kind, sampled):
         assert outside.any() and (wf.grad[outside] == 0).all()
 
 
+def test_float32_weight_gradient_survives_a_loss_scaler_with_float16_x(backend):
+    """float16 features, float32 centers of small norm (std 0.01: dW ~ 1/‖w‖ is large) and a
+    loss scaler's 2^16: the centers' gradient is float32 and finite on every backend (Triton's
+    16-bit dW tile holds dW / gscale; the factor comes back in float32)."""
+    dev = device_for(backend)
+    x, w, pos = make_problem(n=16, c=50, d=16, device=dev, seed=13)
+    xh = x.half().requires_grad_(True)
+    wf = (0.01 * w).requires_grad_(True)
+    (pyssl.mlcd_loss(xh, wf, pos, scale=16.0, reduction="sum", backend=backend) * 65536.0).backward()
+    assert wf.grad.dtype == torch.float32 and torch.isfinite(wf.grad).all()
+    w64 = wf.detach().half().double().requires_grad_(True)
+    (R.mlcd_loss(xh.detach().double(), w64, pos, scale=16.0, reduction="sum") * 65536.0).backward()
+    assert w64.grad.abs().max() > 65504            # beyond float16's range: a 16-bit dW would be inf
+    torch.testing.assert_close(wf.grad.double(), w64.grad, rtol=1e-2, atol=1e-2 * w64.grad.abs().max().item())
+
+
 def test_functional_under_cpu_autocast():
     """A bf16 autocast region (a backbone's linear layer gives bf16 features) with float32
     centers: the functional op runs, returns a float32 loss, and matches the reference on the
@@ -521,6 +537,28 @@ def test_functional_under_cpu_autocast():
     ref = R.mlcd_loss(feats.detach().double(), w.detach().bfloat16().double(), pos, scale=16.0)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-2, atol=0)
     assert proj.weight.grad is not None and torch.isfinite(proj.weight.grad).all()
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.3])
+def test_module_other_dtype_mixes(ratio):
+    """Mixes the ops do not take, float64 features with float32 centers and float32 features with
+    bfloat16 centers: the module casts its centers (the sampled rows) to the features' dtype, and
+    their gradient returns in the centers' dtype."""
+    for x_dtype, w_dtype in ((torch.float64, torch.float32), (torch.float32, torch.bfloat16)):
+        crit = pyssl.nn.MLCDLoss(50, 16, sample_ratio=ratio, backend="torch", dtype=w_dtype,
+                                 generator=torch.Generator().manual_seed(3))
+        x, _, pos = make_problem(n=10, c=50, d=16, dtype=x_dtype)
+        classes = None if ratio == 1.0 else pyssl.sample_classes(pos, 50, ratio, generator=torch.Generator().manual_seed(3))
+        x.requires_grad_(True)
+        loss = crit(x, pos)
+        loss.backward()
+        assert loss.dtype == x_dtype and x.grad.dtype == x_dtype and crit.weight.grad.dtype == w_dtype
+        w64 = crit.weight.detach().to(x_dtype).double().requires_grad_(True)
+        ref = R.mlcd_loss(x.detach().double(), w64, pos, classes=classes)
+        ref.backward()
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+        tol = 1e-4 if w_dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(crit.weight.grad.double(), w64.grad, rtol=tol, atol=tol * w64.grad.abs().max().item())
 
 
 def test_module_bad_arguments():
@@ -602,9 +640,10 @@ def test_unit_upstream_gradient_keeps_double_backward(backend):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_double_backward_through_the_backward_op_says_what_is_missing(backend, reduction):
-    """Where the backward recomputes (Triton; reduction "none" everywhere) a double backward
-    reaches the backward op: it raises the same error as the saved-gradient path, not torch's
-    "no autograd formula"."""
+    """A double backward raises an error naming what is missing, not torch's "no autograd
+    formula": where the backward recomputes (Triton; reduction "none" everywhere) from the
+    backward op's formula, where the forward formed the gradients (cpu and torch with "mean")
+    from the guard on the saved gradients."""
     dev = device_for(backend)
     x, w, pos = make_problem(n=6, c=20, d=8, device=dev)
     x.requires_grad_()
@@ -685,7 +724,7 @@ def test_a_frozen_input_gets_no_gradient_and_the_other_is_exact(backend, frozen,
     if backend == "triton":
         from pyssl.kernels import mlcd_loss as K
         real_grad = K.mlcd_grad
-        monkeypatch.setattr(K, "mlcd_grad", lambda *a: asked.append(a[8:]) or real_grad(*a))
+        monkeypatch.setattr(K, "mlcd_grad", lambda *a, **kw: asked.append(a[8:]) or real_grad(*a, **kw))
     else:
         real_kernels = M._chunk_kernels
 

@@ -398,6 +398,9 @@ def case_errors(rank):
     with pytest.raises(ValueError, match="same dtype on every rank"):
         mlcd_loss_parallel(xo.double() if rank == 0 else xo, wo.double() if rank == 0 else wo, po,
                            class_start=start, backend="torch")
+    # the ranks must agree on margin_grad ("exact" widens the statistics' all-reduce)
+    with pytest.raises(ValueError, match="disagree on margin_grad"):
+        mlcd_loss_parallel(xo, wo, po, class_start=start, margin_grad="exact" if rank == 0 else "straight_through")
     # settings errors
     with pytest.raises(ValueError, match="classes or sample_ratio, not both"):
         mlcd_loss_parallel(xo, wo, po, class_start=start, classes=classes, sample_ratio=0.1)

@@ -87,8 +87,8 @@ def test_margin_softmax_module_matches_the_op(backend):
 
 
 def test_margin_softmax_module_mixed_precision():
-    """bf16 features with float32 centers: the centers are cast for the op (only the sampled rows
-    in training) and their gradient comes back in float32, close to the float32 computation."""
+    """bf16 features with float32 centers: the op rounds the candidate centers (only the sampled
+    rows in training) and their gradient comes back in float32, close to the float32 computation."""
     torch.manual_seed(4)
     head = pyssl.nn.MarginSoftmaxLoss(40, 16, sample_ratio=0.5, generator=torch.Generator().manual_seed(5))
     x = torch.randn(8, 16)

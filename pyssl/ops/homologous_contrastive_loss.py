@@ -165,7 +165,8 @@ def _backward(ctx, grad_rows, _unused):
 
 
 _rows_op.register_autograd(_backward, setup_context=_setup)
-_dispatch.no_second_order(_rows_bwd_op, "pyssl.homologous_contrastive_loss (cpu and triton backends)", "z")
+_dispatch.no_second_order(_rows_bwd_op, "pyssl.homologous_contrastive_loss (cpu and triton backends)",
+                          "z")
 
 
 def _positives(groups: Tensor) -> Tensor:

@@ -45,6 +45,12 @@ _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 # argument checks (shapes and types here, data-dependent checks inside the op)
 # --------------------------------------------------------------------------------------------
 
+def takes_dtypes(x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
+    """Whether the ops take x and weight of these dtypes: the same, or float32 weight with 16-bit
+    x (its candidate rows rounded to x's dtype, see _rounded_rows)."""
+    return x_dtype == w_dtype or (w_dtype == torch.float32 and x_dtype in (torch.bfloat16, torch.float16))
+
+
 def _check_common(fn, x, weight, classes, scale, reduction, margin_grad, shard=False):
     """Shapes, dtypes, devices and settings. shard: the model-parallel form's rank, which may
     have no rows (N = 0) and an empty candidate set. float32 centers with 16-bit x are taken
@@ -57,8 +63,7 @@ def _check_common(fn, x, weight, classes, scale, reduction, margin_grad, shard=F
         raise ValueError(f"{fn}: weight must be (C, D), got shape {tuple(weight.shape)}")
     if x.dtype not in _FLOATS + (torch.float64,):
         raise ValueError(f"{fn}: x must be float32, bfloat16, float16 or float64 (torch backend), got {x.dtype}")
-    mixed_ok = weight.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
-    if weight.dtype != x.dtype and not mixed_ok:
+    if not takes_dtypes(x.dtype, weight.dtype):
         raise ValueError(f"{fn}: weight dtype {weight.dtype} does not match x dtype {x.dtype} (float32 "
                          "weight with bfloat16/float16 x is taken too)")
     if weight.device != x.device:
@@ -208,14 +213,14 @@ def _positive_chords(x: Tensor, w: Tensor, ids: Tensor, w_round: Optional[torch.
     x (R, D) the features (normalized: already unit rows in the accumulation dtype), w the
     centers at any scale, ids (R, l) the positives' rows of w (< 0: padding, 0 there), w_round
     the dtype the kernels round those rows to first (float32 centers with 16-bit x), or None.
-    R·l·D work in row blocks of bounded size (no R×D or R×l×D temporary); only
-    margin_grad="exact" asks for it."""
+    R·l·D work in row blocks of at most 2^21 gathered elements (float32 temporaries of ~8 MB, not
+    R×l×D); only margin_grad="exact" asks for it."""
     r, l = ids.shape
     acc = _acc_dtype(x)
     out = torch.zeros(ids.shape, dtype=acc, device=x.device)
     valid = ids >= 0
     idx = ids.clamp_min(0)
-    step = max(1, CHUNK_ELEMS // max(1, l * x.shape[1]))
+    step = max(1, (1 << 21) // max(1, l * x.shape[1]))
     for r0 in range(0, r, step):
         r1 = min(r, r0 + step)
         xr = x[r0:r1].to(acc)
@@ -512,8 +517,10 @@ def _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, 
                      need=(True, True)):
     from pyssl.kernels import mlcd_loss as K
     w_use, cls_use = _rounded_rows(x, weight, classes)
+    # float32 centers: dw comes back in float32 from a range-safe 16-bit store (see mlcd_grad)
     dx, dw = K.mlcd_grad(x, w_use, cls_use, pos_col, float(scale), lse_total.float().contiguous(),
-                         gneg.float().contiguous(), gpos.float().contiguous(), dx_dtype, *need)
+                         gneg.float().contiguous(), gpos.float().contiguous(), dx_dtype, *need,
+                         dw_dtype=weight.dtype)
     return dx, (dw if w_use is weight else _scatter_rows(dw, weight, classes))
 
 
@@ -659,7 +666,11 @@ def _setup_context(ctx, inputs, output):
 
 
 _SECOND_ORDER_WHAT = "pyssl margin losses (mlcd_loss, margin_softmax_loss)"
-_dispatch.no_second_order(_margin_loss_backward_op, _SECOND_ORDER_WHAT, "x and weight")
+# (this path, the Triton backend or reduction "none", recomputes in the backward: its derivative
+# through the upstream gradient, e.g. to a learnable loss weight, is missing as well)
+_dispatch.no_second_order(_margin_loss_backward_op, _SECOND_ORDER_WHAT,
+                          "x and weight (nor, where the backward recomputes: Triton or reduction='none', "
+                          "with respect to the upstream gradient)")
 
 
 class _NoSecondOrder(torch.autograd.Function):

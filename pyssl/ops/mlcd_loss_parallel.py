@@ -28,8 +28,9 @@ Rank r of P holds the centers of classes [start_r, start_r + C_r) and its own N_
   chunk, then its gradient epilogue and GEMMs on the logits still in the buffer (3 GEMMs in all;
   the backward only scales by the upstream gradient, with no collective).
 
-Traffic per call: N·D (x, in x's dtype) + N·l ids + N·(2 + l) floats for the statistics, N·D
-floats sent and N_r·D received for dX.
+Traffic per call: N·D (x, in x's dtype) + N·l ids + N·(2 + l) floats for the statistics
+(N·(2 + 2l) with margin_grad="exact", whose chords ride along), N·D floats sent and N_r·D received
+for dX. The loss is float32 for 16-bit x (float64 for float64), as the single-process op's.
 
 Every rank raises the same way on bad input, so no rank is left waiting in a collective: a
 rank's own argument errors (shapes, dtypes, settings) ride on the first gather, and what is found
@@ -346,14 +347,14 @@ def _meta_device(group, x) -> torch.device:
     return torch.device("cpu")
 
 
-def _exchange(fn, group, x, weight, ids, class_start, local_error: str) -> List[List[int]]:
+def _exchange(fn, group, x, weight, ids, class_start, local_error: str, exact: bool) -> List[List[int]]:
     """The first collective of a call: every rank's (N, l, start, C_r, D, dtype, needs grad, x
-    needs grad, error). A rank whose own arguments were bad still takes part, and then every rank
-    raises: no rank is left waiting in a later collective."""
+    needs grad, error, margin_grad is "exact"). A rank whose own arguments were bad still takes
+    part, and then every rank raises: no rank is left waiting in a later collective."""
     ok = not local_error
     meta = [x.shape[0], ids.shape[1], class_start, weight.shape[0], x.shape[1], _DTYPES.index(x.dtype),
             int(torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)),
-            int(torch.is_grad_enabled() and x.requires_grad), 0] if ok else [0] * 8 + [1]
+            int(torch.is_grad_enabled() and x.requires_grad), 0, int(exact)] if ok else [0] * 8 + [1, 0]
     t = torch.tensor(meta, dtype=torch.int64, device=_meta_device(group, x))[None]
     metas = _gather_rows(t, [1] * dist.get_world_size(group), group).tolist()
     bad = [r for r, m in enumerate(metas) if m[8]]
@@ -366,6 +367,9 @@ def _exchange(fn, group, x, weight, ids, class_start, local_error: str) -> List[
     if len({m[6] for m in metas}) != 1:
         raise ValueError(f"{fn}: the ranks disagree on whether the loss needs gradients "
                          "(requires_grad of x and weight, torch.no_grad): its backward is collective")
+    if len({m[9] for m in metas}) != 1:
+        # "exact" adds the chords to the statistics' all-reduce: the ranks' sizes would differ
+        raise ValueError(f"{fn}: the ranks disagree on margin_grad (give every rank the same)")
     if sum(m[0] for m in metas) == 0:
         raise ValueError(f"{fn}: x is empty on every rank")
     return metas
@@ -396,7 +400,7 @@ def _run(fn, kind, x, weight, ids, class_start, process_group, classes, sample_r
     except (ValueError, TypeError) as e:
         error, err_type = str(e), type(e)
     try:
-        metas = _exchange(fn, group, x, weight, ids, class_start, error)
+        metas = _exchange(fn, group, x, weight, ids, class_start, error, margin_grad == "exact")
     except ValueError as e:
         raise (err_type(error) if error else e) from None
     call = _Call(fn, kind, group, class_start, classes, sample_ratio, generator, float(scale),
