@@ -71,6 +71,20 @@ def test_certify_equals_cohen_on_the_same_counts(backend):
     assert SIGMA * norm.ppf(0.9) - float(radius[0]) < 0.25
 
 
+def test_reference_and_smooth_agree_where_the_bound_is_exactly_one_half():
+    """Clopper–Pearson lower bounds of exactly 0.5 (n = 1 at alpha = 0.5; n = 2, n_A = 2 at
+    alpha = 0.25) minus a TV bound far below half an ulp: the difference is below 0.5, so both
+    the op and the test oracle abstain (the oracle's plain subtraction rounded back to 0.5)."""
+    from pyssl import smoothing as S
+    for n, alpha in ((1, 0.5), (2, 0.25)):
+        tv = pyssl.noise_tv_bound(1)
+        pred, radius = S.certify_from_counts(torch.tensor([0]), torch.tensor([n]), n, alpha, 1.0, tv)
+        assert (int(pred[0]), float(radius[0])) == (-1, 0.0)
+        assert reference.smooth_certify(np.array([1, 0]), np.array([n, 0]), alpha, 1.0, tv) == (-1, 0.0)
+        # without a TV bound the bound is 0.5 itself: certified with radius Φ⁻¹(0.5) = 0
+        assert reference.smooth_certify(np.array([1, 0]), np.array([n, 0]), alpha, 1.0) == (0, 0.0)
+
+
 def test_certified_radius_never_exceeds_its_float64_value():
     """Radii come back in float32 rounded toward zero (nearest rounding exceeded the float64
     value in about half the cases), and a generator bound below half an ulp of pA_lower (small
