@@ -77,9 +77,8 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
     g = torch.Generator().manual_seed(seed)
     if n > k * max_points_per_centroid:                   # train on a seeded subset, as faiss does
         x = x[torch.randperm(n, generator=g)[: k * max_points_per_centroid].to(x.device)]
-    xf = x.detach().to(dev, torch.float32)
-    if spherical:
-        xf = F.normalize(xf, dim=1)
+    # spherical: unit rows whatever the scale (_knn.unit_rows: no overflow or norm floor)
+    xf = _knn.unit_rows(x.detach().to(dev)) if spherical else x.detach().to(dev, torch.float32)
     plusplus = init == "k-means++" or (init == "auto" and k <= KMEANSPP_MAX_K)
     cent = _kmeanspp(xf, k, g) if plusplus else xf[torch.randperm(xf.shape[0], generator=g)[:k].to(dev)].clone()
     if backend == "faiss" or (backend == "auto" and faiss is not None and (not use_gpu or _knn.faiss_has_gpu())):
@@ -158,7 +157,7 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
     if not torch.isfinite(cent).all():
         raise ValueError(f"{fn}: centroids hold non-finite values")
     dev = torch.device("cuda") if _use_gpu(fn, gpu, cent if not isinstance(x, Tensor) else x) else cent.device
-    cn = F.normalize(cent.detach().to(dev, torch.float32), dim=1)
+    cn = _knn.unit_rows(cent.detach().to(dev))
     if out is not None:
         idx_out, sim_out = out
         for name, a, dt in (("out[0]", idx_out, np.int64), ("out[1]", sim_out, np.float32)):
@@ -172,7 +171,7 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
     for b0 in tqdm(range(0, n, batch_size), desc="topk_assign", disable=not _progress(progress)):
         xb = x[b0:b0 + batch_size]
         xb = torch.from_numpy(np.array(xb, dtype=np.float32)) if isinstance(xb, np.ndarray) else xb
-        xb = F.normalize(xb.detach().to(dev, torch.float32), dim=1)
+        xb = _knn.unit_rows(xb.detach().to(dev))
         # checked per batch (a memmap is never read whole) and read with the results (no sync
         # of its own); a non-finite row would otherwise come out as an index that differs by
         # backend (-1, INT64_MAX or a plausible-looking one). Batches before it are written.

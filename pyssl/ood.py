@@ -15,7 +15,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pyssl import _checks
@@ -36,7 +35,12 @@ def msp(logits) -> Tensor:
 def energy(logits, temperature: float = 1.0) -> Tensor:
     """Negative free energy T·logsumexp(logits / T) (Liu et al. 2020)."""
     temperature = _checks.real("energy", "temperature", temperature, positive=True)
-    return temperature * torch.logsumexp(_logits("energy", logits) / temperature, dim=1)
+    x = _logits("energy", logits)
+    # as m + T·logsumexp((x − m)/T), m the row's max: logits / T alone overflows for a small T
+    # (the answer then tends to the max logit)
+    m = x.max(1, keepdim=True).values
+    m0 = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return (m0 + temperature * torch.logsumexp((x - m0) / temperature, dim=1, keepdim=True))[:, 0]
 
 
 def max_logit(logits) -> Tensor:
@@ -66,7 +70,7 @@ class KNNScorer:
         x = _knn.as_float_tensor(name, "KNNScorer", x).detach()
         if self.gpu:
             x = x.cuda()
-        y = F.normalize(x.float(), dim=1) if self.normalize else x.float()
+        y = _knn.unit_rows(x) if self.normalize else x.float()
         # a 16-bit bank on the GPU stays 16-bit (normalized in float32): the search runs on the
         # tensor cores and the bank takes half the memory; on the CPU the kernels take float32
         if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
@@ -103,12 +107,27 @@ def _score_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _finite(fn: str, name: str, x: Tensor) -> Tensor:
+    """x when every value is finite (a fit would otherwise fail inside an eigensolver)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{fn}: {name} holds non-finite values")
+    return x
+
+
+def _fitted(fn: str, scorer, attr: str) -> None:
+    if getattr(scorer, attr, None) is None:
+        raise ValueError(f"{fn}: call fit(...) before score(...)")
+
+
 class MahalanobisScorer:
     """−min_c (x − μ_c)ᵀ Σ⁻¹ (x − μ_c) with class means μ_c and one shared covariance Σ
     (Lee et al. 2018, without input preprocessing)."""
 
+    means: Optional[Tensor] = None
+
     def fit(self, features, labels) -> "MahalanobisScorer":
-        x = _knn.as_float_tensor("features", "MahalanobisScorer", features).detach().double()
+        x = _finite("MahalanobisScorer", "features",
+                    _knn.as_float_tensor("features", "MahalanobisScorer", features).detach().double())
         if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != (x.shape[0],):
             raise ValueError(f"MahalanobisScorer: labels must be an int64 tensor of shape ({x.shape[0]},)")
         classes = torch.unique(labels)
@@ -120,6 +139,7 @@ class MahalanobisScorer:
 
     def score(self, features) -> Tensor:
         """float64 features give float64 scores, others float32 (computed in float64)."""
+        _fitted("MahalanobisScorer", self, "means")
         x0 = _knn.as_float_tensor("features", "MahalanobisScorer", features).detach()
         x = x0.double()
         if x.shape[1] != self.means.shape[1]:
@@ -135,14 +155,16 @@ class ViMScorer:
     the feature's residual outside the principal subspace, measured from the origin
     u = −pinv(W)·b; α matches the mean residual to the mean max-logit on the training set."""
 
+    w: Optional[Tensor] = None
+
     def __init__(self, dim: Optional[int] = None):
-        self.dim = dim
+        self.dim = _checks.integer("ViMScorer", "dim", dim, lo=1, optional=True)
 
     def fit(self, features, weight, bias) -> "ViMScorer":
         fn = "ViMScorer"
-        x = _knn.as_float_tensor("features", fn, features).detach().double()
-        w = _knn.as_float_tensor("weight", fn, weight).detach().double()
-        b = _knn.as_float_tensor("bias", fn, bias, ndim=1).detach().double()
+        x = _finite(fn, "features", _knn.as_float_tensor("features", fn, features).detach().double())
+        w = _finite(fn, "weight", _knn.as_float_tensor("weight", fn, weight).detach().double())
+        b = _finite(fn, "bias", _knn.as_float_tensor("bias", fn, bias, ndim=1).detach().double())
         if w.shape[1] != x.shape[1] or b.shape[0] != w.shape[0]:
             raise ValueError(f"{fn}: weight (C, D) and bias (C,) must match features of D={x.shape[1]}")
         d = x.shape[1]
@@ -160,6 +182,7 @@ class ViMScorer:
 
     def score(self, features) -> Tensor:
         """float64 features give float64 scores, others float32 (computed in float64)."""
+        _fitted("ViMScorer", self, "w")
         x0 = _knn.as_float_tensor("features", "ViMScorer", features).detach()
         x = x0.double()
         if x.shape[1] != self.w.shape[1]:
@@ -171,15 +194,22 @@ class ViMScorer:
 
 def _scores_1d(name, s) -> np.ndarray:
     if isinstance(s, Tensor):
+        if s.is_complex():    # the cast would drop the imaginary part
+            raise TypeError(f"metrics: {name} must hold real scores, got {s.dtype}")
         # float64 all the way: scores that differ below float32's resolution must not tie
         s = s.detach().to("cpu", torch.float64).numpy()
     try:
-        s = np.asarray(s, dtype=np.float64)
+        raw = np.asarray(s)
+        # real numbers only: complex values would lose their imaginary part, and strings,
+        # dates or objects are not scores (a list of "1", "2" would otherwise parse)
+        if raw.dtype.kind not in "biuf":
+            raise TypeError(f"dtype {raw.dtype}")
+        s = raw.astype(np.float64)
     except (TypeError, ValueError) as e:
         if isinstance(e, ValueError) and "could not convert" not in str(e) and not isinstance(s, (str, bytes)):
             raise ValueError(f"metrics: {name} must be a 1-D array of scores ({e})") from None
-        raise TypeError(f"metrics: {name} must be a 1-D tensor or array of real scores, "
-                        f"got {type(s).__name__}") from None
+        got = str(e) if str(e).startswith("dtype ") else type(s).__name__
+        raise TypeError(f"metrics: {name} must be a 1-D tensor or array of real scores, got {got}") from None
     if s.ndim != 1 or s.size == 0:
         raise ValueError(f"metrics: {name} must be a non-empty 1-D array of scores, got shape {s.shape}")
     if not np.isfinite(s).all():

@@ -74,6 +74,23 @@ def test_topk_assign_matches_brute_force_with_memmap(backend, tmp_path):
     assert np.array_equal(np.asarray(back), wi.numpy())
 
 
+def test_topk_assign_and_spherical_kmeans_at_any_feature_scale():
+    """Cosine assignment does not depend on the features' scale: rows of norm ~1e20 (float32
+    squared norms overflow) or ~1e-20 (below F.normalize's 1e-12 floor) get the same centers and
+    similarities as at unit scale, and spherical k-means' centroids are the same."""
+    g = np.random.default_rng(6)
+    x = torch.from_numpy(g.normal(size=(200, 8)).astype(np.float32))
+    cent = torch.from_numpy(g.normal(size=(10, 8)).astype(np.float32))
+    want_i, want_s = pyssl.cluster.topk_assign(x, cent, l=3, backend="torch")
+    for scale in (1e20, 1e-20):
+        i, s = pyssl.cluster.topk_assign(x * scale, cent / scale, l=3, backend="torch")
+        assert torch.equal(i, want_i)
+        torch.testing.assert_close(s, want_s)
+    c1 = pyssl.cluster.kmeans(x, 4, niter=5, seed=0, backend="torch")
+    c2 = pyssl.cluster.kmeans(x * 1e20, 4, niter=5, seed=0, backend="torch")
+    torch.testing.assert_close(c1, c2)
+
+
 def test_bad_input_cluster():
     x = torch.randn(10, 3)
     with pytest.raises(ValueError, match="k=11 is larger than the number of points"):

@@ -234,6 +234,47 @@ def test_bad_input_ood():
         pyssl.ood.msp(torch.randn(3))
     with pytest.raises(ValueError, match="backend must be one of"):
         pyssl.ood.KNNScorer(backend="gpu")
+    # not real scores: refused rather than cast (complex would lose its imaginary part)
+    for bad in (np.array([1 + 2j, 2.0]), torch.tensor([1 + 1j]), np.array(["1", "2"]),
+                np.array(["2020-01-01"], dtype="datetime64[D]"), None):
+        with pytest.raises(TypeError, match="id_scores must .*real scores"):
+            pyssl.ood.metrics(bad, [1.0, 2.0])
+    # the feature scorers: score before fit, non-finite fits, dim's type
+    for scorer in (pyssl.ood.MahalanobisScorer(), pyssl.ood.ViMScorer()):
+        with pytest.raises(ValueError, match="call fit"):
+            scorer.score(torch.randn(3, 4))
+    nan_x = torch.tensor([[float("nan"), 1.0], [1.0, 2.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="MahalanobisScorer: features holds non-finite"):
+        pyssl.ood.MahalanobisScorer().fit(nan_x, torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="ViMScorer: features holds non-finite"):
+        pyssl.ood.ViMScorer(1).fit(nan_x, torch.randn(3, 2), torch.zeros(3))
+    with pytest.raises(ValueError, match="ViMScorer: weight holds non-finite"):
+        pyssl.ood.ViMScorer(1).fit(torch.randn(5, 2), torch.full((3, 2), float("inf")), torch.zeros(3))
+    for dim in (2.0, True):
+        with pytest.raises(TypeError, match="dim must be an int"):
+            pyssl.ood.ViMScorer(dim)
+
+
+def test_energy_at_a_tiny_temperature_tends_to_the_max_logit():
+    """logits / T overflows float32 at T = 1e-40: the score is computed around the row's max
+    (T·logsumexp(x/T) -> max x as T -> 0), finite, and unchanged at ordinary temperatures."""
+    logits = torch.randn(6, 5)
+    got = pyssl.ood.energy(logits, temperature=1e-40)
+    torch.testing.assert_close(got, logits.max(1).values)
+    torch.testing.assert_close(pyssl.ood.energy(logits, temperature=0.7), 0.7 * torch.logsumexp(logits / 0.7, 1))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "faiss"])
+def test_knn_scorer_normalizes_features_of_any_scale(backend):
+    """Features of norm 1e20 (their float32 squared norm overflows), 1e-20 (below the 1e-12 floor
+    of F.normalize) or float64 1e-50 (zero once cast to float32) are still unit vectors: two
+    orthogonal bank rows score -(‖e1 − e2‖²) = -2 at k = 2, as at unit scale."""
+    if backend == "faiss" and KNN.faiss_module() is None:
+        pytest.skip("faiss is not installed")
+    for scale, dtype in ((1e20, torch.float32), (1e-20, torch.float32), (1e-50, torch.float64), (1.0, torch.float32)):
+        bank = torch.tensor([[scale, 0.0], [0.0, scale]], dtype=dtype)
+        got = pyssl.ood.KNNScorer(k=2, backend=backend).fit(bank).score(bank[:1])
+        torch.testing.assert_close(got, torch.tensor([-2.0], dtype=got.dtype), msg=f"scale {scale}")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])

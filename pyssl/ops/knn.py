@@ -28,6 +28,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pyssl import _checks, _dispatch
@@ -76,6 +77,16 @@ def as_float_tensor(name: str, fn: str, x, ndim: int = 2) -> Tensor:
     if not x.is_floating_point():
         raise ValueError(f"{fn}: {name} must be a float tensor, got {x.dtype}")
     return x
+
+
+def unit_rows(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Rows scaled to unit L2 norm, in dtype: each row first divided by its largest magnitude in
+    its own dtype, so a float32 row of 1e20 (whose squared norm overflows) or a float64 row of
+    1e-50 (zero once cast) or below F.normalize's 1e-12 norm floor still comes out a unit vector.
+    Zero rows stay zero; a row with inf or NaN comes out NaN."""
+    top = x.abs().amax(1, keepdim=True)
+    y = x / top.clamp_min(torch.finfo(x.dtype).tiny)
+    return F.normalize(y.to(dtype), dim=1)
 
 
 def l2_bias(bank: Tensor) -> Tensor:
