@@ -247,12 +247,18 @@ class HomologousAttention(torch.nn.Module):
     Linear(dim, dim), scale d^-0.5), so a ViT's attention weights load as they are (qkv_bias
     defaults to True, as in timm's VisionTransformer; its Attention class defaults to False).
     No dropout and no q/k normalization. q, k and v are views of the fused projection, read in
-    place by the Triton kernels. attn_mask is accepted (timm's Block passes attn_mask=None) and
-    must be None: the mask is the groups.
+    place by the Triton kernels.
 
         attn = pyssl.nn.HomologousAttention(768, 12)
         y = attn(x, groups)          # x (B, L, 768), groups (B, L) int (negative: global token)
         y = attn(x)                  # groups None: plain attention
+
+    In a timm VisionTransformer whose blocks' attn is this module, timm's Block calls
+    attn(x, attn_mask=..., is_causal=...) and VisionTransformer.forward(x, attn_mask=m) hands m
+    to every block: so attn_mask may carry the groups, an integer (B, L) tensor over the whole
+    sequence (class/register tokens included, e.g. −1), and vit(images, attn_mask=groups) runs
+    homologous attention in every block. A boolean or float attn_mask and is_causal=True are
+    refused (the attention pattern is the groups).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = True, topk: Optional[int] = None,
@@ -268,13 +274,25 @@ class HomologousAttention(torch.nn.Module):
         self.qkv = torch.nn.Linear(dim, 3 * dim, bias=qkv_bias, device=device, dtype=dtype)
         self.proj = torch.nn.Linear(dim, dim, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, groups: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, groups: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                is_causal: bool = False) -> Tensor:
         fn = "HomologousAttention"
+        if is_causal:
+            raise ValueError(f"{fn}: is_causal must be False (the attention pattern is given by groups)")
         if attn_mask is not None:
-            raise ValueError(f"{fn}: attn_mask must be None (the attention pattern is given by groups)")
+            ids = (isinstance(attn_mask, Tensor) and attn_mask.dim() == 2 and not attn_mask.is_floating_point()
+                   and not attn_mask.is_complex() and attn_mask.dtype != torch.bool)
+            if not ids:
+                raise ValueError(f"{fn}: attn_mask must be None or the (B, L) integer group ids (a boolean or "
+                                 "float mask is not supported: the attention pattern is given by groups)")
+            if groups is not None:
+                raise ValueError(f"{fn}: give the group ids as groups or as attn_mask, not both")
+            groups = attn_mask
         _checks.tensor(fn, "x", x)
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"{fn}: x must be (B, L, {self.dim}), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{fn}: x must be a float tensor, got {x.dtype}")
         b, l, _ = x.shape
         q, k, v = self.qkv(x).view(b, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         o = homologous_attention(q, k, v, groups, topk=self.topk, backend=self.backend)

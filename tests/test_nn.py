@@ -48,15 +48,49 @@ def test_homologous_attention_module_without_groups_is_vit_attention():
     torch.testing.assert_close(m(x), F.linear(o, state["proj.weight"], state["proj.bias"]), **F32)
 
 
+class _TimmStyleBlock(torch.nn.Module):
+    """What timm's Block (1.0.26 and later) does with its attention: attn(norm1(x), attn_mask=...,
+    is_causal=...) with the mask VisionTransformer.forward(x, attn_mask=...) was given."""
+
+    def __init__(self, attn, dim):
+        super().__init__()
+        self.norm1, self.attn = torch.nn.LayerNorm(dim), attn
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+
+
+def test_homologous_attention_module_in_a_timm_style_block():
+    """Swapped into a timm-style block: the block's own call (attn_mask=None, is_causal=False)
+    is plain attention, and the group ids passed as the block's attn_mask (an integer (B, L)
+    tensor, as vit(images, attn_mask=groups) hands it down) give homologous attention."""
+    torch.manual_seed(3)
+    attn = pyssl.nn.HomologousAttention(32, 4, backend="torch")
+    block = _TimmStyleBlock(attn, 32)
+    x = torch.randn(2, 9, 32)
+    groups = _groups(2, 9, 3)
+    torch.testing.assert_close(block(x), x + attn(block.norm1(x)), **F32)
+    torch.testing.assert_close(block(x, attn_mask=groups), x + attn(block.norm1(x), groups), **F32)
+    assert not torch.allclose(block(x, attn_mask=groups), block(x))
+
+
 def test_homologous_attention_module_bad_input():
     with pytest.raises(ValueError, match="divisible by num_heads"):
         pyssl.nn.HomologousAttention(30, 4)
     with pytest.raises(ValueError, match="topk"):
         pyssl.nn.HomologousAttention(32, 4, topk=0)
     m = pyssl.nn.HomologousAttention(32, 4)
-    with pytest.raises(ValueError, match="attn_mask must be None"):
+    with pytest.raises(ValueError, match="attn_mask must be None or the .* integer group ids"):
         m(torch.randn(2, 5, 32), attn_mask=torch.ones(5, 5, dtype=torch.bool))
-    assert m(torch.randn(2, 5, 32), attn_mask=None).shape == (2, 5, 32)     # timm's Block passes it
+    with pytest.raises(ValueError, match="attn_mask must be None or the .* integer group ids"):
+        m(torch.randn(2, 5, 32), attn_mask=torch.zeros(2, 1, 5, 5))
+    with pytest.raises(ValueError, match="not both"):
+        m(torch.randn(2, 5, 32), torch.zeros(2, 5, dtype=torch.int64), attn_mask=torch.zeros(2, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="is_causal must be False"):
+        m(torch.randn(2, 5, 32), is_causal=True)
+    assert m(torch.randn(2, 5, 32), attn_mask=None, is_causal=False).shape == (2, 5, 32)   # timm's Block
+    with pytest.raises(ValueError, match="x must be a float tensor"):
+        m(torch.zeros(2, 5, 32, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"x must be \(B, L, 32\)"):
         m(torch.randn(2, 5, 16))
     with pytest.raises(ValueError, match="groups"):
