@@ -210,6 +210,9 @@ def _topk_impls(backend, stream=False):
     return impls
 
 
+# on the GPU the kernels under test first; FlexAttention (a long first compile) after the others
+_GPU_FIRST = ("pyssl-triton", "pyssl-triton[noskip]", "pyssl-triton[stream]", "sdpa_mask", "naive", "pyssl-torch")
+
 CASES = [
     Case("homattn_cpu", "cpu",
          _sizes(lambda dev: _problem(16, 12, 197, 64, 4, 1, torch.float32, dev),
@@ -222,7 +225,7 @@ CASES = [
          _sizes(lambda dev: _problem(256, 12, 197, 64, 4, 1, torch.bfloat16, dev),
                 lambda dev: _problem(2, 2, 23, 8, 4, 1, torch.float32, dev)),
          _impls("triton"),
-         flops=_flops, repeats=5, warmup=2,
+         flops=_flops, repeats=5, warmup=2, run_first=_GPU_FIRST,
          notes="B=256, H=12, L=197, d=64, 4 groups + 1 global token, bf16, forward+backward. "
                "pyssl-triton[noskip] (PYSSL_HOMATTN_NO_SKIP=1) meets every key tile with the group ids "
                "masked per tile: the ratio is what per-group tiles and skipping buy."),
@@ -230,7 +233,7 @@ CASES = [
          _sizes(lambda dev: _problem(4, 16, 4096, 64, 4, 0, torch.bfloat16, dev),
                 lambda dev: _problem(1, 2, 64, 8, 4, 0, torch.float32, dev)),
          _impls("triton"),
-         flops=_flops, repeats=5, warmup=2,
+         flops=_flops, repeats=5, warmup=2, run_first=_GPU_FIRST,
          notes="B=4, H=16, L=4096, d=64, 4 groups, bf16, forward+backward (pyssl-triton[noskip] as in homattn_vitb)."),
     Case("homattn_topk_cpu", "cpu",
          _sizes(lambda dev: _topk_problem(16, 12, 197, 64, 49, torch.float32, dev),
@@ -243,13 +246,13 @@ CASES = [
          _sizes(lambda dev: _topk_problem(256, 12, 197, 64, 49, torch.bfloat16, dev),
                 lambda dev: _topk_problem(2, 2, 23, 8, 6, torch.float32, dev)),
          _topk_impls("triton", stream=True),
-         flops=_flops, repeats=5, warmup=2,
+         flops=_flops, repeats=5, warmup=2, run_first=_GPU_FIRST,
          notes="B=256, H=12, L=197, d=64, top-49, bf16, forward+backward. pyssl-triton holds whole rows on "
                "chip; pyssl-triton[stream] (PYSSL_HOMATTN_TOPK_STREAM=1) takes the streamed kernel of long rows."),
     Case("homattn_topk_long", "cuda",
          _sizes(lambda dev: _topk_problem(4, 16, 4096, 64, 1024, torch.bfloat16, dev),
                 lambda dev: _topk_problem(1, 2, 64, 8, 16, torch.float32, dev)),
          _topk_impls("triton"),
-         flops=_flops, repeats=5, warmup=2,
+         flops=_flops, repeats=5, warmup=2, run_first=_GPU_FIRST,
          notes="B=4, H=16, L=4096, d=64, top-1024, bf16, forward+backward (the streamed top-k kernel)."),
 ]

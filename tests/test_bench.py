@@ -115,6 +115,40 @@ def test_results_are_handed_out_impl_by_impl_and_saved_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu.json", "cpu.md"]
 
 
+def test_gpu_smoke_runs_at_tiny_size():
+    """bench/gpu_smoke.py (gpu_check.sh's first step: every op's GPU path against the reference
+    before any timing) runs here through the Triton interpreter and passes every check."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_smoke", "--tiny"], cwd=str(repo), capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert proc.returncode == 0 and "smoke: 0 failed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(": ok (") >= 10
+
+
+def test_run_first_measures_those_impls_first_and_keeps_the_declared_order():
+    """run_first (the op under test before a peer's long compile on a lent GPU): measured in that
+    order, saved and reported in the declared one, the callback included."""
+    calls = []
+
+    def impl(name):
+        def setup(inputs):
+            calls.append(name)
+            return lambda: None
+        return setup
+
+    case = harness.Case("c", "cpu", lambda size, dev: {}, {k: impl(k) for k in ("naive", "peer", "ours")},
+                        repeats=1, warmup=0, run_first=("ours", "absent"))
+    seen = []
+    with tqdm(total=3, disable=True) as bar:
+        res = harness.run_case("bench.bench_mlcd_loss", case, "tiny", memory=False, progress=bar,
+                               on_impl=lambda r: seen.append(list(r)))
+    assert calls == ["ours", "naive", "peer"]
+    assert list(res) == ["naive", "peer", "ours"]
+    assert seen == [["ours"], ["naive", "ours"], ["naive", "peer", "ours"]]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the cases run for real (bench/gpu_check.sh); "
+                    "the interpreter on CUDA tensors would take far longer than the test's limit")
 def test_every_case_dry_runs():
     """`python -m bench --quick` runs every impl of every case at tiny size (GPU cases through the
     Triton interpreter) and fails when one does: a broken case shows here, not on a lent GPU."""
