@@ -42,4 +42,4 @@ clean:
 # Wheels of the GPU peers for bench/gpu_check.sh (the GPU machine has no network).
 gpu-wheels:
 	mkdir -p bench/.wheels
-	$(PYTHON) -m pip download --no-deps -d bench/.wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: -d bench/.wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1

@@ -54,15 +54,18 @@ else
 fi
 
 t=$(date +%s)
-MAX_JOBS=16 timeout 240 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1
+MAX_JOBS=16 timeout 240 $PY -m pip install -q --no-index --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1
 rc=$?
 log "build rc=$rc in $(( $(date +%s) - t ))s"
 if [ $rc -ne 0 ]; then
   # without the editable install pyssl.kernels is missing: map it by hand so that the Triton
-  # paths still run (the C++/CUDA backends then report themselves unavailable)
+  # paths still run, and try the extension in place (else the C++/CUDA backends report
+  # themselves unavailable)
   ln -sfn ../kernels pyssl/kernels
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   tail -5 "$LOGS/build.log" | tee -a "$OUT/gpu_check.log"
+  MAX_JOBS=16 timeout 120 $PY setup.py build_ext --inplace >> "$LOGS/build.log" 2>&1
+  log "build_ext --inplace rc=$?"
 fi
 timeout 60 $PY -m pyssl.cli info >> "$OUT/gpu_check.log" 2>&1
 collect
