@@ -15,8 +15,11 @@ votes are added into a (B, K) count tensor on the device; the host reads the cou
 call (one synchronization for all B images), then computes the statistics with scipy.
 
 Certificates: pA_lower = the one-sided Clopper–Pearson lower bound at level alpha on the top
-class's count (scipy.stats.beta.ppf(alpha, nA, n − nA + 1); 0 when nA = 0), minus the
-generator's total-variation bound for an image of this size (pyssl.noise_tv_bound); abstain
+class's count (scipy.stats.beta.ppf(alpha, nA, n − nA + 1); 0 when nA = 0), minus
+pyssl.noise_tv_bound for an image of this size (the Gaussian tail mass the generator cannot
+reach; not a bound on the literal total-variation distance, which is 1 for any floating-point
+sampler: certificates hold for the idealized Gaussian up to that discretization, see
+pyssl/ops/noise.py); abstain
 (−1, radius 0) when pA_lower < 0.5, else radius = sigma·Φ⁻¹(pA_lower). predict abstains
 unless the two-sided binomial test of the top two counts (scipy.stats.binomtest, p = ½)
 rejects at level alpha.
@@ -66,8 +69,10 @@ class Smooth:
     certify is in pixel space ([0, 1]); mean/std normalize after the noise, fused into it.
     batch_size: rows per model forward. seed: the noise seed (results are reproducible).
     image_ids (per call): the ids that key each image's noise (default 0..B−1); pass dataset
-    indices to give every image of a dataset its own noise across calls; CPU ids (as a DataLoader
-    yields them) are range-checked on the host and copied without a device sync.
+    indices to give every image of a dataset its own noise across calls (with the default, the
+    i-th image of every batch gets the same noise: each certificate holds alone, but those of a
+    dataset certified batch by batch are then dependent); CPU ids (as a DataLoader yields them)
+    are range-checked on the host and copied without a device sync.
     """
 
     def __init__(self, model, num_classes: int, sigma: float, *, mean=None, std=None,

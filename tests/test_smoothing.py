@@ -470,6 +470,11 @@ def test_bad_input():
         pyssl.Smooth(model, 3, SIGMA).predict(x, 10, 0.01)
     with pytest.raises(ValueError, match="image_ids"):
         s.predict(x, 10, 0.01, image_ids=torch.tensor([0, 1]))
+    # an image beyond the element counter's 2^34 (an expanded view: no memory): refused before any
+    # noise, as gaussian_noise refuses it (the counter would wrap and reuse noise)
+    huge = torch.zeros(1, 1, 1, 1).expand(1, 1, 2 ** 17 + 1, 2 ** 17)
+    with pytest.raises(ValueError, match="at most 2\\^34 elements"):
+        s.certify(huge, 1, 1, 0.01)
     # one image (C, H, W) where a batch is expected, as Cohen et al.'s certify takes it: the
     # per-channel error names the likely cause
     rgb = pyssl.Smooth(model, 2, SIGMA, mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2])

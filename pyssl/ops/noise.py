@@ -26,10 +26,11 @@ The generator (the same on every backend; "the counter scheme"):
   zero noise of probability 2⁻²⁵ per pair); the smallest radius is 2⁻¹⁶.
 
 Tail bound (noise_tv_bound): for a true Gaussian pair, the radius exceeds the sampler's largest
-r only with probability P(U < 2⁻⁶⁴) = 2⁻⁶⁴. The bound counts that unreachable tail mass for every
-pair of an image: ceil(E/2)·2⁻⁶⁴ for E elements, 2.7e-14 for E = 10^6 (a 32-bit Box–Muller, which
-stops at 6.66σ, leaves 1.2e-4; Triton's tl.randn, which stops at 5.68σ, 2.7e-3). It is a bound on
-the truncated tail, the part of the distance that float rounding of the uniforms cannot explain:
+r = √(−2 ln 2⁻⁶⁵) only with probability P(U < 2⁻⁶⁵) = 2⁻⁶⁵; the bound counts 2⁻⁶⁴ per pair (the
+whole lowest extension cell, 2x slack) for every pair of an image: ceil(E/2)·2⁻⁶⁴ for E elements,
+2.7e-14 for E = 10^6 (by the same count a 32-bit Box–Muller, which stops at 6.66σ, leaves 1.2e-4,
+and Triton's tl.randn, whose u ≥ 1e-7 stops it at 5.68σ, 0.05). It is a bound on the truncated
+tail, the part of the distance that float rounding of the uniforms cannot explain:
 like every floating-point sampler this one is discrete (float32 uniforms, 2⁻³² resolution at the
 tail end, r² to 2⁻³¹ at the small-radius end, 2⁻²⁴ relative in between), and no sampler's
 literal TV distance to a continuous law is below 1.
@@ -257,6 +258,8 @@ def _check_x(fn, x):
         raise ValueError(f"{fn}: x must be (B, ...) with B >= 1 and no empty dimension, got shape {tuple(x.shape)}")
     if x.dtype not in _FLOATS + (torch.float64,):
         raise ValueError(f"{fn}: x must be a float tensor (pixels in [0, 1]), got {x.dtype}")
+    if x[0].numel() > ELEMENT_LIMIT:   # beyond it the element counter word would wrap
+        raise ValueError(f"{fn}: an image may have at most 2^34 elements, got {x[0].numel()}")
 
 
 def _check_image_ids(fn, image_ids, b, device, check_range: bool = True):
@@ -501,8 +504,6 @@ def gaussian_noise(x: Tensor, num_samples: int, sigma: float, *, seed: int, samp
     sample_offset = _checks.integer(fn, "sample_offset", sample_offset, lo=0, hi=SAMPLE_LIMIT - 1)
     if sample_offset + num_samples > SAMPLE_LIMIT:
         raise ValueError(f"{fn}: sample_offset + num_samples must be <= 2^32, got {sample_offset + num_samples}")
-    if x[0].numel() > ELEMENT_LIMIT:
-        raise ValueError(f"{fn}: an image may have at most 2^34 elements, got {x[0].numel()}")
     if out_dtype is None:
         out_dtype = x.dtype
     if out_dtype not in _FLOATS + (torch.float64,):
