@@ -1,10 +1,26 @@
 """Helpers shared by the Triton kernels of pyssl: device tile functions (inlined into each kernel
 at compile time) and the host-side rules their launch configurations use."""
+import functools
 import os
 from typing import Optional
 
 import triton
 import triton.language as tl
+
+
+def on_tensor_device(fn):
+    """Run a kernel entry point with its first tensor argument's CUDA device current: Triton
+    launches on the current device, so tensors on cuda:1 with cuda:0 current (a process that
+    never called torch.cuda.set_device) would otherwise be handed to a kernel on the wrong GPU."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if getattr(a, "is_cuda", False)), None)
+        if t is None:
+            return fn(*args, **kwargs)
+        import torch
+        with torch.cuda.device(t.device):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def interpreting() -> bool:

@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyssl.kernels._tiles import dot_options, fp32_dot_precision, interpreting, pow2
+from pyssl.kernels._tiles import dot_options, fp32_dot_precision, interpreting, on_tensor_device, pow2
 
 MAX_HEAD_DIM = 256        # widest head the kernels take (BLOCK_D = next power of two of d)
 BG = 16                   # width of the global-token tiles (rows or keys)
@@ -873,6 +873,7 @@ def strided_inputs(q, k, v):
     return q, k, v, tuple(q.stride()[:3])
 
 
+@on_tensor_device
 def forward(q, k, v, groups, topk: int, scale: float):
     B, H, L, D = q.shape
     q, k, v, strides = strided_inputs(q, k, v)
@@ -911,6 +912,7 @@ def forward(q, k, v, groups, topk: int, scale: float):
     return out, lse, torch.empty(0, dtype=torch.uint8, device=q.device), perm
 
 
+@on_tensor_device
 def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: float):
     """out, dout, lse contiguous; q, k, v as strided_inputs takes them."""
     B, H, L, D = q.shape

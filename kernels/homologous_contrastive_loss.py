@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyssl.kernels._tiles import dot_options, dot_rows_tile, pow2
+from pyssl.kernels._tiles import dot_options, dot_rows_tile, on_tensor_device, pow2
 
 _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -169,6 +169,7 @@ def _cfg(L: int, E: int, dtype, backward: bool) -> dict:
     return cfg
 
 
+@on_tensor_device
 def inv_norms(z: torch.Tensor, eps: float) -> torch.Tensor:
     """1/max(‖z_i‖, eps) per token, negated where the norm is clamped (the backward's marker)."""
     n = z.float().norm(dim=-1)
@@ -176,6 +177,7 @@ def inv_norms(z: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(n > eps, inv, -inv).contiguous()
 
 
+@on_tensor_device
 def forward(z, groups, temperature, eps):
     B, L, E = z.shape
     inv = inv_norms(z, eps)
@@ -187,6 +189,7 @@ def forward(z, groups, temperature, eps):
     return rows, lse, inv
 
 
+@on_tensor_device
 def backward(z, groups, temperature, lse, inv, u, npos):
     B, L, E = z.shape
     cfg = _cfg(L, E, z.dtype, backward=True)

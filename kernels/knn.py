@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from pyssl.kernels._tiles import dot_rows_tile as _score_tile
-from pyssl.kernels._tiles import interpreting as _interpreting, pow2 as _p2
+from pyssl.kernels._tiles import interpreting as _interpreting, on_tensor_device, pow2 as _p2
 
 MAX_K = 256          # largest k of the in-register top-k; larger k: the caller's torch path
 _MAX_B = 2 ** 30      # bank indices are packed into the low 32 bits of a key (as 2**31 - 1 - b)
@@ -282,6 +282,7 @@ def _decode(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), _LOW31 - (keys & 0xFFFFFFFF)
 
 
+@on_tensor_device
 def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, *,
              bank_bias: Optional[torch.Tensor] = None,
              splits: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 
 from pyssl.kernels._tiles import dot_options as _dot_options, dot_rows_tile as _dot_tile
-from pyssl.kernels._tiles import interpreting as _interpreting, pow2 as _p2
+from pyssl.kernels._tiles import interpreting as _interpreting, on_tensor_device, pow2 as _p2
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -862,6 +862,7 @@ def _lse_stats(x, w, classes, pos_col, scale, Cp, cfg, splits):
     return row_max, row_sum, rx, rw
 
 
+@on_tensor_device
 def mlcd_lse_stats(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
                    pos_col: torch.Tensor, scale: float,
                    splits: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -878,6 +879,7 @@ def mlcd_lse_stats(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Ten
     return row_max, row_sum
 
 
+@on_tensor_device
 def mlcd_lse(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
              pos_col: torch.Tensor, scale: float,
              splits: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -903,6 +905,7 @@ def mlcd_lse(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     return lse_neg, pos_cos
 
 
+@on_tensor_device
 def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
               pos_col: torch.Tensor, scale: float, lse_total: torch.Tensor, gneg: torch.Tensor,
               gpos: torch.Tensor, dx_dtype: Optional[torch.dtype] = None, need_dx: bool = True,

@@ -54,3 +54,34 @@ def test_cli_info_reports_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "extension pyssl._C: ok" in out and "cpu  cpu   : ok" in out
+
+
+def test_kernel_entry_points_launch_on_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: every kernel entry point makes its first CUDA
+    tensor's device current (a process on several GPUs that never called set_device would
+    otherwise hand cuda:1 tensors to a kernel on cuda:0). Checked with a stand-in tensor and a
+    recording torch.cuda.device; the entry points themselves carry the guard."""
+    import contextlib
+    import types
+
+    import torch
+
+    from pyssl.kernels import _tiles, homologous_attention, homologous_contrastive_loss, knn, mlcd_loss
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(d)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    seen = []
+    guarded = _tiles.on_tensor_device(lambda *a, **k: seen.append(list(entered)) or "done")
+    fake = types.SimpleNamespace(is_cuda=True, device="cuda:1")
+    assert guarded(3, fake, k=1) == "done" and seen == [["cuda:1"]]
+    entered.clear()
+    assert guarded(torch.zeros(1)) == "done" and entered == []      # CPU tensors: no guard
+    for fn in (mlcd_loss.mlcd_lse, mlcd_loss.mlcd_lse_stats, mlcd_loss.mlcd_grad, homologous_attention.forward,
+               homologous_attention.backward, homologous_contrastive_loss.forward,
+               homologous_contrastive_loss.backward, homologous_contrastive_loss.inv_norms, knn.knn_topk):
+        assert fn.__code__ is _tiles.on_tensor_device(lambda: None).__code__, fn.__name__

@@ -194,6 +194,28 @@ def case_exact_margin_near_a_center(rank):
                    m2=0.3, **kw)
 
 
+def case_float32_centers_under_a_loss_scale(rank):
+    """float16 features with float32 centers and a loss scaler's 2^16 upstream factor, centers of
+    small norm (large dW): every backend's shard gradient is float32 and finite, and matches the
+    reference times the factor (Triton's 16-bit dW tile is scaled into range first)."""
+    start, count = _shard(rank)
+    x, w, pos = _problem(5)
+    w = 0.01 * w
+    xo, po = _own(rank, x, pos)
+    for backend in BACKENDS:
+        xh = xo.half().requires_grad_()
+        wo = w[start:start + count].float().clone().requires_grad_()
+        loss = mlcd_loss_parallel(xh, wo, po, class_start=start, scale=16.0, reduction="sum", backend=backend)
+        (loss * 65536.0).backward()
+        assert wo.grad.dtype == torch.float32 and torch.isfinite(wo.grad).all(), backend
+        wr = w.half().double().requires_grad_()
+        ref = reference.mlcd_loss(x.half().double(), wr, pos, scale=16.0, reduction="sum") * 65536.0
+        ref.backward()
+        want = wr.grad[start:start + count]
+        assert want.abs().max() > 65504, "the case must overflow float16"
+        torch.testing.assert_close(wo.grad.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
 def case_module(rank):
     """MLCDLoss / MarginSoftmaxLoss with a process group: the shard, sampling per shard in
     training (the union of the ranks' sets), all classes in eval, float32 centers with bfloat16
@@ -398,9 +420,14 @@ def case_errors(rank):
     with pytest.raises(ValueError, match="same dtype on every rank"):
         mlcd_loss_parallel(xo.double() if rank == 0 else xo, wo.double() if rank == 0 else wo, po,
                            class_start=start, backend="torch")
-    # the ranks must agree on margin_grad ("exact" widens the statistics' all-reduce)
+    # the ranks must agree on margin_grad ("exact" widens the statistics' all-reduce), reduction
+    # and backend (they decide which collectives follow)
     with pytest.raises(ValueError, match="disagree on margin_grad"):
         mlcd_loss_parallel(xo, wo, po, class_start=start, margin_grad="exact" if rank == 0 else "straight_through")
+    with pytest.raises(ValueError, match="disagree on reduction or backend"):
+        mlcd_loss_parallel(xo, wo, po, class_start=start, reduction="none" if rank == 0 else "mean")
+    with pytest.raises(ValueError, match="disagree on reduction or backend"):
+        mlcd_loss_parallel(xo, wo, po, class_start=start, backend="cpu" if rank == 0 else "torch")
     # settings errors
     with pytest.raises(ValueError, match="classes or sample_ratio, not both"):
         mlcd_loss_parallel(xo, wo, po, class_start=start, classes=classes, sample_ratio=0.1)
@@ -452,7 +479,8 @@ def _spawn(case, world):
 
 
 @pytest.mark.parametrize("case", ["case_backends", "case_classes", "case_hard_numerics",
-                                  "case_exact_margin_near_a_center", "case_module", "case_low_precision",
+                                  "case_exact_margin_near_a_center", "case_float32_centers_under_a_loss_scale",
+                                  "case_module", "case_low_precision",
                                   "case_grad_flags", "case_errors", "case_bench_script"])
 def test_parallel(case):
     _spawn(case, 2)

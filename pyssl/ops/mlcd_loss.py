@@ -504,23 +504,24 @@ def engine_lse(x, weight, classes, pos_col, scale, backend):
 
 
 def engine_grad(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend):
-    """The engine's grad on any backend: dx in the accumulation dtype (float32; float64 for
-    float64 x), unrounded, for callers that sum partial dx; dw in the accumulation dtype on the
-    chunked backends, in weight's dtype on Triton (rows outside classes zero)."""
+    """The engine's grad on any backend: dx and dw in the accumulation dtype (float32; float64
+    for float64 x), dx unrounded, for callers that sum partial dx (on Triton dw comes from its
+    16-bit tile through the range-safe store: no float16 overflow under a loss scaler's factor;
+    rows outside classes zero)."""
     acc = _acc_dtype(x)
     if backend == "triton":
-        return _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, acc)
+        return _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, acc, dw_dtype=acc)
     return _chunked_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, backend, acc)
 
 
 def _triton_backward(x, weight, classes, pos_col, scale, lse_total, gneg, gpos, dx_dtype=None,
-                     need=(True, True)):
+                     need=(True, True), dw_dtype=None):
     from pyssl.kernels import mlcd_loss as K
     w_use, cls_use = _rounded_rows(x, weight, classes)
     # float32 centers: dw comes back in float32 from a range-safe 16-bit store (see mlcd_grad)
     dx, dw = K.mlcd_grad(x, w_use, cls_use, pos_col, float(scale), lse_total.float().contiguous(),
                          gneg.float().contiguous(), gpos.float().contiguous(), dx_dtype, *need,
-                         dw_dtype=weight.dtype)
+                         dw_dtype=dw_dtype or weight.dtype)
     return dx, (dw if w_use is weight else _scatter_rows(dw, weight, classes))
 
 

@@ -326,36 +326,44 @@ def _sum_own_rows(dx: Tensor, ns: List[int], group) -> Tensor:
         padded[k * nmax:k * nmax + nk] = dx[r0:r0 + nk]
         r0 += nk
     out = dx.new_empty(nmax, dx.shape[1])
-    try:
-        # reduce_scatter_tensor was renamed reduce_scatter_single (torch 2.13; the old name warns)
-        (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(
-            out, padded, op=dist.ReduceOp.SUM, group=group)
-    except (RuntimeError, NotImplementedError, ValueError):   # checked locally, before any traffic
-        dist.all_reduce(padded, op=dist.ReduceOp.SUM, group=group)
-        out = padded[rank * nmax:(rank + 1) * nmax]
+    # one collective, the same on every rank (no fallback on error: a rank switching to another
+    # collective while the others wait in this one would hang NCCL); reduce_scatter_tensor was
+    # renamed reduce_scatter_single (torch 2.13; the old name warns), gloo and NCCL both have it
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(
+        out, padded, op=dist.ReduceOp.SUM, group=group)
     return out[:ns[rank]]
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_BACKEND_CODES = ("auto", "triton", "cuda", "cpu", "torch")
 
 
-def _meta_device(group, x) -> torch.device:
-    if isinstance(x, Tensor):
-        return x.device
-    if dist.get_backend(group) == "nccl":
+def _nccl_only(group) -> bool:
+    """The group's collectives run on NCCL alone (not a "cpu:gloo,cuda:nccl" pair): CUDA tensors
+    only."""
+    return str(dist.get_backend(group)) == "nccl"
+
+
+def _meta_device(group) -> torch.device:
+    """Where the metadata exchange runs: the current CUDA device on an NCCL-only group (whatever
+    x is, so that a rank with a bad x still takes part), else the CPU."""
+    if _nccl_only(group) and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def _exchange(fn, group, x, weight, ids, class_start, local_error: str, exact: bool) -> List[List[int]]:
+def _exchange(fn, group, x, weight, ids, class_start, local_error: str, exact: bool, reduction: int,
+              backend: str) -> List[List[int]]:
     """The first collective of a call: every rank's (N, l, start, C_r, D, dtype, needs grad, x
-    needs grad, error, margin_grad is "exact"). A rank whose own arguments were bad still takes
-    part, and then every rank raises: no rank is left waiting in a later collective."""
+    needs grad, error, margin_grad is "exact", reduction, backend asked for). A rank whose own
+    arguments were bad still takes part, and then every rank raises: no rank is left waiting in a
+    later collective. The settings that decide which collectives follow must agree."""
     ok = not local_error
     meta = [x.shape[0], ids.shape[1], class_start, weight.shape[0], x.shape[1], _DTYPES.index(x.dtype),
             int(torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)),
-            int(torch.is_grad_enabled() and x.requires_grad), 0, int(exact)] if ok else [0] * 8 + [1, 0]
-    t = torch.tensor(meta, dtype=torch.int64, device=_meta_device(group, x))[None]
+            int(torch.is_grad_enabled() and x.requires_grad), 0, int(exact), reduction,
+            _BACKEND_CODES.index(backend)] if ok else [0] * 8 + [1, 0, 0, 0]
+    t = torch.tensor(meta, dtype=torch.int64, device=_meta_device(group))[None]
     metas = _gather_rows(t, [1] * dist.get_world_size(group), group).tolist()
     bad = [r for r, m in enumerate(metas) if m[8]]
     if bad:
@@ -370,6 +378,10 @@ def _exchange(fn, group, x, weight, ids, class_start, local_error: str, exact: b
     if len({m[9] for m in metas}) != 1:
         # "exact" adds the chords to the statistics' all-reduce: the ranks' sizes would differ
         raise ValueError(f"{fn}: the ranks disagree on margin_grad (give every rank the same)")
+    if len({m[10] for m in metas}) != 1 or len({m[11] for m in metas}) != 1:
+        # reduction "none" gathers upstream gradients in the backward, and the cpu/torch backends
+        # exchange statistics per row chunk where Triton does once: other collectives
+        raise ValueError(f"{fn}: the ranks disagree on reduction or backend (give every rank the same)")
     if sum(m[0] for m in metas) == 0:
         raise ValueError(f"{fn}: x is empty on every rank")
     return metas
@@ -387,6 +399,8 @@ def _run(fn, kind, x, weight, ids, class_start, process_group, classes, sample_r
         m1, m2, m3 = check_own()   # the ids' shape and dtype, the margins
         # classes may be empty: a shard holding no positive of the batch need not add a column
         E._check_common(fn, x, weight, classes, scale, reduction, margin_grad, shard=True)
+        if _nccl_only(group) and not x.is_cuda:
+            raise ValueError(f"{fn}: x must be a CUDA tensor on an NCCL process group, got {x.device}")
         class_start = _checks.integer(fn, "class_start", class_start, lo=0)
         _checks.generator(fn, "generator", generator)
         if classes is not None and sample_ratio is not None:
@@ -400,7 +414,9 @@ def _run(fn, kind, x, weight, ids, class_start, process_group, classes, sample_r
     except (ValueError, TypeError) as e:
         error, err_type = str(e), type(e)
     try:
-        metas = _exchange(fn, group, x, weight, ids, class_start, error, margin_grad == "exact")
+        metas = _exchange(fn, group, x, weight, ids, class_start, error, margin_grad == "exact",
+                          E._REDUCTIONS.get(reduction, 0) if isinstance(reduction, str) else 0,
+                          backend if backend in _BACKEND_CODES else "auto")
     except ValueError as e:
         raise (err_type(error) if error else e) from None
     call = _Call(fn, kind, group, class_start, classes, sample_ratio, generator, float(scale),
