@@ -11,6 +11,7 @@ its labels straight into memmaps (out=(indices_memmap, similarities_memmap)).
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional, Tuple
 
@@ -44,20 +45,24 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
            progress: Optional[bool] = None) -> Tensor:
     """k-means centroids (k, D), float32, on x's device (or CUDA with gpu=True).
 
-    init: "k-means++" (seeded D² sampling), "random" (k distinct points, faiss's rule) or "auto"
-    (k-means++ up to k = 4096; beyond, its k sequential passes over the data cost more than the
-    clustering, so random). Training uses at most max_points_per_centroid·k points (a seeded
-    subset), as faiss does; empty clusters are re-seeded by splitting the largest one.
+    init: "k-means++" (seeded greedy D² sampling, 2 + ln k candidates per center), "random" (k
+    distinct points, faiss's rule) or "auto" (k-means++ up to k = 4096; beyond, its k sequential
+    passes over the data cost about as much as the clustering, so random). Training uses at most
+    max_points_per_centroid·k points (a seeded subset, the same rows for a memmap and a tensor),
+    as faiss does; empty clusters are re-seeded by splitting the largest one (nudged by ±1/1024
+    of its coordinates).
     backend: "auto" (faiss if importable), "faiss" or "torch"; both start from the same centroids.
     """
     fn = "kmeans"
     k = _checks.integer(fn, "k", k, lo=1)
     max_points_per_centroid = _checks.integer(fn, "max_points_per_centroid", max_points_per_centroid, lo=1)
     seed = _checks.integer(fn, "seed", seed)
-    if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] > k * max_points_per_centroid:
-        # a memmap larger than the training sample: read only the sampled rows
+    if isinstance(x, (np.ndarray, Tensor)) and x.ndim == 2 and x.shape[0] > k * max_points_per_centroid:
+        # train on a seeded subset, as faiss does (a memmap reads only the sampled rows), the same
+        # rows in the same order for a memmap and a tensor of the same data
         keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-        x = x[np.sort(keep[: k * max_points_per_centroid].numpy())]
+        rows = np.sort(keep[: k * max_points_per_centroid].numpy())
+        x = x[rows] if isinstance(x, np.ndarray) else x[torch.from_numpy(rows).to(x.device)]
     x = _knn.as_float_tensor("x", fn, x)
     niter = _checks.integer(fn, "niter", niter, lo=0)
     n, d = x.shape
@@ -75,10 +80,9 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
         raise ValueError(f"{fn}: backend='faiss' cannot serve: faiss is not installed")
     dev = torch.device("cuda") if use_gpu else x.device
     g = torch.Generator().manual_seed(seed)
-    if n > k * max_points_per_centroid:                   # train on a seeded subset, as faiss does
-        x = x[torch.randperm(n, generator=g)[: k * max_points_per_centroid].to(x.device)]
-    # spherical: unit rows whatever the scale (_knn.unit_rows: no overflow or norm floor)
-    xf = _knn.unit_rows(x.detach().to(dev)) if spherical else x.detach().to(dev, torch.float32)
+    # spherical: unit rows whatever the scale (_knn.unit_rows: no overflow or norm floor), written
+    # block by block into the one float32 copy on the device
+    xf = _knn.unit_rows(x.detach(), device=dev) if spherical else x.detach().to(dev, torch.float32)
     plusplus = init == "k-means++" or (init == "auto" and k <= KMEANSPP_MAX_K)
     cent = _kmeanspp(xf, k, g) if plusplus else xf[torch.randperm(xf.shape[0], generator=g)[:k].to(dev)].clone()
     if backend == "faiss" or (backend == "auto" and faiss is not None and (not use_gpu or _knn.faiss_has_gpu())):
@@ -90,37 +94,57 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
 
 
 def _kmeanspp(x: Tensor, k: int, g: torch.Generator) -> Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): each next center drawn with probability
-    proportional to the squared distance to the nearest center chosen so far."""
-    n = x.shape[0]
-    idx = [int(torch.randint(n, (1,), generator=g))]
-    d2 = (x - x[idx[0]]).pow(2).sum(1)
-    for _ in range(1, k):
-        total = float(d2.sum())
-        if total <= 0:                                     # fewer distinct points than k
-            nxt = int(torch.randint(n, (1,), generator=g))
-        else:
-            nxt = int(torch.multinomial((d2 / total).cpu().double(), 1, generator=g))
-        idx.append(nxt)
-        d2 = torch.minimum(d2, (x - x[nxt]).pow(2).sum(1))
-    return x[torch.tensor(idx, device=x.device)].clone()
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007; the greedy form scikit-learn uses):
+    for each next center, 2 + ⌊ln k⌋ candidates drawn with probability proportional to the
+    squared distance to the nearest center so far, and the one that lowers the total most is
+    kept (one draw per step lands two centers in one blob far more often). Per center one (N, D)
+    × (D, L) product (‖x‖² − 2x·c + ‖c‖², no N×D temporary) and inverse-CDF draws on the device
+    (a float64 cumulative sum and searchsorted; any N, where torch.multinomial stops at 2^24
+    categories), with no host sync: the uniforms come from g up front."""
+    n, dev = x.shape[0], x.device
+    trials = 2 + int(math.log(k)) if k > 1 else 1
+    u = torch.rand(k, trials, generator=g, dtype=torch.float64).to(dev)
+    first = torch.randint(n, (1,), generator=g).to(dev)
+    sq = x.pow(2).sum(1)
+    idx = torch.empty(k, dtype=torch.int64, device=dev)
+    idx[0] = first[0]
+    d2 = (sq - 2.0 * (x @ x[first[0]]) + sq[first[0]]).clamp_min(0.0)
+    for j in range(1, k):
+        cdf = torch.cumsum(d2.double(), 0)
+        total = cdf[-1]
+        cand = torch.searchsorted(cdf, u[j] * total, right=True).clamp_max(n - 1)
+        # every point already a center (fewer distinct points than k): uniform candidates
+        cand = torch.where(total > 0, cand, (u[j] * n).long().clamp_max(n - 1))
+        dc = (sq[:, None] - 2.0 * (x @ x[cand].t()) + sq[cand][None, :]).clamp_min(0.0)   # (N, L)
+        new_d2 = torch.minimum(d2[:, None], dc)
+        best = new_d2.double().sum(0).argmin()
+        idx[j] = cand[best]
+        d2 = new_d2[:, best]
+    return x[idx].clone()
 
 
 def _lloyd_torch(xf, cent, niter, spherical, g, progress):
     k, dev = cent.shape[0], xf.device
     for _ in tqdm(range(niter), desc="kmeans", disable=not _progress(progress)):
         bias = None if spherical else _knn.l2_bias(cent)
-        _, assign = _knn.search(xf, cent, 1, bank_bias=bias, backend="torch", fn="kmeans")
+        # the nearest center of every point: the fastest exact search here (C++ on the CPU,
+        # Triton on the GPU), blocked, never an N×k matrix
+        _, assign = _knn.search(xf, cent, 1, bank_bias=bias, backend="auto", fn="kmeans")
         assign = assign[:, 0]
         sums = torch.zeros_like(cent).index_add_(0, assign, xf)
         counts = torch.bincount(assign, minlength=k).to(xf.dtype)
         empty = counts == 0
         new = sums / counts.clamp_min(1)[:, None]
-        for c in torch.nonzero(empty).flatten().tolist():  # split the largest cluster
+        # split the largest cluster into two nudged copies, relative to its coordinates (as faiss
+        # does: an absolute nudge vanishes in float32 rounding at large offsets), the signs
+        # alternating along D so the two copies differ in every coordinate
+        sign = torch.ones(new.shape[1], device=dev)
+        sign[1::2] = -1.0
+        for c in torch.nonzero(empty).flatten().tolist():
             big = int(torch.argmax(counts))
-            eps = 1e-4 * torch.randn(new.shape[1], generator=g).to(dev)
-            new[c] = new[big] + eps
-            new[big] = new[big] - eps
+            nudge = new[big] * sign * (1.0 / 1024)
+            new[c] = new[big] + nudge
+            new[big] = new[big] - nudge
             counts[c] = counts[big] / 2
             counts[big] = counts[big] / 2
         cent = F.normalize(new, dim=1) if spherical else new
@@ -152,7 +176,9 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
     if l > cent.shape[0]:
         raise ValueError(f"{fn}: l={l} is larger than the number of centroids ({cent.shape[0]})")
     if batch_size is None:
-        batch_size = max(1, min(n, (1 << 26) // max(cent.shape[0], 1), 65536))
+        # no backend builds the batch × k score matrix (all block it), so large batches: the
+        # centers are re-read once per batch
+        batch_size = max(1, min(n, 65536))
     batch_size = _checks.integer(fn, "batch_size", batch_size, lo=1)
     if not torch.isfinite(cent).all():
         raise ValueError(f"{fn}: centroids hold non-finite values")

@@ -91,6 +91,39 @@ def test_topk_assign_and_spherical_kmeans_at_any_feature_scale():
     torch.testing.assert_close(c1, c2)
 
 
+def test_kmeans_same_subset_for_a_memmap_and_a_tensor(tmp_path):
+    """The training subsample (max_points_per_centroid·k rows) and everything after it are the
+    same whether the data comes as a memmap or as a tensor: the same seed, the same centroids."""
+    a = np.random.default_rng(1).normal(size=(3000, 6)).astype(np.float32)
+    path = tmp_path / "a.npy"
+    mm = np.lib.format.open_memmap(path, "w+", np.float32, a.shape)
+    mm[:] = a
+    mm.flush()
+    kw = dict(niter=3, seed=0, max_points_per_centroid=50, backend="torch")
+    c1 = pyssl.cluster.kmeans(np.load(path, mmap_mode="r"), 10, **kw)
+    c2 = pyssl.cluster.kmeans(torch.from_numpy(a), 10, **kw)
+    assert torch.equal(c1, c2)
+
+
+def test_kmeanspp_beyond_2_to_24_points():
+    """k-means++ on more than 2^24 points (torch.multinomial's limit) draws on the device."""
+    x = torch.rand(2 ** 24 + 5, 1, generator=torch.Generator().manual_seed(0))
+    c = pyssl.cluster.kmeans(x, 2, niter=0, seed=0, spherical=False, init="k-means++",
+                             max_points_per_centroid=2 ** 25, backend="torch")
+    assert c.shape == (2, 1) and torch.isfinite(c).all()
+
+
+def test_empty_cluster_split_survives_a_large_offset():
+    """Splitting the largest cluster for an empty one nudges it relative to its coordinates: at
+    an offset of 1e4 an absolute 1e-4 nudge vanished in float32 rounding and left most of 400
+    centroids duplicated (51 distinct before)."""
+    torch.manual_seed(0)
+    x = torch.randn(4000, 8) * 0.1 + 1e4
+    x[:2000] += 1.0
+    c = pyssl.cluster.kmeans(x, 400, niter=10, seed=0, spherical=False, backend="torch", init="random")
+    assert torch.unique(c, dim=0).shape[0] > 300
+
+
 def test_bad_input_cluster():
     x = torch.randn(10, 3)
     with pytest.raises(ValueError, match="k=11 is larger than the number of points"):

@@ -79,14 +79,21 @@ def as_float_tensor(name: str, fn: str, x, ndim: int = 2) -> Tensor:
     return x
 
 
-def unit_rows(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Rows scaled to unit L2 norm, in dtype: each row first divided by its largest magnitude in
-    its own dtype, so a float32 row of 1e20 (whose squared norm overflows) or a float64 row of
-    1e-50 (zero once cast) or below F.normalize's 1e-12 norm floor still comes out a unit vector.
-    Zero rows stay zero; a row with inf or NaN comes out NaN."""
-    top = x.abs().amax(1, keepdim=True)
-    y = x / top.clamp_min(torch.finfo(x.dtype).tiny)
-    return F.normalize(y.to(dtype), dim=1)
+def unit_rows(x: Tensor, dtype: torch.dtype = torch.float32, device=None, block: int = 1 << 16) -> Tensor:
+    """Rows scaled to unit L2 norm, in dtype, on device (default x's): each row first divided by
+    its largest magnitude in its own dtype, so a float32 row of 1e20 (whose squared norm
+    overflows) or a float64 row of 1e-50 (zero once cast) or below F.normalize's 1e-12 norm
+    floor still comes out a unit vector. Zero rows stay zero; a row with inf or NaN comes out
+    NaN. Blocks of rows at a time into one output: the only full-size allocation (x may stay
+    on the host while the output is on the GPU)."""
+    device = x.device if device is None else torch.device(device)
+    out = torch.empty(x.shape, dtype=dtype, device=device)
+    for r0 in range(0, x.shape[0], block):
+        xb = x[r0:r0 + block].to(device)
+        top = xb.abs().amax(1, keepdim=True)
+        yb = (xb / top.clamp_min(torch.finfo(xb.dtype).tiny)).to(dtype)
+        out[r0:r0 + block] = F.normalize(yb, dim=1)
+    return out
 
 
 def l2_bias(bank: Tensor) -> Tensor:
