@@ -176,9 +176,10 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
     if l > cent.shape[0]:
         raise ValueError(f"{fn}: l={l} is larger than the number of centroids ({cent.shape[0]})")
     if batch_size is None:
-        # no backend builds the batch × k score matrix (all block it), so large batches: the
-        # centers are re-read once per batch
-        batch_size = max(1, min(n, 65536))
+        # about 2^26 scores per batch (its inputs, normalized copy and results stay small), but
+        # never fewer than 4096 rows: every backend blocks the batch × k scores, and the centers
+        # are re-read once per batch (at k = 1M the 2^26 rule alone gave 64 rows)
+        batch_size = max(1, min(n, 65536, max(4096, (1 << 26) // max(cent.shape[0], 1))))
     batch_size = _checks.integer(fn, "batch_size", batch_size, lo=1)
     if not torch.isfinite(cent).all():
         raise ValueError(f"{fn}: centroids hold non-finite values")
