@@ -288,3 +288,32 @@ def test_knn_ties_at_the_kth_place_go_to_lower_indices(backend):
     s, i = KNN.search(v[None].to(dev), bank.to(dev), 4, backend=backend)
     assert i[0].tolist() == [5, 30, 61, 99]
     torch.testing.assert_close(s[0].cpu(), torch.full((4,), 8.0))
+
+
+def test_faiss_index_is_built_once_per_bank_and_rebuilt_when_it_changes(monkeypatch):
+    """The faiss backend keeps the index of the last bank while that bank tensor lives unmodified
+    (KNNScorer's calls, topk_assign's batches), rebuilds it after an in-place change, and drops
+    it with the bank."""
+    faiss = KNN.faiss_module()
+    if faiss is None:
+        pytest.skip("faiss is not installed")
+    built = []
+    real = faiss.IndexFlatIP
+    monkeypatch.setattr(faiss, "IndexFlatIP", lambda d: built.append(d) or real(d))
+    g = torch.Generator().manual_seed(0)
+    bank, q = torch.randn(50, 8, generator=g), torch.randn(7, 8, generator=g)
+    for _ in range(3):
+        s, i = KNN.search(q, bank, 3, backend="faiss")
+    assert len(built) == 1
+    want = (q @ bank.t()).topk(3, dim=1)
+    assert torch.equal(i, want.indices)
+    bank.mul_(-1.0)                                  # in place: a new version, a new index
+    s, i = KNN.search(q, bank, 3, backend="faiss")
+    assert len(built) == 2 and torch.equal(i, (q @ bank.t()).topk(3, dim=1).indices)
+    bias = KNN.l2_bias(bank)                         # another bias: another index
+    KNN.search(q, bank, 3, bank_bias=bias, backend="faiss")
+    assert len(built) == 3
+    del bank, bias
+    import gc
+    gc.collect()
+    assert KNN._FAISS_CACHE == {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import warnings
+import weakref
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -266,18 +267,55 @@ def _search_triton_large_rows(queries, bank, k, bank_bias, part_k: int):
     return out_s, out_i
 
 
+# The last faiss index built, reused while its bank (and bias) are the same tensors, unmodified:
+# topk_assign searches one centroid table batch after batch and KNNScorer one bank call after
+# call, and a rebuild per batch re-copied (on the GPU, re-uploaded) the whole table each time.
+# Weak references: a freed bank whose memory a new tensor reuses can never match, and the
+# cached index is dropped with its bank.
+_FAISS_CACHE: dict = {}
+
+
+def _tensor_key(t):
+    return None if t is None else (weakref.ref(t), t._version)
+
+
+def _same(key, t) -> bool:
+    return (key is None and t is None) or (key is not None and t is not None and key[0]() is t
+                                           and key[1] == t._version)
+
+
+def _faiss_index(faiss, bank, bank_bias, device):
+    c = _FAISS_CACHE
+    if c and c["device"] == device and _same(c["bank"], bank) and _same(c["bias"], bank_bias):
+        return c["index"]
+    c.clear()
+    b = bank.detach().float().cpu().numpy()
+    if bank_bias is not None:
+        b = np.concatenate([b, bank_bias.detach().float().cpu().numpy()[:, None]], 1)
+    index = faiss.IndexFlatIP(b.shape[1])
+    res = None
+    if device.type == "cuda":
+        res = faiss.StandardGpuResources()      # must outlive the GPU index: kept with it
+        index = faiss.index_cpu_to_gpu(res, device.index or 0, index)
+    index.add(np.ascontiguousarray(b))
+    token = object()
+    c.update(device=device, bank=_tensor_key(bank), bias=_tensor_key(bank_bias), index=index, res=res, token=token)
+    # the index (a copy of the bank) goes when the bank does, not at the next search
+    weakref.finalize(bank, _drop_faiss_cache, token)
+    return index
+
+
+def _drop_faiss_cache(token) -> None:
+    if _FAISS_CACHE.get("token") is token:
+        _FAISS_CACHE.clear()
+
+
 def _search_faiss(queries, bank, k, bank_bias):
     faiss = faiss_module()
     q = queries.detach().float().cpu().numpy()
-    b = bank.detach().float().cpu().numpy()
     if bank_bias is not None:
         q = np.concatenate([q, np.ones((q.shape[0], 1), np.float32)], 1)
-        b = np.concatenate([b, bank_bias.detach().float().cpu().numpy()[:, None]], 1)
-    index = faiss.IndexFlatIP(b.shape[1])
-    if queries.device.type == "cuda":
-        res = faiss.StandardGpuResources()      # must outlive the GPU index: keep a reference
-        index = faiss.index_cpu_to_gpu(res, queries.device.index or 0, index)
-    index.add(np.ascontiguousarray(b))
+    index = _faiss_index(faiss, bank, bank_bias, queries.device)
     s, i = index.search(np.ascontiguousarray(q), k)
     return (torch.from_numpy(s).to(queries.device), torch.from_numpy(i).to(torch.int64).to(queries.device))
 
