@@ -294,6 +294,8 @@ def test_faiss_index_is_built_once_per_bank_and_rebuilt_when_it_changes(monkeypa
     """The faiss backend keeps the index of the last bank while that bank tensor lives unmodified
     (KNNScorer's calls, topk_assign's batches), rebuilds it after an in-place change, and drops
     it with the bank."""
+    import gc
+    import weakref
     faiss = KNN.faiss_module()
     if faiss is None:
         pytest.skip("faiss is not installed")
@@ -310,10 +312,12 @@ def test_faiss_index_is_built_once_per_bank_and_rebuilt_when_it_changes(monkeypa
     bank.mul_(-1.0)                                  # in place: a new version, a new index
     s, i = KNN.search(q, bank, 3, backend="faiss")
     assert len(built) == 2 and torch.equal(i, (q @ bank.t()).topk(3, dim=1).indices)
+    old = weakref.ref(KNN._FAISS_CACHE["entry"])
     bias = KNN.l2_bias(bank)                         # another bias: another index
     KNN.search(q, bank, 3, bank_bias=bias, backend="faiss")
     assert len(built) == 3
-    del bank, bias
-    import gc
     gc.collect()
-    assert KNN._FAISS_CACHE == {}
+    assert old() is None                             # the replaced index is freed at once
+    del bank, bias
+    gc.collect()
+    assert KNN._FAISS_CACHE["entry"] is None

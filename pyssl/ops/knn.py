@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 import warnings
 import weakref
 from typing import List, Optional, Tuple
@@ -271,24 +272,32 @@ def _search_triton_large_rows(queries, bank, k, bank_bias, part_k: int):
 # topk_assign searches one centroid table batch after batch and KNNScorer one bank call after
 # call, and a rebuild per batch re-copied (on the GPU, re-uploaded) the whole table each time.
 # Weak references: a freed bank whose memory a new tensor reuses can never match, and the
-# cached index is dropped with its bank.
-_FAISS_CACHE: dict = {}
+# cached index is dropped with its bank. One entry, read and replaced as a whole (threads
+# searching different banks each use the index they looked up or built); a GPU index is
+# searched under its lock (faiss's GPU indexes are not thread-safe; CPU searches are).
+_FAISS_CACHE: dict = {"entry": None}
 
 
-def _tensor_key(t):
-    return None if t is None else (weakref.ref(t), t._version)
+class _FaissEntry:
+    def __init__(self, device, bank, bias, index, res):
+        self.device, self.index, self.res = device, index, res
+        self.bank, self.bank_version = weakref.ref(bank), bank._version
+        self.bias = None if bias is None else weakref.ref(bias)
+        self.bias_version = None if bias is None else bias._version
+        self.lock = threading.Lock() if device.type == "cuda" else None
+
+    def serves(self, device, bank, bias) -> bool:
+        if self.device != device or self.bank() is not bank or self.bank_version != bank._version:
+            return False
+        if bias is None:
+            return self.bias is None
+        return self.bias is not None and self.bias() is bias and self.bias_version == bias._version
 
 
-def _same(key, t) -> bool:
-    return (key is None and t is None) or (key is not None and t is not None and key[0]() is t
-                                           and key[1] == t._version)
-
-
-def _faiss_index(faiss, bank, bank_bias, device):
-    c = _FAISS_CACHE
-    if c and c["device"] == device and _same(c["bank"], bank) and _same(c["bias"], bank_bias):
-        return c["index"]
-    c.clear()
+def _faiss_index(faiss, bank, bank_bias, device) -> "_FaissEntry":
+    entry = _FAISS_CACHE["entry"]
+    if entry is not None and entry.serves(device, bank, bank_bias):
+        return entry
     b = bank.detach().float().cpu().numpy()
     if bank_bias is not None:
         b = np.concatenate([b, bank_bias.detach().float().cpu().numpy()[:, None]], 1)
@@ -298,16 +307,18 @@ def _faiss_index(faiss, bank, bank_bias, device):
         res = faiss.StandardGpuResources()      # must outlive the GPU index: kept with it
         index = faiss.index_cpu_to_gpu(res, device.index or 0, index)
     index.add(np.ascontiguousarray(b))
-    token = object()
-    c.update(device=device, bank=_tensor_key(bank), bias=_tensor_key(bank_bias), index=index, res=res, token=token)
+    entry = _FaissEntry(device, bank, bank_bias, index, res)
+    _FAISS_CACHE["entry"] = entry
     # the index (a copy of the bank) goes when the bank does, not at the next search
-    weakref.finalize(bank, _drop_faiss_cache, token)
-    return index
+    # (a weak reference: a replaced entry is freed at once, not when its bank goes)
+    weakref.finalize(bank, _drop_faiss_cache, weakref.ref(entry))
+    return entry
 
 
-def _drop_faiss_cache(token) -> None:
-    if _FAISS_CACHE.get("token") is token:
-        _FAISS_CACHE.clear()
+def _drop_faiss_cache(entry_ref) -> None:
+    entry = entry_ref()
+    if entry is not None and _FAISS_CACHE["entry"] is entry:
+        _FAISS_CACHE["entry"] = None
 
 
 def _search_faiss(queries, bank, k, bank_bias):
@@ -315,8 +326,12 @@ def _search_faiss(queries, bank, k, bank_bias):
     q = queries.detach().float().cpu().numpy()
     if bank_bias is not None:
         q = np.concatenate([q, np.ones((q.shape[0], 1), np.float32)], 1)
-    index = _faiss_index(faiss, bank, bank_bias, queries.device)
-    s, i = index.search(np.ascontiguousarray(q), k)
+    entry = _faiss_index(faiss, bank, bank_bias, queries.device)
+    if entry.lock is None:
+        s, i = entry.index.search(np.ascontiguousarray(q), k)
+    else:
+        with entry.lock:
+            s, i = entry.index.search(np.ascontiguousarray(q), k)
     return (torch.from_numpy(s).to(queries.device), torch.from_numpy(i).to(torch.int64).to(queries.device))
 
 
