@@ -318,6 +318,16 @@ def test_faiss_index_is_built_once_per_bank_and_rebuilt_when_it_changes(monkeypa
     assert len(built) == 3
     gc.collect()
     assert old() is None                             # the replaced index is freed at once
-    del bank, bias
+    # two banks in turn: each search rebuilds, and the replaced entries' finalizers are detached
+    other = torch.randn(40, 8, generator=g)
+    finalizers, entries = [], []
+    for _ in range(50):
+        for b in (bank, other):
+            KNN.search(q, b, 3, backend="faiss")
+            finalizers.append(KNN._FAISS_CACHE["entry"].finalizer)
+            entries.append(weakref.ref(KNN._FAISS_CACHE["entry"]))
+    gc.collect()
+    assert sum(f.alive for f in finalizers) == 1 and sum(e() is not None for e in entries) == 1
+    del bank, bias, other, b
     gc.collect()
     assert KNN._FAISS_CACHE["entry"] is None

@@ -285,6 +285,7 @@ class _FaissEntry:
         self.bias = None if bias is None else weakref.ref(bias)
         self.bias_version = None if bias is None else bias._version
         self.lock = threading.Lock() if device.type == "cuda" else None
+        self.finalizer = None
 
     def serves(self, device, bank, bias) -> bool:
         if self.device != device or self.bank() is not bank or self.bank_version != bank._version:
@@ -308,10 +309,13 @@ def _faiss_index(faiss, bank, bank_bias, device) -> "_FaissEntry":
         index = faiss.index_cpu_to_gpu(res, device.index or 0, index)
     index.add(np.ascontiguousarray(b))
     entry = _FaissEntry(device, bank, bank_bias, index, res)
-    _FAISS_CACHE["entry"] = entry
-    # the index (a copy of the bank) goes when the bank does, not at the next search
-    # (a weak reference: a replaced entry is freed at once, not when its bank goes)
-    weakref.finalize(bank, _drop_faiss_cache, weakref.ref(entry))
+    # the index (a copy of the bank) goes when the bank does, not at the next search (a weak
+    # reference: a replaced entry is freed at once, not when its bank goes); the replaced
+    # entry's finalizer is detached, so banks used in turn do not pile finalizers up
+    entry.finalizer = weakref.finalize(bank, _drop_faiss_cache, weakref.ref(entry))
+    old, _FAISS_CACHE["entry"] = _FAISS_CACHE["entry"], entry
+    if old is not None:
+        old.finalizer.detach()
     return entry
 
 
