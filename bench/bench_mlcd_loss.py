@@ -175,6 +175,9 @@ def _sizes(full, tiny):
     return lambda size, device: tiny(device) if size == "tiny" else full(device)
 
 
+_GPU_IMPLS = {"naive": naive, "compile": compiled, "floor": floor, "pyssl-triton": pyssl_backend("triton"),
+              "pyssl-torch": pyssl_backend("torch"), "liger": liger, "cce": cce_with("high"),
+              "cce-nofilter": cce_with(None), "torch-lce": torch_lce}
 # the op under test first, the peers next, torch.compile (a long cold compile) last
 _GPU_FIRST = ("pyssl-triton", "floor", "naive", "liger", "cce", "cce-nofilter", "torch-lce", "pyssl-torch")
 
@@ -191,9 +194,7 @@ CASES = [
     Case("mlcd_1m_sampled", "cuda",
          _sizes(lambda dev: _problem(8192, 1_000_000, 512, torch.bfloat16, dev, ratio=0.1),
                 lambda dev: _problem(64, 4_000, 32, torch.bfloat16, dev, ratio=0.1)),
-         {"naive": naive, "compile": compiled, "floor": floor, "pyssl-triton": pyssl_backend("triton"),
-          "pyssl-torch": pyssl_backend("torch"), "liger": liger, "cce": cce_with("high"), "cce-nofilter": cce_with(None),
-          "torch-lce": torch_lce},
+         dict(_GPU_IMPLS),
          flops=_flops, grad_inputs_mb=_grad_inputs_mb, repeats=3,   # the peers take seconds per step
          run_first=_GPU_FIRST,
          notes="N=8192 D=512 C=1M ratio 0.1 l=8 bf16; floor = the 3 bare bf16 GEMMs on materialized "
@@ -205,9 +206,7 @@ CASES = [
     Case("mlcd_1m_full", "cuda",
          _sizes(lambda dev: _problem(4096, 1_000_000, 512, torch.bfloat16, dev),
                 lambda dev: _problem(64, 4_000, 32, torch.bfloat16, dev)),
-         {"naive": naive, "compile": compiled, "floor": floor, "pyssl-triton": pyssl_backend("triton"),
-          "pyssl-torch": pyssl_backend("torch"), "liger": liger, "cce": cce_with("high"), "cce-nofilter": cce_with(None),
-          "torch-lce": torch_lce},
+         dict(_GPU_IMPLS),
          flops=_flops, grad_inputs_mb=_grad_inputs_mb, repeats=3, run_first=_GPU_FIRST,
          notes="N=4096 D=512 all 1M classes l=8 bf16; targets as mlcd_1m_sampled; floor = the 3 bare "
                "bf16 GEMMs on materialized inputs."),

@@ -90,7 +90,7 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
                           verbose=_progress(progress), max_points_per_centroid=max_points_per_centroid)
         km.train(np.ascontiguousarray(xf.cpu().numpy()), init_centroids=np.ascontiguousarray(cent.cpu().numpy()))
         return torch.from_numpy(km.centroids.copy()).to(dev)
-    return _lloyd_torch(xf, cent, niter, spherical, g, progress)
+    return _lloyd_torch(xf, cent, niter, spherical, progress)
 
 
 def _kmeanspp(x: Tensor, k: int, g: torch.Generator) -> Tensor:
@@ -123,7 +123,7 @@ def _kmeanspp(x: Tensor, k: int, g: torch.Generator) -> Tensor:
     return x[idx].clone()
 
 
-def _lloyd_torch(xf, cent, niter, spherical, g, progress):
+def _lloyd_torch(xf, cent, niter, spherical, progress):
     k, dev = cent.shape[0], xf.device
     for _ in tqdm(range(niter), desc="kmeans", disable=not _progress(progress)):
         bias = None if spherical else _knn.l2_bias(cent)
@@ -184,7 +184,7 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
     if not torch.isfinite(cent).all():
         raise ValueError(f"{fn}: centroids hold non-finite values")
     dev = torch.device("cuda") if _use_gpu(fn, gpu, cent if not isinstance(x, Tensor) else x) else cent.device
-    cn = _knn.unit_rows(cent.detach().to(dev))
+    cn = _knn.unit_rows(cent.detach(), device=dev)
     if out is not None:
         idx_out, sim_out = out
         for name, a, dt in (("out[0]", idx_out, np.int64), ("out[1]", sim_out, np.float32)):
@@ -198,7 +198,7 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
     for b0 in tqdm(range(0, n, batch_size), desc="topk_assign", disable=not _progress(progress)):
         xb = x[b0:b0 + batch_size]
         xb = torch.from_numpy(np.array(xb, dtype=np.float32)) if isinstance(xb, np.ndarray) else xb
-        xb = _knn.unit_rows(xb.detach().to(dev))
+        xb = _knn.unit_rows(xb.detach(), device=dev)
         # checked per batch (a memmap is never read whole) and read with the results (no sync
         # of its own); a non-finite row would otherwise come out as an index that differs by
         # backend (-1, INT64_MAX or a plausible-looking one). Batches before it are written.

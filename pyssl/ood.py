@@ -200,16 +200,14 @@ def _scores_1d(name, s) -> np.ndarray:
         s = s.detach().to("cpu", torch.float64).numpy()
     try:
         raw = np.asarray(s)
-        # real numbers only: complex values would lose their imaginary part, and strings,
-        # dates or objects are not scores (a list of "1", "2" would otherwise parse)
-        if raw.dtype.kind not in "biuf":
-            raise TypeError(f"dtype {raw.dtype}")
-        s = raw.astype(np.float64)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ValueError) and "could not convert" not in str(e) and not isinstance(s, (str, bytes)):
-            raise ValueError(f"metrics: {name} must be a 1-D array of scores ({e})") from None
-        got = str(e) if str(e).startswith("dtype ") else type(s).__name__
-        raise TypeError(f"metrics: {name} must be a 1-D tensor or array of real scores, got {got}") from None
+    except ValueError as e:      # a ragged nesting of lists
+        raise ValueError(f"metrics: {name} must be a 1-D array of scores ({e})") from None
+    # real numbers only: complex values would lose their imaginary part, and strings, dates or
+    # objects are not scores (a list of "1", "2" would otherwise parse)
+    if raw.dtype.kind not in "biuf":
+        got = type(s).__name__ if isinstance(s, (str, bytes)) else f"dtype {raw.dtype}"
+        raise TypeError(f"metrics: {name} must be a 1-D tensor or array of real scores, got {got}")
+    s = raw.astype(np.float64)
     if s.ndim != 1 or s.size == 0:
         raise ValueError(f"metrics: {name} must be a non-empty 1-D array of scores, got shape {s.shape}")
     if not np.isfinite(s).all():

@@ -110,7 +110,6 @@ def smooth_certify(counts0, counts, alpha, sigma, tv_bound=0.0):
     if tv_bound > 0:
         # the subtraction may round back up to the Clopper–Pearson value (tv_bound below half its
         # ulp): the true difference is below it, so one ulp down (as pyssl.smoothing.pa_lower)
-        import math
         p_lower = math.nextafter(p_lower, -math.inf)
     if p_lower < 0.5:
         return -1, 0.0

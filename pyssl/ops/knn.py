@@ -278,21 +278,25 @@ def _search_triton_large_rows(queries, bank, k, bank_bias, part_k: int):
 _FAISS_CACHE: dict = {"entry": None}
 
 
+def _weak_key(t: Optional[Tensor]):
+    """(weak reference, version) of a tensor, None for None: equal only for the same, unmodified
+    tensor (in-place writes, through views too, bump the version)."""
+    return None if t is None else (weakref.ref(t), t._version)
+
+
+def _matches(key, t: Optional[Tensor]) -> bool:
+    return key is None if t is None else (key is not None and key[0]() is t and key[1] == t._version)
+
+
 class _FaissEntry:
     def __init__(self, device, bank, bias, index, res):
         self.device, self.index, self.res = device, index, res
-        self.bank, self.bank_version = weakref.ref(bank), bank._version
-        self.bias = None if bias is None else weakref.ref(bias)
-        self.bias_version = None if bias is None else bias._version
+        self.bank, self.bias = _weak_key(bank), _weak_key(bias)
         self.lock = threading.Lock() if device.type == "cuda" else None
         self.finalizer = None
 
     def serves(self, device, bank, bias) -> bool:
-        if self.device != device or self.bank() is not bank or self.bank_version != bank._version:
-            return False
-        if bias is None:
-            return self.bias is None
-        return self.bias is not None and self.bias() is bias and self.bias_version == bias._version
+        return self.device == device and _matches(self.bank, bank) and _matches(self.bias, bias)
 
 
 def _faiss_index(faiss, bank, bank_bias, device) -> "_FaissEntry":
