@@ -23,14 +23,13 @@ TFLOP/s count only the unmasked (kept) pairs: 4·d FLOPs per pair forward, 10·d
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 
 import pyssl
-from bench.harness import Case, Skip
+from bench.harness import Case, Skip, with_env
 from pyssl.ops import homologous_attention as HA
 
 
@@ -156,23 +155,6 @@ def attn_pyssl(backend):
     return setup
 
 
-def _with_env(name, value, step, note):
-    """step with the environment variable name set to value for its duration (the kernels read
-    their switches per call)."""
-    def run():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            step()
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-    run.note = note
-    return run
-
-
 def _flops(inp):
     # unmasked pairs only: forward 4·d (QKᵀ, PV), backward 10·d (recomputed QKᵀ, dV, dP, dQ, dK)
     return 14.0 * inp["pairs"] * inp["q"].shape[-1]
@@ -181,14 +163,14 @@ def _flops(inp):
 def attn_pyssl_noskip(inp):
     """The Triton kernels with tile skipping off (PYSSL_HOMATTN_NO_SKIP=1, read per call): every
     key tile visited with the group ids masked in it, what skipping is measured against."""
-    return _with_env("PYSSL_HOMATTN_NO_SKIP", "1", attn_pyssl("triton")(inp),
+    return with_env("PYSSL_HOMATTN_NO_SKIP", "1", attn_pyssl("triton")(inp),
                      "every key tile visited, group ids masked per tile; FLOP/s counted on unmasked pairs")
 
 
 def attn_pyssl_stream(inp):
     """The Triton top-k forward streamed (PYSSL_HOMATTN_TOPK_STREAM=1) where rows would fit on
     chip: what the radix search over streamed key tiles costs against whole rows."""
-    return _with_env("PYSSL_HOMATTN_TOPK_STREAM", "1", attn_pyssl("triton")(inp),
+    return with_env("PYSSL_HOMATTN_TOPK_STREAM", "1", attn_pyssl("triton")(inp),
                      "top-k rows streamed (radix search, up to 17 passes over k) instead of held whole")
 
 

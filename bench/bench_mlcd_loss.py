@@ -8,13 +8,14 @@ Cases (names are fixed; results are compared across commits):
   mlcd_1m_full     N=4096, D=512, all 1,000,000 classes, l=8, bf16, CUDA.
 GPU peers run cross-entropy on the same N, D and C' (Liger-Kernel's fused linear cross entropy,
 Apple's cut-cross-entropy, torch's own linear_cross_entropy). TFLOP/s count 6·N·C'·D useful FLOPs.
+pyssl-triton is the default (class-chunked) backward, pyssl-triton[fused] the fused dx / dw kernels.
 """
 from __future__ import annotations
 
 import torch
 
 import pyssl
-from bench.harness import Case, Skip
+from bench.harness import Case, Skip, with_env
 
 L = 8
 
@@ -102,6 +103,13 @@ def pyssl_backend(backend):
     return setup
 
 
+def pyssl_triton_fused(inp):
+    """The Triton backend with the fused dx / dw backward kernels (PYSSL_MLCD_TRITON_BWD=GCHUNK=0)
+    instead of the class-chunked default: the two backward forms side by side in one run."""
+    return with_env("PYSSL_MLCD_TRITON_BWD", "GCHUNK=0", pyssl_backend("triton")(inp),
+                    "fused dx / dw backward kernels (10 units of N·C'·D against the default's 8)")
+
+
 def floor(inp):
     """Three bare GEMMs of the problem's shapes on materialized inputs (fp32 on the CPU, bf16 on
     the GPU: what cuBLAS reaches at these shapes, the yardstick beside the datasheet peak)."""
@@ -176,10 +184,11 @@ def _sizes(full, tiny):
 
 
 _GPU_IMPLS = {"naive": naive, "compile": compiled, "floor": floor, "pyssl-triton": pyssl_backend("triton"),
-              "pyssl-torch": pyssl_backend("torch"), "liger": liger, "cce": cce_with("high"),
+              "pyssl-triton[fused]": pyssl_triton_fused, "pyssl-torch": pyssl_backend("torch"), "liger": liger, "cce": cce_with("high"),
               "cce-nofilter": cce_with(None), "torch-lce": torch_lce}
 # the op under test first, the peers next, torch.compile (a long cold compile) last
-_GPU_FIRST = ("pyssl-triton", "floor", "naive", "liger", "cce", "cce-nofilter", "torch-lce", "pyssl-torch")
+_GPU_FIRST = ("pyssl-triton", "floor", "liger", "cce", "pyssl-triton[fused]", "naive", "cce-nofilter",
+              "torch-lce", "pyssl-torch")
 
 CASES = [
     Case("mlcd_cpu", "cpu",

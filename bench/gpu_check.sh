@@ -112,7 +112,9 @@ for variant in "st3:num_stages=3" "fwd128:fwd.BLOCK_M=128,fwd.num_warps=8,fwd.nu
   step "sweep_attn_${variant%%:*}" 40 0 -- env PYSSL_HOMATTN_TRITON=${variant#*:} \
     $PY -m bench --cases homattn_vitb,homattn_long --impls pyssl-triton --tag "${variant%%:*}" --no-memory
 done
-for variant in "bwd256:BLOCK_DO=256,num_stages=3" "dxs1:DX_SPLITS=1" "dxs4:DX_SPLITS=4" "nocut:CUT_CHAIN=0"; do
+# (the default backward is class-chunked, GCHUNK_COLS its chunk width; GCHUNK=0 the fused kernels,
+# measured as pyssl-triton[fused] in the cases themselves, with its own tile variants here)
+for variant in "gc4k:GCHUNK_COLS=4096" "gc64k:GCHUNK_COLS=65536" "fdxs1:GCHUNK=0,DX_SPLITS=1" "f256:GCHUNK=0,BLOCK_DO=256,num_stages=3"; do
   step "sweep_mlcd_${variant%%:*}" 40 0 -- env PYSSL_MLCD_TRITON_BWD=${variant#*:} \
     $PY -m bench --cases mlcd_1m_sampled,mlcd_1m_full --impls pyssl-triton --tag "${variant%%:*}" --no-memory
 done

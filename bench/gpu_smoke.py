@@ -21,6 +21,7 @@ import traceback
 import torch
 
 import pyssl
+from bench.harness import env_set
 from pyssl import reference as R
 
 
@@ -73,6 +74,13 @@ def check_mlcd(dev, tiny):
     ok, msg = _vs_reference(lambda a, b: pyssl.mlcd_loss(a, b, pos, scale=16.0, classes=classes, backend="triton"),
                             lambda a, b: R.mlcd_loss(a, b, pos, scale=16.0, classes=classes), (x, wf), 3e-2)
     out.append(("mlcd_loss float32 centers", ok, msg))
+    # the other backward forms: the fused dx / dw kernels, and the default in ragged class chunks
+    for spec in ("GCHUNK=0", f"GCHUNK_COLS={7 if tiny else 768}"):   # C' = 2,000 (tiny: 30)
+        with env_set("PYSSL_MLCD_TRITON_BWD", spec):
+            kw = dict(scale=16.0, classes=classes, reduction="sum")
+            ok, msg = _vs_reference(lambda a, b: pyssl.mlcd_loss(a, b, pos, backend="triton", **kw),
+                                    lambda a, b: R.mlcd_loss(a, b, pos, **kw), (x, w), 3e-2)
+            out.append((f"mlcd_loss sampled {spec}", ok, msg))
     return out
 
 

@@ -16,6 +16,7 @@ bench/results/<device>.md, with every time also given as a ratio to the "naive" 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -59,6 +60,31 @@ class Case:
     # op under test goes first, so a time limit that cuts the case short cuts a peer's
     # minute-long torch.compile or FlexAttention build, not our numbers
     run_first: tuple = ()
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """The environment variable name set to value inside the block, restored after (the kernels
+    read their switches per call, so a variant runs in the same process as the default)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def with_env(name: str, value: str, step: Callable[[], None], note: str = "") -> Callable[[], None]:
+    """step run with name=value (env_set) around each call; note goes into the results."""
+    def run():
+        with env_set(name, value):
+            step()
+    if note:
+        run.note = note
+    return run
 
 
 def sync(device: str) -> None:

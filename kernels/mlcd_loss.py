@@ -12,31 +12,41 @@ held as int32 by the kernels):
 plus mlcd_lse_stats / combine_lse_stats / lse_from_stats, the per-row (max, sum) form of the
 forward that a model-parallel shard all-reduces (max, then the rescaled sums) before the log.
 
-Nothing of size N x C' is ever materialised and w[S] is never gathered into a copy: every kernel
-loads the rows of w it needs by pointer arithmetic on the class ids. The cosine matrix is
-recomputed tile by tile wherever it is needed (forward, dx, dw), the way FlashAttention
-recomputes P in its backward: at MLCD sizes (C' up to millions) recomputing is far cheaper than
-storing.
+Nothing of size N x C' is ever materialised: the forward and the fused backward kernels load
+the rows of w they need by pointer arithmetic on the class ids (no gathered copy of w[S]), and
+the default backward holds G for one chunk of classes at a time (a bounded scratch, below). The
+cosine matrix is recomputed wherever it is needed, the way FlashAttention recomputes P in its
+backward: at MLCD sizes (C' up to millions) recomputing is far cheaper than storing.
 
 Kernels (each has a header comment with tiling, residency and traffic):
     _row_inv_norm_kernel   1 / max(||row||, 1e-12) for rows of x, or rows w[S_j] by index
     _mlcd_lse_fwd_kernel   online (max, sum) of exp(logit) over the negative columns, per split
     _pos_cos_kernel        cos at the L positive columns of each row, by indexed dot products
-    _mlcd_grad_dx_kernel   dx with the normalization backward fused, no atomics (optional
-                           column splits: fp32 partials summed by the caller)
-    _mlcd_grad_dw_kernel   dw[S] with the normalization backward fused, no atomics
+    _mlcd_grad_g_kernel    the backward's G for one chunk of columns of S (default backward)
+    _mlcd_dw_finish_kernel dw[S_k] of a chunk from its Gᵀ·X̂ product (default backward)
+    _mlcd_grad_dx_kernel   fused backward (GCHUNK=0): dx with the normalization backward fused,
+                           no atomics (optional column splits: fp32 partials summed by the caller)
+    _mlcd_grad_dw_kernel   fused backward (GCHUNK=0): dw[S], normalization backward fused
 
-FLOPs (units of N·C'·D; useful work 6 = 2 forward + 2 per backward product). Each backward
-kernel recomputes the cos tile; for 16-bit inputs with D <= 512 it does so once, over the whole
-D, and the same loaded w (or x) tile feeds both of its tl.dots ("FULL_D" form): 2 + 4 + 4 = 10
-(cap 60% of the tensor-core peak counted at 6). Wider D is cut into 256-wide slices, each
-recomputing the tile: 2 + 2·(2·slices + 2) (D = 768: 18, D = 1024: 22). The earlier design
-used 256-wide slices at every D: D = 512 was 14.
+FLOPs (units of N·C'·D; useful work 6 = 2 forward + 2 per backward product).
+Default backward, class-chunked (GCHUNK=1): G recomputed once per chunk of CK columns into an
+(N, CK) scratch, then two vendor GEMMs (cuBLAS, fp32 accumulation) for dx̂ and dŴ: 2 + 2 + 4 = 8,
+half of it in cuBLAS, for N·CK elements of scratch (an eighth of the class table's bytes,
+32-256 MiB; _gchunk_cols).
+Fused backward (GCHUNK=0): each of the two kernels recomputes the cos tile; for 16-bit inputs
+with D <= 512 it does so once, over the whole D, and the same loaded w (or x) tile feeds both of
+its tl.dots ("FULL_D" form): 2 + 4 + 4 = 10 (cap 60% of the tensor-core peak counted at 6).
+Wider D is cut into 256-wide slices, each recomputing the tile: 2 + 2·(2·slices + 2)
+(D = 768: 18, D = 1024: 22). No scratch beyond the dx split partials.
+Which is faster on a given GPU is measured side by side (bench: pyssl-triton against
+pyssl-triton[fused]); the default follows the FLOP count until a measurement says otherwise.
 
 Backward configuration override, for timing variants on a GPU without code changes:
-    PYSSL_MLCD_TRITON_BWD="BLOCK_N=64,BLOCK_C=64,BLOCK_DO=512,num_warps=8,num_stages=2,DX_SPLITS=2"
-comma-separated KEY=INT entries, each for both backward kernels or, prefixed "dx." / "dw.",
-for one of them (e.g. "dx.BLOCK_N=128,dw.num_stages=3"). Keys: BLOCK_N (rows of x per tile),
+    PYSSL_MLCD_TRITON_BWD="GCHUNK=0,BLOCK_N=64,BLOCK_C=64,BLOCK_DO=512,num_warps=8,DX_SPLITS=2"
+comma-separated KEY=INT entries. GCHUNK (1 = class-chunked, the default; 0 = fused) and
+GCHUNK_COLS (columns per chunk, 0 = automatic) take no prefix; the chunked form's G kernel runs
+on the forward's tiles. The other keys configure the fused kernels, each for both or, prefixed
+"dx." / "dw.", for one of them (e.g. "dx.BLOCK_N=128,dw.num_stages=3"). Keys: BLOCK_N (rows of x per tile),
 BLOCK_C (columns of S per tile), BLOCK_D (K step of the sliced form's recompute), BLOCK_DO (D
 slice width; >= D means one slice), num_warps, num_stages, DX_SPLITS (column splits of the dx
 kernel, 0 = automatic), FULL_D (0 = use the sliced form even for one slice), CUT_CHAIN (-1 =
@@ -576,6 +586,104 @@ def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, GSCALE, DW,
 
 
 # ----------------------------------------------------------------------------------------------
+# The class-chunked backward (GCHUNK, the default): G materialized one column chunk at a time.
+#   The fused kernels above recompute the cos tile in each of the two backward products
+#   (2 + 4 + 4 = 10 units of N·C'·D). Here the tile is recomputed once per chunk of CK columns
+#   of S by _mlcd_grad_g_kernel, which stores G (N, CK) in the input dtype; the two products are
+#   then plain GEMMs on it (cuBLAS on the GPU, fp32 accumulation and output):
+#       dx̂ += G_k · Ŵ_k           (N, D)    Ŵ_k = rw ⊙ w[S_k] rounded to the input dtype
+#       B_k  = G_kᵀ · X̂            (CK, D)   = dŴ_k, X̂ = rx ⊙ x rounded to the input dtype
+#   and _mlcd_dw_finish_kernel applies dw's normalization backward to B_k and stores dw[S_k]
+#   (dx's, on the (N, D) accumulator at the end). FLOPs: 2 + 2 + 4 = 8 units, half of them in
+#   the vendor GEMM, for a bounded scratch of N·CK elements (_gchunk_cols); the G traffic (written
+#   once, read twice) is 6·N·C' bytes for 16-bit inputs against 8·N·C'·D FLOPs: compute-bound
+#   for any D above ~16. The inverse norms stay out of G (|G| <= scale after the gscale
+#   division): a zero center's 1e12 would saturate a float16 G, where here it multiplies the
+#   float32 result (inf where the true gradient is beyond float16, as the reference).
+#   Deterministic: no atomics, chunks summed in a fixed order.
+# ----------------------------------------------------------------------------------------------
+# _mlcd_grad_g_kernel
+#   Computes: G[n, j - c0] for the columns j in [c0, c0 + CK) of S, G of the contract with gneg,
+#             gpos already divided by gscale (mlcd_grad), stored in the input dtype.
+#   Tiling:   grid (cdiv(N, BLOCK_N), cdiv(CK, BLOCK_C)), row blocks fastest so the programs in
+#             flight share a w tile through L2; each program one (BLOCK_N, BLOCK_C) tile: the
+#             forward's tile dot over D in BLOCK_D steps (software-pipelined), then the G tile.
+#   Registers: the (BLOCK_N, BLOCK_C) fp32 tile, per-row (rx, lse, gneg) and per-column (rw, ids)
+#             vectors; operand tiles staged through shared memory by tl.dot.
+#   Traffic:  w[S_k] read cdiv(N, BLOCK_N) times (from L2 mostly), x once per column tile
+#             (L2-resident), G written once: N·CK elements.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _mlcd_grad_g_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, G,
+                        N, C, D, c0, CK, stride_x, stride_w, stride_g, scale, scale_log2e,
+                        L: tl.constexpr, HAS_CLASSES: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                        DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    local = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    lmask = local < CK
+    cols = c0 + local
+    cmask = lmask & (cols < C)
+    if HAS_CLASSES:
+        ids = tl.load(CLS + cols, mask=cmask, other=0)
+    else:
+        ids = cols
+    rw = tl.load(RW + cols, mask=cmask, other=0.0)
+    rx, lse_log2, gneg_scale = _row_grad_stats(RX, LSE, GNEG, rows, rmask, scale)
+    _cos, g = _cos_grad_tile(X, W, POS, GPOS, rows, rmask, ids, cols, cmask, rx, rw,
+                             lse_log2, gneg_scale, D, stride_x, stride_w, scale_log2e, L,
+                             BLOCK_N, BLOCK_C, BLOCK_D, DOT_FP32, DOT_PRECISION)
+    tl.store(G + rows.to(tl.int64)[:, None] * stride_g + local[None, :],
+             _g_operand(g, G.dtype.element_ty),
+             mask=rmask[:, None] & lmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# _mlcd_dw_finish_kernel
+#   Computes: dw[S_j] = gscale · rw_j (B_j − w_j rw_j² (w_j · B_j)) for the CK rows j of one
+#             chunk (B = dŴ, fp32, from the chunk's Gᵀ·X̂ product; w_j raw), i.e.
+#             rw_j (dŵ_j − ŵ_j (ŵ_j · dŵ_j)) times the upstream factor, stored at the class ids
+#             in dw's dtype (S is unique: one owner per row).
+#   Tiling:   grid (cdiv(CK, BLOCK_R),); BLOCK_R rows, D in BLOCK_D pieces twice (the row dots,
+#             then the update, the second pass re-reading A and w from L1/L2).
+#   Registers: two (BLOCK_R, BLOCK_D) fp32 tiles and per-row scalars.
+#   Traffic:  B read once from DRAM (4 B per element), w rows once (2 or 4 B), dw written once.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _mlcd_dw_finish_kernel(B, W, CLS, RW, GSCALE, DW, c0, CK, D, stride_b, stride_w, stride_dw,
+                           HAS_CLASSES: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    lmask = local < CK
+    cols = c0 + local
+    if HAS_CLASSES:
+        ids = tl.load(CLS + cols, mask=lmask, other=0)
+    else:
+        ids = cols
+    rw = tl.load(RW + cols, mask=lmask, other=0.0)
+    b_rows = B + local.to(tl.int64)[:, None] * stride_b
+    w_rows = W + ids.to(tl.int64)[:, None] * stride_w
+    dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = lmask[:, None] & (d < D)[None, :]
+        b = tl.load(b_rows + d[None, :], mask=m, other=0.0)
+        w = tl.load(w_rows + d[None, :], mask=m, other=0.0).to(tl.float32)
+        dot += tl.sum(b * w, axis=1)
+    c = rw * rw * dot
+    f = rw * tl.load(GSCALE)
+    out_rows = DW + ids.to(tl.int64)[:, None] * stride_dw
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = lmask[:, None] & (d < D)[None, :]
+        b = tl.load(b_rows + d[None, :], mask=m, other=0.0)
+        w = tl.load(w_rows + d[None, :], mask=m, other=0.0).to(tl.float32)
+        out = (b - w * c[:, None]) * f[:, None]
+        tl.store(out_rows + d[None, :], out.to(DW.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
 # Launch configuration: a small heuristic instead of autotuning (the interpreter cannot run
 # several autotune configs, and these shapes are few and regular).
 # ----------------------------------------------------------------------------------------------
@@ -584,9 +692,13 @@ def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, GSCALE, DW,
 #   FULL_D: 1 = use the FULL_D form whenever BLOCK_DO >= D, 0 = always the sliced form.
 #   CUT_CHAIN: -1 = automatic (BLOCK_N < 16 * num_warps), 0/1 = forced (FULL_D form only).
 #   DX_SPLITS: 0 = automatic (_dx_splits), else the number of column splits of the dx kernel.
+#   GCHUNK: 1 = the class-chunked backward (default), 0 = the fused dx / dw kernels; and
+#   GCHUNK_COLS: its columns per chunk, 0 = automatic (_gchunk_cols). Both for the whole backward
+#   (no dx./dw. prefix); the chunked form's G kernel takes the forward's tiles.
 _BWD_ENV = "PYSSL_MLCD_TRITON_BWD"
 _BWD_KEYS = ("BLOCK_N", "BLOCK_C", "BLOCK_D", "BLOCK_DO", "num_warps", "num_stages", "DX_SPLITS",
-             "FULL_D", "CUT_CHAIN")
+             "FULL_D", "CUT_CHAIN", "GCHUNK", "GCHUNK_COLS")
+_WHOLE_BWD_KEYS = ("GCHUNK", "GCHUNK_COLS")
 _FWD_FLAT_KEYS = ("BLOCK_N", "BLOCK_C", "BLOCK_D")
 MAX_GRID_YZ = 65535        # CUDA's limit on grid axes y and z (splits run along them)
 _MAX_AUTO_DX_SPLITS = 8   # bounds the (splits, N, D) fp32 partial buffer of the dx kernel
@@ -603,7 +715,7 @@ def _bwd_env() -> dict:
         key, sep, val = item.partition("=")
         scope, _, name = key.strip().rpartition(".")
         ok = bool(sep) and scope in out and name in _BWD_KEYS and not (
-            scope == "dw" and name == "DX_SPLITS")
+            scope == "dw" and name == "DX_SPLITS") and not (scope and name in _WHOLE_BWD_KEYS)
         try:
             v = int(val.strip())
         except ValueError:
@@ -612,17 +724,21 @@ def _bwd_env() -> dict:
             ok = v >= 16 and v & (v - 1) == 0
         elif ok and name == "num_warps":
             ok = v in (1, 2, 4, 8, 16)
-        elif ok and name in ("FULL_D", "CUT_CHAIN"):
-            ok = v in ((0, 1) if name == "FULL_D" else (-1, 0, 1))
+        elif ok and name in ("FULL_D", "CUT_CHAIN", "GCHUNK"):
+            ok = v in ((-1, 0, 1) if name == "CUT_CHAIN" else (0, 1))
         elif ok:
-            ok = v >= (0 if name == "DX_SPLITS" else 1)
+            ok = v >= (0 if name in ("DX_SPLITS", "GCHUNK_COLS") else 1)
         if not ok:
             raise ValueError(
                 f"{_BWD_ENV}={spec!r}: bad entry {item!r}; expected comma-separated "
                 f"[dx.|dw.]KEY=INT with KEY in {_BWD_KEYS} (BLOCK_* powers of two >= 16, "
-                "FULL_D 0/1, CUT_CHAIN -1/0/1, DX_SPLITS 0 = automatic)")
+                "FULL_D 0/1, CUT_CHAIN -1/0/1, DX_SPLITS 0 = automatic, GCHUNK 0/1 and "
+                "GCHUNK_COLS >= 0 without a prefix)")
         out[scope][name] = v
     return out
+
+
+_GCHUNK_ON = dict(GCHUNK=1, GCHUNK_COLS=0)
 
 
 def _bwd_default(dtype: torch.dtype, D: int) -> Tuple[dict, dict, dict]:
@@ -653,11 +769,13 @@ def _bwd_default(dtype: torch.dtype, D: int) -> Tuple[dict, dict, dict]:
             # 3.6; BLOCK_C = 32 also fits, at half the product's N).
             only_dx = dict(BLOCK_N=128, CUT_CHAIN=1) if Dp <= 256 else {}
             return (dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, BLOCK_DO=Dp, num_warps=8,
-                         num_stages=stages, DX_SPLITS=0, FULL_D=1, CUT_CHAIN=-1), only_dx, {})
+                         num_stages=stages, DX_SPLITS=0, FULL_D=1, CUT_CHAIN=-1, **_GCHUNK_ON),
+                    only_dx, {})
         return (dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=3,
-                     DX_SPLITS=0, FULL_D=1, CUT_CHAIN=-1), {}, {})
+                     DX_SPLITS=0, FULL_D=1, CUT_CHAIN=-1, **_GCHUNK_ON), {}, {})
     return (dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=32, BLOCK_DO=_p2(D, hi=128), num_warps=8,
-                 num_stages=2, DX_SPLITS=0, FULL_D=0, CUT_CHAIN=-1), dict(BLOCK_D=16), {})
+                 num_stages=2, DX_SPLITS=0, FULL_D=0, CUT_CHAIN=-1, **_GCHUNK_ON),
+            dict(BLOCK_D=16), {})
 
 
 def _config(dtype: torch.dtype, N: int, C: int, D: int, interpret: bool,
@@ -676,7 +794,7 @@ def _config(dtype: torch.dtype, N: int, C: int, D: int, interpret: bool,
     if interpret:
         bn, bc, bd = _p2(N, hi=128), _p2(C, hi=128), _p2(D, hi=128)
         bwd = dict(BLOCK_N=bn, BLOCK_C=_p2(C, hi=64), BLOCK_D=bd, BLOCK_DO=_p2(D, hi=128),
-                   num_warps=4, num_stages=1, DX_SPLITS=0, FULL_D=1, CUT_CHAIN=-1)
+                   num_warps=4, num_stages=1, DX_SPLITS=0, FULL_D=1, CUT_CHAIN=-1, **_GCHUNK_ON)
         cfg = dict(fwd=dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=4, num_stages=1),
                    norm=dict(BLOCK_R=_p2(max(N, C), hi=256), BLOCK_D=bd, num_warps=4),
                    pos=dict(BLOCK_P=128, BLOCK_D=bd, num_warps=4))
@@ -923,10 +1041,13 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     N, D = x.shape
     C = w.shape[0]
     L = pos_col.shape[1]
+    cfg = _config(x.dtype, N, Cp, D, _interpreting())
+    gchunk = _gchunk_cfg(cfg)["GCHUNK"]
     dx = torch.empty(N, D, device=x.device, dtype=dx_dtype or x.dtype) if need_dx else None
     # With S = all classes every dw row is written by the kernel; otherwise the rows outside S
-    # must be zero.
-    dw = (torch.empty if classes is None else torch.zeros)(C, D, device=w.device, dtype=w.dtype) if need_dw else None
+    # must be zero. The chunked form stores any dtype directly (its finish kernel is small).
+    dw = (torch.empty if classes is None else torch.zeros)(
+        C, D, device=w.device, dtype=(dw_dtype or w.dtype) if gchunk else w.dtype) if need_dw else None
     if N == 0 or Cp == 0 or D == 0 or not (need_dx or need_dw):
         return (None if dx is None else dx.zero_()), (None if dw is None else dw.zero_().to(dw_dtype or w.dtype))
     lse_total = lse_total.to(torch.float32).contiguous()
@@ -938,11 +1059,14 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
     gscale = gscale.clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
     gneg = (gneg.to(torch.float32) / gscale).contiguous()
     gpos = (gpos.to(torch.float32) / gscale).contiguous()
-    cfg = _config(x.dtype, N, Cp, D, _interpreting())
     interpret, flags = _common_flags(x.dtype)
     rx, rw = _inv_norms(x, w, classes, Cp, cfg)
     cls = _cls_arg(classes, x)
     scale = float(scale)
+    if gchunk:
+        _grad_gchunk(x, w, classes, cls, rx, rw, pos_col, lse_total, gneg, gpos, gscale, dx, dw,
+                     scale, cfg, flags)
+        return dx, dw
     common = dict(L=L, HAS_CLASSES=classes is not None, **flags)
 
     def launch_args(b):
@@ -964,6 +1088,95 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
         if widen:
             dw = dw.to(dw_dtype).mul_(gscale)
     return dx, dw
+
+
+def _gchunk_cfg(cfg: dict) -> dict:
+    """GCHUNK / GCHUNK_COLS of the backward: cfg["bwd"] (PYSSL_MLCD_TRITON_BWD applied), then
+    flat keys (tests)."""
+    b = {k: cfg["bwd"].get(k, v) for k, v in _GCHUNK_ON.items()}
+    b.update({k: cfg[k] for k in _WHOLE_BWD_KEYS if k in cfg})
+    return b
+
+
+_FINISH = dict(BLOCK_R=32, BLOCK_D_MAX=128, num_warps=4)   # _mlcd_dw_finish_kernel
+_GCHUNK_MIN_BYTES = 32 << 20
+_GCHUNK_MAX_BYTES = 256 << 20
+
+
+def _gchunk_cols(N: int, Cp: int, C: int, D: int, elem: int, requested: int = 0) -> int:
+    """Columns of S per chunk of the class-chunked backward (requested > 0: that many).
+
+    Automatic: the (N, CK) scratch of G takes an eighth of the class table's bytes (C·D·elem
+    / 8), clamped to [32 MiB, 256 MiB]; the other per-chunk buffers (the (CK, D) fp32 product,
+    gathered w rows) add about as much again at N = 4096, D = 512: a fraction of the inputs and
+    gradients (2·C·D·elem and up) at every C, well inside the 1.2x memory target. CK is a
+    multiple of 256 (whole tiles, GEMM-friendly K), at least 256: the GEMMs then have K = CK
+    (dx) and M = CK (dw), e.g. CK = 16,384 at N = 4096 for 1M x 512 bfloat16 centers."""
+    if requested > 0:
+        return max(1, min(int(requested), Cp))
+    budget = min(max(C * D * elem // 8, _GCHUNK_MIN_BYTES), _GCHUNK_MAX_BYTES)
+    ck = max(256, budget // max(N * elem, 1) // 256 * 256)
+    return max(1, min(ck, Cp))
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a · b with float32 accumulation and a float32 result: cuBLAS's 16-bit GEMM with a float32
+    output on the GPU (no rounding of the product to 16 bits); elsewhere (the interpreter's CPU
+    tensors) the float32 product of the upcast operands, which is the same arithmetic (products
+    of 16-bit values are exact in float32). float32 inputs follow torch's float32 matmul
+    precision, as the fused kernels do."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _grad_gchunk(x, w, classes, cls, rx, rw, pos_col, lse_total, gneg, gpos, gscale, dx, dw,
+                 scale, cfg, flags):
+    """The class-chunked backward (see the kernels' header): per chunk of CK columns of S, the G
+    kernel, then dx̂ += G·Ŵ_k and B = Gᵀ·X̂ with dw[S_k] finished and stored; dx finished once at
+    the end. dx / dw None: that product (and its buffers) skipped."""
+    N, D = x.shape
+    Cp = rw.shape[0]
+    L = pos_col.shape[1]
+    f = _fwd_cfg(cfg)
+    ck = _gchunk_cols(N, Cp, w.shape[0], D, x.element_size(), _gchunk_cfg(cfg)["GCHUNK_COLS"])
+    g = torch.empty(N, ck, device=x.device, dtype=x.dtype)
+    acc_x = torch.zeros(N, D, device=x.device, dtype=torch.float32) if dx is not None else None
+    xhat = (x.to(torch.float32) * rx[:, None]).to(x.dtype) if dw is not None else None
+    fin = dict(BLOCK_R=_FINISH["BLOCK_R"], BLOCK_D=_p2(D, hi=_FINISH["BLOCK_D_MAX"]),
+               num_warps=_FINISH["num_warps"])
+    for c0 in range(0, Cp, ck):
+        k = min(ck, Cp - c0)
+        gk = g[:, :k]
+        _mlcd_grad_g_kernel[(triton.cdiv(N, f["BLOCK_N"]), triton.cdiv(k, f["BLOCK_C"]))](
+            x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, g,
+            N, Cp, D, c0, k, x.stride(0), w.stride(0), g.stride(0), scale, scale * LOG2E,
+            L=L, HAS_CLASSES=classes is not None, BLOCK_N=f["BLOCK_N"], BLOCK_C=f["BLOCK_C"],
+            BLOCK_D=f["BLOCK_D"], num_warps=f["num_warps"], num_stages=f["num_stages"], **flags)
+        if acc_x is not None:
+            wk = w[c0:c0 + k] if classes is None else w.index_select(0, classes[c0:c0 + k])
+            acc_x += _mm_f32(gk, (wk.to(torch.float32) * rw[c0:c0 + k, None]).to(x.dtype))
+        if dw is not None:
+            b = _mm_f32(gk.t(), xhat)
+            _mlcd_dw_finish_kernel[(triton.cdiv(k, fin["BLOCK_R"]),)](
+                b, w, cls, rw, gscale, dw, c0, k, D, b.stride(0), w.stride(0), dw.stride(0),
+                HAS_CLASSES=classes is not None, BLOCK_R=fin["BLOCK_R"], BLOCK_D=fin["BLOCK_D"],
+                num_warps=fin["num_warps"])
+    if acc_x is not None:
+        _finish_dx(acc_x, x, rx, None, dx, gscale)
+
+
+def _finish_dx(acc, x, rx, q, dx, gscale=None):
+    """dx = rx * (acc - x * rx * q) (* gscale) into dx, acc = dx̂ in float32 (consumed); q =
+    x̂ . dx̂, taken from acc when None (rx * Σ_d x·acc)."""
+    xf = x.to(torch.float32)
+    if q is None:
+        q = rx * (xf * acc).sum(1)
+    acc.addcmul_(xf, (rx * q).unsqueeze(1), value=-1.0)
+    acc.mul_(rx.unsqueeze(1) if gscale is None else rx.unsqueeze(1) * gscale)
+    dx.copy_(acc)
 
 
 def _launch_dx(x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, gscale, dx, N, Cp, D, scale, cfg,
@@ -992,11 +1205,7 @@ def _launch_dx(x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, gscale, dx, N,
         # dx = rx * (acc - x * rx * q) is linear in the partial (acc, q): sum them over the
         # splits (fixed order, deterministic), then finish the normalization backward here.
         # FULL_D: q = x̂ . dx̂ = rx * Σ_d x·acc from the summed accumulator.
-        acc = part.sum(0)
-        xf = x.to(torch.float32)
-        q = rx * (xf * acc).sum(1) if b["FULL_D"] else part_q.sum(0)
-        acc.addcmul_(xf, (rx * q).unsqueeze(1), value=-1.0)
-        dx.copy_(acc.mul_(rx.unsqueeze(1)))
+        _finish_dx(part.sum(0), x, rx, None if b["FULL_D"] else part_q.sum(0), dx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1040,6 +1249,42 @@ def _bwd_compile_case(kernel, dtype: torch.dtype, b: dict, split_out: bool = Fal
             _aligned(sig))
 
 
+def _gchunk_compile_cases() -> List[tuple]:
+    """The class-chunked backward's kernels at D = 512: the G kernel on the forward's tiles
+    (16-bit, fp32 under both matmul precisions; also S = all classes), the dw finish into
+    16-bit and float32 gradients."""
+    cases = []
+    D = 512
+    for dtype, prec in ((torch.bfloat16, "ieee"), (torch.float16, "ieee"),
+                        (torch.float32, "ieee"), (torch.float32, "tf32")):
+        t = "*" + _TL_DTYPE_NAME[dtype]
+        f = _config(dtype, 4096, 1 << 20, D, interpret=False, env=False)["fwd"]
+        sig = dict(X=t, W=t, CLS="*i64", RX="*fp32", RW="*fp32", POS="*i32", LSE="*fp32",
+                   GNEG="*fp32", GPOS="*fp32", G=t, N="i32", C="i32", D="i32", c0="i32",
+                   CK="i32", stride_x="i32", stride_w="i32", stride_g="i32", scale="fp32",
+                   scale_log2e="fp32", L="constexpr", HAS_CLASSES="constexpr",
+                   BLOCK_N="constexpr", BLOCK_C="constexpr", BLOCK_D="constexpr",
+                   DOT_FP32="constexpr", DOT_PRECISION="constexpr")
+        for has_cls in ((True, False) if dtype == torch.bfloat16 else (True,)):
+            cases.append((_mlcd_grad_g_kernel, sig,
+                          dict(L=4, HAS_CLASSES=has_cls, BLOCK_N=f["BLOCK_N"],
+                               BLOCK_C=f["BLOCK_C"], BLOCK_D=f["BLOCK_D"],
+                               **_dot_options(dtype, False, prec)),
+                          dict(num_warps=f["num_warps"], num_stages=f["num_stages"])))
+        if prec != "ieee" or dtype == torch.float16:
+            continue
+        for dw_t in sorted({t, "*fp32"}):
+            cases.append((_mlcd_dw_finish_kernel,
+                          dict(B="*fp32", W=t, CLS="*i64", RW="*fp32", GSCALE="*fp32", DW=dw_t,
+                               c0="i32", CK="i32", D="i32", stride_b="i32", stride_w="i32",
+                               stride_dw="i32", HAS_CLASSES="constexpr", BLOCK_R="constexpr",
+                               BLOCK_D="constexpr"),
+                          dict(HAS_CLASSES=True, BLOCK_R=_FINISH["BLOCK_R"],
+                               BLOCK_D=_p2(D, hi=_FINISH["BLOCK_D_MAX"])),
+                          dict(num_warps=_FINISH["num_warps"])))
+    return cases
+
+
 def _compile_cases() -> List[tuple]:
     cases = []
     D = 512
@@ -1073,6 +1318,7 @@ def _compile_cases() -> List[tuple]:
                            BLOCK_D="constexpr"),
                       dict(L=4, HAS_CLASSES=True, BLOCK_P=p["BLOCK_P"], BLOCK_D=p["BLOCK_D"]),
                       dict(num_warps=p["num_warps"])))
+    cases += _gchunk_compile_cases()
     cases = [case + (_aligned(case[1]),) for case in cases]
     # Backward kernels, the default GPU configurations (PYSSL_MLCD_TRITON_BWD ignored): 16-bit
     # FULL_D at D = 512 (the MLCD target; also with S = all classes) and D = 256, sliced at

@@ -5,7 +5,17 @@ import torch
 import pyssl
 from pyssl import reference as R
 from pyssl.ops import mlcd_loss as M
-from conftest import GPU, at_angles, device_for
+from conftest import BACKENDS, GPU, at_angles, device_for
+
+
+@pytest.fixture(params=BACKENDS + ["triton-fused"])
+def backend(request, monkeypatch):
+    """Every backend; "triton-fused" is the Triton backend with the fused dx / dw backward
+    kernels instead of the class-chunked default (PYSSL_MLCD_TRITON_BWD, read per call)."""
+    if request.param == "triton-fused":
+        monkeypatch.setenv("PYSSL_MLCD_TRITON_BWD", "GCHUNK=0")
+        return "triton"
+    return request.param
 
 # fp32 tolerances: the backends reorder fp32 sums (GEMM blocking, online log-sum-exp), and the
 # scale s multiplies cosine errors, so losses agree to ~1e-5 relative and gradients to ~1e-4.
@@ -328,6 +338,115 @@ def test_engine_rows_without_a_positive(backend, classes, dtype):
     gtol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else tol
     torch.testing.assert_close(dx.double(), want_dx, **gtol)
     torch.testing.assert_close(dw.double(), want_dw, **gtol)
+
+
+class _Launches:
+    """Counts the launches of one Triton kernel (kernel[grid](...)) and passes them through."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+def _dense_engine_grad(x, w, cls, pos_col, s, lse_total, gneg, gpos):
+    """dx, dw of the engine contract in float64 from the dense G (the test oracle)."""
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    xh, wh = torch.nn.functional.normalize(xr, dim=1), torch.nn.functional.normalize(wr, dim=1)
+    cos = xh @ (wh if cls is None else wh[cls]).t()
+    valid = pos_col >= 0
+    is_pos = torch.zeros(cos.shape, dtype=torch.float64).scatter_add_(1, pos_col.clamp_min(0), valid.double()) > 0
+    G = (gneg.double() * s)[:, None] * torch.exp(s * cos.detach().clamp(-1, 1) - lse_total.double()[:, None])
+    G = torch.where(is_pos, torch.zeros_like(G), G)
+    G.scatter_add_(1, pos_col.clamp_min(0), torch.where(valid, gpos.double(), torch.zeros_like(gpos.double())))
+    return torch.autograd.grad(cos, (xr, wr), G)
+
+
+@pytest.mark.parametrize("classes", [False, True])
+def test_triton_backward_forms(monkeypatch, classes):
+    """The class-chunked backward (default) in ragged chunks of every size down to one column,
+    against the fused kernels and a dense float64 oracle: same dx, dw for float32 inputs; the
+    G kernel launched once per chunk and the fused kernels not at all (and the other way round
+    with GCHUNK=0); only the wanted gradient computed; float32 dx / dw out of bfloat16 inputs
+    (the model-parallel form's call) without a 16-bit rounding of the result."""
+    from pyssl.kernels import mlcd_loss as K
+    x, w, pos = make_problem(n=21, c=90, d=24, l=3, seed=4)
+    cls = torch.randperm(90, generator=torch.Generator().manual_seed(2))[:70].sort().values if classes else None
+    if cls is not None:
+        col = torch.full((90,), -1, dtype=torch.int64)
+        col[cls] = torch.arange(70)
+        pos = torch.where(pos >= 0, col[pos.clamp_min(0)], pos)
+    cp = 70 if classes else 90
+    g = torch.Generator().manual_seed(3)
+    lse_total = torch.rand(21, generator=g) * 3 + 8
+    gneg = torch.rand(21, generator=g) / 21
+    gpos = torch.where(pos >= 0, torch.randn(pos.shape, generator=g) / 21, torch.zeros(()))
+    s = 8.0
+    want_dx, want_dw = _dense_engine_grad(x, w, cls, pos, s, lse_total, gneg, gpos)
+    kernels = {name: _Launches(getattr(K, name)) for name in
+               ("_mlcd_grad_g_kernel", "_mlcd_grad_dx_kernel", "_mlcd_grad_dw_kernel")}
+    for name, k in kernels.items():
+        monkeypatch.setattr(K, name, k)
+
+    def run(spec, *need, **kw):
+        monkeypatch.setenv("PYSSL_MLCD_TRITON_BWD", spec)
+        for k in kernels.values():
+            k.count = 0
+        out = K.mlcd_grad(x, w, cls, pos, s, lse_total, gneg, gpos, None, *need, **kw)
+        return out, {n: k.count for n, k in kernels.items()}
+
+    (fdx, fdw), n = run("GCHUNK=0")
+    assert n == {"_mlcd_grad_g_kernel": 0, "_mlcd_grad_dx_kernel": 1, "_mlcd_grad_dw_kernel": 1}
+    torch.testing.assert_close(fdx.double(), want_dx, **F32)
+    torch.testing.assert_close(fdw.double(), want_dw, **F32)
+    for cols in (0, 1, 17, 32, cp - 1, 1000):
+        (dx, dw), n = run(f"GCHUNK=1,GCHUNK_COLS={cols}")
+        chunks = 1 if cols in (0, 1000) else -(-cp // cols)
+        assert n == {"_mlcd_grad_g_kernel": chunks, "_mlcd_grad_dx_kernel": 0, "_mlcd_grad_dw_kernel": 0}
+        torch.testing.assert_close(dx, fdx, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dw, fdw, rtol=1e-5, atol=1e-6)
+        if classes:   # rows outside S exactly zero
+            outside = torch.ones(90, dtype=torch.bool)
+            outside[cls] = False
+            assert (dw[outside] == 0).all()
+    for need in ((True, False), (False, True)):
+        (dx, dw), n = run("GCHUNK_COLS=32", *need)
+        assert (dx is None) != need[0] and (dw is None) != need[1] and n["_mlcd_grad_g_kernel"] == -(-cp // 32)
+        if need[0]:
+            torch.testing.assert_close(dx, fdx, rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(dw, fdw, rtol=1e-5, atol=1e-6)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    monkeypatch.setenv("PYSSL_MLCD_TRITON_BWD", "GCHUNK_COLS=32")
+    dx, dw = K.mlcd_grad(xb, wb, cls, pos, s, lse_total, gneg, gpos, torch.float32, dw_dtype=torch.float32)
+    assert dx.dtype == dw.dtype == torch.float32
+    bdx, bdw = _dense_engine_grad(xb, wb, cls, pos, s, lse_total, gneg, gpos)
+    # float32 results: not on bfloat16's grid (the 16-bit G and X̂ operands give ~1e-2)
+    assert (dx != dx.bfloat16().float()).float().mean() > 0.5
+    torch.testing.assert_close(dx.double(), bdx, rtol=3e-2, atol=2e-2 * bdx.abs().max().item())
+    torch.testing.assert_close(dw.double(), bdw, rtol=3e-2, atol=2e-2 * bdw.abs().max().item())
+
+
+def test_triton_gchunk_columns():
+    """The automatic chunk width: an eighth of the class table's bytes for the G scratch within
+    [32 MiB, 256 MiB], whole 256-column tiles, never more columns than S has."""
+    from pyssl.kernels import mlcd_loss as K
+    ck = K._gchunk_cols(4096, 1 << 20, 1 << 20, 512, 2)
+    assert ck == 16384 and 4096 * ck * 2 == (1 << 30) // 8          # 1M x 512 bf16: 128 MiB
+    ck = K._gchunk_cols(8192, 100_000, 1 << 20, 512, 2)                 # sampled: the table's size
+    assert ck == 8192
+    assert K._gchunk_cols(4096, 10_000_000, 10_000_000, 512, 2) * 4096 * 2 == 256 << 20   # capped
+    assert K._gchunk_cols(4096, 1 << 20, 1000, 64, 4) * 4096 * 4 <= 32 << 20           # floor
+    assert K._gchunk_cols(1 << 20, 1 << 20, 1 << 20, 512, 2) == 256    # at least a 256-column tile
+    assert K._gchunk_cols(100, 70, 70, 16, 4) == 70
+    assert K._gchunk_cols(100, 70, 70, 16, 4, requested=9) == 9
+    for bad in ("GCHUNK=2", "dx.GCHUNK=0", "dw.GCHUNK_COLS=4", "GCHUNK_COLS=-1"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PYSSL_MLCD_TRITON_BWD", bad)
+            with pytest.raises(ValueError, match="PYSSL_MLCD_TRITON_BWD"):
+                K._bwd_env()
 
 
 def test_triton_split_statistics_combine():
