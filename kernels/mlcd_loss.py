@@ -1252,7 +1252,10 @@ def _bwd_compile_case(kernel, dtype: torch.dtype, b: dict, split_out: bool = Fal
 def _gchunk_compile_cases() -> List[tuple]:
     """The class-chunked backward's kernels at D = 512: the G kernel on the forward's tiles
     (16-bit, fp32 under both matmul precisions; also S = all classes), the dw finish into
-    16-bit and float32 gradients."""
+    16-bit and float32 gradients. The G kernel's N, c0 and CK are multiples of 16 at a typical
+    launch (CK a multiple of 256, c0 of CK; the launcher specialises such integers), which is
+    what lets its tile store vectorise (8 16-byte stores per thread against 64 2-byte ones);
+    the ragged last chunk (CK not a multiple of 16) is compiled too."""
     cases = []
     D = 512
     for dtype, prec in ((torch.bfloat16, "ieee"), (torch.float16, "ieee"),
@@ -1265,12 +1268,14 @@ def _gchunk_compile_cases() -> List[tuple]:
                    scale_log2e="fp32", L="constexpr", HAS_CLASSES="constexpr",
                    BLOCK_N="constexpr", BLOCK_C="constexpr", BLOCK_D="constexpr",
                    DOT_FP32="constexpr", DOT_PRECISION="constexpr")
-        for has_cls in ((True, False) if dtype == torch.bfloat16 else (True,)):
+        forms = ((True, True), (False, True), (True, False)) if dtype == torch.bfloat16 else ((True, True),)
+        for has_cls, whole in forms:
             cases.append((_mlcd_grad_g_kernel, sig,
                           dict(L=4, HAS_CLASSES=has_cls, BLOCK_N=f["BLOCK_N"],
                                BLOCK_C=f["BLOCK_C"], BLOCK_D=f["BLOCK_D"],
                                **_dot_options(dtype, False, prec)),
-                          dict(num_warps=f["num_warps"], num_stages=f["num_stages"])))
+                          dict(num_warps=f["num_warps"], num_stages=f["num_stages"]),
+                          _aligned(sig) + (["N", "c0", "CK"] if whole else [])))
         if prec != "ieee" or dtype == torch.float16:
             continue
         for dw_t in sorted({t, "*fp32"}):
@@ -1282,7 +1287,7 @@ def _gchunk_compile_cases() -> List[tuple]:
                           dict(HAS_CLASSES=True, BLOCK_R=_FINISH["BLOCK_R"],
                                BLOCK_D=_p2(D, hi=_FINISH["BLOCK_D_MAX"])),
                           dict(num_warps=_FINISH["num_warps"])))
-    return cases
+    return [case if len(case) == 5 else case + (_aligned(case[1]),) for case in cases]
 
 
 def _compile_cases() -> List[tuple]:
@@ -1318,8 +1323,7 @@ def _compile_cases() -> List[tuple]:
                            BLOCK_D="constexpr"),
                       dict(L=4, HAS_CLASSES=True, BLOCK_P=p["BLOCK_P"], BLOCK_D=p["BLOCK_D"]),
                       dict(num_warps=p["num_warps"])))
-    cases += _gchunk_compile_cases()
-    cases = [case + (_aligned(case[1]),) for case in cases]
+    cases = [case + (_aligned(case[1]),) for case in cases] + _gchunk_compile_cases()
     # Backward kernels, the default GPU configurations (PYSSL_MLCD_TRITON_BWD ignored): 16-bit
     # FULL_D at D = 512 (the MLCD target; also with S = all classes) and D = 256, sliced at
     # D = 1024 (also what D = 768 runs), the dx kernel with and without the column split; fp32
