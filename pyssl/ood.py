@@ -55,6 +55,9 @@ class KNNScorer:
     faiss, then torch), "cpu", "faiss", "triton" or "torch". gpu=True moves a CPU bank to CUDA. A bfloat16/float16 bank on
     CUDA is kept in its dtype (normalized in float32 first) and queries are cast to it: the search
     runs on the tensor cores at half the bank's memory; elsewhere everything is float32.
+    normalize=False: raw features, with the bank's mean (float64) subtracted from bank and
+    queries alike, which leaves every distance as it is; the search computes ‖q‖² − 2q·b + ‖b‖²
+    in float32, where a large common offset would otherwise swamp the distances.
     """
 
     def __init__(self, k: int = 50, *, normalize: bool = True, gpu: Optional[bool] = None, backend: str = "auto"):
@@ -65,27 +68,36 @@ class KNNScorer:
             raise ValueError("KNNScorer: gpu=True but CUDA is not available")
         self.k, self.normalize, self.gpu, self.backend = k, normalize, gpu, backend
         self.bank: Optional[Tensor] = None
+        self._center: Optional[Tensor] = None
 
-    def _prep(self, name, x) -> Tensor:
+    def _prep(self, name, x, center: Optional[Tensor] = None):
+        """(rows as searched, the center subtracted): unit rows, or with normalize=False the rows
+        minus center (the bank's own mean when center is None)."""
         x = _knn.as_float_tensor(name, "KNNScorer", x).detach()
         if self.gpu:
             x = x.cuda()
-        y = _knn.unit_rows(x) if self.normalize else x.float()
+        if self.bank is not None and name == "x" and x.shape[1] != self.bank.shape[1]:
+            raise ValueError(f"KNNScorer: x has D={x.shape[1]} but the bank has D={self.bank.shape[1]}")
+        if self.normalize:
+            y = _knn.unit_rows(x)
+        else:
+            center = _knn.row_mean(x) if center is None else center
+            y = _knn.centered_rows(x, center, device=x.device)
         # a 16-bit bank on the GPU stays 16-bit (normalized in float32): the search runs on the
         # tensor cores and the bank takes half the memory; on the CPU the kernels take float32
         if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-            return y.to(x.dtype)
-        return y
+            y = y.to(x.dtype)
+        return y, center
 
     def fit(self, bank) -> "KNNScorer":
-        bank = self._prep("bank", bank)
+        bank, center = self._prep("bank", bank)
         # checked after the cast and normalization (on the bank's device, one pass): the
         # backends disagree on non-finite rows (faiss drops them, torch's scores go NaN)
         if not bool(torch.isfinite(bank).all()):
             raise ValueError("KNNScorer: bank holds non-finite values (or values that overflow float32)")
         if self.k > bank.shape[0]:
             raise ValueError(f"KNNScorer: k={self.k} is larger than the number of bank rows ({bank.shape[0]})")
-        self.bank = bank
+        self.bank, self._center = bank, center
         self._bias = _knn.l2_bias(bank)
         return self
 
@@ -93,9 +105,7 @@ class KNNScorer:
         """(N,) scores; NaN for a row of x with a non-finite value."""
         if self.bank is None:
             raise ValueError("KNNScorer: call fit(bank) before score(x)")
-        q = self._prep("x", x).to(self.bank.device, self.bank.dtype)
-        if q.shape[1] != self.bank.shape[1]:
-            raise ValueError(f"KNNScorer: x has D={q.shape[1]} but the bank has D={self.bank.shape[1]}")
+        q = self._prep("x", x, self._center)[0].to(self.bank.device, self.bank.dtype)
         s, _ = _knn.search(q, self.bank, self.k, bank_bias=self._bias, backend=self.backend, fn="KNNScorer")
         score = -_knn.l2_from_scores(q, s[:, -1:])[:, 0]
         # a query with a non-finite value scores NaN on every backend (found on the device: no

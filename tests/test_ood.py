@@ -264,6 +264,32 @@ def test_energy_at_a_tiny_temperature_tends_to_the_max_logit():
     torch.testing.assert_close(pyssl.ood.energy(logits, temperature=0.7), 0.7 * torch.logsumexp(logits / 0.7, 1))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "faiss", "torch", "triton"])
+def test_knn_scorer_raw_features_far_from_the_origin(backend):
+    """normalize=False with a common offset of 1e3 and 1e4 (features of a model without a
+    centered output): the search's float32 ‖q‖² − 2q·b + ‖b‖² lost the distances to the offset
+    (35% and 100% off); around the bank's mean (float64) they keep float32 accuracy. A query of
+    the wrong width is a named error before any arithmetic; a refit that fails keeps the old
+    bank and its center."""
+    if backend == "faiss" and KNN.faiss_module() is None:
+        pytest.skip("faiss is not installed")
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(8)
+    for off in (1e3, 1e4):
+        bank = torch.randn(600, 16, generator=g) + off
+        q = torch.randn(40, 16, generator=g) + off
+        want = -torch.cdist(q.double(), bank.double()).pow(2).sort(1).values[:, 4]
+        sc = pyssl.ood.KNNScorer(5, normalize=False, backend=backend).fit(bank.to(dev))
+        torch.testing.assert_close(sc.score(q.to(dev)).cpu().double(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="x has D=15 but the bank has D=16"):
+        sc.score(q[:, :15].to(dev))
+    bad = bank.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        sc.fit(bad.to(dev))
+    torch.testing.assert_close(sc.score(q.to(dev)).cpu().double(), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch", "faiss"])
 def test_knn_scorer_normalizes_features_of_any_scale(backend):
     """Features of norm 1e20 (their float32 squared norm overflows), 1e-20 (below the 1e-12 floor

@@ -98,6 +98,30 @@ def unit_rows(x: Tensor, dtype: torch.dtype = torch.float32, device=None, block:
     return out
 
 
+def row_mean(x: Tensor, device=None, block: int = 1 << 16) -> Tensor:
+    """Mean of the rows of x in float64, on device (default x's), block by block (no float64 copy
+    of x)."""
+    device = x.device if device is None else torch.device(device)
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+    for r0 in range(0, x.shape[0], block):
+        total += x[r0:r0 + block].to(device).sum(0, dtype=torch.float64)
+    return total / max(x.shape[0], 1)
+
+
+def centered_rows(x: Tensor, center: Tensor, dtype: torch.dtype = torch.float32, device=None,
+                  block: int = 1 << 16) -> Tensor:
+    """x − center in dtype, on device (default center's), computed in float64 block by block.
+    Squared L2 distances are unchanged by a common shift, and the search's ‖q‖² − 2q·b + ‖b‖²
+    in float32 loses what a large common offset adds to those terms: around the bank's mean only
+    the data's own spread is left."""
+    device = center.device if device is None else torch.device(device)
+    center = center.to(device)
+    out = torch.empty(x.shape, dtype=dtype, device=device)
+    for r0 in range(0, x.shape[0], block):
+        out[r0:r0 + block] = (x[r0:r0 + block].to(device, torch.float64) - center).to(dtype)
+    return out
+
+
 def l2_bias(bank: Tensor) -> Tensor:
     """bank_bias that turns the inner-product search into a squared-L2 nearest search."""
     return -0.5 * bank.float().pow(2).sum(1)
