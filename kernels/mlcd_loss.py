@@ -589,32 +589,43 @@ def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, GSCALE, DW,
 # The class-chunked backward (GCHUNK, the default): G materialized one column chunk at a time.
 #   The fused kernels above recompute the cos tile in each of the two backward products
 #   (2 + 4 + 4 = 10 units of N·C'·D). Here the tile is recomputed once per chunk of CK columns
-#   of S by _mlcd_grad_g_kernel, which stores G (N, CK) in the input dtype; the two products are
-#   then plain GEMMs on it (cuBLAS on the GPU, fp32 accumulation and output):
-#       dx̂ += G_k · Ŵ_k           (N, D)    Ŵ_k = rw ⊙ w[S_k] rounded to the input dtype
-#       B_k  = G_kᵀ · X̂            (CK, D)   = dŴ_k, X̂ = rx ⊙ x rounded to the input dtype
-#   and _mlcd_dw_finish_kernel applies dw's normalization backward to B_k and stores dw[S_k]
-#   (dx's, on the (N, D) accumulator at the end). FLOPs: 2 + 2 + 4 = 8 units, half of them in
-#   the vendor GEMM, for a bounded scratch of N·CK elements (_gchunk_cols); the G traffic (written
-#   once, read twice) is 6·N·C' bytes for 16-bit inputs against 8·N·C'·D FLOPs: compute-bound
-#   for any D above ~16. The inverse norms stay out of G (|G| <= scale after the gscale
-#   division): a zero center's 1e12 would saturate a float16 G, where here it multiplies the
-#   float32 result (inf where the true gradient is beyond float16, as the reference).
-#   Deterministic: no atomics, chunks summed in a fixed order.
+#   of S by _mlcd_grad_g_kernel into an (N, CK) scratch in the input dtype, and the two products
+#   are plain GEMMs on it (cuBLAS on the GPU, fp32 accumulation and output). FLOPs: 2 + 2 + 4 = 8
+#   units, half of them in the vendor GEMM. Deterministic: no atomics, chunks summed in order.
+#
+#   Operands exact in 16 bits: x̂ = rx ⊙ x and ŵ = rw ⊙ w rounded to 16 bits would move each
+#   normalized row off its own direction by ~2^-9, an error the normalization backward's
+#   projection does not remove: relative error ~2^-9 / sin θ for a row whose gradient is
+#   dominated by a center at angle θ (68% at θ = 1e-3 in bfloat16). So the inverse norms are
+#   split as r = 2^e · a (a in [1, 2)): the GEMM operands are X̃ = 2^e_x ⊙ x and W̃ = 2^e_w ⊙ w,
+#   power-of-two scalings, exact in 16 bits (rows of norm in (1/2, 1]), and the remaining
+#   factors ride on the scalar G'' = G · a_n · m_j (|G''| < 4 · scale), whose rounding only
+#   scales each term along its own row, as in the fused kernels:
+#       P_k  = G''_k · W̃_k   = a ⊙ dX̂ (rows of the chunk's part),  summed over chunks
+#       B_k  = G''_kᵀ · X̃    = m ⊙ dŴ_k
+#   dx = 2^e_x (P − x̂ (x̂ · P)) (_finish_dx) and dw_j = 2^e_w_j (B_j − ŵ_j (ŵ_j · B_j))
+#   (_mlcd_dw_finish_kernel), times the upstream factor gscale.
+#
+#   Memory: per chunk the G scratch (N·CK), W̃_k (CK·D, one buffer for all chunks) and B_k
+#   (CK·D fp32), sized together by _gchunk_cols. Traffic: G is written once and read by both
+#   GEMMs: ~6 bytes per G element (16-bit) against 6·D FLOPs, so the backward is compute-bound
+#   where D exceeds about a third of the card's FLOP-per-byte ridge (H200 bf16 ~206, H100 ~295):
+#   at D = 512, yes; at small D the fused kernels (no scratch traffic) may be faster.
 # ----------------------------------------------------------------------------------------------
 # _mlcd_grad_g_kernel
-#   Computes: G[n, j - c0] for the columns j in [c0, c0 + CK) of S, G of the contract with gneg,
-#             gpos already divided by gscale (mlcd_grad), stored in the input dtype.
+#   Computes: G''[n, j - c0] = G_nj · a_n · m_j for the columns j in [c0, c0 + CK) of S, G of the
+#             contract with gneg, gpos already divided by gscale (mlcd_grad), a and m the
+#             mantissa parts of rx and rw (above), stored in the input dtype.
 #   Tiling:   grid (cdiv(N, BLOCK_N), cdiv(CK, BLOCK_C)), row blocks fastest so the programs in
 #             flight share a w tile through L2; each program one (BLOCK_N, BLOCK_C) tile: the
 #             forward's tile dot over D in BLOCK_D steps (software-pipelined), then the G tile.
-#   Registers: the (BLOCK_N, BLOCK_C) fp32 tile, per-row (rx, lse, gneg) and per-column (rw, ids)
-#             vectors; operand tiles staged through shared memory by tl.dot.
+#   Registers: the (BLOCK_N, BLOCK_C) fp32 tile, per-row (rx, a, lse, gneg) and per-column
+#             (rw, m, ids) vectors; operand tiles staged through shared memory by tl.dot.
 #   Traffic:  w[S_k] read cdiv(N, BLOCK_N) times (from L2 mostly), x once per column tile
-#             (L2-resident), G written once: N·CK elements.
+#             (L2-resident), G'' written once: N·CK elements.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _mlcd_grad_g_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, G,
+def _mlcd_grad_g_kernel(X, W, CLS, RX, RW, AF, MF, POS, LSE, GNEG, GPOS, G,
                         N, C, D, c0, CK, stride_x, stride_w, stride_g, scale, scale_log2e,
                         L: tl.constexpr, HAS_CLASSES: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -634,25 +645,56 @@ def _mlcd_grad_g_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, G,
     _cos, g = _cos_grad_tile(X, W, POS, GPOS, rows, rmask, ids, cols, cmask, rx, rw,
                              lse_log2, gneg_scale, D, stride_x, stride_w, scale_log2e, L,
                              BLOCK_N, BLOCK_C, BLOCK_D, DOT_FP32, DOT_PRECISION)
+    a = tl.load(AF + rows, mask=rmask, other=0.0)
+    m = tl.load(MF + cols, mask=cmask, other=0.0)
     tl.store(G + rows.to(tl.int64)[:, None] * stride_g + local[None, :],
-             _g_operand(g, G.dtype.element_ty),
+             _g_operand(g * a[:, None] * m[None, :], G.dtype.element_ty),
              mask=rmask[:, None] & lmask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
+# _scaled_rows_kernel
+#   Computes: out[r] = src[idx[r0 + r]] · f[r0 + r] for r < R (idx = the identity when
+#             HAS_IDX=False), the product in fp32, stored in out's dtype: the chunked backward's
+#             X̃ and W̃_k (f a power of two: exact), gathered and scaled in one pass into a
+#             preallocated buffer (no fp32 temporaries of the chunk's size).
+#   Tiling:   grid (cdiv(R, BLOCK_R),); BLOCK_R rows, D in BLOCK_D pieces.
+#   Traffic:  each source row read once, each output row written once.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _scaled_rows_kernel(SRC, IDX, F, OUT, r0, R, D, stride_src, stride_out,
+                        HAS_IDX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    lmask = local < R
+    if HAS_IDX:
+        ids = tl.load(IDX + r0 + local, mask=lmask, other=0)
+    else:
+        ids = r0 + local
+    f = tl.load(F + r0 + local, mask=lmask, other=0.0)
+    src_rows = SRC + ids.to(tl.int64)[:, None] * stride_src
+    out_rows = OUT + local.to(tl.int64)[:, None] * stride_out
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = lmask[:, None] & (d < D)[None, :]
+        v = tl.load(src_rows + d[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(out_rows + d[None, :], (v * f[:, None]).to(OUT.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
 # _mlcd_dw_finish_kernel
-#   Computes: dw[S_j] = gscale · rw_j (B_j − w_j rw_j² (w_j · B_j)) for the CK rows j of one
-#             chunk (B = dŴ, fp32, from the chunk's Gᵀ·X̂ product; w_j raw), i.e.
-#             rw_j (dŵ_j − ŵ_j (ŵ_j · dŵ_j)) times the upstream factor, stored at the class ids
-#             in dw's dtype (S is unique: one owner per row).
+#   Computes: dw[S_j] = gscale · p_j (B_j − w_j rw_j² (w_j · B_j)) for the CK rows j of one
+#             chunk (B = m ⊙ dŴ, fp32, from the chunk's G''ᵀ·X̃ product; w_j raw; p_j = rw_j / m_j
+#             the power-of-two part of rw), i.e. rw_j (dŵ_j − ŵ_j (ŵ_j · dŵ_j)) times the
+#             upstream factor, stored at the class ids in dw's dtype (S is unique: one owner per
+#             row).
 #   Tiling:   grid (cdiv(CK, BLOCK_R),); BLOCK_R rows, D in BLOCK_D pieces twice (the row dots,
-#             then the update, the second pass re-reading A and w from L1/L2).
+#             then the update, the second pass re-reading B and w from L1/L2).
 #   Registers: two (BLOCK_R, BLOCK_D) fp32 tiles and per-row scalars.
 #   Traffic:  B read once from DRAM (4 B per element), w rows once (2 or 4 B), dw written once.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _mlcd_dw_finish_kernel(B, W, CLS, RW, GSCALE, DW, c0, CK, D, stride_b, stride_w, stride_dw,
-                           HAS_CLASSES: tl.constexpr, BLOCK_R: tl.constexpr,
+def _mlcd_dw_finish_kernel(B, W, CLS, RW, PW, GSCALE, DW, c0, CK, D, stride_b, stride_w,
+                           stride_dw, HAS_CLASSES: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_D: tl.constexpr):
     local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     lmask = local < CK
@@ -672,7 +714,7 @@ def _mlcd_dw_finish_kernel(B, W, CLS, RW, GSCALE, DW, c0, CK, D, stride_b, strid
         w = tl.load(w_rows + d[None, :], mask=m, other=0.0).to(tl.float32)
         dot += tl.sum(b * w, axis=1)
     c = rw * rw * dot
-    f = rw * tl.load(GSCALE)
+    f = tl.load(PW + cols, mask=lmask, other=0.0) * tl.load(GSCALE)
     out_rows = DW + ids.to(tl.int64)[:, None] * stride_dw
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
@@ -1030,13 +1072,15 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
               need_dw: bool = True, dw_dtype: Optional[torch.dtype] = None
               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dx (N, D), dw (C, D)) of the contract, dw in w's dtype unless dw_dtype (float32 for the
-    16-bit rows of float32 centers: the kernel then stores dw / gscale in w's dtype, in range
-    whatever the upstream gradient's size, and the factor is applied in float32 afterwards; a
-    float32 store straight from the 16-bit FULL_D kernel spills at D = 512), dx in x's unless dx_dtype
-    (float32: unrounded, for a caller that sums partial dx, as the model-parallel form does
-    across ranks; it goes through the split form's float32 partials, whose stores do not spill,
-    where 16-bit FULL_D kernels storing float32 directly would); rows of dw outside S are zero.
-    need_dx / need_dw False: that kernel is not launched and None comes back in its place."""
+    16-bit rows of float32 centers), dx in x's unless dx_dtype (float32: unrounded, for a caller
+    that sums partial dx, as the model-parallel form does across ranks); rows of dw outside S
+    are zero. need_dx / need_dw False: that product is skipped and None comes back in its place.
+
+    The class-chunked default finishes both gradients in float32 and stores any dtype directly.
+    The fused kernels (GCHUNK=0) store dw / gscale in w's dtype when dw_dtype widens it (in range
+    whatever the upstream gradient's size; the factor applied in float32 afterwards: a float32
+    store straight from the 16-bit FULL_D kernel spills at D = 512), and a float32 dx goes
+    through the dx kernel's split form (float32 partials, whose stores do not spill)."""
     x, w, classes, pos_col, Cp = _prepare(x, w, classes, pos_col)
     N, D = x.shape
     C = w.shape[0]
@@ -1098,33 +1142,34 @@ def _gchunk_cfg(cfg: dict) -> dict:
     return b
 
 
-_FINISH = dict(BLOCK_R=32, BLOCK_D_MAX=128, num_warps=4)   # _mlcd_dw_finish_kernel
+_FINISH = dict(BLOCK_R=32, BLOCK_D_MAX=128, num_warps=4)   # _mlcd_dw_finish_kernel, _scaled_rows_kernel
 _GCHUNK_MIN_BYTES = 32 << 20
 _GCHUNK_MAX_BYTES = 256 << 20
 
 
-def _gchunk_cols(N: int, Cp: int, C: int, D: int, elem: int, requested: int = 0) -> int:
+def _gchunk_cols(N: int, Cp: int, C: int, D: int, elem: int, block_c: int, requested: int = 0) -> int:
     """Columns of S per chunk of the class-chunked backward (requested > 0: that many).
 
-    Automatic: the (N, CK) scratch of G takes an eighth of the class table's bytes (C·D·elem
-    / 8), clamped to [32 MiB, 256 MiB]; the other per-chunk buffers (the (CK, D) fp32 product,
-    gathered w rows) add about as much again at N = 4096, D = 512: a fraction of the inputs and
-    gradients (2·C·D·elem and up) at every C, well inside the 1.2x memory target. CK is a
-    multiple of 256 (whole tiles, GEMM-friendly K), at least 256: the GEMMs then have K = CK
-    (dx) and M = CK (dw), e.g. CK = 16,384 at N = 4096 for 1M x 512 bfloat16 centers."""
+    Automatic: the chunk's buffers, N·elem (G'') + D·elem (W̃_k) + 4·D (B_k) bytes per column,
+    take an eighth of the class table's bytes (C·D·elem / 8), clamped to [32 MiB, 256 MiB]:
+    a fraction of the inputs and gradients (2·C·D·elem and up) at every C and N. CK is a
+    multiple of 256 (whole tiles, GEMM-friendly K), at least 256, e.g. CK = 11,776 at N = 4096
+    for 1M x 512 bfloat16 centers (128 MiB). Either way at most MAX_GRID_YZ column tiles (grid
+    axis 1 of the G kernel)."""
     if requested > 0:
-        return max(1, min(int(requested), Cp))
-    budget = min(max(C * D * elem // 8, _GCHUNK_MIN_BYTES), _GCHUNK_MAX_BYTES)
-    ck = max(256, budget // max(N * elem, 1) // 256 * 256)
-    return max(1, min(ck, Cp))
+        ck = int(requested)
+    else:
+        budget = min(max(C * D * elem // 8, _GCHUNK_MIN_BYTES), _GCHUNK_MAX_BYTES)
+        ck = max(256, budget // max(N * elem + D * (elem + 4), 1) // 256 * 256)
+    return max(1, min(ck, Cp, MAX_GRID_YZ * block_c))
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a · b with float32 accumulation and a float32 result: cuBLAS's 16-bit GEMM with a float32
-    output on the GPU (no rounding of the product to 16 bits); elsewhere (the interpreter's CPU
-    tensors) the float32 product of the upcast operands, which is the same arithmetic (products
-    of 16-bit values are exact in float32). float32 inputs follow torch's float32 matmul
-    precision, as the fused kernels do."""
+    output on the GPU (torch >= 2.8: mm's out_dtype; no rounding of the product to 16 bits);
+    elsewhere (the interpreter's CPU tensors) the float32 product of the upcast operands, the
+    same arithmetic (products of 16-bit values are exact in float32). float32 inputs follow
+    torch's float32 matmul precision, as the fused kernels do."""
     if a.dtype == torch.float32:
         return torch.mm(a, b)
     if a.is_cuda:
@@ -1132,50 +1177,74 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+def _pow2_split(r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(p, a) with r = p · a, p a power of two and a in about [1, 2) (exactly r / p): the
+    exact-operand split of the chunked backward (see its header)."""
+    p = torch.exp2(torch.floor(torch.log2(r)))
+    return p, r / p
+
+
+def _scaled_rows(src, idx, f, out, r0, R):
+    """out[:R] = src[idx[r0:r0+R]] · f[r0:r0+R] (idx None: rows r0...), _scaled_rows_kernel."""
+    D = src.shape[1]
+    _scaled_rows_kernel[(triton.cdiv(R, _FINISH["BLOCK_R"]),)](
+        src, idx if idx is not None else f, f, out, r0, R, D, src.stride(0), out.stride(0),
+        HAS_IDX=idx is not None, BLOCK_R=_FINISH["BLOCK_R"], BLOCK_D=_p2(D, hi=_FINISH["BLOCK_D_MAX"]),
+        num_warps=_FINISH["num_warps"])
+    return out[:R]
+
+
 def _grad_gchunk(x, w, classes, cls, rx, rw, pos_col, lse_total, gneg, gpos, gscale, dx, dw,
                  scale, cfg, flags):
-    """The class-chunked backward (see the kernels' header): per chunk of CK columns of S, the G
-    kernel, then dx̂ += G·Ŵ_k and B = Gᵀ·X̂ with dw[S_k] finished and stored; dx finished once at
-    the end. dx / dw None: that product (and its buffers) skipped."""
+    """The class-chunked backward (see the kernels' header): per chunk of CK columns of S, the G''
+    kernel, then P += G''·W̃_k and B = G''ᵀ·X̃ with dw[S_k] finished and stored; dx finished once
+    at the end. dx / dw None: that product (and its buffers) skipped."""
     N, D = x.shape
     Cp = rw.shape[0]
     L = pos_col.shape[1]
     f = _fwd_cfg(cfg)
-    ck = _gchunk_cols(N, Cp, w.shape[0], D, x.element_size(), _gchunk_cfg(cfg)["GCHUNK_COLS"])
+    ck = _gchunk_cols(N, Cp, w.shape[0], D, x.element_size(), f["BLOCK_C"],
+                      _gchunk_cfg(cfg)["GCHUNK_COLS"])
+    px, ax = _pow2_split(rx)
+    pw, mw = _pow2_split(rw)
     g = torch.empty(N, ck, device=x.device, dtype=x.dtype)
-    acc_x = torch.zeros(N, D, device=x.device, dtype=torch.float32) if dx is not None else None
-    xhat = (x.to(torch.float32) * rx[:, None]).to(x.dtype) if dw is not None else None
+    if dx is not None:
+        acc_x = torch.zeros(N, D, device=x.device, dtype=torch.float32)
+        w_t = torch.empty(ck, D, device=x.device, dtype=x.dtype)
+    if dw is not None:
+        x_t = _scaled_rows(x, None, px, torch.empty_like(x, memory_format=torch.contiguous_format), 0, N)
     fin = dict(BLOCK_R=_FINISH["BLOCK_R"], BLOCK_D=_p2(D, hi=_FINISH["BLOCK_D_MAX"]),
                num_warps=_FINISH["num_warps"])
     for c0 in range(0, Cp, ck):
         k = min(ck, Cp - c0)
-        gk = g[:, :k]
         _mlcd_grad_g_kernel[(triton.cdiv(N, f["BLOCK_N"]), triton.cdiv(k, f["BLOCK_C"]))](
-            x, w, cls, rx, rw, pos_col, lse_total, gneg, gpos, g,
+            x, w, cls, rx, rw, ax, mw, pos_col, lse_total, gneg, gpos, g,
             N, Cp, D, c0, k, x.stride(0), w.stride(0), g.stride(0), scale, scale * LOG2E,
             L=L, HAS_CLASSES=classes is not None, BLOCK_N=f["BLOCK_N"], BLOCK_C=f["BLOCK_C"],
             BLOCK_D=f["BLOCK_D"], num_warps=f["num_warps"], num_stages=f["num_stages"], **flags)
-        if acc_x is not None:
-            wk = w[c0:c0 + k] if classes is None else w.index_select(0, classes[c0:c0 + k])
-            acc_x += _mm_f32(gk, (wk.to(torch.float32) * rw[c0:c0 + k, None]).to(x.dtype))
+        gk = g[:, :k]
+        if dx is not None:
+            acc_x += _mm_f32(gk, _scaled_rows(w, classes, pw, w_t, c0, k))
         if dw is not None:
-            b = _mm_f32(gk.t(), xhat)
+            b = _mm_f32(gk.t(), x_t)
             _mlcd_dw_finish_kernel[(triton.cdiv(k, fin["BLOCK_R"]),)](
-                b, w, cls, rw, gscale, dw, c0, k, D, b.stride(0), w.stride(0), dw.stride(0),
+                b, w, cls, rw, pw, gscale, dw, c0, k, D, b.stride(0), w.stride(0), dw.stride(0),
                 HAS_CLASSES=classes is not None, BLOCK_R=fin["BLOCK_R"], BLOCK_D=fin["BLOCK_D"],
                 num_warps=fin["num_warps"])
-    if acc_x is not None:
-        _finish_dx(acc_x, x, rx, None, dx, gscale)
+    if dx is not None:
+        _finish_dx(acc_x, x, rx, None, dx, gscale, out_rows=px)
 
 
-def _finish_dx(acc, x, rx, q, dx, gscale=None):
-    """dx = rx * (acc - x * rx * q) (* gscale) into dx, acc = dx̂ in float32 (consumed); q =
-    x̂ . dx̂, taken from acc when None (rx * Σ_d x·acc)."""
+def _finish_dx(acc, x, rx, q, dx, gscale=None, out_rows=None):
+    """dx = f * (acc - x * rx * q) (* gscale) into dx, with acc (float32, consumed) = dx̂ · rx / f,
+    f = out_rows (default rx: acc = dx̂); q = x̂ . acc, taken from acc when None
+    (rx * Σ_d x·acc)."""
     xf = x.to(torch.float32)
     if q is None:
         q = rx * (xf * acc).sum(1)
     acc.addcmul_(xf, (rx * q).unsqueeze(1), value=-1.0)
-    acc.mul_(rx.unsqueeze(1) if gscale is None else rx.unsqueeze(1) * gscale)
+    f = rx if out_rows is None else out_rows
+    acc.mul_(f.unsqueeze(1) if gscale is None else f.unsqueeze(1) * gscale)
     dx.copy_(acc)
 
 
@@ -1262,7 +1331,7 @@ def _gchunk_compile_cases() -> List[tuple]:
                         (torch.float32, "ieee"), (torch.float32, "tf32")):
         t = "*" + _TL_DTYPE_NAME[dtype]
         f = _config(dtype, 4096, 1 << 20, D, interpret=False, env=False)["fwd"]
-        sig = dict(X=t, W=t, CLS="*i64", RX="*fp32", RW="*fp32", POS="*i32", LSE="*fp32",
+        sig = dict(X=t, W=t, CLS="*i64", RX="*fp32", RW="*fp32", AF="*fp32", MF="*fp32", POS="*i32", LSE="*fp32",
                    GNEG="*fp32", GPOS="*fp32", G=t, N="i32", C="i32", D="i32", c0="i32",
                    CK="i32", stride_x="i32", stride_w="i32", stride_g="i32", scale="fp32",
                    scale_log2e="fp32", L="constexpr", HAS_CLASSES="constexpr",
@@ -1278,9 +1347,16 @@ def _gchunk_compile_cases() -> List[tuple]:
                           _aligned(sig) + (["N", "c0", "CK"] if whole else [])))
         if prec != "ieee" or dtype == torch.float16:
             continue
+        cases.append((_scaled_rows_kernel,
+                      dict(SRC=t, IDX="*i64", F="*fp32", OUT=t, r0="i32", R="i32", D="i32",
+                           stride_src="i32", stride_out="i32", HAS_IDX="constexpr",
+                           BLOCK_R="constexpr", BLOCK_D="constexpr"),
+                      dict(HAS_IDX=True, BLOCK_R=_FINISH["BLOCK_R"],
+                           BLOCK_D=_p2(D, hi=_FINISH["BLOCK_D_MAX"])),
+                      dict(num_warps=_FINISH["num_warps"])))
         for dw_t in sorted({t, "*fp32"}):
             cases.append((_mlcd_dw_finish_kernel,
-                          dict(B="*fp32", W=t, CLS="*i64", RW="*fp32", GSCALE="*fp32", DW=dw_t,
+                          dict(B="*fp32", W=t, CLS="*i64", RW="*fp32", PW="*fp32", GSCALE="*fp32", DW=dw_t,
                                c0="i32", CK="i32", D="i32", stride_b="i32", stride_w="i32",
                                stride_dw="i32", HAS_CLASSES="constexpr", BLOCK_R="constexpr",
                                BLOCK_D="constexpr"),

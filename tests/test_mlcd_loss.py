@@ -430,23 +430,58 @@ def test_triton_backward_forms(monkeypatch, classes):
 
 
 def test_triton_gchunk_columns():
-    """The automatic chunk width: an eighth of the class table's bytes for the G scratch within
-    [32 MiB, 256 MiB], whole 256-column tiles, never more columns than S has."""
+    """The automatic chunk width: the chunk's buffers (G'' N·elem, W̃ D·elem and the float32
+    product 4·D bytes per column) take an eighth of the class table's bytes within
+    [32 MiB, 256 MiB], whole 256-column tiles, never more columns than S has nor more column
+    tiles than a grid axis takes (65,535), at every N (a few rows against millions of classes
+    once made the per-column buffers dominate: gigabytes)."""
     from pyssl.kernels import mlcd_loss as K
-    ck = K._gchunk_cols(4096, 1 << 20, 1 << 20, 512, 2)
-    assert ck == 16384 and 4096 * ck * 2 == (1 << 30) // 8          # 1M x 512 bf16: 128 MiB
-    ck = K._gchunk_cols(8192, 100_000, 1 << 20, 512, 2)                 # sampled: the table's size
-    assert ck == 8192
-    assert K._gchunk_cols(4096, 10_000_000, 10_000_000, 512, 2) * 4096 * 2 == 256 << 20   # capped
-    assert K._gchunk_cols(4096, 1 << 20, 1000, 64, 4) * 4096 * 4 <= 32 << 20           # floor
-    assert K._gchunk_cols(1 << 20, 1 << 20, 1 << 20, 512, 2) == 256    # at least a 256-column tile
-    assert K._gchunk_cols(100, 70, 70, 16, 4) == 70
-    assert K._gchunk_cols(100, 70, 70, 16, 4, requested=9) == 9
+
+    def chunk_bytes(n, d, elem, ck):
+        return ck * (n * elem + d * (elem + 4))
+    ck = K._gchunk_cols(4096, 1 << 20, 1 << 20, 512, 2, 128)         # 1M x 512 bf16: 128 MiB
+    assert ck % 256 == 0 and 128 << 20 >= chunk_bytes(4096, 512, 2, ck) > (128 << 20) - chunk_bytes(4096, 512, 2, 256)
+    ck = K._gchunk_cols(8192, 100_000, 1 << 20, 512, 2, 128)         # sampled: the table's size
+    assert ck % 256 == 0 and chunk_bytes(8192, 512, 2, ck) <= 128 << 20 and ck > 6000
+    for n, cp in ((16, 10_000_000), (64, 1 << 20), (1, 50_000_000)):
+        ck = K._gchunk_cols(n, cp, cp, 512, 2, 128)
+        assert chunk_bytes(n, 512, 2, ck) <= 256 << 20 and -(-ck // 128) <= 65535, (n, ck)
+    assert chunk_bytes(4096, 64, 4, K._gchunk_cols(4096, 1 << 20, 1000, 64, 4, 64)) <= 32 << 20   # floor
+    assert K._gchunk_cols(1 << 20, 1 << 20, 1 << 20, 512, 2, 128) == 256     # at least 256 columns
+    assert K._gchunk_cols(100, 70, 70, 16, 4, 64) == 70
+    assert K._gchunk_cols(100, 70, 70, 16, 4, 64, requested=9) == 9
+    assert K._gchunk_cols(4, 1 << 30, 1 << 30, 16, 2, 128, requested=1 << 29) == 65535 * 128
     for bad in ("GCHUNK=2", "dx.GCHUNK=0", "dw.GCHUNK_COLS=4", "GCHUNK_COLS=-1"):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("PYSSL_MLCD_TRITON_BWD", bad)
             with pytest.raises(ValueError, match="PYSSL_MLCD_TRITON_BWD"):
                 K._bwd_env()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_backward_near_a_center_16_bit(monkeypatch, dtype):
+    """16-bit features at θ = 1e-3..1 rad from their positive, whose term dominates the gradient:
+    the normalization backward keeps only the part of dx̂ across x̂ (~ sin θ of it), so operands
+    rounded off their rows' directions (x̂, ŵ in 16 bits: error ~2^-9 / sin θ, 68% at 1e-3 in
+    bfloat16) would lose it. Both backward forms keep every row's dx and its positive's dw to
+    1% (the fused form: ~0.3%), in ragged chunks too."""
+    from pyssl.kernels import mlcd_loss as K
+    g = torch.Generator().manual_seed(3)
+    n, c, d = 8, 40, 128
+    w = torch.randn(c, d, generator=g, dtype=torch.float64) * 0.05
+    pos = torch.randperm(c, generator=g)[:n, None]
+    thetas = torch.tensor([1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 0.6, 1.0], dtype=torch.float64)
+    x = at_angles(w, pos, thetas, g).to(dtype)
+    w = w.to(dtype)
+    lse = torch.full((n,), 100.0)     # the negatives negligible: G is gpos at the positive
+    gneg, gpos = torch.ones(n), torch.full((n, 1), -1.0)
+    want_dx, want_dw = _dense_engine_grad(x, w, None, pos, 64.0, lse, gneg, gpos)
+    for spec in ("GCHUNK=0", "GCHUNK=1", "GCHUNK_COLS=7"):
+        monkeypatch.setenv("PYSSL_MLCD_TRITON_BWD", spec)
+        dx, dw = K.mlcd_grad(x, w, None, pos, 64.0, lse, gneg, gpos, torch.float32, dw_dtype=torch.float32)
+        ex = (dx.double() - want_dx).norm(dim=1) / want_dx.norm(dim=1)
+        ew = (dw.double() - want_dw)[pos[:, 0]].norm(dim=1) / want_dw[pos[:, 0]].norm(dim=1)
+        assert ex.max() < 1e-2 and ew.max() < 1e-2, (spec, ex.tolist(), ew.tolist())
 
 
 def test_triton_split_statistics_combine():
