@@ -38,6 +38,17 @@ def _use_gpu(fn: str, gpu: Optional[bool], x: Tensor) -> bool:
 
 
 KMEANSPP_MAX_K = 4096
+LLOYD_BLOCK_ROWS = 1 << 20   # rows per block of a Lloyd pass (streamed from the host when needed)
+
+
+def _fits_on(dev: torch.device, nbytes: int) -> bool:
+    """Whether a training sample of nbytes stays on dev: always on the CPU; on a GPU when it takes
+    at most half of the memory free now (else it stays on the host and streams to the GPU block
+    by block, as faiss-gpu streams its training set)."""
+    if dev.type != "cuda":
+        return True
+    free, _total = torch.cuda.mem_get_info(dev)
+    return nbytes <= free // 2
 
 
 def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True, gpu: Optional[bool] = None,
@@ -52,6 +63,10 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
     as faiss does; empty clusters are re-seeded by splitting the largest one (nudged by ±1/1024
     of its coordinates).
     backend: "auto" (faiss if importable), "faiss" or "torch"; both start from the same centroids.
+    On a GPU the float32 training sample stays on the device when it takes at most half of the
+    free memory; a larger one stays on the host and each Lloyd pass streams it through the GPU in
+    blocks (faiss, which takes host arrays, always gets it from the host). k-means++ needs the
+    sample where it computes: "auto" takes random init for a streamed sample.
     """
     fn = "kmeans"
     k = _checks.integer(fn, "k", k, lo=1)
@@ -80,17 +95,31 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
         raise ValueError(f"{fn}: backend='faiss' cannot serve: faiss is not installed")
     dev = torch.device("cuda") if use_gpu else x.device
     g = torch.Generator().manual_seed(seed)
+    use_faiss = backend == "faiss" or (backend == "auto" and faiss is not None and (not use_gpu or _knn.faiss_has_gpu()))
+    store, fits = _placement(dev, use_faiss, n * d * 4)
     # spherical: unit rows whatever the scale (_knn.unit_rows: no overflow or norm floor), written
-    # block by block into the one float32 copy on the device
-    xf = _knn.unit_rows(x.detach(), device=dev) if spherical else x.detach().to(dev, torch.float32)
-    plusplus = init == "k-means++" or (init == "auto" and k <= KMEANSPP_MAX_K)
-    cent = _kmeanspp(xf, k, g) if plusplus else xf[torch.randperm(xf.shape[0], generator=g)[:k].to(dev)].clone()
-    if backend == "faiss" or (backend == "auto" and faiss is not None and (not use_gpu or _knn.faiss_has_gpu())):
+    # block by block into the one float32 copy
+    xf = _knn.unit_rows(x.detach(), device=store) if spherical else x.detach().to(store, torch.float32)
+    plusplus = init == "k-means++" or (init == "auto" and k <= KMEANSPP_MAX_K and fits)
+    if plusplus:
+        # on dev where the sample fits (a temporary copy when faiss takes it from the host)
+        cent = _kmeanspp(xf.to(dev) if fits else xf, k, g).to(dev)
+    else:
+        cent = xf[torch.randperm(xf.shape[0], generator=g)[:k].to(store)].to(dev)
+    if use_faiss:
         km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, gpu=use_gpu and _knn.faiss_has_gpu(),
                           verbose=_progress(progress), max_points_per_centroid=max_points_per_centroid)
         km.train(np.ascontiguousarray(xf.cpu().numpy()), init_centroids=np.ascontiguousarray(cent.cpu().numpy()))
         return torch.from_numpy(km.centroids.copy()).to(dev)
     return _lloyd_torch(xf, cent, niter, spherical, progress)
+
+
+def _placement(dev: torch.device, use_faiss: bool, nbytes: int) -> Tuple[torch.device, bool]:
+    """(where the float32 sample of nbytes lives, whether it fits on dev): on dev, or on the host
+    for faiss (which takes host arrays) and for a sample too large for the GPU (streamed by
+    _lloyd_torch)."""
+    fits = _fits_on(dev, nbytes)
+    return (dev if fits and not use_faiss else torch.device("cpu")), fits
 
 
 def _kmeanspp(x: Tensor, k: int, g: torch.Generator) -> Tensor:
@@ -124,15 +153,23 @@ def _kmeanspp(x: Tensor, k: int, g: torch.Generator) -> Tensor:
 
 
 def _lloyd_torch(xf, cent, niter, spherical, progress):
-    k, dev = cent.shape[0], xf.device
+    """Lloyd's iterations on the centers' device; xf (float32) there or on the host, taken in
+    blocks of LLOYD_BLOCK_ROWS rows (copied to the device when it is elsewhere)."""
+    k, dev = cent.shape[0], cent.device
+    n = xf.shape[0]
     for _ in tqdm(range(niter), desc="kmeans", disable=not _progress(progress)):
         bias = None if spherical else _knn.l2_bias(cent)
-        # the nearest center of every point: the fastest exact search here (C++ on the CPU,
-        # Triton on the GPU), blocked, never an N×k matrix
-        _, assign = _knn.search(xf, cent, 1, bank_bias=bias, backend="auto", fn="kmeans")
-        assign = assign[:, 0]
-        sums = torch.zeros_like(cent).index_add_(0, assign, xf)
-        counts = torch.bincount(assign, minlength=k).to(xf.dtype)
+        sums = torch.zeros_like(cent)
+        counts = torch.zeros(k, dtype=torch.int64, device=dev)
+        for r0 in range(0, n, LLOYD_BLOCK_ROWS):
+            xb = xf[r0:r0 + LLOYD_BLOCK_ROWS].to(dev, non_blocking=True)
+            # the nearest center of every point: the fastest exact search here (C++ on the CPU,
+            # Triton on the GPU), blocked, never an N×k matrix
+            _, assign = _knn.search(xb, cent, 1, bank_bias=bias, backend="auto", fn="kmeans")
+            assign = assign[:, 0]
+            sums.index_add_(0, assign, xb)
+            counts += torch.bincount(assign, minlength=k)
+        counts = counts.to(xf.dtype)
         empty = counts == 0
         new = sums / counts.clamp_min(1)[:, None]
         # split the largest cluster into two nudged copies, relative to its coordinates (as faiss

@@ -124,6 +124,24 @@ def test_empty_cluster_split_survives_a_large_offset():
     assert torch.unique(c, dim=0).shape[0] > 300
 
 
+def test_lloyd_streams_the_sample_in_blocks(monkeypatch):
+    """Lloyd's passes take the sample in blocks (a sample too large for the GPU streams from the
+    host): blocks of 37 rows give the clustering of one block, to float32 summation order. Where
+    the sample lives: on the GPU when it fits, else on the host; always on the host for faiss."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(500, 6, generator=g) + torch.randint(0, 4, (500, 1), generator=g) * 3.0
+    kw = dict(niter=8, seed=1, spherical=False, backend="torch")
+    whole = pyssl.cluster.kmeans(x, 5, **kw)
+    monkeypatch.setattr(pyssl.cluster, "LLOYD_BLOCK_ROWS", 37)
+    torch.testing.assert_close(pyssl.cluster.kmeans(x, 5, **kw), whole, rtol=1e-5, atol=1e-5)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for fits in (True, False):
+        monkeypatch.setattr(pyssl.cluster, "_fits_on", lambda dev, nbytes: fits or dev.type != "cuda")
+        assert pyssl.cluster._placement(cuda, False, 1 << 40) == ((cuda if fits else cpu), fits)
+        assert pyssl.cluster._placement(cuda, True, 1 << 40) == (cpu, fits)       # faiss: host arrays
+        assert pyssl.cluster._placement(cpu, False, 1 << 40) == (cpu, True)
+
+
 def test_bad_input_cluster():
     x = torch.randn(10, 3)
     with pytest.raises(ValueError, match="k=11 is larger than the number of points"):
