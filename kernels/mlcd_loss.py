@@ -349,7 +349,8 @@ def _g_operand(g, dtype: tl.constexpr):
     and inf · 0 in the product made every row's gradient NaN; saturated, a zero row adds exactly
     its zero. (Rows of norm below ~|G| / 65504, elements in float16's subnormal range, get a
     gradient underestimated by the saturation; bfloat16 and float32 have the range.) NaN
-    stays NaN."""
+    stays NaN. The chunked backward's G'' (< 4 · scale in magnitude) saturates only at scales
+    beyond ~16,000."""
     if dtype == tl.float16:
         g = tl.minimum(tl.maximum(g, -65504.0, propagate_nan=tl.PropagateNan.ALL), 65504.0,
                        propagate_nan=tl.PropagateNan.ALL)
@@ -1179,8 +1180,12 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _pow2_split(r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(p, a) with r = p · a, p a power of two and a in about [1, 2) (exactly r / p): the
-    exact-operand split of the chunked backward (see its header)."""
+    exact-operand split of the chunked backward (see its header). r = 0 (a float32 row whose
+    squared norm overflows, as torch.linalg.vector_norm and F.normalize take it: x̂ = 0) gives
+    p = 1, a = 0: the row adds nothing and gets a zero gradient, as in the fused kernels (0/0
+    there made every row of the other gradient NaN)."""
     p = torch.exp2(torch.floor(torch.log2(r)))
+    p = torch.where(r > 0, p, torch.ones_like(p))
     return p, r / p
 
 

@@ -38,16 +38,19 @@ def _use_gpu(fn: str, gpu: Optional[bool], x: Tensor) -> bool:
 
 
 KMEANSPP_MAX_K = 4096
-LLOYD_BLOCK_ROWS = 1 << 20   # rows per block of a Lloyd pass (streamed from the host when needed)
+KMEANSPP_MAX_POINTS = 1 << 20   # k-means++ seeds from a seeded subset of at most this many rows
+LLOYD_BLOCK_ROWS = 1 << 20      # rows per block of a Lloyd pass (streamed from the host when needed)
 
 
 def _fits_on(dev: torch.device, nbytes: int) -> bool:
     """Whether a training sample of nbytes stays on dev: always on the CPU; on a GPU when it takes
-    at most half of the memory free now (else it stays on the host and streams to the GPU block
-    by block, as faiss-gpu streams its training set)."""
+    at most half of the memory free now, counting what torch's allocator holds unused (else it
+    stays on the host and streams to the GPU block by block, as faiss-gpu streams its training
+    set)."""
     if dev.type != "cuda":
         return True
     free, _total = torch.cuda.mem_get_info(dev)
+    free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
     return nbytes <= free // 2
 
 
@@ -64,9 +67,11 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
     of its coordinates).
     backend: "auto" (faiss if importable), "faiss" or "torch"; both start from the same centroids.
     On a GPU the float32 training sample stays on the device when it takes at most half of the
-    free memory; a larger one stays on the host and each Lloyd pass streams it through the GPU in
-    blocks (faiss, which takes host arrays, always gets it from the host). k-means++ needs the
-    sample where it computes: "auto" takes random init for a streamed sample.
+    free memory (a float32 x already there with spherical=False is used in place); a larger one
+    stays on the host and each Lloyd pass streams it through the GPU in blocks (faiss, which
+    takes host arrays, always gets it from the host). k-means++ seeds on the device from a seeded
+    subset of at most 2^20 rows of the sample (all of it at the defaults: 256·4096 rows), so the
+    seeding never depends on where the sample lives or on free memory.
     """
     fn = "kmeans"
     k = _checks.integer(fn, "k", k, lo=1)
@@ -96,14 +101,21 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
     dev = torch.device("cuda") if use_gpu else x.device
     g = torch.Generator().manual_seed(seed)
     use_faiss = backend == "faiss" or (backend == "auto" and faiss is not None and (not use_gpu or _knn.faiss_has_gpu()))
-    store, fits = _placement(dev, use_faiss, n * d * 4)
+    in_place = not spherical and x.device == dev and x.dtype == torch.float32
+    store = dev if in_place else _placement(dev, use_faiss, n * d * 4)
     # spherical: unit rows whatever the scale (_knn.unit_rows: no overflow or norm floor), written
     # block by block into the one float32 copy
     xf = _knn.unit_rows(x.detach(), device=store) if spherical else x.detach().to(store, torch.float32)
-    plusplus = init == "k-means++" or (init == "auto" and k <= KMEANSPP_MAX_K and fits)
+    plusplus = init == "k-means++" or (init == "auto" and k <= KMEANSPP_MAX_K)
     if plusplus:
-        # on dev where the sample fits (a temporary copy when faiss takes it from the host)
-        cent = _kmeanspp(xf.to(dev) if fits else xf, k, g).to(dev)
+        # on dev (a temporary copy when the sample lives on the host), from a seeded subset when
+        # the sample is larger than KMEANSPP_MAX_POINTS rows (drawn after the subsample's own
+        # draw, from the same generator: reproducible)
+        src = xf
+        if n > KMEANSPP_MAX_POINTS:
+            pick = torch.randperm(n, generator=g)[:KMEANSPP_MAX_POINTS].sort().values
+            src = xf[pick.to(xf.device)]
+        cent = _kmeanspp(src.to(dev), k, g)
     else:
         cent = xf[torch.randperm(xf.shape[0], generator=g)[:k].to(store)].to(dev)
     if use_faiss:
@@ -114,12 +126,10 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
     return _lloyd_torch(xf, cent, niter, spherical, progress)
 
 
-def _placement(dev: torch.device, use_faiss: bool, nbytes: int) -> Tuple[torch.device, bool]:
-    """(where the float32 sample of nbytes lives, whether it fits on dev): on dev, or on the host
-    for faiss (which takes host arrays) and for a sample too large for the GPU (streamed by
-    _lloyd_torch)."""
-    fits = _fits_on(dev, nbytes)
-    return (dev if fits and not use_faiss else torch.device("cpu")), fits
+def _placement(dev: torch.device, use_faiss: bool, nbytes: int) -> torch.device:
+    """Where the float32 sample of nbytes lives: on dev, or on the host for faiss (which takes
+    host arrays) and for a sample too large for the GPU (streamed by _lloyd_torch)."""
+    return dev if not use_faiss and _fits_on(dev, nbytes) else torch.device("cpu")
 
 
 def _kmeanspp(x: Tensor, k: int, g: torch.Generator) -> Tensor:

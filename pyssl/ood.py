@@ -78,14 +78,15 @@ class KNNScorer:
             x = x.cuda()
         if self.bank is not None and name == "x" and x.shape[1] != self.bank.shape[1]:
             raise ValueError(f"KNNScorer: x has D={x.shape[1]} but the bank has D={self.bank.shape[1]}")
+        keep16 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
         if self.normalize:
             y = _knn.unit_rows(x)
         else:
             center = _knn.row_mean(x) if center is None else center
-            y = _knn.centered_rows(x, center, device=x.device)
+            y = _knn.centered_rows(x, center, dtype=x.dtype if keep16 else torch.float32, device=x.device)
         # a 16-bit bank on the GPU stays 16-bit (normalized in float32): the search runs on the
         # tensor cores and the bank takes half the memory; on the CPU the kernels take float32
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        if keep16:
             y = y.to(x.dtype)
         return y, center
 
@@ -97,8 +98,8 @@ class KNNScorer:
             raise ValueError("KNNScorer: bank holds non-finite values (or values that overflow float32)")
         if self.k > bank.shape[0]:
             raise ValueError(f"KNNScorer: k={self.k} is larger than the number of bank rows ({bank.shape[0]})")
-        self.bank, self._center = bank, center
-        self._bias = _knn.l2_bias(bank)
+        bias = _knn.l2_bias(bank)
+        self.bank, self._center, self._bias = bank, center, bias
         return self
 
     def score(self, x) -> Tensor:

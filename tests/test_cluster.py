@@ -137,9 +137,23 @@ def test_lloyd_streams_the_sample_in_blocks(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for fits in (True, False):
         monkeypatch.setattr(pyssl.cluster, "_fits_on", lambda dev, nbytes: fits or dev.type != "cuda")
-        assert pyssl.cluster._placement(cuda, False, 1 << 40) == ((cuda if fits else cpu), fits)
-        assert pyssl.cluster._placement(cuda, True, 1 << 40) == (cpu, fits)       # faiss: host arrays
-        assert pyssl.cluster._placement(cpu, False, 1 << 40) == (cpu, True)
+        assert pyssl.cluster._placement(cuda, False, 1 << 40) == (cuda if fits else cpu)
+        assert pyssl.cluster._placement(cuda, True, 1 << 40) == cpu       # faiss: host arrays
+        assert pyssl.cluster._placement(cpu, False, 1 << 40) == cpu
+
+
+def test_kmeanspp_seeds_from_a_bounded_subset(monkeypatch):
+    """k-means++ seeds from a seeded subset of at most KMEANSPP_MAX_POINTS rows (on the device,
+    whatever the sample's size or where it lives): the seeds are rows of that subset, the same on
+    every call."""
+    monkeypatch.setattr(pyssl.cluster, "KMEANSPP_MAX_POINTS", 100)
+    x = torch.randn(500, 4, generator=torch.Generator().manual_seed(6))
+    kw = dict(niter=0, seed=2, spherical=False, backend="torch", init="k-means++")
+    a = pyssl.cluster.kmeans(x, 6, **kw)
+    torch.testing.assert_close(a, pyssl.cluster.kmeans(x, 6, **kw), rtol=0, atol=0)
+    g = torch.Generator().manual_seed(2)
+    subset = x[torch.randperm(500, generator=g)[:100].sort().values]
+    assert all(bool((subset == c).all(1).any()) for c in a)
 
 
 def test_bad_input_cluster():

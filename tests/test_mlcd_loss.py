@@ -458,6 +458,26 @@ def test_triton_gchunk_columns():
                 K._bwd_env()
 
 
+@pytest.mark.parametrize("which", ["x", "w"])
+def test_triton_backward_row_beyond_float32_norms(monkeypatch, which):
+    """A row of norm 1e20 (its float32 squared norm overflows: inverse norm 0, taken as x̂ = 0 as
+    torch.linalg.vector_norm and F.normalize take it) adds nothing and gets no gradient in both
+    backward forms; the chunked form's power-of-two split made it 0/0, and every row of the
+    other gradient NaN."""
+    from pyssl.kernels import mlcd_loss as K
+    x, w, pos = make_problem(n=12, c=37, d=16, l=2)
+    (x if which == "x" else w)[3] = 1e20
+    lse, gneg = torch.full((12,), 5.0), torch.full((12,), 0.1)
+    gpos = torch.where(pos >= 0, -0.1, 0.0)
+    out = {}
+    for spec in ("GCHUNK=0", "GCHUNK=1"):
+        monkeypatch.setenv("PYSSL_MLCD_TRITON_BWD", spec)
+        out[spec] = K.mlcd_grad(x, w, None, pos, 8.0, lse, gneg, gpos)
+        assert all(torch.isfinite(t).all() for t in out[spec]), spec
+    for a, b in zip(out["GCHUNK=0"], out["GCHUNK=1"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_backward_near_a_center_16_bit(monkeypatch, dtype):
     """16-bit features at θ = 1e-3..1 rad from their positive, whose term dominates the gradient:

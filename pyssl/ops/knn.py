@@ -89,9 +89,11 @@ def unit_rows(x: Tensor, dtype: torch.dtype = torch.float32, device=None, block:
     NaN. Blocks of rows at a time into one output: the only full-size allocation (x may stay
     on the host while the output is on the GPU)."""
     device = x.device if device is None else torch.device(device)
+    # computed on the GPU where either side is one (a CUDA x bound for host memory too)
+    work = x.device if x.device.type == "cuda" else device
     out = torch.empty(x.shape, dtype=dtype, device=device)
     for r0 in range(0, x.shape[0], block):
-        xb = x[r0:r0 + block].to(device)
+        xb = x[r0:r0 + block].to(work)
         top = xb.abs().amax(1, keepdim=True)
         yb = (xb / top.clamp_min(torch.finfo(xb.dtype).tiny)).to(dtype)
         out[r0:r0 + block] = F.normalize(yb, dim=1)
@@ -109,11 +111,11 @@ def row_mean(x: Tensor, device=None, block: int = 1 << 16) -> Tensor:
 
 
 def centered_rows(x: Tensor, center: Tensor, dtype: torch.dtype = torch.float32, device=None,
-                  block: int = 1 << 16) -> Tensor:
+                  block: int = 1 << 13) -> Tensor:
     """x − center in dtype, on device (default center's), computed in float64 block by block.
     Squared L2 distances are unchanged by a common shift, and the search's ‖q‖² − 2q·b + ‖b‖²
     in float32 loses what a large common offset adds to those terms: around the bank's mean only
-    the data's own spread is left."""
+    the data's own spread is left. (Blocks of 8192 rows: the float64 temporary stays small.)"""
     device = center.device if device is None else torch.device(device)
     center = center.to(device)
     out = torch.empty(x.shape, dtype=dtype, device=device)
