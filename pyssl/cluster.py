@@ -230,6 +230,10 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
     batch_size = _checks.integer(fn, "batch_size", batch_size, lo=1)
     if not torch.isfinite(cent).all():
         raise ValueError(f"{fn}: centroids hold non-finite values")
+    zero_c = (cent == 0).all(1)
+    if bool(zero_c.any()):
+        raise ValueError(f"{fn}: centroids hold an all-zero row (row {int(zero_c.nonzero()[0, 0])}): it has no "
+                         "direction to compare by cosine")
     dev = torch.device("cuda") if _use_gpu(fn, gpu, cent if not isinstance(x, Tensor) else x) else cent.device
     cn = _knn.unit_rows(cent.detach(), device=dev)
     if out is not None:
@@ -250,12 +254,16 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
         # of its own); a non-finite row would otherwise come out as an index that differs by
         # backend (-1, INT64_MAX or a plausible-looking one). Batches before it are written.
         bad = ~torch.isfinite(xb).all(1)
+        # an all-zero row has no direction: every centroid would tie at similarity 0 and the
+        # row would get centroids 0..l-1 as its labels, silently
+        zero = (xb == 0).all(1)
         s, i = _knn.search(xb, cn, l, backend=backend, fn=fn)
-        i, bad = i.cpu(), bad.cpu()
-        if bool(bad.any()):
-            row = b0 + int(bad.nonzero()[0, 0])
-            raise ValueError(f"{fn}: x holds non-finite values (row {row}; rows [0, {b0}) of the earlier "
-                             "batches are assigned)")
+        i, bad, zero = i.cpu(), bad.cpu(), zero.cpu()
+        for flags, what in ((bad, "holds non-finite values"), (zero, "has an all-zero row")):
+            if bool(flags.any()):
+                row = b0 + int(flags.nonzero()[0, 0])
+                raise ValueError(f"{fn}: x {what} (row {row}; rows [0, {b0}) of the earlier batches are "
+                                 "assigned)")
         idx_t[b0:b0 + batch_size] = i
         sim_t[b0:b0 + batch_size] = s.cpu()
     if out is not None:

@@ -193,6 +193,23 @@ def test_topk_assign_refuses_non_finite_rows(backend):
     assert torch.isnan(x[37, 2])   # the input is left as it was
 
 
+def test_topk_assign_refuses_all_zero_rows():
+    """An all-zero feature row has no direction: every centroid ties at similarity 0 and it got
+    centroids 0..l-1 as its MLCD positives without a word. Refused, naming the row, as is an
+    all-zero centroid; a row of tiny values is still a direction."""
+    x = torch.randn(50, 6)
+    x[21] = 0
+    cent = torch.randn(6, 6)
+    with pytest.raises(ValueError, match=r"topk_assign: x has an all-zero row \(row 21;"):
+        pyssl.cluster.topk_assign(x, cent, 3, batch_size=16)
+    x[21] = 1e-30
+    idx, sim = pyssl.cluster.topk_assign(x, cent, 3, batch_size=16)
+    torch.testing.assert_close(sim[21], pyssl.cluster.topk_assign(x[21:22] * 1e30, cent, 3)[1][0])
+    cent[4] = 0
+    with pytest.raises(ValueError, match=r"topk_assign: centroids hold an all-zero row \(row 4\)"):
+        pyssl.cluster.topk_assign(x, cent, 3)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")
 def test_gpu_without_cuda_names_the_function():
     with pytest.raises(ValueError, match="kmeans: gpu=True but CUDA is not available"):
