@@ -31,8 +31,8 @@ Kernels (each has a header comment with tiling, residency and traffic):
 FLOPs (units of N·C'·D; useful work 6 = 2 forward + 2 per backward product).
 Default backward, class-chunked (GCHUNK=1): G recomputed once per chunk of CK columns into an
 (N, CK) scratch, then two vendor GEMMs (cuBLAS, fp32 accumulation) for dx̂ and dŴ: 2 + 2 + 4 = 8,
-half of it in cuBLAS, for N·CK elements of scratch (an eighth of the class table's bytes,
-32-256 MiB; _gchunk_cols).
+half of it in cuBLAS, for a bounded scratch (the chunk's buffers take an eighth of the class
+table's bytes, 32-256 MiB, at least 256 columns; _gchunk_cols).
 Fused backward (GCHUNK=0): each of the two kernels recomputes the cos tile; for 16-bit inputs
 with D <= 512 it does so once, over the whole D, and the same loaded w (or x) tile feeds both of
 its tl.dots ("FULL_D" form): 2 + 4 + 4 = 10 (cap 60% of the tensor-core peak counted at 6).
@@ -609,9 +609,10 @@ def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, GSCALE, DW,
 #
 #   Memory: per chunk the G scratch (N·CK), W̃_k (CK·D, one buffer for all chunks) and B_k
 #   (CK·D fp32), sized together by _gchunk_cols. Traffic: G is written once and read by both
-#   GEMMs: ~6 bytes per G element (16-bit) against 6·D FLOPs, so the backward is compute-bound
-#   where D exceeds about a third of the card's FLOP-per-byte ridge (H200 bf16 ~206, H100 ~295):
-#   at D = 512, yes; at small D the fused kernels (no scratch traffic) may be faster.
+#   GEMMs: ~6 bytes per G element (16-bit) against 6·D FLOPs, i.e. D FLOPs per byte, so the
+#   backward is compute-bound where D exceeds the card's bf16 FLOP-per-byte ridge (H200 ~206,
+#   H100 ~295): at D = 512 by 2.5x / 1.7x; at small D the fused kernels (no scratch traffic)
+#   may be faster.
 # ----------------------------------------------------------------------------------------------
 # _mlcd_grad_g_kernel
 #   Computes: G''[n, j - c0] = G_nj · a_n · m_j for the columns j in [c0, c0 + CK) of S, G of the
