@@ -1,7 +1,19 @@
-"""Command line: `pyssl info` tells what this installation can run and why not."""
+"""Command line.
+
+    pyssl info                                        what this installation can run, and why not
+    pyssl kmeans FEATURES.npy K --out CENTROIDS.npy   (spherical) k-means of a feature file
+    pyssl assign FEATURES.npy CENTROIDS.npy --out P   top-l centroids per row -> P.idx.npy, P.sim.npy
+    pyssl ood --bank TRAIN.npy --id ID.npy --ood OOD.npy     kNN OOD scores and the standard metrics
+
+Feature files are .npy arrays of shape (N, D), opened as memory maps: only the rows in use are
+read (a k-means training sample, an assignment batch), so a corpus larger than memory works.
+assign writes its results into .npy memory maps batch by batch, which is how an MLCD corpus gets
+its l labels per image. Bad input exits with status 2 and a message naming the argument.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -27,14 +39,124 @@ def info() -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def _features(arg: str, path: str):
+    """A (N, D) .npy array opened as a read-only memory map (ValueError naming the argument)."""
+    import numpy as np
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{arg}: cannot read {path!r} as a .npy array ({e})") from None
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{arg}: expected a non-empty (N, D) array in {path!r}, got shape {a.shape}")
+    if a.dtype.kind != "f":
+        raise ValueError(f"{arg}: expected floating-point features in {path!r}, got dtype {a.dtype}")
+    return a
+
+
+def _kmeans(args) -> int:
+    import numpy as np
+
+    import pyssl
+    x = _features("FEATURES", args.features)
+    cent = pyssl.cluster.kmeans(x, args.k, niter=args.niter, seed=args.seed, spherical=not args.euclidean,
+                                gpu=args.gpu or None, max_points_per_centroid=args.max_points_per_centroid,
+                                backend=args.backend, progress=not args.quiet)
+    np.save(args.out, cent.cpu().numpy())
+    print(f"{args.out}: {tuple(cent.shape)} centroids")
+    return 0
+
+
+def _assign(args) -> int:
+    import numpy as np
+
+    import pyssl
+    x = _features("FEATURES", args.features)
+    cent = _features("CENTROIDS", args.centroids)
+    if x.shape[1] != cent.shape[1]:
+        raise ValueError(f"CENTROIDS: D={cent.shape[1]} differs from the features' D={x.shape[1]}")
+    import torch
+    cent = torch.from_numpy(np.asarray(cent, dtype=np.float32))
+    n = x.shape[0]
+    l = args.l
+    if not 1 <= l <= cent.shape[0]:
+        raise ValueError(f"--l: must be in [1, {cent.shape[0]}] (the number of centroids), got {l}")
+    paths = (args.out + ".idx.npy", args.out + ".sim.npy")
+    idx = np.lib.format.open_memmap(paths[0], mode="w+", dtype=np.int64, shape=(n, l))
+    sim = np.lib.format.open_memmap(paths[1], mode="w+", dtype=np.float32, shape=(n, l))
+    pyssl.cluster.topk_assign(x, cent, l, batch_size=args.batch_size, gpu=args.gpu or None, out=(idx, sim),
+                              backend=args.backend, progress=not args.quiet)
+    print(f"{paths[0]}, {paths[1]}: ({n}, {l})")
+    return 0
+
+
+def _ood(args) -> int:
+    import numpy as np
+    import torch
+
+    import pyssl
+    bank, ind, ood = (torch.from_numpy(np.asarray(_features(a, p), dtype=np.float32))
+                      for a, p in (("--bank", args.bank), ("--id", args.id), ("--ood", args.ood)))
+    scorer = pyssl.ood.KNNScorer(args.k, normalize=not args.raw, gpu=args.gpu or None,
+                                 backend=args.backend).fit(bank)
+    m = pyssl.ood.metrics(scorer.score(ind), scorer.score(ood))
+    text = json.dumps({k: round(float(v), 6) for k, v in m.items()}, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyssl", description="pyssl command line")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, compiled extension, and which backends can run here")
+
+    k = sub.add_parser("kmeans", help="k-means centroids of a (N, D) .npy feature file")
+    k.add_argument("features", metavar="FEATURES", help="(N, D) float .npy file (memory-mapped)")
+    k.add_argument("k", metavar="K", type=int, help="number of centroids")
+    k.add_argument("--out", required=True, help="where the (K, D) float32 centroids go (.npy)")
+    k.add_argument("--niter", type=int, default=25)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--euclidean", action="store_true", help="plain k-means (default: spherical, cosine)")
+    k.add_argument("--max-points-per-centroid", type=int, default=256,
+                   help="training rows per centroid, a seeded sample (default 256, as faiss)")
+    k.add_argument("--backend", default="auto", choices=("auto", "faiss", "torch"))
+    k.add_argument("--gpu", action="store_true", help="cluster on CUDA")
+    k.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    a = sub.add_parser("assign", help="the l nearest centroids (cosine) of every row: MLCD's positives")
+    a.add_argument("features", metavar="FEATURES", help="(N, D) float .npy file (memory-mapped)")
+    a.add_argument("centroids", metavar="CENTROIDS", help="(C, D) float .npy file")
+    a.add_argument("--out", required=True, help="prefix of the outputs PREFIX.idx.npy (int64) and PREFIX.sim.npy "
+                   "(float32), both (N, l), written batch by batch")
+    a.add_argument("--l", type=int, default=8, help="centroids per row (default 8)")
+    a.add_argument("--batch-size", type=int, default=None)
+    a.add_argument("--backend", default="auto", choices=("auto", "cpu", "faiss", "triton", "torch"))
+    a.add_argument("--gpu", action="store_true", help="search on CUDA")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    o = sub.add_parser("ood", help="kNN OOD scores of ID and OOD features against a bank, and the metrics")
+    o.add_argument("--bank", required=True, help="(N, D) .npy in-distribution training features")
+    o.add_argument("--id", required=True, help="(N, D) .npy in-distribution test features")
+    o.add_argument("--ood", required=True, help="(N, D) .npy out-of-distribution features")
+    o.add_argument("--k", type=int, default=50)
+    o.add_argument("--raw", action="store_true", help="raw features (default: L2-normalized)")
+    o.add_argument("--backend", default="auto", choices=("auto", "cpu", "faiss", "triton", "torch"))
+    o.add_argument("--gpu", action="store_true", help="search on CUDA")
+    o.add_argument("--json", default=None, help="also write the metrics to this file")
+    return p
+
+
+def main(argv=None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
-    if args.cmd == "info":
-        return info()
-    return 2
+    run = {"info": lambda a: info(), "kmeans": _kmeans, "assign": _assign, "ood": _ood}[args.cmd]
+    try:
+        return run(args)
+    except ValueError as e:
+        print(f"pyssl {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
