@@ -78,23 +78,31 @@ log "smoke rc=$? in $(( $(date +%s) - t ))s"
 grep '^smoke ' "$LOGS/smoke.log" | tee -a "$OUT/gpu_check.log" > /dev/null
 
 # The GPU cases, the issues' targets, each its own step and process (a CUDA fault in one cannot
-# spoil the next), 360 s of caps in all (estimates: the torch.compile and FlexAttention compiles
+# spoil the next), 300 s of caps in all (estimates: the torch.compile and FlexAttention compiles
 # ~40 s per case, Liger ~2 s per step at 1M classes, certify ~40k ResNet-50 rows per impl); each
-# case measures pyssl first (Case.run_first), so a cap cuts a peer. 90 s stay for the tests.
-TESTS_RESERVE=90
-step bench_mlcd_sampled 80 $TESTS_RESERVE -- $PY -m bench --cases mlcd_1m_sampled
-step bench_mlcd_full 80 $TESTS_RESERVE -- $PY -m bench --cases mlcd_1m_full
-step bench_homattn_vitb 55 $TESTS_RESERVE -- $PY -m bench --cases homattn_vitb
-step bench_homattn_long 55 $TESTS_RESERVE -- $PY -m bench --cases homattn_long
-step bench_noise 30 $TESTS_RESERVE -- $PY -m bench --cases noise_imagenet
-step bench_certify 70 $TESTS_RESERVE -- $PY -m bench --cases certify_resnet --no-memory
+# case measures pyssl first (Case.run_first), so a cap cuts a peer. With the build (~90 s) and
+# the smoke checks (<= 75 s) before them they take about what the budget leaves: the noise and
+# certify cases (issue 4's only GPU timings) run before the long attention case, and 30 s stay
+# for the tests (the tests mostly run in a rerun).
+TESTS_RESERVE=30
+step bench_mlcd_sampled 65 $TESTS_RESERVE -- $PY -m bench --cases mlcd_1m_sampled
+step bench_mlcd_full 65 $TESTS_RESERVE -- $PY -m bench --cases mlcd_1m_full
+step bench_homattn_vitb 45 $TESTS_RESERVE -- $PY -m bench --cases homattn_vitb
+step bench_noise 25 $TESTS_RESERVE -- $PY -m bench --cases noise_imagenet
+step bench_certify 55 $TESTS_RESERVE -- $PY -m bench --cases certify_resnet --no-memory
+step bench_homattn_long 45 $TESTS_RESERVE -- $PY -m bench --cases homattn_long
 
 # Every failure is listed (no -x: one GPU run has to show all of them), each test's outcome as it
 # ends (-v), so a run cut by its cap still names what failed. Most of the time is Triton
-# compiling each kernel specialisation once: pytest-xdist spreads it over 8 processes.
+# compiling each kernel specialisation once: pytest-xdist spreads it over 8 processes. The
+# compile-only checks (sm_90 Triton compiles, nvcc) are this repository's CPU-machine guards and
+# the build above already compiled the CUDA sources: deselected here. The smoothing and noise
+# tests first (the CUDA-graph and autocast tests run only here).
 TIMEOUT_OPT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
 XDIST_OPT=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests 400 0 -- $PY -m pytest -v -rfE --tb=short $XDIST_OPT $TIMEOUT_OPT tests -p no:cacheprovider
+step tests 400 0 -- $PY -m pytest -v -rfE --tb=short $XDIST_OPT $TIMEOUT_OPT -p no:cacheprovider \
+  -k "not compiles_for_sm90 and not cuda_source_compiles" \
+  tests/test_smoothing.py tests/test_noise.py tests
 log "tests: $(tail -1 "$LOGS/tests.log" 2>/dev/null); failed so far: $(grep -cE '^\[gw[0-9]+\] \[ *[0-9]+%\] (FAILED|ERROR) |::[^ ]+ (FAILED|ERROR)( |$)' "$LOGS/tests.log" 2>/dev/null)"
 
 # With time to spare: the kNN, contrastive-loss and top-k attention cases, and tile variants of the attention and

@@ -35,6 +35,8 @@ buffers or parameters by new tensors, call clear_cuda_graphs().
 """
 from __future__ import annotations
 
+import contextlib
+
 import threading
 from typing import Optional, Sequence, Tuple
 
@@ -181,8 +183,11 @@ class Smooth:
         if use_graph:
             # the model's identity and mode are part of the key: a swapped model or one put in
             # train() is captured anew instead of replaying a stale graph
+            # so are the classes and the autocast in force (the caller's and ours): a graph
+            # captured under one replays its casts
             key = (dev, bs, tuple(x.shape[1:]), out_dtype, self.channels_last, id(self.model),
-                   getattr(self.model, "training", None))
+                   getattr(self.model, "training", None), self.num_classes, self.autocast,
+                   torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
             step = self._graphs.get(key)
             # (the step holds its model, so the id cannot be reused by a new model while the
             # graph lives; `is` makes sure anyway)
@@ -212,8 +217,15 @@ class Smooth:
                     bar.update(rows)
         if bar is not None:
             bar.close()
-        # (a graph's counts buffer is reused by the next call: hand out a copy)
-        return counts[:B * K].view(B, K).clone() if use_graph else counts[:B * K].view(B, K)
+        if not use_graph:
+            return counts[:B * K].view(B, K)
+        # a graph's counts buffer is reused by the next call: hand out a copy, and let the GPU
+        # finish it before the lock goes (another thread's begin() on another stream would zero
+        # the buffer under a pending replay; the caller's one host sync follows anyway)
+        out = counts[:B * K].view(B, K).clone()
+        if out.is_cuda:
+            torch.cuda.current_stream(dev).synchronize()
+        return out
 
     def _forward(self, batch: Tensor) -> Tensor:
         if self.autocast is not None and batch.device.type == "cuda":
@@ -351,7 +363,14 @@ class _GraphStep:
         return self.counts
 
     def _body(self):
-        pred = self.smooth._forward(self.static_in).argmax(1)
+        # autocast's weight-cast cache off (the autocast in force kept as it is): with it, an
+        # enclosing autocast region would keep the casts made in the warm-up, outside the graph's
+        # pool, and the graph would read them after they are freed, and never see updated weights
+        ctx = (torch.autocast("cuda", enabled=torch.is_autocast_enabled("cuda"),
+                              dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+               if self.counts.is_cuda else contextlib.nullcontext())
+        with ctx:
+            pred = self.smooth._forward(self.static_in).argmax(1)
         self.counts.index_add_(0, self.static_src * self.K + pred, self.ones)
 
     def _capture(self):
@@ -363,7 +382,11 @@ class _GraphStep:
                 self._body()             # one warm-up outside the graph (allocator, cuDNN choice)
             current.wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # captured on this device's own stream (torch's default capture stream belongs to the
+            # device of a process's first capture: a graph on cuda:1 after one on cuda:0 recorded
+            # nothing), and only this thread's CUDA calls checked (a DataLoader's pin-memory
+            # thread allocating meanwhile would otherwise break the capture)
+            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
                 self._body()
         # the warm-up voted: zero the counts after it, in stream order
         self.counts.zero_()
