@@ -8,7 +8,7 @@ budget on a 2-core machine; cases of a device that is absent are dry-run at tiny
   --cases a,b     only these cases
   --impls a,b     only these impls (the case's other recorded impls are kept)
   --tag TEXT      record the impls as "<impl>[TEXT]", e.g. one kernel configuration of a sweep
-                  (PYSSL_MLCD_TRITON_BWD=... python -m bench --impls pyssl-triton --tag bwd-256)
+                  (PYSSL_MLCD_TRITON_BWD=GCHUNK_COLS=4096 python -m bench --impls pyssl-triton --tag gc4k)
   --no-memory     skip the per-impl memory subprocesses
   --all           also run each case's optional impls (slow fallbacks such as pyssl-torch on the
                   largest CPU cases, aliases such as pyssl-auto where it is pyssl-cpu); the
