@@ -7,7 +7,9 @@ ValueError listing its reasons, like xformers' not_supported_reasons.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 from typing import Callable, Dict, List, Sequence
 
@@ -145,3 +147,18 @@ def no_second_order(backward_op, what: str, wrt: str) -> None:
         raise no_second_order_error(what, wrt)
 
     backward_op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def autocast_off(fn):
+    """An op body run with autocast off (CUDA and CPU). A torch.library custom op without an
+    autocast rule runs under its caller's autocast, so the torch matmuls inside it (the torch
+    and cpu backends' float32 accumulation, recomputed scores, normalization backwards) would
+    be cast to 16 bits. The inputs keep the dtypes they arrive in. The signature is fn's with
+    its annotations evaluated in fn's module (custom_op infers the schema from it, and string
+    annotations would otherwise be looked up in this module)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+    run.__signature__ = inspect.signature(fn, eval_str=True)
+    return run

@@ -1030,6 +1030,10 @@ def test_contrastive_loss_opcheck_and_compile(backend):
     torch.library.opcheck(HCL._rows_op, (z, groups, 0.2, backend))
     rows, lse = HCL._rows_op(z, groups, 0.2, backend)
     torch.library.opcheck(HCL._rows_bwd_op, (z, groups, lse, torch.randn_like(rows), 0.2, backend))
+    # a permuted (sequence-first) z: the kernels return a contiguous gradient and the fake must
+    # say so (empty_like kept the permuted strides: compiled code read the wrong elements)
+    zp = z.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    torch.library.opcheck(HCL._rows_bwd_op, (zp, groups, lse, torch.randn_like(rows), 0.2, backend))
     f = torch.compile(lambda t: pyssl.homologous_contrastive_loss(t, groups, backend=backend), fullgraph=True,
                       backend="aot_eager")
     a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
@@ -1102,3 +1106,30 @@ def test_contrastive_loss_double_backward_says_what_is_missing(backend):
     gt, = torch.autograd.grad(pyssl.homologous_contrastive_loss(zt, groups, backend="torch"), zt, create_graph=True)
     gt.square().sum().backward()
     assert zt.grad is not None and torch.isfinite(zt.grad).all() and zt.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_attention_under_autocast_is_sdpa_policy(backend):
+    """Under autocast q, k, v are cast to its dtype first, as F.scaled_dot_product_attention's
+    are: the result is the op on the cast inputs, a float32 q/k (a q/k norm runs in float32)
+    beside a 16-bit v is accepted, and the gradients come back in the inputs' dtypes. Inside the
+    op autocast is off: the torch backend's float32 score products are not cast again (top-k
+    outputs moved by 0.43 before)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 37, 16, generator=g) for _ in range(3))
+    groups = _groups(2, 37, 3)
+    for topk in (None, 5):
+        want = pyssl.homologous_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), groups, topk=topk,
+                                          backend=backend)
+        qa, ka = q.clone().requires_grad_(), k.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = pyssl.homologous_attention(qa, ka, v.bfloat16(), groups, topk=topk, backend=backend)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        dq, dk = torch.autograd.grad(got.float().sum(), (qa, ka))
+        assert dq.dtype == dk.dtype == torch.float32
+        # float32 inputs with autocast off inside the op body itself: the float32 result
+        ref = HA._attn_op(q, k, v, groups, topk or 0, 0.25, backend)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = HA._attn_op(q, k, v, groups, topk or 0, 0.25, backend)[0]
+        torch.testing.assert_close(inside, ref, rtol=0, atol=0)

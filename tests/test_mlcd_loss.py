@@ -1099,3 +1099,20 @@ def test_scratch_buffers_are_reused_on_the_cpu_only():
     assert _workspace._local.buffers.keys() == {torch.float32, torch.float64}      # nothing kept for meta
     pyssl.empty_cache()
     assert not _workspace._local.buffers
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_loss_under_autocast_computes_as_without(backend):
+    """A custom op runs under its caller's autocast unless it turns it off: the chunked
+    backends' products (the normalization backward's batched GEMV among them) were cast to
+    bfloat16 inside the op under a CPU autocast (dW moved by 3.6e-4 relative). The op body runs
+    with autocast off: float32 inputs give the float32 results, bit for bit."""
+    x, w, pos = make_problem(n=30, c=200, d=24, seed=9)
+    out = {}
+    for amp in (False, True):
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = pyssl.mlcd_loss(xa, wa, pos, backend=backend)
+        out[amp] = (loss.detach(), *torch.autograd.grad(loss, (xa, wa)))
+    for a, b in zip(out[False], out[True]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -357,3 +357,16 @@ def test_faiss_index_is_built_once_per_bank_and_rebuilt_when_it_changes(monkeypa
     del bank, bias, other, b
     gc.collect()
     assert KNN._FAISS_CACHE["entry"] is None
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_knn_scorer_under_autocast_scores_as_without(backend):
+    """The search's float32 products are not cast by a caller's autocast (the torch path's
+    block GEMMs would have run in bfloat16 under a CPU autocast)."""
+    g = torch.Generator().manual_seed(3)
+    bank, q = torch.randn(300, 12, generator=g), torch.randn(20, 12, generator=g)
+    sc = pyssl.ood.KNNScorer(4, backend=backend).fit(bank)
+    want = sc.score(q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sc.score(q)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

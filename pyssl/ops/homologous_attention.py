@@ -352,6 +352,7 @@ def _torch_grouped_backward(q, k, v, out, dout, lse, groups, scale):
 # --------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("pyssl::homologous_attention", mutates_args=())
+@_dispatch.autocast_off
 def _attn_op(q: Tensor, k: Tensor, v: Tensor, groups: Optional[Tensor], topk: int, scale: float,
              backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, lse, keep bitmask, perm): perm is the Triton group-mode sort (empty elsewhere)."""
@@ -388,6 +389,7 @@ def _(q, k, v, groups, topk, scale, backend):
 
 
 @torch.library.custom_op("pyssl::homologous_attention_backward", mutates_args=())
+@_dispatch.autocast_off
 def _attn_bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
                  groups: Optional[Tensor], keep: Tensor, perm: Tensor, topk: int, scale: float,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
@@ -451,15 +453,28 @@ def homologous_attention(q: Tensor, k: Tensor, v: Tensor, groups: Optional[Tenso
         O_i = Σ_j softmax over the kept j of S_ij · v_j     (a query with no kept key: 0)
 
     q, k, v (B, H, L, d) of one float dtype (views with a unit last stride are read in place);
-    groups (B, L) integer or None (one group). Negative ids are global tokens (a CLS token):
-    they attend to all and are attended by all. The kept set gets no gradient. More in the
-    module docstring (backends, kernels)."""
+    under autocast they are first cast to its dtype, as F.scaled_dot_product_attention's are
+    (a q/k norm leaves q and k float32 beside a 16-bit v). groups (B, L) integer or None (one
+    group). Negative ids are global tokens (a CLS token): they attend to all and are attended by
+    all. The kept set gets no gradient. More in the module docstring (backends, kernels)."""
     return attention_with_stats(q, k, v, groups, topk=topk, scale=scale, backend=backend)[0]
+
+
+def _autocast_inputs(*ts):
+    """The tensors as autocast gives them to F.scaled_dot_product_attention where autocast is on
+    for their device: float32/16-bit ones cast to its dtype (float64 and non-tensors as they are)."""
+    t0 = next((t for t in ts if isinstance(t, Tensor)), None)
+    if t0 is None or not torch.is_autocast_enabled(t0.device.type):
+        return ts
+    dt = torch.get_autocast_dtype(t0.device.type)
+    return tuple(t.to(dt) if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                 else t for t in ts)
 
 
 def attention_with_stats(q, k, v, groups=None, *, topk=None, scale=None, backend="auto"):
     """(out, lse, keep bitmask): the op's saved statistics, for tests and diagnostics."""
     fn = "homologous_attention"
+    q, k, v = _autocast_inputs(q, k, v)
     scale = _check_inputs(fn, q, k, v, groups, topk, scale)
     chosen = _dispatch.choose(fn, backend, q.device, _PREFERENCE, _backend_checks(q))
     g = None if groups is None else groups.to(torch.int64)

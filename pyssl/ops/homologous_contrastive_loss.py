@@ -115,6 +115,7 @@ def not_supported_reasons(z: Tensor) -> dict:
 
 
 @torch.library.custom_op("pyssl::homologous_contrastive_rows", mutates_args=())
+@_dispatch.autocast_off
 def _rows_op(z: Tensor, groups: Tensor, temperature: float, backend: str) -> Tuple[Tensor, Tensor]:
     """(per-token losses, row log-sum-exp), both (B, L) float32 (float64 for float64 z)."""
     if backend == "triton":
@@ -132,6 +133,7 @@ def _(z, groups, temperature, backend):
 
 
 @torch.library.custom_op("pyssl::homologous_contrastive_rows_backward", mutates_args=())
+@_dispatch.autocast_off
 def _rows_bwd_op(z: Tensor, groups: Tensor, lse: Tensor, grad_rows: Tensor, temperature: float,
                  backend: str) -> Tensor:
     if backend == "triton":
@@ -146,7 +148,9 @@ def _rows_bwd_op(z: Tensor, groups: Tensor, lse: Tensor, grad_rows: Tensor, temp
 
 @_rows_bwd_op.register_fake
 def _(z, groups, lse, grad_rows, temperature, backend):
-    return torch.empty_like(z)
+    # contiguous, as both kernels return it (empty_like kept a permuted z's strides: compiled
+    # code then read the gradient with the wrong strides)
+    return z.new_empty(z.shape)
 
 
 def _setup(ctx, inputs, output):

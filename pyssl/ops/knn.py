@@ -369,6 +369,7 @@ def _search_faiss(queries, bank, k, bank_bias):
     return (torch.from_numpy(s).to(queries.device), torch.from_numpy(i).to(torch.int64).to(queries.device))
 
 
+@_dispatch.autocast_off   # the torch path's products stay float32 under a caller's autocast
 def search(queries: Tensor, bank: Tensor, k: int, *, bank_bias: Optional[Tensor] = None,
            backend: str = "auto", fn: str = "knn search") -> Tuple[Tensor, Tensor]:
     queries = as_float_tensor("queries", fn, queries)

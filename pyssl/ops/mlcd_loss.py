@@ -573,6 +573,7 @@ def _choose_backend(fn, backend, x, l):
 # --------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("pyssl::margin_loss", mutates_args=())
+@_dispatch.autocast_off
 def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optional[Tensor],
                     kind: int, scale: float, m1: float, m2: float, m3: float, exact: bool,
                     reduction: int, backend: str, grad_in_forward: bool, need_grad: int
@@ -629,6 +630,7 @@ def _(x, weight, pos_ids, classes, kind, scale, m1, m2, m3, exact, reduction, ba
 
 
 @torch.library.custom_op("pyssl::margin_loss_backward", mutates_args=())
+@_dispatch.autocast_off
 def _margin_loss_backward_op(x: Tensor, weight: Tensor, classes: Optional[Tensor], pos_col: Tensor,
                              scale: float, lse_total: Tensor, gneg: Tensor, gpos: Tensor,
                              backend: str, need_grad: int) -> Tuple[Tensor, Tensor]:
@@ -846,6 +848,7 @@ def sample_classes(positives: Tensor, num_classes: int, ratio: float = 0.1, *,
 
 
 @torch.library.custom_op("pyssl::sample_classes", mutates_args=())
+@_dispatch.autocast_off
 def _sample_op(positives: Tensor, num_classes: int, ratio: float) -> Tensor:
     _validate_data(positives, None, num_classes, MLCD, "sample_classes")
     return _sample(positives, num_classes, ratio, None)

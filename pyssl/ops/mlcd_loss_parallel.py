@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pyssl import _checks
+from pyssl import _checks, _dispatch
 from pyssl.ops import mlcd_loss as E
 
 __all__ = ["shard_range", "mlcd_loss_parallel", "margin_softmax_loss_parallel"]
@@ -136,6 +136,7 @@ def _local_columns(fn: str, local: Tensor, classes: Optional[Tensor], count: int
 
 class _ShardedMarginLoss(torch.autograd.Function):
     @staticmethod
+    @_dispatch.autocast_off    # as the single-process op's body (see _dispatch.autocast_off)
     def forward(ctx, x: Tensor, weight: Tensor, positives: Tensor, call: _Call) -> Tensor:
         group, fn = call.group, call.fn
         rank = dist.get_rank(group)
@@ -212,6 +213,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
         return loss.to(acc)    # float32 for 16-bit x, as the single-process op
 
     @staticmethod
+    @_dispatch.autocast_off
     def backward(ctx, grad_loss: Tensor):
         if ctx.fused:   # the gradients of a unit upstream gradient, formed in the forward
             dx_own, dw = ctx.saved_tensors   # dx_own None where no rank's x needs a gradient

@@ -401,6 +401,7 @@ def _noise_rows(xf: Tensor, row_src: Tensor, row_sample: Tensor, image_ids: Tens
 # --------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("pyssl::gaussian_noise", mutates_args=())
+@_dispatch.autocast_off
 def _noise_op(x: Tensor, row_src: Tensor, row_sample: Tensor, image_ids: Tensor,
               a: Optional[Tensor], b: Optional[Tensor], sigma: float, seed: int, stream: int,
               out_dtype: torch.dtype, channels_last: bool, backend: str, check: bool) -> Tensor:
