@@ -162,3 +162,9 @@ def autocast_off(fn):
             return fn(*args, **kwargs)
     run.__signature__ = inspect.signature(fn, eval_str=True)
     return run
+
+
+# Tags of a custom op that syncs with the host inside (data checks read a device flag): such an
+# op must not be recorded into a CUDA graph (torch.compile's mode="reduce-overhead" would try,
+# and the read fails while the stream is capturing).
+HOST_SYNC_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()

@@ -29,6 +29,14 @@ def _progress(progress: Optional[bool]) -> bool:
     return sys.stderr.isatty() if progress is None else bool(progress)
 
 
+def _gpu_of(x) -> torch.device:
+    """The CUDA device to run on: x's when it is a CUDA tensor, else the current one (with its
+    index: torch.device("cuda") compares unequal to cuda:0)."""
+    if isinstance(x, Tensor) and x.is_cuda:
+        return x.device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def _use_gpu(fn: str, gpu: Optional[bool], x: Tensor) -> bool:
     if gpu is None:
         return x.device.type == "cuda"
@@ -98,7 +106,7 @@ def kmeans(x, k: int, *, niter: int = 25, seed: int = 0, spherical: bool = True,
     faiss = _knn.faiss_module()
     if backend == "faiss" and faiss is None:
         raise ValueError(f"{fn}: backend='faiss' cannot serve: faiss is not installed")
-    dev = torch.device("cuda") if use_gpu else x.device
+    dev = _gpu_of(x) if use_gpu else x.device
     g = torch.Generator().manual_seed(seed)
     use_faiss = backend == "faiss" or (backend == "auto" and faiss is not None and (not use_gpu or _knn.faiss_has_gpu()))
     in_place = not spherical and x.device == dev and x.dtype == torch.float32
@@ -146,8 +154,9 @@ def _kmeanspp(x: Tensor, k: int, g: torch.Generator) -> Tensor:
     first = torch.randint(n, (1,), generator=g).to(dev)
     sq = x.pow(2).sum(1)
     idx = torch.empty(k, dtype=torch.int64, device=dev)
-    idx[0] = first[0]
-    d2 = (sq - 2.0 * (x @ x[first[0]]) + sq[first[0]]).clamp_min(0.0)
+    idx[:1] = first
+    # (indexing with 1-element tensors, never 0-d ones: a 0-d index is read on the host)
+    d2 = (sq - 2.0 * (x @ x.index_select(0, first)[0]) + sq.index_select(0, first)).clamp_min(0.0)
     for j in range(1, k):
         cdf = torch.cumsum(d2.double(), 0)
         total = cdf[-1]
@@ -156,9 +165,9 @@ def _kmeanspp(x: Tensor, k: int, g: torch.Generator) -> Tensor:
         cand = torch.where(total > 0, cand, (u[j] * n).long().clamp_max(n - 1))
         dc = (sq[:, None] - 2.0 * (x @ x[cand].t()) + sq[cand][None, :]).clamp_min(0.0)   # (N, L)
         new_d2 = torch.minimum(d2[:, None], dc)
-        best = new_d2.double().sum(0).argmin()
-        idx[j] = cand[best]
-        d2 = new_d2[:, best]
+        best = new_d2.double().sum(0).argmin().view(1)
+        idx[j:j + 1] = cand.index_select(0, best)
+        d2 = new_d2.index_select(1, best)[:, 0]
     return x[idx].clone()
 
 
@@ -234,7 +243,8 @@ def topk_assign(x, centroids, l: int = 8, *, batch_size: Optional[int] = None, g
     if bool(zero_c.any()):
         raise ValueError(f"{fn}: centroids hold an all-zero row (row {int(zero_c.nonzero()[0, 0])}): it has no "
                          "direction to compare by cosine")
-    dev = torch.device("cuda") if _use_gpu(fn, gpu, cent if not isinstance(x, Tensor) else x) else cent.device
+    ref = cent if not isinstance(x, Tensor) else x
+    dev = _gpu_of(ref) if _use_gpu(fn, gpu, ref) else cent.device
     cn = _knn.unit_rows(cent.detach(), device=dev)
     if out is not None:
         idx_out, sim_out = out

@@ -252,3 +252,12 @@ def test_read_only_memmap_without_warnings(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_kmeanspp_never_reads_the_device():
+    """k-means++ seeding runs without host syncs (as its docstring says): on meta tensors, where
+    any read of a value fails, it goes through (it indexed with 0-d tensors: two syncs per
+    center on a GPU)."""
+    x = torch.empty(50, 4, device="meta")
+    c = pyssl.cluster._kmeanspp(x, 5, torch.Generator().manual_seed(0))
+    assert c.shape == (5, 4) and c.device.type == "meta"

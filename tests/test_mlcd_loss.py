@@ -1116,3 +1116,17 @@ def test_loss_under_autocast_computes_as_without(backend):
         out[amp] = (loss.detach(), *torch.autograd.grad(loss, (xa, wa)))
     for a, b in zip(out[False], out[True]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sample_classes_generator_devices():
+    """A CPU generator works for any positives' device (its keys drawn on the host, reproducibly);
+    a generator on another device than the positives is a named error, as in mix_patches
+    (drawing on GPU 0 for every rank's positives made each rank touch GPU 0)."""
+    dev = device_for("triton")
+    pos = torch.tensor([[3, 7], [1, 9]], device=dev)
+    a = pyssl.sample_classes(pos, 100, 0.2, generator=torch.Generator().manual_seed(4))
+    b = pyssl.sample_classes(pos, 100, 0.2, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and a.device == pos.device and a.numel() == 4 + 19
+    if GPU:    # a CUDA generator for CPU positives
+        with pytest.raises(ValueError, match="generator must be a CPU generator or one on positives' device"):
+            pyssl.sample_classes(pos.cpu(), 100, 0.2, generator=torch.Generator("cuda").manual_seed(4))

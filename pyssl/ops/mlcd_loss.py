@@ -572,7 +572,7 @@ def _choose_backend(fn, backend, x, l):
 # the custom op: forward gives (loss, lse_total, gpos_unit, pos_col, dx, dw)
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("pyssl::margin_loss", mutates_args=())
+@torch.library.custom_op("pyssl::margin_loss", mutates_args=(), tags=_dispatch.HOST_SYNC_TAGS)
 @_dispatch.autocast_off
 def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optional[Tensor],
                     kind: int, scale: float, m1: float, m2: float, m3: float, exact: bool,
@@ -843,6 +843,11 @@ def sample_classes(positives: Tensor, num_classes: int, ratio: float = 0.1, *,
         raise ValueError(f"{fn}: ratio must be in [0, 1], got {ratio!r}")
     if _checks.generator(fn, "generator", generator) is None:
         return _sample_op(positives, num_classes, ratio)
+    dev, draw = positives.device, generator.device
+    if draw.type != "cpu" and draw != dev and not (draw.index is None and draw.type == dev.type):
+        # (drawing on another GPU and copying would make every rank of a job touch that GPU)
+        raise ValueError(f"{fn}: generator must be a CPU generator or one on positives' device ({dev}), "
+                         f"got one on {draw}")
     _validate_data(positives, None, num_classes, MLCD, fn)
     return _sample(positives, num_classes, ratio, generator)
 
@@ -871,9 +876,13 @@ def _sample(positives: Tensor, num_classes: int, ratio: float,
     k = int(round(ratio * (num_classes - pos.numel())))
     if k == 0:
         return pos
-    gen_device = generator.device if generator is not None else positives.device
-    # uniform without replacement over the complement: rank random keys, positives excluded
-    keys = torch.rand(num_classes, generator=generator, device=gen_device).to(positives.device)
+    dev = positives.device
+    gen_device = dev if generator is None or generator.device.type != "cpu" else generator.device
+    # uniform without replacement over the complement: rank random keys, positives excluded (a
+    # CPU generator's keys go to the GPU from pinned memory: a pageable copy waits for the stream)
+    keys = torch.rand(num_classes, generator=generator, device=gen_device)
+    if keys.device != dev:
+        keys = keys.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else keys.to(dev)
     keys[pos] = 2.0
     others = torch.topk(keys, k, largest=False, sorted=False).indices
     return torch.cat([pos, others]).sort().values

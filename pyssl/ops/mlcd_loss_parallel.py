@@ -346,10 +346,13 @@ def _nccl_only(group) -> bool:
     return str(dist.get_backend(group)) == "nccl"
 
 
-def _meta_device(group) -> torch.device:
-    """Where the metadata exchange runs: the current CUDA device on an NCCL-only group (whatever
-    x is, so that a rank with a bad x still takes part), else the CPU."""
+def _meta_device(group, x=None) -> torch.device:
+    """Where the metadata exchange runs: on an NCCL-only group x's CUDA device (the one its
+    features' collectives use, whether or not the rank called set_device), else the current CUDA
+    device (so that a rank with a bad x still takes part); the CPU on other groups."""
     if _nccl_only(group) and torch.cuda.is_available():
+        if isinstance(x, Tensor) and x.is_cuda:
+            return x.device
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -365,7 +368,7 @@ def _exchange(fn, group, x, weight, ids, class_start, local_error: str, exact: b
             int(torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)),
             int(torch.is_grad_enabled() and x.requires_grad), 0, int(exact), reduction,
             _BACKEND_CODES.index(backend)] if ok else [0] * 8 + [1, 0, 0, 0]
-    t = torch.tensor(meta, dtype=torch.int64, device=_meta_device(group))[None]
+    t = torch.tensor(meta, dtype=torch.int64, device=_meta_device(group, x if ok else None))[None]
     metas = _gather_rows(t, [1] * dist.get_world_size(group), group).tolist()
     bad = [r for r, m in enumerate(metas) if m[8]]
     if bad:

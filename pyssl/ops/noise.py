@@ -400,7 +400,7 @@ def _noise_rows(xf: Tensor, row_src: Tensor, row_sample: Tensor, image_ids: Tens
 # the custom op (differentiable in x: dy/dx = a, summed over the samples of each image)
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("pyssl::gaussian_noise", mutates_args=())
+@torch.library.custom_op("pyssl::gaussian_noise", mutates_args=(), tags=_dispatch.HOST_SYNC_TAGS)
 @_dispatch.autocast_off
 def _noise_op(x: Tensor, row_src: Tensor, row_sample: Tensor, image_ids: Tensor,
               a: Optional[Tensor], b: Optional[Tensor], sigma: float, seed: int, stream: int,
