@@ -265,7 +265,7 @@ def test_large_k_partitioned_search_is_exact(crowded, chunked, monkeypatch):
                         lambda qq, *a: (passes.append(qq.shape[0]), rows_fn(qq, *a))[1])
     redone = []
     exact = KNN._search_torch
-    monkeypatch.setattr(KNN, "_search_torch", lambda qq, *a: (redone.append(qq.shape[0]), exact(qq, *a))[1])
+    monkeypatch.setattr(KNN, "_search_torch", lambda qq, *a, **kw: (redone.append(qq.shape[0]), exact(qq, *a, **kw))[1])
     g = torch.Generator().manual_seed(5)
     q = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1)
     b = torch.nn.functional.normalize(torch.randn(1200, 16, generator=g), dim=1)

@@ -202,8 +202,14 @@ def _block_topk(s: Tensor, k: int):
     return val.gather(1, o), idx.gather(1, o)
 
 
-def _search_torch(queries, bank, k, bank_bias):
+def _search_torch(queries, bank, k, bank_bias, exact: bool = False):
+    """Blocked GEMM + top-k. Its float32 products follow torch's float32 matmul setting (TF32
+    where the user allowed it on a GPU); exact=True computes them in float64 on CUDA (the rare
+    queries the Triton large-k search redoes, which must rank as its exact float32 kernel)."""
     q = queries.float()
+    wide = exact and q.is_cuda
+    if wide:
+        q = q.double()
     nq, nb = q.shape[0], bank.shape[0]
     qc = max(1, min(nq, 4096))
     bc = max(k, min(nb, CHUNK_ELEMS // qc))
@@ -214,7 +220,9 @@ def _search_torch(queries, bank, k, bank_bias):
         best_s = best_i = None
         for b0 in range(0, nb, bc):
             blk = bank[b0:b0 + bc].float()
-            s = qb @ blk.t()
+            s = qb @ (blk.double() if wide else blk).t()
+            if wide:
+                s = s.float()
             if bank_bias is not None:
                 s += bank_bias[b0:b0 + bc]
             ts, ti = _block_topk(s, min(k, s.shape[1]))
@@ -289,7 +297,7 @@ def _search_triton_large_rows(queries, bank, k, bank_bias, part_k: int):
         tau = out_s[:, -1]
         redo = (torch.stack(full_last, 1) >= tau[:, None]).any(1).nonzero().flatten()
         if redo.numel():
-            rs, ri = _search_torch(queries[redo], bank, k, bank_bias)
+            rs, ri = _search_torch(queries[redo], bank, k, bank_bias, exact=True)
             out_s[redo], out_i[redo] = rs, ri
     return out_s, out_i
 
