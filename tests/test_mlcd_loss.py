@@ -1130,3 +1130,27 @@ def test_sample_classes_generator_devices():
     if GPU:    # a CUDA generator for CPU positives
         with pytest.raises(ValueError, match="generator must be a CPU generator or one on positives' device"):
             pyssl.sample_classes(pos.cpu(), 100, 0.2, generator=torch.Generator("cuda").manual_seed(4))
+
+
+def test_data_checks_read_the_device_once():
+    """The op's data checks (ids in range, rows with a positive, duplicates, the candidate set's
+    ids, every positive in it) reduce to one flag read once per call: one host sync (the
+    column check used to read a second)."""
+    from torch.overrides import TorchFunctionMode
+    reads = []
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("__bool__", "item", "tolist", "__int__", "__float__"):
+                reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x, w, pos = make_problem(n=8, c=50, d=4)
+    classes = pyssl.sample_classes(pos, 50, 0.3, generator=torch.Generator().manual_seed(0))
+    for cls in (None, classes):
+        reads.clear()
+        with Count():
+            M._validated_columns(pos, cls, 50, M.MLCD, "mlcd_loss")
+        assert reads == ["__bool__"], reads
+    with pytest.raises(ValueError, match="classes does not contain positive/label id"):
+        M._validated_columns(pos, classes[classes != pos[0, 0]], 50, M.MLCD, "mlcd_loss")

@@ -102,10 +102,11 @@ def _check_ids(fn, name, ids, x, ndim):
 
 
 def _validate_data(pos_ids: Tensor, classes: Optional[Tensor], num_classes: int, kind: int,
-                   fn: Optional[str] = None) -> None:
+                   fn: Optional[str] = None, missing: Optional[Tensor] = None) -> None:
     """Data-dependent checks, done inside the op so torch.compile sees no break: every check
     reduced on the device into one flag, read with one host sync; the details (which id,
-    which row) only when a check failed."""
+    which row) only when a check failed. missing: the positives the candidate set lacks
+    (_find_columns), checked with the rest (after them: an id out of range is named first)."""
     arg = "positives" if kind == MLCD else "labels"
     fn = fn or ("mlcd_loss" if kind == MLCD else "margin_softmax_loss")
     valid = pos_ids >= 0
@@ -119,7 +120,7 @@ def _validate_data(pos_ids: Tensor, classes: Optional[Tensor], num_classes: int,
     if classes is not None:
         csrt = classes.sort().values
         c_out, c_dup = (classes < 0) | (classes >= num_classes), csrt[1:] == csrt[:-1]
-    flags = [t.any() for t in (bad, empty, dup, c_out, c_dup) if t is not None]
+    flags = [t.any() for t in (bad, empty, dup, c_out, c_dup, missing) if t is not None]
     if not bool(torch.stack(flags).any()):
         return
     if bool(bad.any()):
@@ -136,6 +137,9 @@ def _validate_data(pos_ids: Tensor, classes: Optional[Tensor], num_classes: int,
         raise ValueError(f"{fn}: classes holds ids outside [0, {num_classes})")
     if c_dup is not None and bool(c_dup.any()):
         raise ValueError(f"{fn}: classes holds duplicated ids")
+    if missing is not None and bool(missing.any()):
+        raise ValueError(f"{fn}: classes does not contain positive/label id {pos_ids[missing][0].item()}; "
+                         "the candidate set must hold every positive of the batch")
 
 
 def _find_columns(ids: Tensor, classes: Tensor):
@@ -150,14 +154,15 @@ def _find_columns(ids: Tensor, classes: Tensor):
     return torch.where(found, perm[idx], torch.full_like(ids, -1)), valid & ~found, srt
 
 
-def _positive_columns(pos_ids: Tensor, classes: Optional[Tensor], fn: str) -> Tensor:
-    """Column index in S of every positive (-1 stays padding); raises if one is not in S."""
+def _validated_columns(pos_ids: Tensor, classes: Optional[Tensor], num_classes: int, kind: int,
+                       fn: str) -> Tensor:
+    """Every data check of the op and the column index in S of every positive (-1 stays
+    padding), with one host sync for all of them (a positive missing from S included)."""
     if classes is None:
+        _validate_data(pos_ids, None, num_classes, kind, fn)
         return pos_ids
     cols, missing, _ = _find_columns(pos_ids, classes)
-    if bool(missing.any()):
-        raise ValueError(f"{fn}: classes does not contain positive/label id {pos_ids[missing][0].item()}; "
-                         "the candidate set must hold every positive of the batch")
+    _validate_data(pos_ids, classes, num_classes, kind, fn, missing)
     return cols
 
 
@@ -579,8 +584,7 @@ def _margin_loss_op(x: Tensor, weight: Tensor, pos_ids: Tensor, classes: Optiona
                     reduction: int, backend: str, grad_in_forward: bool, need_grad: int
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn = "mlcd_loss" if kind == MLCD else "margin_softmax_loss"
-    _validate_data(pos_ids, classes, weight.shape[0], kind)
-    pos_col = _positive_columns(pos_ids, classes, fn)
+    pos_col = _validated_columns(pos_ids, classes, weight.shape[0], kind, fn)
     n = x.shape[0]
     dx = dw = None
     if backend == "triton":
