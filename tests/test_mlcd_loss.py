@@ -1132,10 +1132,10 @@ def test_sample_classes_generator_devices():
             pyssl.sample_classes(pos.cpu(), 100, 0.2, generator=torch.Generator("cuda").manual_seed(4))
 
 
-def test_data_checks_read_the_device_once():
+def test_data_checks_read_one_flag_on_any_device():
     """The op's data checks (ids in range, rows with a positive, duplicates, the candidate set's
     ids, every positive in it) reduce to one flag read once per call: one host sync (the
-    column check used to read a second)."""
+    column check used to read a second), counted here as reads of a tensor's value."""
     from torch.overrides import TorchFunctionMode
     reads = []
 
