@@ -1139,12 +1139,17 @@ def mlcd_grad(x: torch.Tensor, w: torch.Tensor, classes: Optional[torch.Tensor],
 def _gchunk_cfg(cfg: dict) -> dict:
     """GCHUNK / GCHUNK_COLS of the backward: cfg["bwd"] (PYSSL_MLCD_TRITON_BWD applied), then
     flat keys (tests)."""
-    b = {k: cfg["bwd"].get(k, v) for k, v in _GCHUNK_ON.items()}
+    b = {k: cfg["bwd"][k] for k in _WHOLE_BWD_KEYS}
     b.update({k: cfg[k] for k in _WHOLE_BWD_KEYS if k in cfg})
     return b
 
 
-_FINISH = dict(BLOCK_R=32, BLOCK_D_MAX=128, num_warps=4)   # _mlcd_dw_finish_kernel, _scaled_rows_kernel
+def _row_tiles(D: int) -> Tuple[dict, dict]:
+    """(constexprs, options) of the row-wise kernels of the chunked backward
+    (_scaled_rows_kernel, _mlcd_dw_finish_kernel): 32 rows, D in pieces of at most 128."""
+    return dict(BLOCK_R=32, BLOCK_D=_p2(D, hi=128)), dict(num_warps=4)
+
+
 _GCHUNK_MIN_BYTES = 32 << 20
 _GCHUNK_MAX_BYTES = 256 << 20
 
@@ -1193,10 +1198,10 @@ def _pow2_split(r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def _scaled_rows(src, idx, f, out, r0, R):
     """out[:R] = src[idx[r0:r0+R]] · f[r0:r0+R] (idx None: rows r0...), _scaled_rows_kernel."""
     D = src.shape[1]
-    _scaled_rows_kernel[(triton.cdiv(R, _FINISH["BLOCK_R"]),)](
+    tiles, opts = _row_tiles(D)
+    _scaled_rows_kernel[(triton.cdiv(R, tiles["BLOCK_R"]),)](
         src, idx if idx is not None else f, f, out, r0, R, D, src.stride(0), out.stride(0),
-        HAS_IDX=idx is not None, BLOCK_R=_FINISH["BLOCK_R"], BLOCK_D=_p2(D, hi=_FINISH["BLOCK_D_MAX"]),
-        num_warps=_FINISH["num_warps"])
+        HAS_IDX=idx is not None, **tiles, **opts)
     return out[:R]
 
 
@@ -1219,8 +1224,7 @@ def _grad_gchunk(x, w, classes, cls, rx, rw, pos_col, lse_total, gneg, gpos, gsc
         w_t = torch.empty(ck, D, device=x.device, dtype=x.dtype)
     if dw is not None:
         x_t = _scaled_rows(x, None, px, torch.empty_like(x, memory_format=torch.contiguous_format), 0, N)
-    fin = dict(BLOCK_R=_FINISH["BLOCK_R"], BLOCK_D=_p2(D, hi=_FINISH["BLOCK_D_MAX"]),
-               num_warps=_FINISH["num_warps"])
+    tiles, opts = _row_tiles(D)
     for c0 in range(0, Cp, ck):
         k = min(ck, Cp - c0)
         _mlcd_grad_g_kernel[(triton.cdiv(N, f["BLOCK_N"]), triton.cdiv(k, f["BLOCK_C"]))](
@@ -1233,10 +1237,9 @@ def _grad_gchunk(x, w, classes, cls, rx, rw, pos_col, lse_total, gneg, gpos, gsc
             acc_x += _mm_f32(gk, _scaled_rows(w, classes, pw, w_t, c0, k))
         if dw is not None:
             b = _mm_f32(gk.t(), x_t)
-            _mlcd_dw_finish_kernel[(triton.cdiv(k, fin["BLOCK_R"]),)](
+            _mlcd_dw_finish_kernel[(triton.cdiv(k, tiles["BLOCK_R"]),)](
                 b, w, cls, rw, pw, gscale, dw, c0, k, D, b.stride(0), w.stride(0), dw.stride(0),
-                HAS_CLASSES=classes is not None, BLOCK_R=fin["BLOCK_R"], BLOCK_D=fin["BLOCK_D"],
-                num_warps=fin["num_warps"])
+                HAS_CLASSES=classes is not None, **tiles, **opts)
     if dx is not None:
         _finish_dx(acc_x, x, rx, None, dx, gscale, out_rows=px)
 
@@ -1357,18 +1360,14 @@ def _gchunk_compile_cases() -> List[tuple]:
                       dict(SRC=t, IDX="*i64", F="*fp32", OUT=t, r0="i32", R="i32", D="i32",
                            stride_src="i32", stride_out="i32", HAS_IDX="constexpr",
                            BLOCK_R="constexpr", BLOCK_D="constexpr"),
-                      dict(HAS_IDX=True, BLOCK_R=_FINISH["BLOCK_R"],
-                           BLOCK_D=_p2(D, hi=_FINISH["BLOCK_D_MAX"])),
-                      dict(num_warps=_FINISH["num_warps"])))
+                      dict(HAS_IDX=True, **_row_tiles(D)[0]), _row_tiles(D)[1]))
         for dw_t in sorted({t, "*fp32"}):
             cases.append((_mlcd_dw_finish_kernel,
                           dict(B="*fp32", W=t, CLS="*i64", RW="*fp32", PW="*fp32", GSCALE="*fp32", DW=dw_t,
                                c0="i32", CK="i32", D="i32", stride_b="i32", stride_w="i32",
                                stride_dw="i32", HAS_CLASSES="constexpr", BLOCK_R="constexpr",
                                BLOCK_D="constexpr"),
-                          dict(HAS_CLASSES=True, BLOCK_R=_FINISH["BLOCK_R"],
-                               BLOCK_D=_p2(D, hi=_FINISH["BLOCK_D_MAX"])),
-                          dict(num_warps=_FINISH["num_warps"])))
+                          dict(HAS_CLASSES=True, **_row_tiles(D)[0]), _row_tiles(D)[1]))
     return [case if len(case) == 5 else case + (_aligned(case[1]),) for case in cases]
 
 

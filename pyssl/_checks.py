@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -81,3 +82,24 @@ def generator(fn: str, name: str, v):
     if v is not None and not isinstance(v, torch.Generator):
         raise TypeError(f"{fn}: {name} must be a torch.Generator or None, got {type(v).__name__}")
     return v
+
+
+def draw_device(fn: str, generator: Optional[torch.Generator], device: torch.device, of: str) -> torch.device:
+    """Where to draw random numbers for data on device: the CPU for a CPU generator (or none:
+    the default CPU one), device for a generator on it. A generator on another device is refused
+    (drawing there and copying would make every rank of a job touch that GPU)."""
+    draw = torch.device("cpu") if generator is None else generator.device
+    if draw.type == "cpu":
+        return draw
+    if draw != device and not (draw.index is None and draw.type == device.type):
+        raise ValueError(f"{fn}: generator must be a CPU generator or one on {of}' device ({device}), "
+                         f"got one on {draw}")
+    return device
+
+
+def host_to(t: Tensor, device: torch.device) -> Tensor:
+    """t on device; a CPU tensor bound for a GPU goes through pinned memory without blocking (a
+    plain copy from pageable memory waits for the stream)."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -47,12 +47,7 @@ def mix_patches(patches: Tensor, ratio: float = 0.25, *, generator: Optional[tor
         raise ValueError(f"{fn}: the batch size B = {b} must be divisible by G = round(1/ratio) = {g}")
     _checks.generator(fn, "generator", generator)
     dev = patches.device
-    draw = torch.device("cpu") if generator is None else generator.device
-    if draw.type != "cpu" and draw != dev and not (draw.index is None and draw.type == dev.type):
-        raise ValueError(f"{fn}: generator must be a CPU generator or one on patches' device ({dev}), "
-                         f"got one on {generator.device}")
-    if draw.type != "cpu":
-        draw = dev
+    draw = _checks.draw_device(fn, generator, dev, "patches")
     m = b // g
     # which sources get the extra position: a random relabelling of (position mod G)
     relabel = torch.rand(m, g, generator=generator, device=draw).argsort(dim=1)
@@ -60,8 +55,7 @@ def mix_patches(patches: Tensor, ratio: float = 0.25, *, generator: Optional[tor
     # a uniformly random arrangement of those labels over the positions
     perm = torch.rand(m, np_, generator=generator, device=draw).argsort(dim=1)
     groups = base.gather(1, perm)
-    if groups.device != dev:
-        groups = groups.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else groups.to(dev)
+    groups = _checks.host_to(groups, dev)
     sources = torch.arange(m, device=dev)[:, None] * g + torch.arange(g, device=dev)[None, :]
     src_rows = sources.gather(1, groups)                              # (m, Np) batch index
     pos = torch.arange(np_, device=patches.device).expand(m, np_)

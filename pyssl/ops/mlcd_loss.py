@@ -847,11 +847,7 @@ def sample_classes(positives: Tensor, num_classes: int, ratio: float = 0.1, *,
         raise ValueError(f"{fn}: ratio must be in [0, 1], got {ratio!r}")
     if _checks.generator(fn, "generator", generator) is None:
         return _sample_op(positives, num_classes, ratio)
-    dev, draw = positives.device, generator.device
-    if draw.type != "cpu" and draw != dev and not (draw.index is None and draw.type == dev.type):
-        # (drawing on another GPU and copying would make every rank of a job touch that GPU)
-        raise ValueError(f"{fn}: generator must be a CPU generator or one on positives' device ({dev}), "
-                         f"got one on {draw}")
+    _checks.draw_device(fn, generator, positives.device, "positives")
     _validate_data(positives, None, num_classes, MLCD, fn)
     return _sample(positives, num_classes, ratio, generator)
 
@@ -882,11 +878,8 @@ def _sample(positives: Tensor, num_classes: int, ratio: float,
         return pos
     dev = positives.device
     gen_device = dev if generator is None or generator.device.type != "cpu" else generator.device
-    # uniform without replacement over the complement: rank random keys, positives excluded (a
-    # CPU generator's keys go to the GPU from pinned memory: a pageable copy waits for the stream)
-    keys = torch.rand(num_classes, generator=generator, device=gen_device)
-    if keys.device != dev:
-        keys = keys.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else keys.to(dev)
+    # uniform without replacement over the complement: rank random keys, positives excluded
+    keys = _checks.host_to(torch.rand(num_classes, generator=generator, device=gen_device), dev)
     keys[pos] = 2.0
     others = torch.topk(keys, k, largest=False, sorted=False).indices
     return torch.cat([pos, others]).sort().values

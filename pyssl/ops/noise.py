@@ -286,9 +286,7 @@ def _check_image_ids(fn, image_ids, b, device, check_range: bool = True):
     ids = image_ids.to(dtype=torch.int64)
     if check_range and bool(image_ids_out_of_range(ids)):
         raise_image_ids_range(fn, ids)
-    if ids.device.type == "cpu" and device.type == "cuda":
-        return ids.pin_memory().to(device, non_blocking=True)
-    return ids.to(device)
+    return _checks.host_to(ids, device)
 
 
 def image_ids_out_of_range(ids: Tensor) -> Tensor:
