@@ -1154,3 +1154,33 @@ def test_data_checks_read_one_flag_on_any_device():
         assert reads == ["__bool__"], reads
     with pytest.raises(ValueError, match="classes does not contain positive/label id"):
         M._validated_columns(pos, classes[classes != pos[0, 0]], 50, M.MLCD, "mlcd_loss")
+    # sample_classes: its data checks and the count of distinct positives in one read (with a
+    # generator it runs in Python, where the mode sees it; the op's body is the same function)
+    reads.clear()
+    with Count():
+        pyssl.sample_classes(pos, 50, 0.3, generator=torch.Generator().manual_seed(0))
+    assert reads == ["tolist"], reads
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU")
+def test_sample_classes_syncs_once():
+    """sample_classes on the GPU: one host sync (the data checks and |P| read together); the
+    distinct positives and the drawn classes are marked in a mask and read off it at the size
+    now known, no unique or boolean indexing (each of which syncs)."""
+    import warnings
+    pos = (torch.randint(0, 100_000, (512, 1), device="cuda") + 997 * torch.arange(8, device="cuda")) % 100_000
+    pos[:, 6:] = -1
+    torch.cuda.synchronize()
+    for gen in (None, torch.Generator("cuda").manual_seed(3)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                s = pyssl.sample_classes(pos, 100_000, 0.1, generator=gen)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [c for c in caught if "synchroniz" in str(c.message)]
+        assert len(syncs) == 1, [str(c.message) for c in caught]
+        want = torch.unique(pos[pos >= 0])
+        assert torch.isin(want, s).all() and torch.equal(s, s.unique())
+        assert s.numel() == want.numel() + round(0.1 * (100_000 - want.numel()))

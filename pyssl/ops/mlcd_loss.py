@@ -102,11 +102,14 @@ def _check_ids(fn, name, ids, x, ndim):
 
 
 def _validate_data(pos_ids: Tensor, classes: Optional[Tensor], num_classes: int, kind: int,
-                   fn: Optional[str] = None, missing: Optional[Tensor] = None) -> None:
+                   fn: Optional[str] = None, missing: Optional[Tensor] = None,
+                   count: Optional[Tensor] = None) -> Optional[int]:
     """Data-dependent checks, done inside the op so torch.compile sees no break: every check
     reduced on the device into one flag, read with one host sync; the details (which id,
     which row) only when a check failed. missing: the positives the candidate set lacks
-    (_find_columns), checked with the rest (after them: an id out of range is named first)."""
+    (_find_columns), checked with the rest (after them: an id out of range is named first).
+    count: a 0-d integer tensor the caller needs on the host, read in the same sync and
+    returned (None without it)."""
     arg = "positives" if kind == MLCD else "labels"
     fn = fn or ("mlcd_loss" if kind == MLCD else "margin_softmax_loss")
     valid = pos_ids >= 0
@@ -121,8 +124,14 @@ def _validate_data(pos_ids: Tensor, classes: Optional[Tensor], num_classes: int,
         csrt = classes.sort().values
         c_out, c_dup = (classes < 0) | (classes >= num_classes), csrt[1:] == csrt[:-1]
     flags = [t.any() for t in (bad, empty, dup, c_out, c_dup, missing) if t is not None]
-    if not bool(torch.stack(flags).any()):
-        return
+    failed = torch.stack(flags).any()
+    if count is None:
+        if not bool(failed):
+            return None
+    else:
+        failed, n = torch.stack([failed.to(torch.int64), count.to(torch.int64)]).tolist()
+        if not failed:
+            return n
     if bool(bad.any()):
         v = pos_ids[bad][0].item()
         pad = " (-1 is padding)" if kind == MLCD else ""
@@ -848,15 +857,13 @@ def sample_classes(positives: Tensor, num_classes: int, ratio: float = 0.1, *,
     if _checks.generator(fn, "generator", generator) is None:
         return _sample_op(positives, num_classes, ratio)
     _checks.draw_device(fn, generator, positives.device, "positives")
-    _validate_data(positives, None, num_classes, MLCD, fn)
-    return _sample(positives, num_classes, ratio, generator)
+    return _sample(positives, num_classes, ratio, generator, check=fn)
 
 
 @torch.library.custom_op("pyssl::sample_classes", mutates_args=())
 @_dispatch.autocast_off
 def _sample_op(positives: Tensor, num_classes: int, ratio: float) -> Tensor:
-    _validate_data(positives, None, num_classes, MLCD, "sample_classes")
-    return _sample(positives, num_classes, ratio, None)
+    return _sample(positives, num_classes, ratio, None, check="sample_classes")
 
 
 @_sample_op.register_fake
@@ -868,18 +875,30 @@ def _(positives, num_classes, ratio):
 
 
 def _sample(positives: Tensor, num_classes: int, ratio: float,
-            generator: Optional[torch.Generator]) -> Tensor:
-    """sample_classes without the checks: every id >= 0 of positives (any shape; -1 and other
-    negatives are ignored, a row may have none) plus round(ratio·(C − |P|)) others."""
+            generator: Optional[torch.Generator], check: Optional[str] = None) -> Tensor:
+    """sample_classes: every id >= 0 of positives (any shape; -1 and other negatives are
+    ignored, a row may have none) plus round(ratio·(C − |P|)) others. check: the function name
+    under which positives get the data checks of the loss first (_validate_data, its host sync
+    shared with the count of distinct positives: the one sync of the call; the rest runs on the
+    device without another). The classes are marked in a (C,) mask and read off it in order
+    (nonzero_static at the size now known): no sort, no unique."""
     flat = positives.reshape(-1)
-    pos = torch.unique(flat[flat >= 0])
-    k = int(round(ratio * (num_classes - pos.numel())))
-    if k == 0:
-        return pos
     dev = positives.device
-    gen_device = dev if generator is None or generator.device.type != "cpu" else generator.device
-    # uniform without replacement over the complement: rank random keys, positives excluded
-    keys = _checks.host_to(torch.rand(num_classes, generator=generator, device=gen_device), dev)
-    keys[pos] = 2.0
-    others = torch.topk(keys, k, largest=False, sorted=False).indices
-    return torch.cat([pos, others]).sort().values
+    # ids out of range go to a spare slot (they are refused below, but must not index first)
+    ok = (flat >= 0) & (flat < num_classes)
+    present = torch.zeros(num_classes + 1, dtype=torch.bool, device=dev)
+    present[torch.where(ok, flat, num_classes)] = True
+    present = present[:num_classes]
+    npos = present.sum()
+    if check is not None:
+        npos = _validate_data(positives, None, num_classes, MLCD, check, count=npos)
+    else:
+        npos = int(npos.item())
+    k = int(round(ratio * (num_classes - npos)))
+    if k:
+        gen_device = dev if generator is None or generator.device.type != "cpu" else generator.device
+        # uniform without replacement over the complement: rank random keys, positives excluded
+        keys = _checks.host_to(torch.rand(num_classes, generator=generator, device=gen_device), dev)
+        keys.masked_fill_(present, 2.0)
+        present[torch.topk(keys, k, largest=False, sorted=False).indices] = True
+    return torch.nonzero_static(present, size=npos + k).reshape(-1)
