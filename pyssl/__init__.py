@@ -11,11 +11,11 @@ from pyssl.ops.homologous_contrastive_loss import homologous_contrastive_loss
 from pyssl.ops.mix_patches import mix_patches
 from pyssl.ops.noise import gaussian_noise, noise_tv_bound
 from pyssl.smoothing import Smooth, certified_accuracy
-from pyssl import cluster, nn, ood, reference
+from pyssl import cluster, nn, ood, reference, train
 from pyssl._workspace import empty_cache
 
 __version__ = "0.1.0"
 
 __all__ = ["mlcd_loss", "sample_classes", "margin_softmax_loss", "homologous_attention", "mix_patches",
            "homologous_contrastive_loss", "gaussian_noise", "noise_tv_bound",
-           "Smooth", "certified_accuracy", "nn", "cluster", "ood", "reference", "empty_cache"]
+           "Smooth", "certified_accuracy", "nn", "cluster", "ood", "reference", "train", "empty_cache"]

@@ -4,6 +4,7 @@
     pyssl kmeans FEATURES.npy K --out CENTROIDS.npy   (spherical) k-means of a feature file
     pyssl assign FEATURES.npy CENTROIDS.npy --out P   top-l centroids per row -> P.idx.npy, P.sim.npy
     pyssl ood --bank TRAIN.npy --id ID.npy --ood OOD.npy     kNN OOD scores and the standard metrics
+    pyssl train mlcd|mixedae|smooth [--data digits|FILE.npz]  a reference trainer (pyssl.train)
 
 Feature files are .npy arrays of shape (N, D), opened as memory maps: only the rows in use are
 read (a k-means training sample, an assignment batch), so a corpus larger than memory works.
@@ -107,6 +108,36 @@ def _ood(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from pyssl import train as T
+    data = T.digits(seed=args.seed) if args.data == "digits" else T.load_npz(args.data, seed=args.seed)
+    kw = dict(seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet)
+    if args.epochs is not None:
+        kw["epochs"] = args.epochs
+    if args.method == "smooth":
+        for name in ("sigma", "n0", "n", "alpha", "max_certify"):
+            if getattr(args, name) is not None:
+                kw[name] = getattr(args, name)
+    run = {"mlcd": T.mlcd, "mixedae": T.mixedae, "smooth": T.smooth}[args.method]
+    result = run(data, **kw)
+    text = json.dumps(_rounded(result), indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+def _rounded(v):
+    if isinstance(v, float):
+        return round(v, 6)
+    if isinstance(v, dict):
+        return {str(k): _rounded(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_rounded(x) for x in v]
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyssl", description="pyssl command line")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -145,13 +176,30 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--backend", default="auto", choices=("auto", "cpu", "faiss", "triton", "torch"))
     o.add_argument("--gpu", action="store_true", help="search on CUDA")
     o.add_argument("--json", default=None, help="also write the metrics to this file")
+
+    t = sub.add_parser("train", help="a reference trainer: the ops end to end on real images (pyssl.train)")
+    t.add_argument("method", choices=("mlcd", "mixedae", "smooth"))
+    t.add_argument("--data", default="digits",
+                   help="'digits' (scikit-learn's 8x8 digits) or a .npz with images (N, C, H, W) in [0, 1] "
+                   "and labels (N,), optionally test_images/test_labels")
+    t.add_argument("--epochs", type=int, default=None, help="default: the trainer's")
+    t.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    t.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "cpu", "torch"))
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--sigma", type=float, default=None, help="smooth: noise level")
+    t.add_argument("--n0", type=int, default=None, help="smooth: selection samples")
+    t.add_argument("--n", type=int, default=None, help="smooth: estimation samples")
+    t.add_argument("--alpha", type=float, default=None, help="smooth: failure probability")
+    t.add_argument("--max-certify", type=int, default=None, help="smooth: certify the first test images only")
+    t.add_argument("--json", default=None, help="also write the results to this file")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv=None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    run = {"info": lambda a: info(), "kmeans": _kmeans, "assign": _assign, "ood": _ood}[args.cmd]
+    run = {"info": lambda a: info(), "kmeans": _kmeans, "assign": _assign, "ood": _ood, "train": _train}[args.cmd]
     try:
         return run(args)
     except ValueError as e:
