@@ -114,10 +114,11 @@ def _train(args) -> int:
     kw = dict(seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet)
     if args.epochs is not None:
         kw["epochs"] = args.epochs
-    if args.method == "smooth":
-        for name in ("sigma", "n0", "n", "alpha", "max_certify"):
-            if getattr(args, name) is not None:
-                kw[name] = getattr(args, name)
+    for name in ("sigma", "n0", "n", "alpha", "max_certify"):
+        if getattr(args, name) is not None:
+            if args.method != "smooth":
+                raise ValueError(f"--{name.replace('_', '-')}: an option of `train smooth`, not of `train {args.method}`")
+            kw[name] = getattr(args, name)
     run = {"mlcd": T.mlcd, "mixedae": T.mixedae, "smooth": T.smooth}[args.method]
     result = run(data, **kw)
     text = json.dumps(_rounded(result), indent=1)

@@ -65,9 +65,14 @@ class Images(NamedTuple):
         return int(torch.cat([self.train_y, self.test_y]).max()) + 1
 
 
-def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Images:
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, fn: str) -> Images:
+    test_fraction = _checks.real(fn, "test_fraction", test_fraction)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"{fn}: test_fraction must be in (0, 1), got {test_fraction!r}")
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = int(round(test_fraction * len(x)))
+    if not 0 < n_test < len(x):
+        raise ValueError(f"{fn}: test_fraction {test_fraction!r} of {len(x)} images leaves an empty split")
     te, tr = order[:n_test], order[n_test:]
     t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt)   # noqa: E731
     return Images(t(x[tr], torch.float32), t(y[tr], torch.int64), t(x[te], torch.float32), t(y[te], torch.int64))
@@ -82,7 +87,7 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> Images:
         raise ImportError("pyssl.train.digits needs scikit-learn (pip install scikit-learn)") from e
     d = load_digits()
     x = (d.images.astype(np.float32) / 16.0)[:, None]
-    return _split(x, d.target.astype(np.int64), test_fraction, seed)
+    return _split(x, d.target.astype(np.int64), test_fraction, seed, "digits")
 
 
 def load_npz(path: str, test_fraction: float = 0.25, seed: int = 0) -> Images:
@@ -93,6 +98,13 @@ def load_npz(path: str, test_fraction: float = 0.25, seed: int = 0) -> Images:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"{fn}: cannot read {path!r} as a .npz file ({e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{fn}: {path!r} is a single array, not a .npz archive of images and labels")
+    with z:
+        return _from_npz(fn, path, z, test_fraction, seed)
+
+
+def _from_npz(fn: str, path: str, z, test_fraction: float, seed: int) -> Images:
 
     def images(key):
         a = z[key]
@@ -122,13 +134,15 @@ def load_npz(path: str, test_fraction: float = 0.25, seed: int = 0) -> Images:
     x = images("images")
     y = labels("labels", len(x))
     if "test_images" in z:
+        if "test_labels" not in z:
+            raise ValueError(f"{fn}: {path!r} has test_images but no test_labels")
         tx = images("test_images")
         if tx.shape[1:] != x.shape[1:]:
             raise ValueError(f"{fn}: test_images are {tx.shape[1:]}, images {x.shape[1:]}")
         ty = labels("test_labels", len(tx))
         t = torch.from_numpy
         return Images(t(x), t(y), t(tx), t(ty))
-    return _split(x, y, test_fraction, seed)
+    return _split(x, y, test_fraction, seed, fn)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,6 +184,18 @@ def _embed(model, x: Tensor, device, batch: int = 512, **kw) -> Tensor:
 def knn_accuracy(train_emb: Tensor, train_y: Tensor, test_emb: Tensor, test_y: Tensor, k: int = 10) -> float:
     """Accuracy of a k-nearest-neighbour vote (cosine similarity) of test embeddings among the
     training embeddings with their labels: the usual probe of a self-supervised feature."""
+    fn = "knn_accuracy"
+    k = _checks.integer(fn, "k", k, lo=1)
+    for name, e, y in (("train", train_emb, train_y), ("test", test_emb, test_y)):
+        _checks.tensor(fn, f"{name}_emb", e)
+        _checks.tensor(fn, f"{name}_y", y)
+        if e.dim() != 2 or len(e) == 0:
+            raise ValueError(f"{fn}: {name}_emb must be a non-empty (N, D) tensor, got shape {tuple(e.shape)}")
+        if y.shape != (len(e),) or y.dtype != torch.int64 or bool((y < 0).any()):
+            raise ValueError(f"{fn}: {name}_y must be ({len(e)},) non-negative int64 labels, got shape "
+                             f"{tuple(y.shape)}, {y.dtype}")
+    if train_emb.shape[1] != test_emb.shape[1]:
+        raise ValueError(f"{fn}: test_emb has D={test_emb.shape[1]}, train_emb D={train_emb.shape[1]}")
     a = F.normalize(train_emb.float(), dim=1)
     b = F.normalize(test_emb.float(), dim=1)
     k = min(k, len(a))
@@ -189,8 +215,15 @@ def _check_data(fn: str, data) -> Images:
     if not isinstance(data, Images):
         raise TypeError(f"{fn}: data must be a pyssl.train.Images (digits(), load_npz()), got "
                         f"{type(data).__name__}")
-    if data.train_x.dim() != 4 or len(data.train_x) == 0 or len(data.test_x) == 0:
-        raise ValueError(f"{fn}: data needs non-empty (N, C, H, W) train and test images")
+    x, y, tx, ty = data
+    if x.dim() != 4 or len(x) == 0 or len(tx) == 0 or tx.shape[1:] != x.shape[1:]:
+        raise ValueError(f"{fn}: data needs non-empty train and test images of one (C, H, W) shape, got "
+                         f"{tuple(x.shape)} and {tuple(tx.shape)}")
+    if not (x.is_floating_point() and tx.is_floating_point()):
+        raise ValueError(f"{fn}: data's images must be float in [0, 1], got {x.dtype} and {tx.dtype}")
+    if y.shape != (len(x),) or ty.shape != (len(tx),) or y.dtype != torch.int64 or ty.dtype != torch.int64:
+        raise ValueError(f"{fn}: data's labels must be int64, one per image: got {tuple(y.shape)} for "
+                         f"{len(x)} train images, {tuple(ty.shape)} for {len(tx)} test images")
     return data
 
 
@@ -216,6 +249,7 @@ def mlcd(data: Images, *, num_clusters: int = 32, l: int = 3, dim: int = 64, epo
     for name, v, lo in (("num_clusters", num_clusters, 2), ("l", l, 1), ("dim", dim, 1), ("epochs", epochs, 1),
                         ("batch_size", batch_size, 1)):
         _checks.integer(fn, name, v, lo=lo)
+    lr = _checks.real(fn, "lr", lr, positive=True)
     if l > num_clusters:
         raise ValueError(f"{fn}: l ({l}) must be at most num_clusters ({num_clusters})")
     torch.manual_seed(seed)
@@ -369,10 +403,13 @@ def mixedae(data: Images, *, patch: int = 2, ratio: float = 0.25, dim: int = 64,
     for name, v, lo in (("patch", patch, 1), ("dim", dim, 1), ("depth", depth, 1), ("heads", heads, 1),
                         ("decoder_depth", decoder_depth, 1), ("epochs", epochs, 1), ("batch_size", batch_size, 1)):
         _checks.integer(fn, name, v, lo=lo)
+    lr = _checks.real(fn, "lr", lr, positive=True)
     h, w = data.train_x.shape[2:]
     if h % patch or w % patch:
         raise ValueError(f"{fn}: patch ({patch}) must divide the image size {h}×{w}")
     ratio = _checks.real(fn, "ratio", ratio, positive=True)
+    temperature = _checks.real(fn, "temperature", temperature, positive=True)
+    contrastive_weight = _checks.real(fn, "contrastive_weight", contrastive_weight, nonnegative=True)
     G = int(round(1.0 / ratio))
     if G < 2:
         raise ValueError(f"{fn}: ratio must mix at least 2 images (1/ratio >= 1.5), got {ratio}")
@@ -479,6 +516,8 @@ def smooth(data: Images, *, sigma: float = 0.25, epochs: int = 20, batch_size: i
     sigma = _checks.real(fn, "sigma", sigma, positive=True)
     for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("n0", n0, 1), ("n", n, 1)):
         _checks.integer(fn, name, v, lo=lo)
+    lr = _checks.real(fn, "lr", lr, positive=True)
+    _checks.integer(fn, "max_certify", max_certify, lo=1, optional=True)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     K = data.num_classes
@@ -511,10 +550,10 @@ def smooth(data: Images, *, sigma: float = 0.25, epochs: int = 20, batch_size: i
     tx, ty = data.test_x, data.test_y
     m_t, s_t = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
     clean = float((_embed(model, (tx - m_t) / s_t, dev).argmax(1) == ty).float().mean())
-    noisy_in = pyssl.gaussian_noise(tx, 1, sigma, seed=seed + 1, mean=mean, std=std, backend=backend)
+    noisy_in = pyssl.gaussian_noise(tx.to(dev), 1, sigma, seed=seed + 1, mean=mean, std=std, backend=backend)
     noisy = float((_embed(model, noisy_in, dev).argmax(1) == ty).float().mean())
     if max_certify is not None:
-        tx, ty = tx[:_checks.integer(fn, "max_certify", max_certify, lo=1)], ty[:max_certify]
+        tx, ty = tx[:max_certify], ty[:max_certify]
     smoothed = pyssl.Smooth(model, K, sigma, mean=mean, std=std, batch_size=1000, seed=seed + 2, backend=backend,
                             progress=bool(progress))
     with torch.no_grad():

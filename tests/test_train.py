@@ -33,13 +33,15 @@ def test_digits_split(data):
 
 def test_mlcd_learns_the_cluster_labels(data):
     """MLCD on k-means pseudo-labels: the encoder puts unseen test images next to one of their
-    own l centers (chance l/C ≈ 0.09, measured at initialization) and keeps a good kNN probe."""
+    own l centers (chance l/C ≈ 0.09, measured at initialization). The kNN probe with the true
+    labels cannot beat the pixels the pseudo-labels come from (a random CNN already matches
+    them on digits); it must stay within a few points of them: training does not wreck it."""
     r = T.mlcd(data, epochs=10, device=DEV)
     assert r["loss"][-1] < 0.7 * r["loss"][0]
     assert r["test_positive_hit_rate"] > 0.9
     assert r["test_positive_hit_rate_init"] < 0.3
     assert r["cluster_purity"] > 0.8
-    assert r["knn_accuracy"] > 0.9
+    assert r["knn_accuracy"] > r["knn_accuracy_pixels"] - 0.04
 
 
 def test_mixedae_reconstructs_and_isolates_sources(data):
@@ -75,10 +77,10 @@ def test_smooth_certifies_most_test_images(data):
     acc = r["certified_accuracy"]
     assert acc[0.0] > 0.85 and acc[0.25] > 0.6
     assert r["abstain_rate"] < 0.15
-    from scipy.stats import norm
-    best = 0.25 * norm.ppf(0.001 ** (1 / 500))
-    assert r["best_possible_radius"] == pytest.approx(best)
-    assert acc[1.0] == 0.0 and best < 1.0
+    # the largest radius: all 500 votes for one class, Clopper–Pearson lower bound Beta(α; n, 1)
+    from scipy.stats import beta, norm
+    assert r["best_possible_radius"] == pytest.approx(0.25 * norm.ppf(beta.ppf(0.001, 500, 1)))
+    assert acc[0.75] == acc[1.0] == 0.0
 
 
 def test_load_npz(tmp_path):
@@ -98,10 +100,18 @@ def test_load_npz(tmp_path):
     for kw, msg in ((dict(images=x * 2.0, labels=y), "images must hold values in"),
                     (dict(images=x, labels=y[:5]), "labels must be"),
                     (dict(pictures=x, labels=y), "has no array 'images'"),
-                    (dict(images=x[:, 0], labels=y), r"images must be \(N, C, H, W\)")):
+                    (dict(images=x[:, 0], labels=y), r"images must be \(N, C, H, W\)"),
+                    (dict(images=x, labels=y, test_images=x), "test_images but no test_labels")):
         np.savez(p, **kw)
         with pytest.raises(ValueError, match=msg):
             T.load_npz(str(p))
+    np.save(tmp_path / "a.npy", x)
+    with pytest.raises(ValueError, match="single array, not a .npz archive"):
+        T.load_npz(str(tmp_path / "a.npy"))
+    np.savez(p, images=x, labels=y)
+    for tf in (0.0, -0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="test_fraction"):
+            T.load_npz(str(p), test_fraction=tf)
 
 
 def test_bad_arguments(data):
@@ -115,6 +125,26 @@ def test_bad_arguments(data):
         T.mixedae(data, patch=3)
     with pytest.raises(ValueError, match="sigma"):
         T.smooth(data, sigma=0.0)
+    with pytest.raises(ValueError, match="lr"):
+        T.smooth(data, lr=-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        T.mixedae(data, temperature=0.0)
+    with pytest.raises(ValueError, match="max_certify"):
+        T.smooth(data, max_certify=0)
+    bad = T.Images(data.train_x, data.train_y, data.test_x[:, :, :4], data.test_y)
+    with pytest.raises(ValueError, match=r"one \(C, H, W\) shape"):
+        T.smooth(bad)
+    bad = T.Images(data.train_x, data.train_y[:-1], data.test_x, data.test_y)
+    with pytest.raises(ValueError, match="one per image"):
+        T.mlcd(bad)
+    e, y = torch.randn(5, 3), torch.arange(5)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        T.knn_accuracy(e, y, e, y, k=0)
+    with pytest.raises(ValueError, match="test_y must be"):
+        T.knn_accuracy(e, y, e, y[:4])
+    with pytest.raises(ValueError, match="test_emb has D=2"):
+        T.knn_accuracy(e, y, e[:, :2], y)
+    assert T.knn_accuracy(e, y, e, y, k=1) == 1.0
 
 
 def test_cli_train(tmp_path, capsys):
@@ -127,3 +157,5 @@ def test_cli_train(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == got
     assert main(["train", "mlcd", "--data", str(tmp_path / "missing.npz"), "--quiet"]) == 2
     assert "cannot read" in capsys.readouterr().err
+    assert main(["train", "mlcd", "--sigma", "0.5", "--quiet"]) == 2
+    assert "--sigma: an option of `train smooth`" in capsys.readouterr().err
