@@ -233,7 +233,7 @@ def _check_data(fn: str, data) -> Images:
 
 def mlcd(data: Images, *, num_clusters: int = 32, l: int = 3, dim: int = 64, epochs: int = 30,
          batch_size: int = 128, lr: float = 2e-3, scale: float = 32.0, margin: float = 0.3,
-         sample_ratio: float = 0.5, seed: int = 0, device="cpu", backend: str = "auto",
+         sample_ratio: float = 0.5, process_group=None, seed: int = 0, device="cpu", backend: str = "auto",
          progress: Optional[bool] = None) -> Dict[str, object]:
     """MLCD on data: pixel features → kmeans(num_clusters) → top-l positives → CNN + MLCDLoss →
     kNN probe. Returns the per-epoch mean loss; how well the pseudo-labels were learned: on the
@@ -241,7 +241,19 @@ def mlcd(data: Images, *, num_clusters: int = 32, l: int = 3, dim: int = 64, epo
     center in embedding space is one of their l positives (chance: l/num_clusters), trained and
     at initialization; the kNN probe with the true labels of the trained encoder, of the same
     encoder at initialization and of the raw pixels; and the label purity of the clusters (the
-    fraction of training images whose nearest center's majority label is their own)."""
+    fraction of training images whose nearest center's majority label is their own).
+
+    sample_ratio: the share of the non-positive classes each step scores (sample_classes); with
+    the defaults on digits every class is a positive of some image of each batch, so every step
+    scores all 32.
+
+    process_group: model parallel, one process per device (torchrun; `pyssl train mlcd` under
+    torchrun sets it up): every rank holds a contiguous shard of the class centers
+    (MLCDLoss(process_group=...), PartialFC style) and 1/world of each global batch, the encoder
+    is wrapped in DistributedDataParallel, and feature_grad_scale=world undoes DDP's averaging,
+    so the run follows one process with the global batch (when every step scores all classes,
+    up to float rounding; with sampling each rank draws the negatives of its own shard). Every
+    rank returns the same results."""
     import pyssl
     fn = "train.mlcd"
     data = _check_data(fn, data)
@@ -252,15 +264,24 @@ def mlcd(data: Images, *, num_clusters: int = 32, l: int = 3, dim: int = 64, epo
     lr = _checks.real(fn, "lr", lr, positive=True)
     if l > num_clusters:
         raise ValueError(f"{fn}: l ({l}) must be at most num_clusters ({num_clusters})")
+    rank, world = 0, 1
+    if process_group is not None:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            raise ValueError(f"{fn}: process_group given but torch.distributed is not initialized")
+        rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
 
-    # the labelling step: cluster the "pre-trained" features, l nearest centers per image
+    # the labelling step: cluster the "pre-trained" features, l nearest centers per image (with
+    # a process group, rank 0's labels: BLAS rounding may differ between machines)
     pix = data.train_x.flatten(1)
     mean = pix.mean(0)
     feats = F.normalize(pix - mean, dim=1)
     cent = pyssl.cluster.kmeans(feats, num_clusters, niter=25, seed=seed)
     positives, _ = pyssl.cluster.topk_assign(feats, cent, l)
+    if process_group is not None:
+        cent, positives = (_broadcast(t, dev, process_group).cpu() for t in (cent, positives))
     top1 = positives[:, 0]
     majority = torch.zeros(num_clusters, dtype=torch.int64)
     for c in range(num_clusters):
@@ -270,18 +291,25 @@ def mlcd(data: Images, *, num_clusters: int = 32, l: int = 3, dim: int = 64, epo
 
     encoder = _cnn(data.train_x.shape[1], dim).to(dev)
     init_state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    # all C initial centers from the seed, so a sharded run starts where one process does
+    w_init = torch.randn(num_clusters, dim, generator=torch.Generator().manual_seed(seed)) * 0.01
     head = pyssl.nn.MLCDLoss(num_clusters, dim, scale=scale, margin=margin, sample_ratio=sample_ratio,
-                             device=dev, backend=backend, generator=torch.Generator(dev).manual_seed(seed))
-    head_init = head.weight.detach().clone()
-    opt = torch.optim.AdamW(list(encoder.parameters()) + list(head.parameters()), lr=lr, weight_decay=1e-4)
+                             process_group=process_group, feature_grad_scale=float(world), device=dev,
+                             backend=backend, generator=torch.Generator(dev).manual_seed(seed + rank))
+    head.load_state_dict({"weight": w_init})
+    net = encoder
+    if process_group is not None:
+        net = torch.nn.parallel.DistributedDataParallel(
+            encoder, device_ids=[dev.index] if dev.type == "cuda" else None, process_group=process_group)
+    opt = torch.optim.AdamW(list(net.parameters()) + list(head.parameters()), lr=lr, weight_decay=1e-4)
     x, pos = data.train_x.to(dev), positives.to(dev)
     losses = []
-    with _bar(epochs, "mlcd", progress) as bar:
+    with _bar(epochs, "mlcd", progress if rank == 0 else False) as bar:
         for _ in range(epochs):
             total, count = 0.0, 0
-            for idx in _batches(len(x), batch_size, g):
-                idx = idx.to(dev)
-                loss = head(encoder(x[idx]), pos[idx])
+            for idx in _batches(len(x), batch_size, g):      # the global batch, the same on every rank
+                mine = idx[rank::world].to(dev)
+                loss = head(net(x[mine]), pos[mine])          # the loss of the global batch
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -293,23 +321,30 @@ def mlcd(data: Images, *, num_clusters: int = 32, l: int = 3, dim: int = 64, epo
     test_feats = F.normalize(data.test_x.flatten(1) - mean, dim=1)
     test_pos, _ = pyssl.cluster.topk_assign(test_feats, cent, l)
 
-    def hit_rate() -> float:
+    def hit_rate(centers: Tensor) -> float:
         emb = F.normalize(_embed(encoder, data.test_x, dev), dim=1)
-        nearest = (emb @ F.normalize(head.weight.detach().float().cpu(), dim=1).t()).argmax(1)
+        nearest = (emb @ F.normalize(centers.float().cpu(), dim=1).t()).argmax(1)
         return float((test_pos == nearest[:, None]).any(1).float().mean())
 
-    hits = hit_rate()
+    hits = hit_rate(head.full_weight())          # with a process group: all shards gathered
     trained = knn_accuracy(_embed(encoder, data.train_x, dev), data.train_y,
                            _embed(encoder, data.test_x, dev), data.test_y)
     encoder.load_state_dict(init_state)
-    head.weight.data.copy_(head_init)
-    hits_init = hit_rate()
+    hits_init = hit_rate(w_init)
     at_init = knn_accuracy(_embed(encoder, data.train_x, dev), data.train_y,
                            _embed(encoder, data.test_x, dev), data.test_y)
     pixels = knn_accuracy(data.train_x.flatten(1) - mean, data.train_y, data.test_x.flatten(1) - mean, data.test_y)
     return {"loss": losses, "test_positive_hit_rate": hits, "test_positive_hit_rate_init": hits_init,
             "knn_accuracy": trained, "knn_accuracy_init": at_init, "knn_accuracy_pixels": pixels,
-            "cluster_purity": purity}
+            "cluster_purity": purity, "world_size": world}
+
+
+def _broadcast(t: Tensor, dev, group) -> Tensor:
+    """t as the group's first rank has it (on dev: NCCL moves CUDA tensors only)."""
+    import torch.distributed as dist
+    t = t.to(dev).contiguous()
+    dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+    return t
 
 
 # ------------------------------------------------------------------------------------------------

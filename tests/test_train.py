@@ -44,6 +44,44 @@ def test_mlcd_learns_the_cluster_labels(data):
     assert r["knn_accuracy"] > r["knn_accuracy_pixels"] - 0.04
 
 
+def _mlcd_parallel_worker(rank, world, init_file):
+    import datetime
+    import traceback
+    import warnings
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    try:
+        data = T.digits()
+        one = T.mlcd(data, epochs=3, sample_ratio=1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # DDP's note on a 1-channel conv's gradient strides
+            par = T.mlcd(data, epochs=3, sample_ratio=1.0, process_group=dist.group.WORLD)
+        assert par["world_size"] == world and one["world_size"] == 1
+        np.testing.assert_allclose(par["loss"], one["loss"], rtol=1e-5)
+        for key in ("test_positive_hit_rate", "test_positive_hit_rate_init", "knn_accuracy", "cluster_purity"):
+            assert par[key] == pytest.approx(one[key], abs=3e-3), key
+        every = [None] * world
+        dist.all_gather_object(every, par)
+        assert all(r == every[0] for r in every)
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mlcd_model_parallel_follows_one_process(tmp_path):
+    """The trainer's model-parallel form (two gloo ranks: a shard of the centers each, half of
+    every global batch, DDP on the encoder, feature_grad_scale=2) follows one process with the
+    whole batch and all centers, epoch by epoch; every rank returns the same results."""
+    import torch.multiprocessing as mp
+    mp.spawn(_mlcd_parallel_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
 def test_mixedae_reconstructs_and_isolates_sources(data):
     """MixedAE: the unseen patches are predicted better than by the mean patch, the contrastive
     loss falls, the encoder's features beat initialization in the kNN probe, and the trained
