@@ -4,7 +4,8 @@
     pyssl kmeans FEATURES.npy K --out CENTROIDS.npy   (spherical) k-means of a feature file
     pyssl assign FEATURES.npy CENTROIDS.npy --out P   top-l centroids per row -> P.idx.npy, P.sim.npy
     pyssl ood --bank TRAIN.npy --id ID.npy --ood OOD.npy     kNN OOD scores and the standard metrics
-    pyssl train mlcd|mixedae|smooth [--data digits|FILE.npz]  a reference trainer (pyssl.train)
+    pyssl train mlcd|mixedae|smooth [--data digits|FILE.npz]  a reference trainer (pyssl.train);
+    torchrun --nproc_per_node P -m pyssl.cli train mlcd       MLCD with the centers sharded over P ranks
 
 Feature files are .npy arrays of shape (N, D), opened as memory maps: only the rows in use are
 read (a k-means training sample, an assignment batch), so a corpus larger than memory works.
@@ -109,9 +110,17 @@ def _ood(args) -> int:
 
 
 def _train(args) -> int:
+    import os
+
     from pyssl import train as T
     data = T.digits(seed=args.seed) if args.data == "digits" else T.load_npz(args.data, seed=args.seed)
     kw = dict(seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        # under torchrun: one process per device, the class centers sharded over the ranks
+        if args.method != "mlcd":
+            raise ValueError(f"WORLD_SIZE={world}: only `train mlcd` has a model-parallel form")
+        return _train_distributed(T, data, kw, args)
     if args.epochs is not None:
         kw["epochs"] = args.epochs
     for name in ("sigma", "n0", "n", "alpha", "max_certify"):
@@ -126,6 +135,31 @@ def _train(args) -> int:
         with open(args.json, "w") as f:
             f.write(text + "\n")
     print(text)
+    return 0
+
+
+def _train_distributed(T, data, kw, args) -> int:
+    import os
+
+    import torch
+    import torch.distributed as dist
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        kw["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(kw["device"])
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        if args.epochs is not None:
+            kw["epochs"] = args.epochs
+        result = T.mlcd(data, process_group=dist.group.WORLD, **kw)
+        if dist.get_rank() == 0:
+            text = json.dumps(_rounded(result), indent=1)
+            if args.json:
+                with open(args.json, "w") as f:
+                    f.write(text + "\n")
+            print(text)
+    finally:
+        dist.destroy_process_group()
     return 0
 
 

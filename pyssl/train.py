@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from typing import Dict, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -304,7 +305,10 @@ def mlcd(data: Images, *, num_clusters: int = 32, l: int = 3, dim: int = 64, epo
     opt = torch.optim.AdamW(list(net.parameters()) + list(head.parameters()), lr=lr, weight_decay=1e-4)
     x, pos = data.train_x.to(dev), positives.to(dev)
     losses = []
-    with _bar(epochs, "mlcd", progress if rank == 0 else False) as bar:
+    with _bar(epochs, "mlcd", progress if rank == 0 else False) as bar, warnings.catch_warnings():
+        # DDP notes that the 1-input-channel conv's weight gradient has other (equivalent)
+        # strides than its bucket view: noise on every rank's stderr, nothing to act on
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         for _ in range(epochs):
             total, count = 0.0, 0
             for idx in _batches(len(x), batch_size, g):      # the global batch, the same on every rank

@@ -47,7 +47,6 @@ def test_mlcd_learns_the_cluster_labels(data):
 def _mlcd_parallel_worker(rank, world, init_file):
     import datetime
     import traceback
-    import warnings
 
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -56,9 +55,7 @@ def _mlcd_parallel_worker(rank, world, init_file):
     try:
         data = T.digits()
         one = T.mlcd(data, epochs=3, sample_ratio=1.0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")     # DDP's note on a 1-channel conv's gradient strides
-            par = T.mlcd(data, epochs=3, sample_ratio=1.0, process_group=dist.group.WORLD)
+        par = T.mlcd(data, epochs=3, sample_ratio=1.0, process_group=dist.group.WORLD)
         assert par["world_size"] == world and one["world_size"] == 1
         np.testing.assert_allclose(par["loss"], one["loss"], rtol=1e-5)
         for key in ("test_positive_hit_rate", "test_positive_hit_rate_init", "knn_accuracy", "cluster_purity"):
@@ -197,3 +194,22 @@ def test_cli_train(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert main(["train", "mlcd", "--sigma", "0.5", "--quiet"]) == 2
     assert "--sigma: an option of `train smooth`" in capsys.readouterr().err
+
+
+def test_cli_train_under_torchrun(tmp_path, monkeypatch, capsys):
+    """`torchrun -m pyssl.cli train mlcd`: the centers sharded over two ranks, rank 0 reports."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "r.json"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "pyssl.cli", "train", "mlcd",
+                           "--epochs", "1", "--quiet", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["world_size"] == 2 and len(got["loss"]) == 1
+    assert "Grad strides" not in proc.stderr
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "mixedae", "--quiet"]) == 2
+    assert "only `train mlcd` has a model-parallel form" in capsys.readouterr().err
