@@ -65,10 +65,13 @@ MAX_HEAD_DIM = 256        # widest head the kernels take (BLOCK_D = next power o
 BG = 16                   # width of the global-token tiles (rows or keys)
 
 # Longest row (L_PAD) of the top-k kernel by (float32 inputs, BLOCK_D): k and v of the whole row
-# sit in shared memory (2·L_PAD·BLOCK_D·element size, at most 227 KiB on sm_90) and the float32
-# rows spill registers beyond these (ptxas -v under Triton 3.6 and 3.7; each is a compile case).
+# sit in shared memory (2·L_PAD·BLOCK_D·element size, at most 227 KiB on sm_90), which bounds
+# every entry (the next power of two would need 256 KiB), except float32 at BLOCK_D = 256, whose
+# 128-key rows spill registers (ptxas -v under Triton 3.6 and 3.7; each is a compile case). The
+# float32 rows doubled (64 -> 256, 128 -> 128) when the bisection replaced the int64 sort: a
+# ViT's 197 tokens in float32 are held whole instead of streamed in 17 passes.
 _TOPK_L = {(False, 64): 512, (False, 128): 256, (False, 256): 128,
-           (True, 64): 128, (True, 128): 64, (True, 256): 64}
+           (True, 64): 256, (True, 128): 128, (True, 256): 64}
 
 
 def max_topk_l(dtype, d: int = 64) -> int:
@@ -328,8 +331,9 @@ def _kth_select(sb, allowed, KTH, RM: tl.constexpr):
     """The kept set of each row of an (RM, L_PAD) tile held whole: its KTH + 1 largest allowed
     scores (sb, their order-preserving int32 images), ties at the threshold to the lower key
     index; every allowed key when fewer are allowed. The threshold is built bit by bit from the
-    top as an unsigned image (allowed keys shifted to [1, 2^32), others 0, below every
-    candidate): 32 passes of one compare and one row count each, then one scan for the ties.
+    top as an unsigned image (allowed keys shifted into [1, 2^32): _ordered never gives INT_MIN,
+    whose image would be 0; others 0, below every candidate): 32 passes of one compare and one
+    row count each, then one scan for the ties (allowed keys only).
     A bitonic sort of (score, index) int64 keys, what this replaced, ran 1.5x (L_PAD = 256) to
     2.1x (512) the instructions per thread (7128 against 4759, 16248 against 7881) in 192
     against 98 registers at 256 (SASS of the sm_90 build, bf16, d = 64, Triton 3.7). The passes
@@ -1068,7 +1072,7 @@ COMPILE_CASES = [
     _fwd_case(torch.float32, False),
     _topk_case(torch.bfloat16, 256),
     _topk_case(torch.float16, 512),
-    _topk_case(torch.float32, 128),
+    _topk_case(torch.float32, max_topk_l(torch.float32, 64)),
     _topk_stream_case(torch.bfloat16),
     _topk_stream_case(torch.float16, has_groups=False),
     _topk_stream_case(torch.float32),
@@ -1101,7 +1105,7 @@ COMPILE_CASES = [
     # float32 under torch's TF32 setting (dot_options): the same tiles on tensor cores
     _fwd_case(torch.float32, False, prec="tf32"),
     _fwd_case(torch.float32, True, prec="tf32"),
-    _topk_case(torch.float32, 128, prec="tf32"),
+    _topk_case(torch.float32, max_topk_l(torch.float32, 64), prec="tf32"),
     _topk_stream_case(torch.float32, prec="tf32"),
     _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, False, prec="tf32"),
     _bwd_case(_attn_bwd_dq_kernel, torch.float32, False, prec="tf32"),

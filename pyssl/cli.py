@@ -115,12 +115,6 @@ def _train(args) -> int:
     from pyssl import train as T
     data = T.digits(seed=args.seed) if args.data == "digits" else T.load_npz(args.data, seed=args.seed)
     kw = dict(seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        # under torchrun: one process per device, the class centers sharded over the ranks
-        if args.method != "mlcd":
-            raise ValueError(f"WORLD_SIZE={world}: only `train mlcd` has a model-parallel form")
-        return _train_distributed(T, data, kw, args)
     if args.epochs is not None:
         kw["epochs"] = args.epochs
     for name in ("sigma", "n0", "n", "alpha", "max_certify"):
@@ -128,6 +122,16 @@ def _train(args) -> int:
             if args.method != "smooth":
                 raise ValueError(f"--{name.replace('_', '-')}: an option of `train smooth`, not of `train {args.method}`")
             kw[name] = getattr(args, name)
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {args.device} asked for, but CUDA is not available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        # under torchrun: one process per device, the class centers sharded over the ranks
+        if args.method != "mlcd":
+            raise ValueError(f"WORLD_SIZE={world}: only `train mlcd` has a model-parallel form")
+        return _train_distributed(T, data, kw, args)
     run = {"mlcd": T.mlcd, "mixedae": T.mixedae, "smooth": T.smooth}[args.method]
     result = run(data, **kw)
     text = json.dumps(_rounded(result), indent=1)
@@ -149,8 +153,6 @@ def _train_distributed(T, data, kw, args) -> int:
         torch.cuda.set_device(kw["device"])
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
-        if args.epochs is not None:
-            kw["epochs"] = args.epochs
         result = T.mlcd(data, process_group=dist.group.WORLD, **kw)
         if dist.get_rank() == 0:
             text = json.dumps(_rounded(result), indent=1)

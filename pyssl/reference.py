@@ -142,6 +142,10 @@ def homologous_kept(q, k, groups=None, topk=None, scale=None):
     # the rounding instead of the key index
     s = (scale * (q.double() @ k.double().transpose(-1, -2))).masked_fill(~allowed, float("-inf"))
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    # the allowed keys first (a disallowed key, at -inf, must not take the place of an allowed
+    # key whose score is -inf), then score, then key index: stable sorts compose
+    first = torch.sort(allowed.gather(-1, order).to(torch.int8), dim=-1, descending=True, stable=True).indices
+    order = order.gather(-1, first)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(l, device=q.device).expand_as(order))
     return allowed & (rank < min(topk, l))
 

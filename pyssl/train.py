@@ -234,8 +234,8 @@ def _check_data(fn: str, data) -> Images:
 
 def mlcd(data: Images, *, num_clusters: int = 32, l: int = 3, dim: int = 64, epochs: int = 30,
          batch_size: int = 128, lr: float = 2e-3, scale: float = 32.0, margin: float = 0.3,
-         sample_ratio: float = 0.5, process_group=None, seed: int = 0, device="cpu", backend: str = "auto",
-         progress: Optional[bool] = None) -> Dict[str, object]:
+         sample_ratio: float = 0.5, optimizer: str = "adamw", process_group=None, seed: int = 0, device="cpu",
+         backend: str = "auto", progress: Optional[bool] = None) -> Dict[str, object]:
     """MLCD on data: pixel features → kmeans(num_clusters) → top-l positives → CNN + MLCDLoss →
     kNN probe. Returns the per-epoch mean loss; how well the pseudo-labels were learned: on the
     test images (labelled the same way, never trained on), the fraction whose nearest class
@@ -243,6 +243,9 @@ def mlcd(data: Images, *, num_clusters: int = 32, l: int = 3, dim: int = 64, epo
     at initialization; the kNN probe with the true labels of the trained encoder, of the same
     encoder at initialization and of the raw pixels; and the label purity of the clusters (the
     fraction of training images whose nearest center's majority label is their own).
+
+    optimizer: "adamw" (default) or "sgd" (momentum 0.9, as PartialFC trains; give it its own
+    lr: on digits 0.002 trains, 0.02 already degrades the probe).
 
     sample_ratio: the share of the non-positive classes each step scores (sample_classes); with
     the defaults on digits every class is a positive of some image of each batch, so every step
@@ -265,6 +268,8 @@ def mlcd(data: Images, *, num_clusters: int = 32, l: int = 3, dim: int = 64, epo
     lr = _checks.real(fn, "lr", lr, positive=True)
     if l > num_clusters:
         raise ValueError(f"{fn}: l ({l}) must be at most num_clusters ({num_clusters})")
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"{fn}: optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     rank, world = 0, 1
     if process_group is not None:
         import torch.distributed as dist
@@ -302,7 +307,9 @@ def mlcd(data: Images, *, num_clusters: int = 32, l: int = 3, dim: int = 64, epo
     if process_group is not None:
         net = torch.nn.parallel.DistributedDataParallel(
             encoder, device_ids=[dev.index] if dev.type == "cuda" else None, process_group=process_group)
-    opt = torch.optim.AdamW(list(net.parameters()) + list(head.parameters()), lr=lr, weight_decay=1e-4)
+    params = list(net.parameters()) + list(head.parameters())
+    opt = (torch.optim.AdamW(params, lr=lr, weight_decay=1e-4) if optimizer == "adamw"
+           else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4))
     x, pos = data.train_x.to(dev), positives.to(dev)
     losses = []
     with _bar(epochs, "mlcd", progress if rank == 0 else False) as bar, warnings.catch_warnings():

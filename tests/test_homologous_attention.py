@@ -121,7 +121,8 @@ def test_triton_topk_kernel_choice(monkeypatch):
     from pyssl.kernels import homologous_attention as K
     bf = torch.bfloat16
     assert K.max_topk_l(bf, 64) == 512 and K.max_topk_l(bf, 80) == 256 and K.max_topk_l(bf, 256) == 128
-    assert K.max_topk_l(torch.float32, 64) == 128 and K.max_topk_l(torch.float32, 128) == 64
+    assert K.max_topk_l(torch.float32, 64) == 256 and K.max_topk_l(torch.float32, 128) == 128
+    assert K.max_topk_l(torch.float32, 256) == 64
     assert K.max_topk_l(bf, 512) == 0
     # the shared memory ptxas reports for the compile cases (tests/test_triton_compile.py)
     assert K.topk_shared_bytes(bf, 512, 64) == 133120 and K.topk_shared_bytes(bf, 256, 128) == 135168
@@ -129,7 +130,7 @@ def test_triton_topk_kernel_choice(monkeypatch):
     cpu = torch.device("cpu")
     assert K.topk_whole_rows(bf, 512, 64, cpu) and not K.topk_whole_rows(bf, 513, 64, cpu)
     assert K.topk_whole_rows(bf, 256, 128, cpu) and not K.topk_whole_rows(bf, 300, 128, cpu)
-    assert K.topk_whole_rows(torch.float32, 128, 64, cpu) and not K.topk_whole_rows(torch.float32, 150, 64, cpu)
+    assert K.topk_whole_rows(torch.float32, 197, 64, cpu) and not K.topk_whole_rows(torch.float32, 257, 64, cpu)
     monkeypatch.setattr(K, "shared_memory", lambda device: 99 * 1024)     # e.g. sm_89
     assert not K.topk_whole_rows(bf, 256, 128, cpu) and K.topk_whole_rows(bf, 128, 64, cpu)
     monkeypatch.setenv("PYSSL_HOMATTN_TOPK_STREAM", "1")
@@ -250,6 +251,29 @@ def test_topk_ties_go_to_the_lower_key_index(backend):
     # top 4: 0, 2, 4, then the tie at 1 between keys 1 and 3 -> key 1
     _, _, keep = HA.attention_with_stats(q, k, v, None, topk=4, backend=backend)
     assert HA.unpack_bits(keep, 6)[0, 0, 0].tolist() == [True, True, True, False, True, False]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton-stream"] + ATTN_BACKENDS)
+def test_topk_an_allowed_key_at_minus_inf_keeps_its_place(backend, monkeypatch):
+    """An allowed key whose score is −inf ranks among the allowed keys only: a disallowed key
+    (another group, masked to −inf) never takes its place in the kept set. The reference and the
+    torch backend let the disallowed keys of lower index win the tie at −inf."""
+    dev = device_for(backend.split("-")[0] if backend != "reference" else "torch")
+    q = torch.zeros(1, 1, 6, 4, device=dev)
+    q[..., 0] = 1
+    k = torch.zeros(1, 1, 6, 4, device=dev)
+    k[0, 0, :, 0] = torch.tensor([1.0, 2.0, float("-inf"), 3.0, float("-inf"), 4.0])
+    v = torch.randn(1, 1, 6, 4, device=dev)
+    groups = torch.tensor([[0, 1, 0, 1, 0, 1]], device=dev)
+    want = [True, False, True, False, True, False]          # query 0: keys 0, 2, 4 of its group
+    if backend == "reference":
+        kept = reference.homologous_kept(q, k, groups, 3)[0, 0]
+    else:
+        if backend == "triton-stream":
+            monkeypatch.setenv("PYSSL_HOMATTN_TOPK_STREAM", "1")
+        _, _, keep = HA.attention_with_stats(q, k, v, groups, topk=3, backend=backend.split("-")[0])
+        kept = HA.unpack_bits(keep, 6)[0, 0]
+    assert kept[0].tolist() == want and kept[2].tolist() == want
 
 
 @pytest.mark.parametrize("backend", ["reference"] + ATTN_BACKENDS)

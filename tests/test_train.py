@@ -54,12 +54,20 @@ def _mlcd_parallel_worker(rank, world, init_file):
     torch.set_num_threads(1)
     try:
         data = T.digits()
-        one = T.mlcd(data, epochs=3, sample_ratio=1.0)
-        par = T.mlcd(data, epochs=3, sample_ratio=1.0, process_group=dist.group.WORLD)
+        # SGD: its steps scale with the gradient (Adam's barely do), so a wrong gradient scale
+        # of the features (feature_grad_scale, DDP's averaging) changes the trajectory
+        kw = dict(epochs=3, sample_ratio=1.0, optimizer="sgd", lr=0.002)
+        one = T.mlcd(data, **kw)
+        par = T.mlcd(data, process_group=dist.group.WORLD, **kw)
+        assert one["loss"][-1] < 0.7 * one["loss"][0]
         assert par["world_size"] == world and one["world_size"] == 1
         np.testing.assert_allclose(par["loss"], one["loss"], rtol=1e-5)
-        for key in ("test_positive_hit_rate", "test_positive_hit_rate_init", "knn_accuracy", "cluster_purity"):
-            assert par[key] == pytest.approx(one[key], abs=3e-3), key
+        # float rounding apart (the shards' sums, DDP's all-reduce) the same model: the test-set
+        # measures may flip an image or two (0.0022 each)
+        assert par["cluster_purity"] == one["cluster_purity"]
+        assert par["test_positive_hit_rate_init"] == one["test_positive_hit_rate_init"]
+        for key in ("test_positive_hit_rate", "knn_accuracy"):
+            assert par[key] == pytest.approx(one[key], abs=0.01), key
         every = [None] * world
         dist.all_gather_object(every, par)
         assert all(r == every[0] for r in every)

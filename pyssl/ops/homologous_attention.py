@@ -160,7 +160,9 @@ def _topk_mask(s: Tensor, allowed: Optional[Tensor], topk: int) -> Tensor:
     kk = min(topk, s.shape[-1])
     kth = sm.topk(kk, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     above = sm > kth
-    tie = sm == kth
+    # only allowed keys tie: a disallowed key (masked to -inf) is no candidate for the place of
+    # an allowed key scoring -inf
+    tie = sm == kth if allowed is None else (sm == kth) & allowed
     kept = above | (tie & (tie.cumsum(-1, dtype=torch.int32) <= kk - above.sum(-1, keepdim=True, dtype=torch.int32)))
     return kept if allowed is None else kept & allowed
 
