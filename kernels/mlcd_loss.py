@@ -23,6 +23,7 @@ Kernels (each has a header comment with tiling, residency and traffic):
     _mlcd_lse_fwd_kernel   online (max, sum) of exp(logit) over the negative columns, per split
     _pos_cos_kernel        cos at the L positive columns of each row, by indexed dot products
     _mlcd_grad_g_kernel    the backward's G for one chunk of columns of S (default backward)
+    _mlcd_g_positives_kernel  the positives' entries of that chunk's G
     _mlcd_dw_finish_kernel dw[S_k] of a chunk from its Gᵀ·X̂ product (default backward)
     _mlcd_grad_dx_kernel   fused backward (GCHUNK=0): dx with the normalization backward fused,
                            no atomics (optional column splits: fp32 partials summed by the caller)
@@ -617,19 +618,27 @@ def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, GSCALE, DW,
 # _mlcd_grad_g_kernel
 #   Computes: G''[n, j - c0] = G_nj · a_n · m_j for the columns j in [c0, c0 + CK) of S, G of the
 #             contract with gneg, gpos already divided by gscale (mlcd_grad), a and m the
-#             mantissa parts of rx and rw (above), stored in the input dtype.
+#             mantissa parts of rx and rw (above), stored in the input dtype, every column taken
+#             as a negative: gneg·scale·exp(scale·clamp(cos) − lse_total). The row's positives are
+#             overwritten afterwards by _mlcd_g_positives_kernel (N·L stores), so the tile does
+#             no per-element positive test. With the test (L compares and selects per score) a
+#             128 × 128 tile cost each of its 256 threads 2945 instructions at L = 4 and 3497 at
+#             L = 8, against 1878 now, of which the dot over D = 512 is 8 × 98 (SASS of the sm_90
+#             build, bf16, Triton 3.7): ~7,000 warp-instruction issue cycles per tile against the
+#             ~4,100 cycles its 16.8 MFLOP take on the tensor cores, so the kernel was bound by
+#             instruction issue; now ~3,750 against ~4,100.
 #   Tiling:   grid (cdiv(N, BLOCK_N), cdiv(CK, BLOCK_C)), row blocks fastest so the programs in
 #             flight share a w tile through L2; each program one (BLOCK_N, BLOCK_C) tile: the
 #             forward's tile dot over D in BLOCK_D steps (software-pipelined), then the G tile.
-#   Registers: the (BLOCK_N, BLOCK_C) fp32 tile, per-row (rx, a, lse, gneg) and per-column
+#   Registers: the (BLOCK_N, BLOCK_C) fp32 tile, per-row (rx, a·gneg·scale, lse) and per-column
 #             (rw, m, ids) vectors; operand tiles staged through shared memory by tl.dot.
 #   Traffic:  w[S_k] read cdiv(N, BLOCK_N) times (from L2 mostly), x once per column tile
 #             (L2-resident), G'' written once: N·CK elements.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _mlcd_grad_g_kernel(X, W, CLS, RX, RW, AF, MF, POS, LSE, GNEG, GPOS, G,
+def _mlcd_grad_g_kernel(X, W, CLS, RX, RW, AF, MF, LSE, GNEG, G,
                         N, C, D, c0, CK, stride_x, stride_w, stride_g, scale, scale_log2e,
-                        L: tl.constexpr, HAS_CLASSES: tl.constexpr,
+                        HAS_CLASSES: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                         DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -637,21 +646,49 @@ def _mlcd_grad_g_kernel(X, W, CLS, RX, RW, AF, MF, POS, LSE, GNEG, GPOS, G,
     local = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     lmask = local < CK
     cols = c0 + local
-    cmask = lmask & (cols < C)
     if HAS_CLASSES:
-        ids = tl.load(CLS + cols, mask=cmask, other=0)
+        ids = tl.load(CLS + cols, mask=lmask, other=0)
     else:
         ids = cols
-    rw = tl.load(RW + cols, mask=cmask, other=0.0)
-    rx, lse_log2, gneg_scale = _row_grad_stats(RX, LSE, GNEG, rows, rmask, scale)
-    _cos, g = _cos_grad_tile(X, W, POS, GPOS, rows, rmask, ids, cols, cmask, rx, rw,
-                             lse_log2, gneg_scale, D, stride_x, stride_w, scale_log2e, L,
-                             BLOCK_N, BLOCK_C, BLOCK_D, DOT_FP32, DOT_PRECISION)
-    a = tl.load(AF + rows, mask=rmask, other=0.0)
-    m = tl.load(MF + cols, mask=cmask, other=0.0)
-    tl.store(G + rows.to(tl.int64)[:, None] * stride_g + local[None, :],
-             _g_operand(g * a[:, None] * m[None, :], G.dtype.element_ty),
+    # rows and columns outside [0, N) x [c0, c0 + CK) are never stored: their zero-filled
+    # loads only need to keep the arithmetic finite
+    rw = tl.load(RW + cols, mask=lmask, other=0.0)
+    m = tl.load(MF + cols, mask=lmask, other=0.0)
+    rx = tl.load(RX + rows, mask=rmask, other=0.0)
+    lse_log2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    rowf = tl.load(GNEG + rows, mask=rmask, other=0.0) * scale * tl.load(AF + rows, mask=rmask, other=0.0)
+    cos = _dot_tile(X, W, rows, ids, rmask, lmask, D, stride_x, stride_w,
+                    BLOCK_N, BLOCK_C, BLOCK_D, DOT_FP32, DOT_PRECISION)
+    cos = tl.minimum(tl.maximum(cos * rx[:, None] * rw[None, :], -1.0), 1.0)
+    g = rowf[:, None] * tl.exp2(cos * scale_log2e - lse_log2[:, None]) * m[None, :]
+    tl.store(G + rows.to(tl.int64)[:, None] * stride_g + local[None, :], _g_operand(g, G.dtype.element_ty),
              mask=rmask[:, None] & lmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# _mlcd_g_positives_kernel
+#   Computes: G''[n, p - c0] = gpos_ni · a_n · m_p for every positive column p = POS[n, i] of
+#             row n inside the chunk [c0, c0 + CK) (padding −1 and other chunks skipped): the
+#             positives' entries of the chunk's G'', over the negatives' values the G kernel
+#             wrote there (a row's positives are distinct: one store per entry).
+#   Tiling:   grid (cdiv(N, BLOCK_R),); BLOCK_R rows × the L positives (L a constexpr).
+#   Traffic:  POS, GPOS read once (N·L), at most N·L scattered stores into G''.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _mlcd_g_positives_kernel(G, POS, GPOS, AF, MF, N, c0, CK, stride_g, L: tl.constexpr,
+                             L_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    li = tl.arange(0, L_PAD)
+    m2 = rmask[:, None] & (li < L)[None, :]
+    off = rows.to(tl.int64)[:, None] * L + li[None, :]
+    p = tl.load(POS + off, mask=m2, other=-1)
+    inside = m2 & (p >= c0) & (p < c0 + CK)
+    gp = tl.load(GPOS + off, mask=inside, other=0.0)
+    a = tl.load(AF + rows, mask=rmask, other=0.0)
+    mp = tl.load(MF + p, mask=inside, other=0.0)
+    tl.store(G + rows.to(tl.int64)[:, None] * stride_g + (p - c0), _g_operand(gp * a[:, None] * mp, G.dtype.element_ty),
+             mask=inside)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -746,6 +783,7 @@ _WHOLE_BWD_KEYS = ("GCHUNK", "GCHUNK_COLS")
 _FWD_FLAT_KEYS = ("BLOCK_N", "BLOCK_C", "BLOCK_D")
 MAX_GRID_YZ = 65535        # CUDA's limit on grid axes y and z (splits run along them)
 _MAX_AUTO_DX_SPLITS = 8   # bounds the (splits, N, D) fp32 partial buffer of the dx kernel
+POS_BLOCK_R = 128          # rows per program of _mlcd_g_positives_kernel
 
 
 def _bwd_env() -> dict:
@@ -1228,10 +1266,13 @@ def _grad_gchunk(x, w, classes, cls, rx, rw, pos_col, lse_total, gneg, gpos, gsc
     for c0 in range(0, Cp, ck):
         k = min(ck, Cp - c0)
         _mlcd_grad_g_kernel[(triton.cdiv(N, f["BLOCK_N"]), triton.cdiv(k, f["BLOCK_C"]))](
-            x, w, cls, rx, rw, ax, mw, pos_col, lse_total, gneg, gpos, g,
+            x, w, cls, rx, rw, ax, mw, lse_total, gneg, g,
             N, Cp, D, c0, k, x.stride(0), w.stride(0), g.stride(0), scale, scale * LOG2E,
-            L=L, HAS_CLASSES=classes is not None, BLOCK_N=f["BLOCK_N"], BLOCK_C=f["BLOCK_C"],
+            HAS_CLASSES=classes is not None, BLOCK_N=f["BLOCK_N"], BLOCK_C=f["BLOCK_C"],
             BLOCK_D=f["BLOCK_D"], num_warps=f["num_warps"], num_stages=f["num_stages"], **flags)
+        _mlcd_g_positives_kernel[(triton.cdiv(N, POS_BLOCK_R),)](
+            g, pos_col, gpos, ax, mw, N, c0, k, g.stride(0), L=L, L_PAD=_p2(L, lo=2), BLOCK_R=POS_BLOCK_R,
+            num_warps=4)
         gk = g[:, :k]
         if dx is not None:
             acc_x += _mm_f32(gk, _scaled_rows(w, classes, pw, w_t, c0, k))
@@ -1340,20 +1381,26 @@ def _gchunk_compile_cases() -> List[tuple]:
                         (torch.float32, "ieee"), (torch.float32, "tf32")):
         t = "*" + _TL_DTYPE_NAME[dtype]
         f = _config(dtype, 4096, 1 << 20, D, interpret=False, env=False)["fwd"]
-        sig = dict(X=t, W=t, CLS="*i64", RX="*fp32", RW="*fp32", AF="*fp32", MF="*fp32", POS="*i32", LSE="*fp32",
-                   GNEG="*fp32", GPOS="*fp32", G=t, N="i32", C="i32", D="i32", c0="i32",
+        sig = dict(X=t, W=t, CLS="*i64", RX="*fp32", RW="*fp32", AF="*fp32", MF="*fp32", LSE="*fp32",
+                   GNEG="*fp32", G=t, N="i32", C="i32", D="i32", c0="i32",
                    CK="i32", stride_x="i32", stride_w="i32", stride_g="i32", scale="fp32",
-                   scale_log2e="fp32", L="constexpr", HAS_CLASSES="constexpr",
+                   scale_log2e="fp32", HAS_CLASSES="constexpr",
                    BLOCK_N="constexpr", BLOCK_C="constexpr", BLOCK_D="constexpr",
                    DOT_FP32="constexpr", DOT_PRECISION="constexpr")
         forms = ((True, True), (False, True), (True, False)) if dtype == torch.bfloat16 else ((True, True),)
         for has_cls, whole in forms:
             cases.append((_mlcd_grad_g_kernel, sig,
-                          dict(L=4, HAS_CLASSES=has_cls, BLOCK_N=f["BLOCK_N"],
+                          dict(HAS_CLASSES=has_cls, BLOCK_N=f["BLOCK_N"],
                                BLOCK_C=f["BLOCK_C"], BLOCK_D=f["BLOCK_D"],
                                **_dot_options(dtype, False, prec)),
                           dict(num_warps=f["num_warps"], num_stages=f["num_stages"]),
                           _aligned(sig) + (["N", "c0", "CK"] if whole else [])))
+        if prec == "ieee":
+            cases.append((_mlcd_g_positives_kernel,
+                          dict(G=t, POS="*i32", GPOS="*fp32", AF="*fp32", MF="*fp32", N="i32", c0="i32",
+                               CK="i32", stride_g="i32", L="constexpr", L_PAD="constexpr",
+                               BLOCK_R="constexpr"),
+                          dict(L=8, L_PAD=8, BLOCK_R=POS_BLOCK_R), dict(num_warps=4)))
         if prec != "ieee" or dtype == torch.float16:
             continue
         cases.append((_scaled_rows_kernel,

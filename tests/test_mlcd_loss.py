@@ -386,7 +386,7 @@ def test_triton_backward_forms(monkeypatch, classes):
     s = 8.0
     want_dx, want_dw = _dense_engine_grad(x, w, cls, pos, s, lse_total, gneg, gpos)
     kernels = {name: _Launches(getattr(K, name)) for name in
-               ("_mlcd_grad_g_kernel", "_mlcd_grad_dx_kernel", "_mlcd_grad_dw_kernel")}
+               ("_mlcd_grad_g_kernel", "_mlcd_g_positives_kernel", "_mlcd_grad_dx_kernel", "_mlcd_grad_dw_kernel")}
     for name, k in kernels.items():
         monkeypatch.setattr(K, name, k)
 
@@ -398,13 +398,15 @@ def test_triton_backward_forms(monkeypatch, classes):
         return out, {n: k.count for n, k in kernels.items()}
 
     (fdx, fdw), n = run("GCHUNK=0")
-    assert n == {"_mlcd_grad_g_kernel": 0, "_mlcd_grad_dx_kernel": 1, "_mlcd_grad_dw_kernel": 1}
+    assert n == {"_mlcd_grad_g_kernel": 0, "_mlcd_g_positives_kernel": 0, "_mlcd_grad_dx_kernel": 1,
+                 "_mlcd_grad_dw_kernel": 1}
     torch.testing.assert_close(fdx.double(), want_dx, **F32)
     torch.testing.assert_close(fdw.double(), want_dw, **F32)
     for cols in (0, 1, 17, 32, cp - 1, 1000):
         (dx, dw), n = run(f"GCHUNK=1,GCHUNK_COLS={cols}")
         chunks = 1 if cols in (0, 1000) else -(-cp // cols)
-        assert n == {"_mlcd_grad_g_kernel": chunks, "_mlcd_grad_dx_kernel": 0, "_mlcd_grad_dw_kernel": 0}
+        assert n == {"_mlcd_grad_g_kernel": chunks, "_mlcd_g_positives_kernel": chunks,
+                     "_mlcd_grad_dx_kernel": 0, "_mlcd_grad_dw_kernel": 0}
         torch.testing.assert_close(dx, fdx, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(dw, fdw, rtol=1e-5, atol=1e-6)
         if classes:   # rows outside S exactly zero
