@@ -1157,3 +1157,29 @@ def test_attention_under_autocast_is_sdpa_policy(backend):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             inside = HA._attn_op(q, k, v, groups, topk or 0, 0.25, backend)[0]
         torch.testing.assert_close(inside, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.125])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_mode_any_scale_sign(backend, scale, dtype):
+    """scale is any real number: negative (the Triton forward folds a positive scale into its
+    exponential's fused multiply-add for 16-bit inputs, and skips the mask on whole tiles of one
+    group, and keeps the plain step otherwise), zero (uniform weights over the allowed keys),
+    positive; groups long enough for whole tiles and a global token, against the dense float64
+    reference, outputs and gradients."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(5)
+    b, h, l, d = 2, 2, 80, 16
+    q, k, v = (torch.randn(b, h, l, d, generator=g).to(dev, dtype).requires_grad_() for _ in range(3))
+    groups = torch.cat([torch.full((b, 1), -1), torch.arange(l - 1).repeat(b, 1) % 2], 1).to(dev)
+    out = pyssl.homologous_attention(q, k, v, groups, scale=scale, backend=backend)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = reference.homologous_attention(qd, kd, vd, groups, scale=scale)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), want, **tol)
+    do = torch.randn(out.shape, generator=g).to(dev)
+    got = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+    exp = torch.autograd.grad(want, (qd, kd, vd), do.double())
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a.double(), e, **tol)
