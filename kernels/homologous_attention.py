@@ -257,6 +257,23 @@ def _fwd_step(q, kk, vv, ok, m_i, l_i, acc, scale, DOT_PRECISION: tl.constexpr):
     return _online_softmax(tl.where(ok, s, float("-inf")), vv, m_i, l_i, acc, DOT_PRECISION)
 
 
+WHOLE_TILES_MIN_L = 1024   # rows from which the backward takes whole tiles apart (_whole_tiles)
+
+
+def _whole_tiles(dtype, mask_groups: bool, use_bits: bool, L: int, d: int = 64) -> bool:
+    """Whether the backward kernels take whole tiles of one group (every pair allowed, every row
+    and key real) without a select per score: group mode with tile skipping, 16-bit inputs
+    (float32 rows keep one path: a second copy of the step costs registers there), rows of at
+    least WHOLE_TILES_MIN_L tokens. Per 64 × 64 tile and thread (SASS of the sm_90 build, bf16,
+    d = 64): dK/dV 424 instructions for a whole tile and 552 for a partial one against 519 for
+    every tile with one path, dQ 300 and 397 against 382: a gain where groups are long (L = 4096
+    in 4 groups: nearly every tile whole), a loss where no tile is whole (ViT lengths, groups
+    shorter than a tile), hence the length rule (the number of groups is not known on the host
+    without a sync). Heads up to 128 wide (the compile cases checked for spills)."""
+    return (not mask_groups and not use_bits and dtype != torch.float32 and L >= WHOLE_TILES_MIN_L
+            and pow2(d, lo=16) <= 128)
+
+
 def _fold_scale(dtype, scale: float) -> bool:
     """Whether the group-mode forward takes _fwd_step_pos (scale folded into the exponential,
     whole tiles unmasked): for a positive scale and 16-bit inputs. float32 rows keep the plain
@@ -540,7 +557,7 @@ def _attn_topk_stream_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L,
 
 @triton.jit
 def _p_ds(a, da, bb, db, lse, delta, ok, scale, DOT_PRECISION: tl.constexpr,
-          TRANSPOSED: tl.constexpr = False):
+          TRANSPOSED: tl.constexpr = False, MASKED: tl.constexpr = True):
     """P recomputed from the saved log-sum-exp, and dS = P ∘ (dO·Vᵀ − delta): (a, da, bb, db) =
     (q, dO, k, v) with (query, key) tiles, or with TRANSPOSED (k, v, q, dO) and (key, query)
     tiles, the per-query lse and delta then running along the columns."""
@@ -552,8 +569,13 @@ def _p_ds(a, da, bb, db, lse, delta, ok, scale, DOT_PRECISION: tl.constexpr,
     if TRANSPOSED:
         p = tl.where(ok & live[None, :], tl.exp2(s - lse0[None, :]), 0.0)
         ds = p * (dp - delta[None, :])
-    else:
+    elif MASKED:
         p = tl.where(ok & live[:, None], tl.exp2(s - lse0[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+    else:
+        # a whole tile of one group (every pair allowed, every row and key real): no select per
+        # score; a row with lse = -inf kept nothing, its scores are all -inf and exp2 gives 0
+        p = tl.exp2(s - lse0[:, None])
         ds = p * (dp - delta[:, None])
     return p, ds
 
@@ -569,7 +591,8 @@ def _p_ds(a, da, bb, db, lse, delta, ok, scale, DOT_PRECISION: tl.constexpr,
 def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, n0, n_hi, lo, hi,
                 ng, scale, dd, dmask, MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, RN: tl.constexpr, BLOCK: tl.constexpr,
-                BGC: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                BGC: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                WHOLE_TILES: tl.constexpr):
     offs_n, nmask, cols, kk, vv = _load_kv(K, V, PERM, b, ibase, SL, L, n0, n_hi, dd, dmask, D, RN, DOT_FP32)
     dk = tl.zeros((RN, BLOCK_D), tl.float32)
     dv = tl.zeros((RN, BLOCK_D), tl.float32)
@@ -582,12 +605,19 @@ def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ib
                         True)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    keys_full = n0 + RN <= n_hi
     for m0 in range(lo, hi, BLOCK):
         offs_m, mmask, _r, q, do, lse, delta = _load_q(Q, DO, LSE, DELTA, PERM, b, bh, ibase, SL, base, L, m0, hi,
                                                       dd, dmask, D, BLOCK, True, DOT_FP32)
         ok = _pair_mask(BITS, GS, bh, b, L, NB, n0, offs_m, offs_n, mmask, nmask, MASK_GROUPS, USE_BITS,
                         BLOCK, RN)
-        p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
+        if WHOLE_TILES:
+            if keys_full & (m0 + BLOCK <= hi):
+                p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION, False, False)
+            else:
+                p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
+        else:
+            p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     m2 = nmask[:, None] & dmask[None, :]
@@ -599,19 +629,19 @@ def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ib
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, TAB, NTILE, NG, BITS, scale, SB, SH, SL, L, H, TM,
                           NB, MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, D: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BGC: tl.constexpr,
-                          DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, WHOLE_TILES: tl.constexpr = False):
     bh, slot, P, b, base, ibase, dd, dmask, ng = _program(NG, L, H, SB, SH, D, BLOCK_D)
     if slot == P:
         for c0 in range(0, ng, BGC):
             _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, c0, ng, ng, L,
                         ng, scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BGC, BLOCK_N, BGC,
-                        DOT_FP32, DOT_PRECISION)
+                        DOT_FP32, DOT_PRECISION, WHOLE_TILES)
     else:
         for i in range(slot, tl.load(NTILE + b), P):
             s, e, lo, hi = _tile(TAB, b, i, TM)
             _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, s, e, lo, hi,
                         ng, scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BLOCK_M, BLOCK_N, BGC,
-                        DOT_FP32, DOT_PRECISION)
+                        DOT_FP32, DOT_PRECISION, WHOLE_TILES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,7 +653,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, TAB, NTILE,
 def _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, p0, p_hi, lo, hi, ng,
               scale, dd, dmask, MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, D: tl.constexpr,
               BLOCK_D: tl.constexpr, RM: tl.constexpr, BLOCK: tl.constexpr, BGC: tl.constexpr,
-              DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, WHOLE_TILES: tl.constexpr):
     offs_m, mmask, rows, q, do, lse, delta = _load_q(Q, DO, LSE, DELTA, PERM, b, bh, ibase, SL, base, L, p0, p_hi,
                                                     dd, dmask, D, RM, True, DOT_FP32)
     dq = tl.zeros((RM, BLOCK_D), tl.float32)
@@ -631,11 +661,18 @@ def _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, S
         offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, ibase, SL, L, g0, ng, dd, dmask, D, BGC, DOT_FP32)
         p, ds = _p_ds(q, do, kk, vv, lse, delta, mmask[:, None] & nmask[None, :], scale, DOT_PRECISION)
         dq += tl.dot(ds.to(kk.dtype), kk, input_precision=DOT_PRECISION)
+    rows_full = p0 + RM <= p_hi
     for k0 in range(lo, hi, BLOCK):
         offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, ibase, SL, L, k0, hi, dd, dmask, D, BLOCK, DOT_FP32)
         ok = _pair_mask(BITS, GS, bh, b, L, NB, k0, offs_m, offs_n, mmask, nmask, MASK_GROUPS, USE_BITS,
                         RM, BLOCK)
-        p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
+        if WHOLE_TILES:
+            if rows_full & (k0 + BLOCK <= hi):
+                p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION, False, False)
+            else:
+                p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
+        else:
+            p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
         dq += tl.dot(ds.to(kk.dtype), kk, input_precision=DOT_PRECISION)
     tl.store(DQ + base + rows[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=mmask[:, None] & dmask[None, :])
@@ -645,19 +682,19 @@ def _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, S
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, TAB, NTILE, NG, BITS, scale, SB, SH, SL, L, H, TM, NB,
                         MASK_GROUPS: tl.constexpr, USE_BITS: tl.constexpr, D: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BGC: tl.constexpr,
-                        DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, WHOLE_TILES: tl.constexpr = False):
     bh, slot, P, b, base, ibase, dd, dmask, ng = _program(NG, L, H, SB, SH, D, BLOCK_D)
     if slot == P:
         for r0 in range(0, ng, BGC):
             _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, r0, ng, ng, L, ng,
                       scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BGC, BLOCK_N, BGC,
-                      DOT_FP32, DOT_PRECISION)
+                      DOT_FP32, DOT_PRECISION, WHOLE_TILES)
     else:
         for i in range(slot, tl.load(NTILE + b), P):
             s, e, lo, hi = _tile(TAB, b, i, TM)
             _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, SL, L, NB, s, e, lo, hi, ng,
                       scale, dd, dmask, MASK_GROUPS, USE_BITS, D, BLOCK_D, BLOCK_M, BLOCK_N, BGC,
-                      DOT_FP32, DOT_PRECISION)
+                      DOT_FP32, DOT_PRECISION, WHOLE_TILES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1002,7 +1039,8 @@ def backward(q, k, v, out, dout, lse, groups, bits, perm, topk: int, scale: floa
         mask_groups = groups is not None and not skip
     dq, dk, dv = (torch.empty((B, H, L, D), dtype=q.dtype, device=q.device) for _ in range(3))
     common = dict(MASK_GROUPS=mask_groups, USE_BITS=bool(topk), D=D, BLOCK_D=bd, BLOCK_M=block,
-                  BLOCK_N=cfg["BLOCK_N"], BGC=BG, **dot_options(q.dtype))
+                  BLOCK_N=cfg["BLOCK_N"], BGC=BG, WHOLE_TILES=_whole_tiles(q.dtype, mask_groups, bool(topk), L, D),
+                  **dot_options(q.dtype))
     grid = _grid(B, H, L, block)
     _attn_bwd_dkdv_kernel[grid](q, k, v, dout, lse, delta, dk, dv, perm, gs, tab, ntile, ng, bits,
                                 float(scale), *strides, L, H, L + 1, nb,
@@ -1073,17 +1111,18 @@ def _topk_stream_case(dtype, d=64, has_groups=True, prec="ieee"):
             _aligned(sig))
 
 
-def _bwd_case(kernel, dtype, use_bits, mask_groups=False, tiles=None, d=64, prec="ieee"):
+def _bwd_case(kernel, dtype, use_bits, mask_groups=False, tiles=None, d=64, prec="ieee", L=197):
     t = "*" + _TL_NAME[dtype]
     names = ["Q", "K", "V", "DO", "LSE", "DELTA"] + (["DK", "DV"] if kernel is _attn_bwd_dkdv_kernel else ["DQ"])
     sig = {n: (t if n in ("Q", "K", "V", "DO", "DK", "DV", "DQ") else "*fp32") for n in names}
     sig.update(**_TABLE_SIG, BITS="*u8", scale="fp32", **_STRIDES, L="i32", H="i32", TM="i32", NB="i32",
                MASK_GROUPS="constexpr", USE_BITS="constexpr", D="constexpr", BLOCK_D="constexpr",
                BLOCK_M="constexpr", BLOCK_N="constexpr", BGC="constexpr", DOT_FP32="constexpr",
-               DOT_PRECISION="constexpr")
+               DOT_PRECISION="constexpr", WHOLE_TILES="constexpr")
     bm, bn, nw, ns = _tiles(dtype, tiles, d, "bwd", prec, kernel)
     const = dict(MASK_GROUPS=mask_groups, USE_BITS=use_bits, D=d, BLOCK_D=pow2(d, lo=16), BLOCK_M=bm, BLOCK_N=bn,
-                 BGC=BG, **dot_options(dtype, interpret=False, fp32_precision=prec))
+                 BGC=BG, WHOLE_TILES=_whole_tiles(dtype, mask_groups, use_bits, L, d),
+                 **dot_options(dtype, interpret=False, fp32_precision=prec))
     return (kernel, sig, const, dict(num_warps=nw or _warps(kernel, dtype, use_bits, d=d, prec=prec), num_stages=ns),
             _aligned(sig))
 
@@ -1122,6 +1161,10 @@ COMPILE_CASES = [
     _bwd_case(_attn_bwd_dq_kernel, torch.bfloat16, True),
     _bwd_case(_attn_bwd_dkdv_kernel, torch.bfloat16, False, mask_groups=True),
     _bwd_case(_attn_bwd_dq_kernel, torch.bfloat16, False, mask_groups=True),
+    _bwd_case(_attn_bwd_dkdv_kernel, torch.bfloat16, False, L=4096),
+    _bwd_case(_attn_bwd_dq_kernel, torch.bfloat16, False, L=4096),
+    _bwd_case(_attn_bwd_dkdv_kernel, torch.float16, False, L=4096, d=128),
+    _bwd_case(_attn_bwd_dq_kernel, torch.float16, False, L=4096, d=128),
     _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, False),
     _bwd_case(_attn_bwd_dq_kernel, torch.float32, False),
     _bwd_case(_attn_bwd_dkdv_kernel, torch.float32, True),

@@ -1183,3 +1183,26 @@ def test_group_mode_any_scale_sign(backend, scale, dtype):
     exp = torch.autograd.grad(want, (qd, kd, vd), do.double())
     for a, e in zip(got, exp):
         torch.testing.assert_close(a.double(), e, **tol)
+
+
+@pytest.mark.parametrize("whole_from", [64, 1 << 30])
+def test_triton_backward_whole_tiles(monkeypatch, whole_from):
+    """The Triton backward's whole-tile path (tiles of one group without a select per score, taken
+    from WHOLE_TILES_MIN_L rows on: long sequences) and the one-path form give the reference's
+    gradients, here with the threshold lowered to 64 so an 80-token row in two groups of 40 and a
+    global token has whole tiles under the interpreter's tile sizes."""
+    from pyssl.kernels import homologous_attention as K
+    monkeypatch.setattr(K, "WHOLE_TILES_MIN_L", whole_from)
+    dev = device_for("triton")
+    g = torch.Generator().manual_seed(6)
+    b, h, l, d = 2, 2, 80, 16
+    q, k, v = (torch.randn(b, h, l, d, generator=g).to(dev, torch.bfloat16).requires_grad_() for _ in range(3))
+    groups = torch.cat([torch.full((b, 1), -1), torch.arange(l - 1).repeat(b, 1) // 40], 1).to(dev)
+    out = pyssl.homologous_attention(q, k, v, groups, backend="triton")
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = reference.homologous_attention(qd, kd, vd, groups)
+    do = torch.randn(out.shape, generator=g).to(dev)
+    got = torch.autograd.grad(out, (q, k, v), do.to(torch.bfloat16))
+    exp = torch.autograd.grad(want, (qd, kd, vd), do.double())
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a.double(), e, atol=2e-2, rtol=2e-2)
