@@ -580,6 +580,22 @@ def _p_ds(a, da, bb, db, lse, delta, ok, scale, DOT_PRECISION: tl.constexpr,
     return p, ds
 
 
+@triton.jit
+def _p_ds_tile(q, do, kk, vv, lse, delta, ok, whole, scale, DOT_PRECISION: tl.constexpr,
+               WHOLE_TILES: tl.constexpr):
+    """_p_ds of a (query, key) group tile: without the select per score where the tile is whole
+    (whole: every pair allowed, every row and key real) and the kernel takes that path
+    (WHOLE_TILES, _whole_tiles)."""
+    if WHOLE_TILES:
+        if whole:
+            p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION, False, False)
+        else:
+            p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
+    else:
+        p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
+    return p, ds
+
+
 # ----------------------------------------------------------------------------------------------
 # _attn_bwd_dkdv_kernel: program (batch·head, tile slot), the mirror image of the forward: a
 # key tile (group tile, or BG global keys in slot P) against the queries that see it: the
@@ -611,13 +627,8 @@ def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GS, BITS, b, bh, base, ib
                                                       dd, dmask, D, BLOCK, True, DOT_FP32)
         ok = _pair_mask(BITS, GS, bh, b, L, NB, n0, offs_m, offs_n, mmask, nmask, MASK_GROUPS, USE_BITS,
                         BLOCK, RN)
-        if WHOLE_TILES:
-            if keys_full & (m0 + BLOCK <= hi):
-                p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION, False, False)
-            else:
-                p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
-        else:
-            p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
+        p, ds = _p_ds_tile(q, do, kk, vv, lse, delta, ok, keys_full & (m0 + BLOCK <= hi), scale, DOT_PRECISION,
+                           WHOLE_TILES)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     m2 = nmask[:, None] & dmask[None, :]
@@ -666,13 +677,8 @@ def _dq_block(Q, K, V, DO, LSE, DELTA, DQ, PERM, GS, BITS, b, bh, base, ibase, S
         offs_n, nmask, _c, kk, vv = _load_kv(K, V, PERM, b, ibase, SL, L, k0, hi, dd, dmask, D, BLOCK, DOT_FP32)
         ok = _pair_mask(BITS, GS, bh, b, L, NB, k0, offs_m, offs_n, mmask, nmask, MASK_GROUPS, USE_BITS,
                         RM, BLOCK)
-        if WHOLE_TILES:
-            if rows_full & (k0 + BLOCK <= hi):
-                p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION, False, False)
-            else:
-                p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
-        else:
-            p, ds = _p_ds(q, do, kk, vv, lse, delta, ok, scale, DOT_PRECISION)
+        p, ds = _p_ds_tile(q, do, kk, vv, lse, delta, ok, rows_full & (k0 + BLOCK <= hi), scale, DOT_PRECISION,
+                           WHOLE_TILES)
         dq += tl.dot(ds.to(kk.dtype), kk, input_precision=DOT_PRECISION)
     tl.store(DQ + base + rows[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=mmask[:, None] & dmask[None, :])

@@ -205,6 +205,14 @@ def knn_accuracy(train_emb: Tensor, train_y: Tensor, test_emb: Tensor, test_y: T
     return float((votes.argmax(1) == test_y).float().mean())
 
 
+def _step(opt, loss: Tensor) -> Tensor:
+    """One optimizer step on loss; the loss detached (summed on the device, read once an epoch)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def _batches(n: int, batch_size: int, g: torch.Generator, drop_last: bool = False):
     order = torch.randperm(n, generator=g)
     stop = n - (n % batch_size) if drop_last else n
@@ -321,10 +329,7 @@ def mlcd(data: Images, *, num_clusters: int = 32, l: int = 3, dim: int = 64, epo
             for idx in _batches(len(x), batch_size, g):      # the global batch, the same on every rank
                 mine = idx[rank::world].to(dev)
                 loss = head(net(x[mine]), pos[mine])          # the loss of the global batch
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach() * len(idx)
+                total += _step(opt, loss) * len(idx)
                 count += len(idx)
             losses.append(float(total) / count)
             bar.update(1)
@@ -502,10 +507,7 @@ def mixedae(data: Images, *, patch: int = 2, ratio: float = 0.25, dim: int = 64,
             tr, tc, count = 0.0, 0.0, 0
             for idx in _batches(len(train_p), batch_size, g, drop_last=True):
                 rec, con = step(train_p[idx], gmix)
-                loss = rec + contrastive_weight * con
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                _step(opt, rec + contrastive_weight * con)
                 sched.step()
                 tr, tc, count = tr + rec.detach(), tc + con.detach(), count + 1
             rec_hist.append(float(tr) / max(count, 1))
@@ -583,11 +585,7 @@ def smooth(data: Images, *, sigma: float = 0.25, epochs: int = 20, batch_size: i
                 # gives every epoch fresh noise, reproducibly, whatever the batch order
                 xb = pyssl.gaussian_noise(x[idx], 1, sigma, seed=seed, sample_offset=epoch, image_ids=idx,
                                           mean=mean, std=std, backend=backend)
-                loss = F.cross_entropy(model(xb), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach() * len(idx)
+                total += _step(opt, F.cross_entropy(model(xb), y[idx])) * len(idx)
                 count += len(idx)
             losses.append(float(total) / count)
             bar.update(1)

@@ -160,3 +160,23 @@ def test_every_case_dry_runs():
     assert len(names) >= 15
     for name in names:
         assert f"dry-run {name} (tiny, not recorded): ok" in proc.stdout + proc.stderr, name
+
+
+def test_sass_counts_a_kernels_instructions():
+    """python -m bench.sass: a compile case built for sm_90 and disassembled without a GPU, with
+    its loops (here the MLCD forward's column-tile loop and the dot's D loop inside it) and a
+    bad case index named."""
+    pytest.importorskip("triton")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.sass", "kernels/mlcd_loss.py", "_mlcd_lse_fwd_kernel",
+                           "1", "--branches"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    static = int(out.split("static instructions ")[1].split()[0])
+    loop_lines = [line for line in out.splitlines() if line.startswith("loop ")]
+    assert static > 500 and len(loop_lines) >= 2 and "HGMMA" in out and "BRA" in out
+    assert "'spill_bytes': 0" in out
+    proc = subprocess.run([sys.executable, "-m", "bench.sass", "kernels/mlcd_loss.py", "_mlcd_lse_fwd_kernel", "99"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "CASE must be in [0," in proc.stderr
