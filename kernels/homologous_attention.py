@@ -254,7 +254,7 @@ def _fwd_store(O, LSE, base, bh, L, rows, mmask, dd, dmask, acc, m_i, l_i, D: tl
 def _fwd_step(q, kk, vv, ok, m_i, l_i, acc, scale, DOT_PRECISION: tl.constexpr):
     # scores in base 2: log2(e) folded into the scale, one multiply per score
     s = tl.dot(q, tl.trans(kk), input_precision=DOT_PRECISION) * (scale * 1.4426950408889634)
-    return _online_softmax(tl.where(ok, s, float("-inf")), vv, m_i, l_i, acc, DOT_PRECISION)
+    return _online_softmax(tl.where(ok, s, float("-inf")), 1.0, vv, m_i, l_i, acc, DOT_PRECISION)
 
 
 WHOLE_TILES_MIN_L = 1024   # rows from which the backward takes whole tiles apart (_whole_tiles)
@@ -292,28 +292,22 @@ def _fwd_step_pos(q, kk, vv, ok, m_i, l_i, acc, scale, MASKED: tl.constexpr, DOT
     458 for every tile before; its tensor-core and exponential work take ~256 cycles each
     against ~336-458 of instruction issue, so long groups (L = 4096 in 4 groups: nearly every
     tile whole) gain most."""
-    c = scale * 1.4426950408889634
     raw = tl.dot(q, tl.trans(kk), input_precision=DOT_PRECISION)
     if MASKED:
         raw = tl.where(ok, raw, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(raw, axis=1) * c)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(raw * c - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    return _online_softmax(raw, scale * 1.4426950408889634, vv, m_i, l_i, acc, DOT_PRECISION)
 
 
 @triton.jit
-def _online_softmax(s, vv, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
-    """One key tile of the online softmax: s the tile's scores in base 2 (times log2(e)) with
-    the excluded pairs at -inf; exp2 is the hardware's exponential (tl.exp multiplies by
-    log2(e) first: one multiply per score more, and the scores already pay one for the scale)."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+def _online_softmax(s, c, vv, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax: s · c the tile's scores in base 2 (times log2(e)),
+    c > 0 (1.0 where s is scaled already: the multiply folds away), with the excluded pairs at
+    -inf; exp2 is the hardware's exponential (tl.exp multiplies by log2(e) first: one multiply
+    per score more), and exp2(s · c − max) is one fused multiply-add per score."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * c)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s * c - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -549,8 +543,8 @@ def _attn_topk_stream_fwd_kernel(Q, K, V, O, LSE, BITS, G, scale, SB, SH, SL, L,
             vv = tl.load(V + ibase + c64[:, None] * SL + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
             if DOT_FP32:
                 vv = vv.to(tl.float32)
-            m_i, l_i, acc = _online_softmax(tl.where(kept, s * 1.4426950408889634, float("-inf")), vv, m_i, l_i,
-                                            acc, DOT_PRECISION)
+            m_i, l_i, acc = _online_softmax(tl.where(kept, s * 1.4426950408889634, float("-inf")), 1.0, vv, m_i,
+                                            l_i, acc, DOT_PRECISION)
             _store_kept(BITS, bh, L, NB, rows, mmask, kept, n0, BLOCK_M, BLOCK_N)
     _fwd_store(O, LSE, base, bh, L, rows, mmask, dd, dmask, acc, m_i, l_i, D)
 

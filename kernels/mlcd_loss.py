@@ -676,7 +676,7 @@ def _mlcd_grad_dw_kernel(X, W, CLS, RX, RW, POS, LSE, GNEG, GPOS, GSCALE, DW,
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _mlcd_grad_g_kernel(X, W, CLS, RX, RW, AF, MF, LSE, GNEG, G,
-                        N, C, D, c0, CK, stride_x, stride_w, stride_g, scale, scale_log2e,
+                        N, D, c0, CK, stride_x, stride_w, stride_g, scale, scale_log2e,
                         HAS_CLASSES: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                         DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -1306,7 +1306,7 @@ def _grad_gchunk(x, w, classes, cls, rx, rw, pos_col, lse_total, gneg, gpos, gsc
         k = min(ck, Cp - c0)
         _mlcd_grad_g_kernel[(triton.cdiv(N, f["BLOCK_N"]), triton.cdiv(k, f["BLOCK_C"]))](
             x, w, cls, rx, rw, ax, mw, lse_total, gneg, g,
-            N, Cp, D, c0, k, x.stride(0), w.stride(0), g.stride(0), scale, scale * LOG2E,
+            N, D, c0, k, x.stride(0), w.stride(0), g.stride(0), scale, scale * LOG2E,
             HAS_CLASSES=classes is not None, BLOCK_N=f["BLOCK_N"], BLOCK_C=f["BLOCK_C"],
             BLOCK_D=f["BLOCK_D"], num_warps=f["num_warps"], num_stages=f["num_stages"], **flags)
         _mlcd_g_positives_kernel[(triton.cdiv(N, POS_BLOCK_R),)](
@@ -1421,7 +1421,7 @@ def _gchunk_compile_cases() -> List[tuple]:
         t = "*" + _TL_DTYPE_NAME[dtype]
         f = _config(dtype, 4096, 1 << 20, D, interpret=False, env=False)["fwd"]
         sig = dict(X=t, W=t, CLS="*i64", RX="*fp32", RW="*fp32", AF="*fp32", MF="*fp32", LSE="*fp32",
-                   GNEG="*fp32", G=t, N="i32", C="i32", D="i32", c0="i32",
+                   GNEG="*fp32", G=t, N="i32", D="i32", c0="i32",
                    CK="i32", stride_x="i32", stride_w="i32", stride_g="i32", scale="fp32",
                    scale_log2e="fp32", HAS_CLASSES="constexpr",
                    BLOCK_N="constexpr", BLOCK_C="constexpr", BLOCK_D="constexpr",

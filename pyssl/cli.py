@@ -101,11 +101,7 @@ def _ood(args) -> int:
     scorer = pyssl.ood.KNNScorer(args.k, normalize=not args.raw, gpu=args.gpu or None,
                                  backend=args.backend).fit(bank)
     m = pyssl.ood.metrics(scorer.score(ind), scorer.score(ood))
-    text = json.dumps({k: round(float(v), 6) for k, v in m.items()}, indent=1)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    _report(args, {k: float(v) for k, v in m.items()})
     return 0
 
 
@@ -133,12 +129,7 @@ def _train(args) -> int:
             raise ValueError(f"WORLD_SIZE={world}: only `train mlcd` has a model-parallel form")
         return _train_distributed(T, data, kw, args)
     run = {"mlcd": T.mlcd, "mixedae": T.mixedae, "smooth": T.smooth}[args.method]
-    result = run(data, **kw)
-    text = json.dumps(_rounded(result), indent=1)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    _report(args, run(data, **kw))
     return 0
 
 
@@ -155,14 +146,19 @@ def _train_distributed(T, data, kw, args) -> int:
     try:
         result = T.mlcd(data, process_group=dist.group.WORLD, **kw)
         if dist.get_rank() == 0:
-            text = json.dumps(_rounded(result), indent=1)
-            if args.json:
-                with open(args.json, "w") as f:
-                    f.write(text + "\n")
-            print(text)
+            _report(args, result)
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def _report(args, result) -> None:
+    """result as JSON (floats to 6 decimals) on stdout and, with --json, in that file."""
+    text = json.dumps(_rounded(result), indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
 
 
 def _rounded(v):

@@ -40,7 +40,6 @@ scikit-learn (it ships the data); load_npz() reads your own arrays.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from typing import Dict, NamedTuple, Optional, Sequence
 
@@ -159,8 +158,9 @@ def _device(device) -> torch.device:
 
 def _bar(total: int, desc: str, progress: Optional[bool]):
     from tqdm.auto import tqdm
-    on = sys.stderr.isatty() if progress is None else bool(progress)
-    return tqdm(total=total, desc=desc, disable=not on, leave=False)
+
+    from pyssl.cluster import _progress     # None: a bar when stderr is a terminal
+    return tqdm(total=total, desc=desc, disable=not _progress(progress), leave=False)
 
 
 def _cnn(channels: int, out_dim: int) -> nn.Module:

@@ -39,3 +39,32 @@ def at_angles(w, pos, thetas, generator):
     v = torch.nn.functional.normalize(v - wh * (v * wh).sum(1, keepdim=True), dim=1)
     t = thetas[:, None]
     return 3.0 * (wh * torch.cos(t) + v * torch.sin(t))
+
+
+def _gloo_worker(rank, world, init_file, case):
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    try:
+        case(rank)
+        dist.barrier()
+    except BaseException:
+        # the spawn reports one rank's error, often the peer's "connection closed": print each
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(case, world: int) -> None:
+    """Run case(rank) on `world` CPU processes joined in a gloo group (case: a module-level
+    function, pickled by name); a failure on any rank fails the caller with its traceback."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_gloo_worker, args=(world, os.path.join(d, "init"), case), nprocs=world, join=True)

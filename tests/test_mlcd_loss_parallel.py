@@ -9,18 +9,13 @@ differ in size (C = 37 over 2 ranks: 19 and 18 classes; over 3: 13, 12, 12, the 
 with no rows). A failed assertion on one rank ends the
 spawn (torch.multiprocessing kills the other rank), with the traceback in the test's error.
 """
-import datetime
-import os
-import tempfile
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import pyssl
-from conftest import at_angles
+from conftest import at_angles, spawn_gloo
 from pyssl import reference
 from pyssl.ops import mlcd_loss as E
 from pyssl.ops.mlcd_loss_parallel import margin_softmax_loss_parallel, mlcd_loss_parallel, shard_range
@@ -458,24 +453,8 @@ def case_bench_script(rank):
 # the spawn
 # ------------------------------------------------------------------------------------------
 
-def _worker(rank, world, init_file, case):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
-    try:
-        globals()[case](rank)
-        dist.barrier()
-    except BaseException:
-        # the spawn reports one rank's error, often the peer's "connection closed": print each
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def _spawn(case, world):
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, os.path.join(d, "init"), case), nprocs=world, join=True)
+    spawn_gloo(globals()[case], world)
 
 
 @pytest.mark.parametrize("case", ["case_backends", "case_classes", "case_hard_numerics",

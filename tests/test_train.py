@@ -11,7 +11,7 @@ import pyssl
 from pyssl import train as T
 from pyssl.cli import main
 
-from conftest import GPU
+from conftest import GPU, spawn_gloo
 
 pytest.importorskip("sklearn")
 DEV = "cuda" if GPU else "cpu"
@@ -44,47 +44,34 @@ def test_mlcd_learns_the_cluster_labels(data):
     assert r["knn_accuracy"] > r["knn_accuracy_pixels"] - 0.04
 
 
-def _mlcd_parallel_worker(rank, world, init_file):
-    import datetime
-    import traceback
-
+def _mlcd_parallel_case(rank):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
-    try:
-        data = T.digits()
-        # SGD: its steps scale with the gradient (Adam's barely do), so a wrong gradient scale
-        # of the features (feature_grad_scale, DDP's averaging) changes the trajectory
-        kw = dict(epochs=3, sample_ratio=1.0, optimizer="sgd", lr=0.002)
-        one = T.mlcd(data, **kw)
-        par = T.mlcd(data, process_group=dist.group.WORLD, **kw)
-        assert one["loss"][-1] < 0.7 * one["loss"][0]
-        assert par["world_size"] == world and one["world_size"] == 1
-        np.testing.assert_allclose(par["loss"], one["loss"], rtol=1e-5)
-        # float rounding apart (the shards' sums, DDP's all-reduce) the same model: the test-set
-        # measures may flip an image or two (0.0022 each)
-        assert par["cluster_purity"] == one["cluster_purity"]
-        assert par["test_positive_hit_rate_init"] == one["test_positive_hit_rate_init"]
-        for key in ("test_positive_hit_rate", "knn_accuracy"):
-            assert par[key] == pytest.approx(one[key], abs=0.01), key
-        every = [None] * world
-        dist.all_gather_object(every, par)
-        assert all(r == every[0] for r in every)
-        dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
+    world = dist.get_world_size()
+    data = T.digits()
+    # SGD: its steps scale with the gradient (Adam's barely do), so a wrong gradient scale
+    # of the features (feature_grad_scale, DDP's averaging) changes the trajectory
+    kw = dict(epochs=3, sample_ratio=1.0, optimizer="sgd", lr=0.002)
+    one = T.mlcd(data, **kw)
+    par = T.mlcd(data, process_group=dist.group.WORLD, **kw)
+    assert one["loss"][-1] < 0.7 * one["loss"][0]
+    assert par["world_size"] == world and one["world_size"] == 1
+    np.testing.assert_allclose(par["loss"], one["loss"], rtol=1e-5)
+    # float rounding apart (the shards' sums, DDP's all-reduce) the same model: the test-set
+    # measures may flip an image or two (0.0022 each)
+    assert par["cluster_purity"] == one["cluster_purity"]
+    assert par["test_positive_hit_rate_init"] == one["test_positive_hit_rate_init"]
+    for key in ("test_positive_hit_rate", "knn_accuracy"):
+        assert par[key] == pytest.approx(one[key], abs=0.01), key
+    every = [None] * world
+    dist.all_gather_object(every, par)
+    assert all(r == every[0] for r in every)
 
 
-def test_mlcd_model_parallel_follows_one_process(tmp_path):
+def test_mlcd_model_parallel_follows_one_process():
     """The trainer's model-parallel form (two gloo ranks: a shard of the centers each, half of
     every global batch, DDP on the encoder, feature_grad_scale=2) follows one process with the
     whole batch and all centers, epoch by epoch; every rank returns the same results."""
-    import torch.multiprocessing as mp
-    mp.spawn(_mlcd_parallel_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    spawn_gloo(_mlcd_parallel_case, 2)
 
 
 def test_mixedae_reconstructs_and_isolates_sources(data):
