@@ -245,7 +245,7 @@ CASES = [
                 lambda dev: _noise_problem(2, 16, 4, torch.bfloat16, IMAGENET, dev)),
          {"naive": noise_naive, "floor": noise_floor, "pyssl-cuda": noise_pyssl("cuda"),
           "pyssl-triton": noise_pyssl("triton")},
-         bytes=_noise_bytes, repeats=5,
+         bytes=_noise_bytes, repeats=5, run_first=("pyssl-cuda", "floor", "pyssl-triton"),
          notes="8 images of 3×224×224, 1000 samples each, bf16 out, ImageNet normalization; "
                "GB/s counts the output once and the input once."),
     Case("certify_resnet", "cuda",
@@ -253,7 +253,7 @@ CASES = [
                 lambda dev: _certify_problem(lambda: ResNet50(10, base=4), 1, 16, 4, 12, 10, IMAGENET, dev, batch=8)),
          {"naive": certify_cohen, "forward": certify_forward, "pyssl-auto": certify_pyssl("auto"),
           "pyssl-auto[fp32]": certify_pyssl("auto", gpu_options=False)},
-         repeats=1, warmup=0,
+         repeats=1, warmup=0, run_first=("pyssl-auto", "forward", "naive"),
          notes="ResNet-50 layout, 4 images of 3×224×224, n0=100, n=10,000, batch 500; pyssl with "
                "bf16 autocast, channels_last and CUDA graphs; pyssl-auto[fp32] without them (the same "
                "precision as the Cohen port); forward = the model alone (bf16) on the same rows."),

@@ -2,8 +2,9 @@
 
 Each op's GPU path (real Triton kernels, the CUDA noise kernel) against pyssl.reference in float64
 on the same device, at shapes that take the kernels' GPU configurations (bf16 MLCD at D = 512,
-attention at L = 197 in group and top-k mode and a streamed top-k row at L = 1024, the
-contrastive loss, the kNN search, the noise on every backend, a Smooth with CUDA graphs): one line
+attention at L = 197 in group and top-k mode, at L = 1024 in group mode (whole tiles) and top-k
+mode (a streamed row), the contrastive loss, the kNN search, the noise on every backend in float32
+and bfloat16, a Smooth with CUDA graphs): one line
 per check, "ok" or "FAIL" with the relative errors, so a fast but wrong kernel is seen before its
 timing. It also measures what this card really reaches (a bf16 GEMM, a device copy), the yardstick
 of the benchmarks' "% of peak". A check that raises is reported and the others go on; the exit
@@ -81,13 +82,26 @@ def check_mlcd(dev, tiny):
             ok, msg = _vs_reference(lambda a, b: pyssl.mlcd_loss(a, b, pos, backend="triton", **kw),
                                     lambda a, b: R.mlcd_loss(a, b, pos, **kw), (x, w), 3e-2)
             out.append((f"mlcd_loss sampled {spec}", ok, msg))
+    # the benchmarks' configuration at a fraction of their size: scale 64, the default backward
+    # in several automatic class chunks (C' ~ 27,000 against ~4,600-column chunks), the forward
+    # split over the columns
+    n, c = (48, 3000) if tiny else (2048, 250_000)
+    x = torch.randn(n, d, generator=g).to(dev, torch.bfloat16)
+    w = torch.randn(c, d, generator=g).to(dev, torch.bfloat16)
+    pos = torch.stack([torch.randperm(c, generator=g)[:8] for _ in range(n)]).to(dev)
+    classes = pyssl.sample_classes(pos, c, 0.1, generator=torch.Generator(dev).manual_seed(3))
+    ok, msg = _vs_reference(lambda a, b: pyssl.mlcd_loss(a, b, pos, classes=classes, backend="triton"),
+                            lambda a, b: R.mlcd_loss(a, b, pos, classes=classes), (x, w), 3e-2)
+    out.append((f"mlcd_loss scale 64, N={n}, C'={classes.numel()}", ok, msg))
     return out
 
 
 def check_attention(dev, tiny):
     out = []
+    # L = 1024 in group mode: groups of ~256 tokens, so sorted 64-row tiles lie whole inside one
+    # group (the unmasked forward step and the backward's WHOLE_TILES path, rows >= 1024 only)
     cases = ([(1, 2, 23, 16, None), (1, 2, 23, 16, 6)] if tiny else
-             [(2, 4, 197, 64, None), (2, 4, 197, 64, 49), (1, 2, 1024, 64, 128)])
+             [(2, 4, 197, 64, None), (2, 4, 197, 64, 49), (1, 2, 1024, 64, None), (1, 2, 1024, 64, 128)])
     for b, h, l, d, topk in cases:
         g = torch.Generator().manual_seed(l + (topk or 0))
         q, k, v = (torch.randn(b, h, l, d, generator=g).to(dev, torch.bfloat16) for _ in range(3))
@@ -132,6 +146,17 @@ def check_noise(dev, tiny):
         y = pyssl.gaussian_noise(x.to(dev), n, 0.25, seed=7, mean=mean, std=std, backend=be).cpu()
         err = (y - ref).abs().max().item()
         out.append((f"gaussian_noise {be} vs cpu", err < 1e-4, f"max abs difference {err:.1e}"))
+        # bfloat16 out (noise_imagenet's path: HW % 4 == 0, the CUDA kernel's packed stores):
+        # the float32 values rounded once to nearest; a value within float32 rounding of a bf16
+        # midpoint may round the other way (one bf16 step). Triton's interpreter truncates to
+        # bfloat16 (no rounding mode there): on a CPU only the one-step bound is checked.
+        y = pyssl.gaussian_noise(x.to(dev), n, 0.25, seed=7, mean=mean, std=std, out_dtype=torch.bfloat16,
+                                 backend=be).cpu()
+        same = (y == ref.bfloat16()).float().mean().item()
+        step = ((y.float() - ref).abs() / ref.abs().clamp_min(1e-3)).max().item()
+        rounded = same > 0.999 or dev != "cuda"
+        out.append((f"gaussian_noise {be} bf16 vs cpu", rounded and step <= 2 ** -7,
+                    f"equal to the rounded float32 values {same:.5f}, max relative difference {step:.1e}"))
     return out
 
 

@@ -1245,7 +1245,9 @@ def _gchunk_cols(N: int, Cp: int, C: int, D: int, elem: int, block_c: int, reque
     else:
         budget = min(max(C * D * elem // 8, _GCHUNK_MIN_BYTES), _GCHUNK_MAX_BYTES)
         ck = max(256, budget // max(N * elem + D * (elem + 4), 1) // 256 * 256)
-    return max(1, min(ck, Cp, MAX_GRID_YZ * block_c))
+    # at most half the columns: the G'' chunk is never the N x C' logits matrix (SPEC §1), also
+    # where the budget would hold all of them (C' up to a few thousand)
+    return max(1, min(ck, (Cp + 1) // 2, MAX_GRID_YZ * block_c))
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,10 @@ the noise directly in that dtype, and `cuda_graph=True` captures the model forwa
 and the count update as one CUDA graph per (device, batch size, image shape, dtype, layout) and
 replays it for every batch of every later call (the last, partial batch is padded with rows
 whose votes land in a discarded slot); one graph per device is kept, calls that use it take
-turns (a lock), and a different model object or train/eval mode is captured anew. The graph
-reads the model's parameters in place, so in-place updates are seen; after replacing a module's
-buffers or parameters by new tensors, call clear_cuda_graphs().
+turns (a lock), and a different model object, train/eval mode or parameters and buffers
+replaced by new tensors (model.to(...), load_state_dict(..., assign=True)) are captured anew.
+The graph reads the model's parameters in place, so in-place updates are seen;
+clear_cuda_graphs() frees the captured graphs.
 """
 from __future__ import annotations
 
@@ -132,6 +133,10 @@ class Smooth:
     # ---------------------------------------------------------------------------------------
     def _prepare(self, fn, x, image_ids):
         _noise._check_x(fn, x)
+        where = {t.device for t in _model_tensors(self.model)}
+        if where and x.device not in where:
+            raise ValueError(f"{fn}: x is on {x.device} but the model's parameters and buffers are on "
+                             f"{', '.join(sorted(str(d) for d in where))}")
         # ids already on a GPU: their range flag rides along with the call's one host copy
         # instead of costing a sync of its own (kernels take ids as 32-bit counter words, so
         # counting with a bad id first is harmless; its results are never returned)
@@ -185,9 +190,13 @@ class Smooth:
             # train() is captured anew instead of replaying a stale graph
             # so are the classes and the autocast in force (the caller's and ours): a graph
             # captured under one replays its casts
+            # and where the parameters and buffers live: a graph reads them at the addresses of
+            # its capture, so a model moved or reloaded into new tensors (.to(), load_state_dict
+            # with assign=True) is captured anew instead of read from freed memory
             key = (dev, bs, tuple(x.shape[1:]), out_dtype, self.channels_last, id(self.model),
                    getattr(self.model, "training", None), self.num_classes, self.autocast,
-                   torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+                   torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+                   _storage_key(self.model))
             step = self._graphs.get(key)
             # (the step holds its model, so the id cannot be reused by a new model while the
             # graph lives; `is` makes sure anyway)
@@ -219,12 +228,12 @@ class Smooth:
             bar.close()
         if not use_graph:
             return counts[:B * K].view(B, K)
-        # a graph's counts buffer is reused by the next call: hand out a copy, and let the GPU
-        # finish it before the lock goes (another thread's begin() on another stream would zero
-        # the buffer under a pending replay; the caller's one host sync follows anyway)
+        # a graph's counts buffer is reused by the next call: hand out a copy, and mark where
+        # this call's work ends on its stream; the next begin() (maybe another thread's, on
+        # another stream) waits for that mark on the device before zeroing the buffer under a
+        # pending replay (no host sync: the call's one sync is the caller's read of the counts)
         out = counts[:B * K].view(B, K).clone()
-        if out.is_cuda:
-            torch.cuda.current_stream(dev).synchronize()
+        step.finished()
         return out
 
     def _forward(self, batch: Tensor) -> Tensor:
@@ -272,7 +281,7 @@ class Smooth:
         for i, (c, na, nb) in enumerate(host.tolist()):
             if binomtest(int(na), int(na + nb), 0.5).pvalue <= alpha:
                 out[i] = c
-        return out.to(x.device)
+        return _checks.host_to(out, x.device)
 
     def certify(self, x: Tensor, n0: int, n: int, alpha: float, *, image_ids=None
                 ) -> Tuple[Tensor, Tensor]:
@@ -290,7 +299,8 @@ class Smooth:
         host = self._host(fn, [c_hat, n_a], prep)          # the one host sync of the call
         tv = _noise.noise_tv_bound(x[0].numel())
         pred, radius = certify_from_counts(host[:, 0], host[:, 1], n, alpha, self.sigma, tv)
-        return pred.to(x.device), radius.to(x.device)
+        # through pinned memory: a plain copy to the GPU would wait for the stream (a second sync)
+        return _checks.host_to(pred, x.device), _checks.host_to(radius, x.device)
 
 
 def certify_from_counts(c_hat: Tensor, n_a: Tensor, n: int, alpha: float, sigma: float,
@@ -357,10 +367,20 @@ class _GraphStep:
             self.static_in = _noise._as_output(self.flat, x, bs, smooth.channels_last)
         self.chw = _noise._chw(x)
         self.graph = None
+        self.done = None      # CUDA event after the last call's use of the static buffers
 
     def begin(self) -> Tensor:
+        """The zeroed counts buffer, after the previous call's replays and copy (in device order
+        on the current stream, which may differ from that call's)."""
+        if self.done is not None:
+            torch.cuda.current_stream(self.counts.device).wait_event(self.done)
         self.counts.zero_()
         return self.counts
+
+    def finished(self) -> None:
+        if self.counts.is_cuda:
+            self.done = torch.cuda.Event()
+            self.done.record(torch.cuda.current_stream(self.counts.device))
 
     def _body(self):
         # autocast's weight-cast cache off (the autocast in force kept as it is): with it, an
@@ -410,6 +430,21 @@ class _GraphStep:
         slot = full_src if pad == 0 else torch.cat([src, src.new_full((pad,), self.capacity)])
         self.static_src.copy_(slot)
         self._replay()
+
+
+def _model_tensors(model) -> list:
+    """The model's parameters and buffers (none for a plain callable)."""
+    tensors = []
+    for attr in ("parameters", "buffers"):
+        f = getattr(model, attr, None)
+        if callable(f):
+            tensors.extend(f())
+    return tensors
+
+
+def _storage_key(model) -> tuple:
+    """Where the model's parameters and buffers live (their data pointers)."""
+    return tuple(t.data_ptr() for t in _model_tensors(model))
 
 
 def _param_dtype(model) -> Optional[torch.dtype]:

@@ -68,3 +68,14 @@ def spawn_gloo(case, world: int) -> None:
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_gloo_worker, args=(world, os.path.join(d, "init"), case), nprocs=world, join=True)
+
+
+class Launches:
+    """Counts the launches of one Triton kernel (kernel[grid](...)) and passes them through."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]

@@ -6,7 +6,7 @@ import pyssl
 from pyssl import reference
 from pyssl.ops import homologous_attention as HA
 
-from conftest import GPU, device_for
+from conftest import GPU, Launches, device_for
 
 ATTN_BACKENDS = ["cpu", "torch", "triton"]
 
@@ -165,14 +165,21 @@ def test_triton_streamed_topk_matches_reference(mode, l, monkeypatch):
                                                  None if groups is None else groups.cpu(), topk))
 
 
-def test_triton_long_float32_rows_stream():
-    """float32 rows above max_topk_l (128 at d <= 64) take the streamed kernel without being
-    told: ten key tiles, groups and global tokens, against the reference and the torch
-    backend's kept set."""
+def test_triton_long_float32_rows_stream(monkeypatch):
+    """float32 rows above max_topk_l (256 at d <= 64; lowered to 128 here to keep the row
+    short) take the streamed kernel without being told: ten key tiles, groups and global
+    tokens, against the reference and the torch backend's kept set."""
+    from pyssl.kernels import homologous_attention as K
+    monkeypatch.setitem(K._TOPK_L, (True, 64), 128)
     dev = device_for("triton")
+    assert not K.topk_whole_rows(torch.float32, 150, 16, dev)
+    whole, streamed = (Launches(getattr(K, n)) for n in ("_attn_topk_fwd_kernel", "_attn_topk_stream_fwd_kernel"))
+    monkeypatch.setattr(K, "_attn_topk_fwd_kernel", whole)
+    monkeypatch.setattr(K, "_attn_topk_stream_fwd_kernel", streamed)
     q, k, v = (t.requires_grad_() for t in _qkv(b=1, h=1, l=150, d=16, device=dev, seed=3))
     groups = _groups(1, 150, 3, n_global=2, seed=3).to(dev)
     _check_against_reference(q, k, v, groups, 20, "triton")
+    assert streamed.count > 0 and whole.count == 0
     a = HA.attention_with_stats(q.detach(), k.detach(), v.detach(), groups, topk=20, backend="triton")[2]
     b = HA.attention_with_stats(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), groups.cpu(), topk=20,
                                 backend="torch")[2]
@@ -662,6 +669,7 @@ def test_backends_say_why_they_cannot_serve():
     (dict(topk=0), "topk"),
     (dict(topk=2.5), "topk"),
     (dict(scale=float("nan")), "scale"),
+    (dict(scale=float("inf")), "scale"),
     (dict(backend="fast"), "backend"),
 ])
 def test_attention_bad_input(kwargs, match):
@@ -823,6 +831,26 @@ def test_mix_patches_gradient_and_bad_input():
         pyssl.mix_patches(torch.randn(4, 4, 2), 1e-320)
     with pytest.raises(ValueError, match=r"\(B, Np, P\)"):
         pyssl.mix_patches(torch.randn(4, 4), 0.5)
+    with pytest.raises(ValueError, match="empty"):
+        pyssl.mix_patches(torch.randn(4, 0, 2), 0.5)
+    with pytest.raises((ValueError, TypeError), match="patches"):
+        pyssl.mix_patches([[[1.0]]], 0.5)
+
+
+def test_mix_patches_positions_are_uniform():
+    """Each position takes each of its sample's G sources with probability 1/G, and each source
+    gets the extra position (Np = 30, G = 4: two sources get 8, two get 7) equally often: counts
+    over 2000 mixes against their binomial spread (a fixed arrangement, or one source always
+    getting more, lands tens of standard deviations away)."""
+    n, g, np_ = 2000, 4, 30
+    gen = torch.Generator().manual_seed(11)
+    groups = torch.cat([pyssl.mix_patches(torch.zeros(4, np_, 1), 0.25, generator=gen)[1] for _ in range(n)])
+    onehot = torch.nn.functional.one_hot(groups, g).double()         # (n, Np, G)
+    per_pos = onehot.mean(0)                                          # P(position p takes source i)
+    sd = (0.25 * 0.75 / n) ** 0.5
+    assert (per_pos - 0.25).abs().max() < 5 * sd, per_pos
+    extra = (onehot.sum(1) == 8).double().mean(0)                     # P(source i gets 8 positions)
+    assert (extra - 0.5).abs().max() < 5 * (0.25 / n) ** 0.5, extra
 
 
 # ---------------------------------------------------------------- contrastive loss
@@ -933,14 +961,16 @@ def test_contrastive_loss_triton_column_tiles_and_e_slices(dtype, e):
     cfg = K._cfg(l, e, dtype, backward=True)
     assert l > 2 * cfg["BLOCK_N"]
     assert (e > cfg["E_SPLIT"]) == (e == 300)
+    dev = device_for("triton")
     torch.manual_seed(5)
-    z = torch.randn(b, l, e).to(dtype)
+    z = torch.randn(b, l, e).to(dev, dtype)
     z[1, 9] = 0.0                            # ẑ = 0: s = 0 against everything, dz = dẑ/eps
     z.requires_grad_()
     groups = _groups(b, l, 5, n_global=3)
     groups[0, 40] = 77                       # a group of one
-    out = pyssl.homologous_contrastive_loss(z, groups, temperature=0.2, reduction="none", backend="triton")
-    zd = z.detach().double().requires_grad_()
+    out = pyssl.homologous_contrastive_loss(z, groups.to(dev), temperature=0.2, reduction="none",
+                                            backend="triton").cpu()
+    zd = z.detach().cpu().double().requires_grad_()
     ref = reference.homologous_contrastive_loss(zd, groups, temperature=0.2, reduction="none")
     tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.double(), ref, **tol)
@@ -949,7 +979,7 @@ def test_contrastive_loss_triton_column_tiles_and_e_slices(dtype, e):
     (got,) = torch.autograd.grad(out, z, g.to(out.dtype))
     (want,) = torch.autograd.grad(ref, zd, g)
     assert got.dtype == dtype
-    got = got.double()
+    got = got.cpu().double()
     # the zero token's gradient is dẑ/eps (~1e11): compared as a vector, relative to its norm
     rel = (got[1, 9] - want[1, 9]).norm() / want[1, 9].norm()
     assert want[1, 9].norm() > 1e9 and rel < tol["rtol"], rel
@@ -1094,6 +1124,10 @@ def test_contrastive_loss_bad_input():
         pyssl.homologous_contrastive_loss(z, g.to(torch.complex64))
     with pytest.raises(ValueError, match="z must be"):
         pyssl.homologous_contrastive_loss(z.to(torch.int32), g)
+    with pytest.raises(ValueError, match="empty"):
+        pyssl.homologous_contrastive_loss(z[:, :0], g[:, :0])
+    with pytest.raises(ValueError, match="groups must be on z's device"):
+        pyssl.homologous_contrastive_loss(z, g.to("meta"))
     import numpy as np
     pyssl.homologous_contrastive_loss(z, g, temperature=np.float32(0.5))   # numpy scalars are numbers
 
@@ -1190,17 +1224,19 @@ def test_triton_backward_whole_tiles(monkeypatch, whole_from):
     """The Triton backward's whole-tile path (tiles of one group without a select per score, taken
     from WHOLE_TILES_MIN_L rows on: long sequences) and the one-path form give the reference's
     gradients, here with the threshold lowered to 64 so an 80-token row in two groups of 40 and a
-    global token has whole tiles under the interpreter's tile sizes."""
+    global token has whole tiles under the interpreter's tile sizes. On a GPU (64-row tiles) the
+    row is 1025 tokens in groups of 256, with the forward's unmasked whole-tile step too."""
     from pyssl.kernels import homologous_attention as K
     monkeypatch.setattr(K, "WHOLE_TILES_MIN_L", whole_from)
     dev = device_for("triton")
     g = torch.Generator().manual_seed(6)
-    b, h, l, d = 2, 2, 80, 16
+    b, h, l, d, size = (2, 2, 80, 16, 40) if dev == "cpu" else (1, 2, 1025, 64, 256)
     q, k, v = (torch.randn(b, h, l, d, generator=g).to(dev, torch.bfloat16).requires_grad_() for _ in range(3))
-    groups = torch.cat([torch.full((b, 1), -1), torch.arange(l - 1).repeat(b, 1) // 40], 1).to(dev)
+    groups = torch.cat([torch.full((b, 1), -1), torch.arange(l - 1).repeat(b, 1) // size], 1).to(dev)
     out = pyssl.homologous_attention(q, k, v, groups, backend="triton")
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     want = reference.homologous_attention(qd, kd, vd, groups)
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
     do = torch.randn(out.shape, generator=g).to(dev)
     got = torch.autograd.grad(out, (q, k, v), do.to(torch.bfloat16))
     exp = torch.autograd.grad(want, (qd, kd, vd), do.double())

@@ -5,7 +5,7 @@ import torch
 import pyssl
 from pyssl import reference as R
 from pyssl.ops import mlcd_loss as M
-from conftest import BACKENDS, GPU, at_angles, device_for
+from conftest import BACKENDS, GPU, Launches, at_angles, device_for
 
 
 @pytest.fixture(params=BACKENDS + ["triton-fused"])
@@ -214,6 +214,27 @@ def test_hard_numerics(backend, kind, margin_grad):
                             dict(rtol=1e-3, atol=1e-4))
 
 
+@pytest.mark.parametrize("kind", ["near_parallel", "dominant", "all_cos_one"])
+@pytest.mark.parametrize("margin_grad", ["straight_through", "exact"])
+def test_hard_numerics_bf16(backend, kind, margin_grad):
+    """The hard cases in bfloat16, the benchmarks' dtype: the float64 reference on the rounded
+    inputs. The cosines accumulate in float32 from exact products (a logit error of ~1e-5 at
+    scale 64), so the loss agrees to float32 rounding; the gradients come out rounded to
+    bfloat16 (and Triton's products take G rounded to bfloat16): 2% of the largest entry."""
+    x, w, pos = _hard_case(kind, device_for(backend))
+    x, w = x.bfloat16(), w.bfloat16()
+    kw = dict(scale=64.0, margin=0.3, margin_grad=margin_grad, reduction="none")
+    out, dx, dw, g = grads(lambda a, b: pyssl.mlcd_loss(a, b, pos, backend=backend, **kw), x, w)
+    assert dx.dtype == dw.dtype == torch.bfloat16
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = R.mlcd_loss(x64, w64, pos, **kw)
+    ref.backward(g.double())
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-4, atol=1e-3)
+    for got, want in ((dx, x64.grad), (dw, w64.grad)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("kind", ["mlcd", "softmax"])
 def test_exact_margin_near_a_center(backend, kind):
     """margin_grad="exact" at features 3e-5 to 3e-2 rad from a positive center, at a small scale
@@ -340,17 +361,6 @@ def test_engine_rows_without_a_positive(backend, classes, dtype):
     torch.testing.assert_close(dw.double(), want_dw, **gtol)
 
 
-class _Launches:
-    """Counts the launches of one Triton kernel (kernel[grid](...)) and passes them through."""
-
-    def __init__(self, kernel):
-        self.kernel, self.count = kernel, 0
-
-    def __getitem__(self, grid):
-        self.count += 1
-        return self.kernel[grid]
-
-
 def _dense_engine_grad(x, w, cls, pos_col, s, lse_total, gneg, gpos):
     """dx, dw of the engine contract in float64 from the dense G (the test oracle)."""
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
@@ -385,7 +395,7 @@ def test_triton_backward_forms(monkeypatch, classes):
     gpos = torch.where(pos >= 0, torch.randn(pos.shape, generator=g) / 21, torch.zeros(()))
     s = 8.0
     want_dx, want_dw = _dense_engine_grad(x, w, cls, pos, s, lse_total, gneg, gpos)
-    kernels = {name: _Launches(getattr(K, name)) for name in
+    kernels = {name: Launches(getattr(K, name)) for name in
                ("_mlcd_grad_g_kernel", "_mlcd_g_positives_kernel", "_mlcd_grad_dx_kernel", "_mlcd_grad_dw_kernel")}
     for name, k in kernels.items():
         monkeypatch.setattr(K, name, k)
@@ -404,7 +414,8 @@ def test_triton_backward_forms(monkeypatch, classes):
     torch.testing.assert_close(fdw.double(), want_dw, **F32)
     for cols in (0, 1, 17, 32, cp - 1, 1000):
         (dx, dw), n = run(f"GCHUNK=1,GCHUNK_COLS={cols}")
-        chunks = 1 if cols in (0, 1000) else -(-cp // cols)
+        # never more than half the columns in one chunk (no N x C' buffer)
+        chunks = -(-cp // min(cols if cols not in (0, 1000) else cp, (cp + 1) // 2))
         assert n == {"_mlcd_grad_g_kernel": chunks, "_mlcd_g_positives_kernel": chunks,
                      "_mlcd_grad_dx_kernel": 0, "_mlcd_grad_dw_kernel": 0}
         torch.testing.assert_close(dx, fdx, rtol=1e-5, atol=1e-6)
@@ -434,7 +445,7 @@ def test_triton_backward_forms(monkeypatch, classes):
 def test_triton_gchunk_columns():
     """The automatic chunk width: the chunk's buffers (G'' N·elem, W̃ D·elem and the float32
     product 4·D bytes per column) take an eighth of the class table's bytes within
-    [32 MiB, 256 MiB], whole 256-column tiles, never more columns than S has nor more column
+    [32 MiB, 256 MiB], whole 256-column tiles, never more than half the columns of S nor more column
     tiles than a grid axis takes (65,535), at every N (a few rows against millions of classes
     once made the per-column buffers dominate: gigabytes)."""
     from pyssl.kernels import mlcd_loss as K
@@ -450,7 +461,8 @@ def test_triton_gchunk_columns():
         assert chunk_bytes(n, 512, 2, ck) <= 256 << 20 and -(-ck // 128) <= 65535, (n, ck)
     assert chunk_bytes(4096, 64, 4, K._gchunk_cols(4096, 1 << 20, 1000, 64, 4, 64)) <= 32 << 20   # floor
     assert K._gchunk_cols(1 << 20, 1 << 20, 1 << 20, 512, 2, 128) == 256     # at least 256 columns
-    assert K._gchunk_cols(100, 70, 70, 16, 4, 64) == 70
+    assert K._gchunk_cols(100, 70, 70, 16, 4, 64) == 35                     # half of S, not N x C'
+    assert K._gchunk_cols(100, 7, 7, 16, 4, 64) == 4 and K._gchunk_cols(100, 1, 1, 16, 4, 64) == 1
     assert K._gchunk_cols(100, 70, 70, 16, 4, 64, requested=9) == 9
     assert K._gchunk_cols(4, 1 << 30, 1 << 30, 16, 2, 128, requested=1 << 29) == 65535 * 128
     for bad in ("GCHUNK=2", "dx.GCHUNK=0", "dw.GCHUNK_COLS=4", "GCHUNK_COLS=-1"):
@@ -542,6 +554,39 @@ def test_sample_classes():
     assert (counts[~others] == 400).all()
     p = counts[others] / 400                              # expected 23/46 = 0.5 each, sd 0.025
     assert (p - 0.5).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("spec", ["GCHUNK=1", "GCHUNK=0"])
+def test_triton_allocates_no_dense_logits(monkeypatch, spec):
+    """The Triton engine, forward statistics and both backward forms: no tensor of N×C' elements
+    or more is created (the chunked backward's G'' buffer is at most half of S wide, also where
+    its memory budget would hold every column)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from pyssl.kernels import mlcd_loss as K
+    monkeypatch.setenv("PYSSL_MLCD_TRITON_BWD", spec)
+    n, c, d = 64, 300, 8
+    x, w, pos = make_problem(n=n, c=c, d=d, l=3)
+    sizes = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # in bytes: the interpreter moves buffers through byte views of their storage
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    sizes.append((t.numel() * t.element_size(), str(func)))
+            return out
+
+    g = torch.Generator().manual_seed(1)
+    lse_total = torch.rand(n, generator=g) * 3 + 8
+    gneg = torch.rand(n, generator=g) / n
+    gpos = torch.where(pos >= 0, torch.randn(pos.shape, generator=g) / n, torch.zeros(()))
+    for run in (lambda: K.mlcd_lse(x, w, None, pos, 8.0),
+                lambda: K.mlcd_grad(x, w, None, pos, 8.0, lse_total, gneg, gpos, None)):
+        sizes.clear()
+        with Watch():
+            run()
+        assert sizes and max(sizes)[0] < n * c * 4, max(sizes)     # float32 logits: 4 bytes each
 
 
 @pytest.mark.parametrize("chunk_elems", [256, 1 << 24])
@@ -1042,6 +1087,16 @@ def test_bad_input_types_and_other_entry_points():
         pyssl.mlcd_loss(x, w, pos[:, :0])
     with pytest.raises(ValueError, match="classes is on meta"):
         pyssl.mlcd_loss(x, w, pos, classes=torch.arange(10, device="meta"))
+    with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+        pyssl.mlcd_loss(x, w.to("meta"), pos)
+    with pytest.raises(ValueError, match="positives is on meta but x is on cpu"):
+        pyssl.mlcd_loss(x, w, pos.to("meta"))
+    with pytest.raises(ValueError, match="labels is on meta but x is on cpu"):
+        pyssl.margin_softmax_loss(x, w, pos[:, 0].contiguous().to("meta"))
+    with pytest.raises(ValueError, match="classes must be a non-empty 1-D"):
+        pyssl.mlcd_loss(x, w, pos, classes=torch.arange(0))
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        pyssl.sample_classes(pos, 0, 0.5)
     with pytest.raises(ValueError, match="out of range"):
         pyssl.sample_classes(pos, 3, 0.1)
     with pytest.raises(ValueError, match="num_classes"):

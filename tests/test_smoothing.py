@@ -312,6 +312,15 @@ def test_graph_step_bookkeeping_without_a_gpu(monkeypatch):
     graph._counts(x, 10, 0, graph._prepare("t", x, None), "")
     assert len(captures) == 3 and len(graph._graphs) == 1
     model.train(mode)
+    graph._counts(x, 10, 0, graph._prepare("t", x, None), "")
+    assert len(captures) == 4
+    # a buffer replaced by a new tensor (what .to() or load_state_dict(assign=True) do): the
+    # graph would read the old address; captured anew, and the votes see the new values
+    model.w = -model.w.clone()
+    got = graph._counts(x, 100, 0, graph._prepare("t", x, None), "")
+    assert len(captures) == 5
+    assert torch.equal(got, plain._counts(x, 100, 0, plain._prepare("t", x, None), ""))
+    model.w = -model.w
 
 
 def test_graph_buffers_captured_under_inference_mode(monkeypatch):
@@ -329,6 +338,30 @@ def test_graph_buffers_captured_under_inference_mode(monkeypatch):
     assert len(captures) == 1 and not captures[0].counts.is_inference()
     for got in (first, again):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_one_host_sync_per_call(cuda_graph):
+    """certify and predict read the device once per call (the counts), whatever the number of
+    images, with or without CUDA graphs: the results go back to the GPU from pinned memory and
+    a graph's buffer reuse is ordered by an event, not a wait on the host. Counted with torch's
+    sync debug mode on a second call (the first captures the graph)."""
+    import warnings
+    x, model, _ = _problem("cuda")
+    s = pyssl.Smooth(model, 2, SIGMA, batch_size=300, seed=2, cuda_graph=cuda_graph)
+    s.certify(x, 100, 1000, 0.001)
+    for call in (lambda: s.certify(x, 100, 1000, 0.001), lambda: s.predict(x, 1000, 0.001)):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                call()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in seen if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs and autocast need a GPU")
@@ -470,6 +503,8 @@ def test_bad_input():
         pyssl.Smooth(model, 3, SIGMA).predict(x, 10, 0.01)
     with pytest.raises(ValueError, match="image_ids"):
         s.predict(x, 10, 0.01, image_ids=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="x is on cpu but the model's parameters and buffers are on meta"):
+        pyssl.Smooth(torch.nn.Linear(16, 2).to("meta"), 2, SIGMA).certify(x, 10, 10, 0.01)
     # an image beyond the element counter's 2^34 (an expanded view: no memory): refused before any
     # noise, as gaussian_noise refuses it (the counter would wrap and reuse noise)
     huge = torch.zeros(1, 1, 1, 1).expand(1, 1, 2 ** 17 + 1, 2 ** 17)

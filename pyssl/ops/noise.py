@@ -214,8 +214,10 @@ def _channel_affine(fn, x: Tensor, mean, std, dtype: torch.dtype = torch.float32
         checked[name] = v * c if len(v) == 1 else v
     a = [1.0 / s_ for s_ in checked["std"]]
     b = [-m_ / s_ for m_, s_ in zip(checked["mean"], checked["std"])]
-    return (torch.tensor(a, dtype=dtype, device=x.device),
-            torch.tensor(b, dtype=dtype, device=x.device))
+    # through pinned memory: a plain torch.tensor(..., device="cuda") waits for the stream,
+    # a host sync in every gaussian_noise call
+    dev = x.device
+    return (_checks.host_to(torch.tensor(a, dtype=dtype), dev), _checks.host_to(torch.tensor(b, dtype=dtype), dev))
 
 
 def _channel_affine_traced(fn, x: Tensor, mean, std, dtype: torch.dtype):
