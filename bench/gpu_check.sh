@@ -2,7 +2,8 @@
 # The one prepared script for a lent GPU machine (torch + triton + nvcc preinstalled, no network).
 # It must fit one device command (at most 10 minutes: BUDGET 510 s, leaving room in the 15-minute
 # lease for the machine's start and one short rerun): build the package there, check every op's
-# GPU path against the reference (bench/gpu_smoke.py, before any timing), run the GPU benchmark
+# GPU path against the reference (bench/gpu_smoke.py, before any timing) and run the tests marked
+# `gpu` (GPU-only behaviour), run the GPU benchmark
 # cases, then the test suite on CUDA (every backend against the reference, real Triton, real CUDA
 # kernels) with what is left.
 # Every step has its own time cap inside a total BUDGET (seconds from the start), so whatever
@@ -77,13 +78,21 @@ timeout -k 10 75 $PY -m bench.gpu_smoke > "$LOGS/smoke.log" 2>&1
 log "smoke rc=$? in $(( $(date +%s) - t ))s"
 grep '^smoke ' "$LOGS/smoke.log" | tee -a "$OUT/gpu_check.log" > /dev/null
 
+# The tests marked `gpu` (tests/conftest.gpu_only: host-sync counts, CUDA graphs, TF32, and the
+# paths only GPU tile sizes reach): seconds, and the only run of the GPU-only tests when the
+# full suite at the end gets little time. One line each into gpu_check.log.
+t=$(date +%s)
+timeout -k 10 40 $PY -m pytest -q -rfEs -p no:cacheprovider -m gpu tests > "$LOGS/tests_gpu.log" 2>&1
+log "tests -m gpu rc=$? in $(( $(date +%s) - t ))s: $(tail -1 "$LOGS/tests_gpu.log")"
+grep -E '^(FAILED|ERROR|SKIPPED)' "$LOGS/tests_gpu.log" | tee -a "$OUT/gpu_check.log" > /dev/null
+
 # The GPU cases, the issues' targets, each its own step and process (a CUDA fault in one cannot
 # spoil the next), 300 s of caps in all (estimates: the torch.compile and FlexAttention compiles
 # ~40 s per case, Liger ~2 s per step at 1M classes, certify ~40k ResNet-50 rows per impl); each
 # case measures pyssl first (Case.run_first), so a cap cuts a peer. With the build (~90 s) and
 # the smoke checks (<= 75 s) before them they take about what the budget leaves: the noise and
 # certify cases (issue 4's only GPU timings) run before the long attention case, and 30 s stay
-# for the tests (the tests mostly run in a rerun).
+# for the full test suite (which mostly runs in a rerun; the `gpu` tests ran above).
 TESTS_RESERVE=30
 step bench_mlcd_sampled 65 $TESTS_RESERVE -- $PY -m bench --cases mlcd_1m_sampled
 step bench_mlcd_full 65 $TESTS_RESERVE -- $PY -m bench --cases mlcd_1m_full

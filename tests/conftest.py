@@ -26,6 +26,14 @@ def device_for(backend: str) -> str:
     return "cuda" if GPU else "cpu"
 
 
+def gpu_only(reason: str = "needs a GPU"):
+    """A test of GPU-only behaviour (host syncs, CUDA graphs, TF32): skipped without a GPU and
+    marked `gpu`, which bench/gpu_check.sh runs first on a lent GPU (`pytest -m gpu`)."""
+    def mark(f):
+        return pytest.mark.gpu(pytest.mark.skipif(not GPU, reason=reason)(f))
+    return mark
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param

@@ -10,7 +10,7 @@ from pyssl import reference as R
 from pyssl.kernels import _tiles
 from pyssl.kernels import homologous_attention as HA
 
-from conftest import GPU
+from conftest import gpu_only
 
 
 _SETTINGS = [(torch.backends, "fp32_precision")] + [
@@ -81,7 +81,7 @@ def test_attention_takes_the_tf32_tiles(restore_precision, monkeypatch):
             assert (name, key[0]) in ids, f"no TF32 compile case of {name} at d={key[0]}"
 
 
-@pytest.mark.skipif(not GPU, reason="TF32 dots need a GPU (the interpreter computes in float32)")
+@gpu_only("TF32 dots need a GPU (the interpreter computes in float32)")
 def test_tf32_results_on_gpu(restore_precision):
     """With TF32 allowed the float32 ops run on tensor cores and stay within TF32's error of the
     float64 reference (2^-11 per operand; a cosine ~1e-3)."""

@@ -6,7 +6,7 @@ import pyssl
 from pyssl import reference
 from pyssl.ops import homologous_attention as HA
 
-from conftest import GPU, Launches, device_for
+from conftest import GPU, Launches, device_for, gpu_only
 
 ATTN_BACKENDS = ["cpu", "torch", "triton"]
 
@@ -793,7 +793,7 @@ def test_mix_patches_reproducible_and_random():
     assert len(firsts) > 1
 
 
-@pytest.mark.skipif(not GPU, reason="needs a GPU")
+@gpu_only()
 def test_mix_patches_on_the_gpu_without_a_host_sync():
     """GPU patches: a seeded CPU generator gives the CPU's mix (reproducible across devices)
     with no host sync (the labels reach the device from pinned memory), and a generator on the
@@ -949,6 +949,7 @@ def test_contrastive_loss_cpu_row_tiles(b, l):
     torch.testing.assert_close(torch.autograd.grad(out, z, g)[0], torch.autograd.grad(ref, z, g)[0])
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype,e", [(torch.float32, 40), (torch.float32, 300), (torch.bfloat16, 300)])
 def test_contrastive_loss_triton_column_tiles_and_e_slices(dtype, e):
     """The Triton kernels walk a sample's columns in tiles (L = 150: several tiles, the last one
@@ -1219,6 +1220,7 @@ def test_group_mode_any_scale_sign(backend, scale, dtype):
         torch.testing.assert_close(a.double(), e, **tol)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("whole_from", [64, 1 << 30])
 def test_triton_backward_whole_tiles(monkeypatch, whole_from):
     """The Triton backward's whole-tile path (tiles of one group without a select per score, taken

@@ -5,7 +5,7 @@ import torch
 import pyssl
 from pyssl import reference as R
 from pyssl.ops import mlcd_loss as M
-from conftest import BACKENDS, GPU, Launches, at_angles, device_for
+from conftest import BACKENDS, GPU, Launches, at_angles, device_for, gpu_only
 
 
 @pytest.fixture(params=BACKENDS + ["triton-fused"])
@@ -893,7 +893,7 @@ def test_unit_upstream_gradient_retained_graph_in_place_is_caught(backend):
         torch.testing.assert_close(again, want)
 
 
-@pytest.mark.skipif(not GPU, reason="needs a GPU")
+@gpu_only()
 def test_data_checks_read_the_device_once():
     """The op's data checks (ids in range, a positive per row, no duplicates, classes valid)
     reduce to one flag on the device: one host sync per call when the data is good."""
@@ -1219,7 +1219,7 @@ def test_data_checks_read_one_flag_on_any_device():
     assert reads == ["tolist"], reads
 
 
-@pytest.mark.skipif(not GPU, reason="needs a GPU")
+@gpu_only()
 def test_sample_classes_syncs_once():
     """sample_classes on the GPU: one host sync (the data checks and |P| read together); the
     distinct positives and the drawn classes are marked in a mask and read off it at the size

@@ -47,6 +47,7 @@ def test_philox_known_answers(ctr, key, words):
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("hw", [(5, 7), (4, 6)], ids=["hw35", "hw24"])
+@pytest.mark.gpu
 def test_backends_match_reference(backend, out_dtype, layout, hw):
     """hw24 (HW % 4 == 0, logical order): the CUDA per-channel kernel with its packed 16-byte /
     8-byte stores; hw35: quads straddling channels (the general kernel)."""

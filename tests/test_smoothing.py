@@ -8,7 +8,7 @@ from scipy.stats import norm
 import pyssl
 from pyssl import reference
 
-from conftest import GPU, device_for
+from conftest import device_for, gpu_only
 
 SIGMA = 0.5
 
@@ -340,7 +340,7 @@ def test_graph_buffers_captured_under_inference_mode(monkeypatch):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.skipif(not GPU, reason="needs a GPU")
+@gpu_only()
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_one_host_sync_per_call(cuda_graph):
     """certify and predict read the device once per call (the counts), whatever the number of
@@ -364,7 +364,7 @@ def test_one_host_sync_per_call(cuda_graph):
         assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
-@pytest.mark.skipif(not GPU, reason="CUDA graphs and autocast need a GPU")
+@gpu_only("CUDA graphs and autocast need a GPU")
 def test_cuda_graph_and_autocast_give_the_same_votes():
     x, model, _ = _problem("cuda")
     plain = pyssl.Smooth(model, 2, SIGMA, batch_size=300, seed=2).certify(x, 100, 1000, 0.001)
@@ -374,7 +374,7 @@ def test_cuda_graph_and_autocast_give_the_same_votes():
     assert amp[0].tolist() == plain[0].tolist()
 
 
-@pytest.mark.skipif(not GPU, reason="CUDA graphs and autocast need a GPU")
+@gpu_only("CUDA graphs and autocast need a GPU")
 def test_cuda_graph_with_a_conv_net_autocast_and_channels_last():
     """The benchmark's configuration: a model with parameters (autocast's weight casts inside
     the capture), channels_last noise, bf16; the graph gives the same votes as eager calls,
