@@ -83,8 +83,8 @@ def check_mlcd(dev, tiny):
                                     lambda a, b: R.mlcd_loss(a, b, pos, **kw), (x, w), 3e-2)
             out.append((f"mlcd_loss sampled {spec}", ok, msg))
     # the benchmarks' configuration at a fraction of their size: scale 64, the default backward
-    # in several automatic class chunks (C' ~ 27,000 against ~4,600-column chunks), the forward
-    # split over the columns
+    # in several automatic class chunks (C' ~ 39,000 against 4,608-column chunks), the forward
+    # split over the columns (the float64 reference holds ~15 GB at its peak)
     n, c = (48, 3000) if tiny else (2048, 250_000)
     x = torch.randn(n, d, generator=g).to(dev, torch.bfloat16)
     w = torch.randn(c, d, generator=g).to(dev, torch.bfloat16)
@@ -153,10 +153,12 @@ def check_noise(dev, tiny):
         y = pyssl.gaussian_noise(x.to(dev), n, 0.25, seed=7, mean=mean, std=std, out_dtype=torch.bfloat16,
                                  backend=be).cpu()
         same = (y == ref.bfloat16()).float().mean().item()
-        step = ((y.float() - ref).abs() / ref.abs().clamp_min(1e-3)).max().item()
+        # one bf16 step at most (2^-7 relative) beyond the float32 backends' agreement (3e-5)
+        excess = ((y.float() - ref).abs() - 2 ** -7 * ref.abs()).max().item()
         rounded = same > 0.999 or dev != "cuda"
-        out.append((f"gaussian_noise {be} bf16 vs cpu", rounded and step <= 2 ** -7,
-                    f"equal to the rounded float32 values {same:.5f}, max relative difference {step:.1e}"))
+        out.append((f"gaussian_noise {be} bf16 vs cpu", rounded and excess <= 3e-5,
+                    f"equal to the rounded float32 values {same:.5f}, largest difference beyond one "
+                    f"bf16 step {max(excess, 0.0):.1e}"))
     return out
 
 

@@ -1238,16 +1238,21 @@ def _gchunk_cols(N: int, Cp: int, C: int, D: int, elem: int, block_c: int, reque
     take an eighth of the class table's bytes (C·D·elem / 8), clamped to [32 MiB, 256 MiB]:
     a fraction of the inputs and gradients (2·C·D·elem and up) at every C and N. CK is a
     multiple of 256 (whole tiles, GEMM-friendly K), at least 256, e.g. CK = 11,776 at N = 4096
-    for 1M x 512 bfloat16 centers (128 MiB). Either way at most MAX_GRID_YZ column tiles (grid
-    axis 1 of the G kernel)."""
+    for 1M x 512 bfloat16 centers (128 MiB), and at most about half of S (C' up to a few
+    thousand: two chunks rather than the N x C' matrix; below 512 columns a multiple of 8).
+    Either way at most C' and at most MAX_GRID_YZ column tiles (grid axis 1 of the G kernel)."""
     if requested > 0:
         ck = int(requested)
     else:
         budget = min(max(C * D * elem // 8, _GCHUNK_MIN_BYTES), _GCHUNK_MAX_BYTES)
         ck = max(256, budget // max(N * elem + D * (elem + 4), 1) // 256 * 256)
-    # at most half the columns: the G'' chunk is never the N x C' logits matrix (SPEC §1), also
-    # where the budget would hold all of them (C' up to a few thousand)
-    return max(1, min(ck, (Cp + 1) // 2, MAX_GRID_YZ * block_c))
+        # about half the columns at most, rounded up to whole 256-column tiles (8 columns below
+        # 512: 16-byte rows for the GEMMs): the G'' chunk is not the N x C' logits matrix
+        # (SPEC §1) where the budget would hold all of them (C' up to a few thousand)
+        half = (Cp + 1) // 2
+        unit = 256 if half >= 256 else 8
+        ck = min(ck, -(-half // unit) * unit)
+    return max(1, min(ck, Cp, MAX_GRID_YZ * block_c))
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

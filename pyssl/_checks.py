@@ -99,7 +99,8 @@ def draw_device(fn: str, generator: Optional[torch.Generator], device: torch.dev
 
 def host_to(t: Tensor, device: torch.device) -> Tensor:
     """t on device; a CPU tensor bound for a GPU goes through pinned memory without blocking (a
-    plain copy from pageable memory waits for the stream)."""
-    if t.device.type == "cpu" and device.type == "cuda":
+    plain copy from pageable memory waits for the stream). Under torch.compile a plain copy
+    (the compiled graph has no pinned-memory op; the tensor is a constant there)."""
+    if t.device.type == "cpu" and device.type == "cuda" and not torch.compiler.is_compiling():
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

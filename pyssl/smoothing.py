@@ -128,13 +128,18 @@ class Smooth:
 
     def clear_cuda_graphs(self) -> None:
         """Drop the captured CUDA graphs (and their static buffers); the next call recaptures."""
-        self._graphs.clear()
+        with self._graph_lock:
+            for step in self._graphs.values():
+                step.release()
+            self._graphs.clear()
 
     # ---------------------------------------------------------------------------------------
     def _prepare(self, fn, x, image_ids):
         _noise._check_x(fn, x)
+        # a GPU x beside a model elsewhere (a CPU x may feed a model that moves its input,
+        # nn.DataParallel): said here, not as an error from inside the model
         where = {t.device for t in _model_tensors(self.model)}
-        if where and x.device not in where:
+        if x.device.type != "cpu" and where and x.device not in where:
             raise ValueError(f"{fn}: x is on {x.device} but the model's parameters and buffers are on "
                              f"{', '.join(sorted(str(d) for d in where))}")
         # ids already on a GPU: their range flag rides along with the call's one host copy
@@ -158,8 +163,10 @@ class Smooth:
         key = (x.device, x.shape[1] if x.dim() > 1 else 0, out_dtype)
         ab = cache.get(key)
         if ab is None:
+            # a blocking copy (once per Smooth, device, channels and dtype): calls on other
+            # streams read the cached tensors without ordering against this one
             ab = cache[key] = _noise._channel_affine(fn, x, self._mean_checked, self._std_checked,
-                                                     _noise._engine_dtype(out_dtype))
+                                                     _noise._engine_dtype(out_dtype), blocking=True)
         a, b = ab
         backend = _noise._dispatch.choose(fn, self.backend, x.device, _noise._PREFERENCE,
                                           _noise._backend_checks(x, out_dtype))
@@ -174,40 +181,61 @@ class Smooth:
         return self._counts_unlocked(x, num, offset, prep, desc, False)
 
     def _counts_unlocked(self, x: Tensor, num: int, offset: int, prep, desc: str, use_graph: bool) -> Tensor:
-        ids, a, b, out_dtype, backend, _ = prep
         B, K = x.shape[0], self.num_classes
         dev = x.device
+        out_dtype = prep[3]
         # the engine reads float32 (float64 for float64 output) (B, E) images: convert once per
         # call, not once per batch
         x = x.to(_noise._engine_dtype(out_dtype)).contiguous()
-        total = B * num
         bs = self.batch_size
-        bar = _progress(total, desc, self.progress)
-        ones = torch.ones(bs, dtype=torch.int64, device=dev)
         step = None
         if use_graph:
             # the model's identity and mode are part of the key: a swapped model or one put in
             # train() is captured anew instead of replaying a stale graph
             # so are the classes and the autocast in force (the caller's and ours): a graph
             # captured under one replays its casts
-            # and where the parameters and buffers live: a graph reads them at the addresses of
-            # its capture, so a model moved or reloaded into new tensors (.to(), load_state_dict
-            # with assign=True) is captured anew instead of read from freed memory
             key = (dev, bs, tuple(x.shape[1:]), out_dtype, self.channels_last, id(self.model),
                    getattr(self.model, "training", None), self.num_classes, self.autocast,
-                   torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-                   _storage_key(self.model))
+                   torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
             step = self._graphs.get(key)
             # (the step holds its model, so the id cannot be reused by a new model while the
-            # graph lives; `is` makes sure anyway)
-            if step is None or step.capacity < B or step.model is not self.model:
+            # graph lives; `is` makes sure anyway). The graph reads the parameters and buffers
+            # at the addresses they had after its capture: a model moved or reloaded into new
+            # tensors since (.to(), load_state_dict(assign=True)) is captured anew instead of
+            # read from freed memory
+            if (step is None or step.capacity < B or step.model is not self.model
+                    or (step.storage is not None and step.storage != _storage_key(self.model))):
                 # one graph per device: each holds a private memory pool of a batch's activations
                 for k in [k for k in self._graphs if k[0] == dev]:
-                    del self._graphs[k]
+                    self._graphs.pop(k).release()
                 step = self._graphs[key] = _GraphStep(self, x, bs, out_dtype, max(B, 64))
             counts = step.begin()
         else:
             counts = torch.zeros((B + 1) * K, dtype=torch.int64, device=dev)   # last slot: padding
+        bar = _progress(B * num, desc, self.progress)
+        out = counts[:B * K].view(B, K)
+        try:
+            self._batches(x, num, offset, prep, step, counts, bar)
+            if step is not None:
+                out = out.clone()    # the graph's counts buffer is reused by the next call
+        finally:
+            if bar is not None:
+                bar.close()
+            if step is not None:
+                # mark where this call's work ends on its stream (also after an error): the next
+                # begin() (maybe another thread's, on another stream) waits for that mark on the
+                # device before zeroing the buffer under a pending replay. No host sync: the
+                # call's one sync is the caller's read of the counts
+                step.finished()
+        return out
+
+    def _batches(self, x: Tensor, num: int, offset: int, prep, step, counts: Tensor, bar) -> None:
+        """The forward batches of one call: noise rows, model, argmax, votes added into counts
+        (through the captured graph when step is given)."""
+        ids, a, b, out_dtype, backend, _ = prep
+        K, dev, bs = self.num_classes, x.device, self.batch_size
+        total = x.shape[0] * num
+        ones = torch.ones(bs, dtype=torch.int64, device=dev)
         with torch.no_grad():
             for r0 in range(0, total, bs):
                 rows = min(bs, total - r0)
@@ -224,17 +252,6 @@ class Smooth:
                     counts.index_add_(0, src * K + pred, ones[:rows])
                 if bar is not None:
                     bar.update(rows)
-        if bar is not None:
-            bar.close()
-        if not use_graph:
-            return counts[:B * K].view(B, K)
-        # a graph's counts buffer is reused by the next call: hand out a copy, and mark where
-        # this call's work ends on its stream; the next begin() (maybe another thread's, on
-        # another stream) waits for that mark on the device before zeroing the buffer under a
-        # pending replay (no host sync: the call's one sync is the caller's read of the counts)
-        out = counts[:B * K].view(B, K).clone()
-        step.finished()
-        return out
 
     def _forward(self, batch: Tensor) -> Tensor:
         if self.autocast is not None and batch.device.type == "cuda":
@@ -368,6 +385,7 @@ class _GraphStep:
         self.chw = _noise._chw(x)
         self.graph = None
         self.done = None      # CUDA event after the last call's use of the static buffers
+        self.storage = None   # _storage_key of the model after the capture
 
     def begin(self) -> Tensor:
         """The zeroed counts buffer, after the previous call's replays and copy (in device order
@@ -381,6 +399,13 @@ class _GraphStep:
         if self.counts.is_cuda:
             self.done = torch.cuda.Event()
             self.done.record(torch.cuda.current_stream(self.counts.device))
+
+    def release(self) -> None:
+        """Before the step is dropped: its buffers go back to the allocator, which orders their
+        reuse only on the stream they were made on; the last call's replays may be queued on
+        another (one host wait, on a recapture or clear_cuda_graphs() only)."""
+        if self.done is not None:
+            self.done.synchronize()
 
     def _body(self):
         # autocast's weight-cast cache off (the autocast in force kept as it is): with it, an
@@ -426,6 +451,7 @@ class _GraphStep:
                            self.flat.dtype, s.channels_last, self.chw, backend, out=self.flat)
         if self.graph is None:
             self._capture()
+            self.storage = _storage_key(self.smooth.model)
         # votes of padding rows go to the slot after the last image
         slot = full_src if pad == 0 else torch.cat([src, src.new_full((pad,), self.capacity)])
         self.static_src.copy_(slot)
@@ -433,12 +459,13 @@ class _GraphStep:
 
 
 def _model_tensors(model) -> list:
-    """The model's parameters and buffers (none for a plain callable)."""
+    """The model's parameters and buffers (none for a plain callable; lazy modules' not yet
+    materialized ones left out)."""
     tensors = []
     for attr in ("parameters", "buffers"):
         f = getattr(model, attr, None)
         if callable(f):
-            tensors.extend(f())
+            tensors.extend(t for t in f() if not torch.nn.parameter.is_lazy(t))
     return tensors
 
 

@@ -1230,6 +1230,8 @@ def test_triton_backward_whole_tiles(monkeypatch, whole_from):
     row is 1025 tokens in groups of 256, with the forward's unmasked whole-tile step too."""
     from pyssl.kernels import homologous_attention as K
     monkeypatch.setattr(K, "WHOLE_TILES_MIN_L", whole_from)
+    taken, rule = [], K._whole_tiles
+    monkeypatch.setattr(K, "_whole_tiles", lambda *a, **kw: taken.append(rule(*a, **kw)) or taken[-1])
     dev = device_for("triton")
     g = torch.Generator().manual_seed(6)
     b, h, l, d, size = (2, 2, 80, 16, 40) if dev == "cpu" else (1, 2, 1025, 64, 256)
@@ -1244,3 +1246,4 @@ def test_triton_backward_whole_tiles(monkeypatch, whole_from):
     exp = torch.autograd.grad(want, (qd, kd, vd), do.double())
     for a, e in zip(got, exp):
         torch.testing.assert_close(a.double(), e, atol=2e-2, rtol=2e-2)
+    assert taken and all(t == (whole_from == 64) for t in taken)      # the path under test was taken

@@ -400,12 +400,16 @@ def test_triton_backward_forms(monkeypatch, classes):
     for name, k in kernels.items():
         monkeypatch.setattr(K, name, k)
 
+    dev = device_for("triton")
+    on = lambda *ts: [None if t is None else t.to(dev) for t in ts]     # noqa: E731
+    back = lambda ts: tuple(None if t is None else t.cpu() for t in ts)  # noqa: E731
+
     def run(spec, *need, **kw):
         monkeypatch.setenv("PYSSL_MLCD_TRITON_BWD", spec)
         for k in kernels.values():
             k.count = 0
-        out = K.mlcd_grad(x, w, cls, pos, s, lse_total, gneg, gpos, None, *need, **kw)
-        return out, {n: k.count for n, k in kernels.items()}
+        out = K.mlcd_grad(*on(x, w, cls, pos), s, *on(lse_total, gneg, gpos), None, *need, **kw)
+        return back(out), {n: k.count for n, k in kernels.items()}
 
     (fdx, fdw), n = run("GCHUNK=0")
     assert n == {"_mlcd_grad_g_kernel": 0, "_mlcd_g_positives_kernel": 0, "_mlcd_grad_dx_kernel": 1,
@@ -414,8 +418,10 @@ def test_triton_backward_forms(monkeypatch, classes):
     torch.testing.assert_close(fdw.double(), want_dw, **F32)
     for cols in (0, 1, 17, 32, cp - 1, 1000):
         (dx, dw), n = run(f"GCHUNK=1,GCHUNK_COLS={cols}")
-        # never more than half the columns in one chunk (no N x C' buffer)
-        chunks = -(-cp // min(cols if cols not in (0, 1000) else cp, (cp + 1) // 2))
+        # the automatic width: never more than about half the columns in one chunk (no N x C'
+        # buffer); a requested one as asked (at most C')
+        chunks = -(-cp // (K._gchunk_cols(21, cp, 90, 24, 4, 64) if cols == 0 else min(cols, cp)))
+        assert chunks >= 2 or cols >= cp
         assert n == {"_mlcd_grad_g_kernel": chunks, "_mlcd_g_positives_kernel": chunks,
                      "_mlcd_grad_dx_kernel": 0, "_mlcd_grad_dw_kernel": 0}
         torch.testing.assert_close(dx, fdx, rtol=1e-5, atol=1e-6)
@@ -433,7 +439,8 @@ def test_triton_backward_forms(monkeypatch, classes):
             torch.testing.assert_close(dw, fdw, rtol=1e-5, atol=1e-6)
     xb, wb = x.bfloat16(), w.bfloat16()
     monkeypatch.setenv("PYSSL_MLCD_TRITON_BWD", "GCHUNK_COLS=32")
-    dx, dw = K.mlcd_grad(xb, wb, cls, pos, s, lse_total, gneg, gpos, torch.float32, dw_dtype=torch.float32)
+    dx, dw = back(K.mlcd_grad(*on(xb, wb, cls, pos), s, *on(lse_total, gneg, gpos), torch.float32,
+                              dw_dtype=torch.float32))
     assert dx.dtype == dw.dtype == torch.float32
     bdx, bdw = _dense_engine_grad(xb, wb, cls, pos, s, lse_total, gneg, gpos)
     # float32 results: not on bfloat16's grid (the 16-bit G and X̂ operands give ~1e-2)
@@ -445,7 +452,7 @@ def test_triton_backward_forms(monkeypatch, classes):
 def test_triton_gchunk_columns():
     """The automatic chunk width: the chunk's buffers (G'' N·elem, W̃ D·elem and the float32
     product 4·D bytes per column) take an eighth of the class table's bytes within
-    [32 MiB, 256 MiB], whole 256-column tiles, never more than half the columns of S nor more column
+    [32 MiB, 256 MiB], whole 256-column tiles, about half the columns of S at most, never more column
     tiles than a grid axis takes (65,535), at every N (a few rows against millions of classes
     once made the per-column buffers dominate: gigabytes)."""
     from pyssl.kernels import mlcd_loss as K
@@ -461,8 +468,12 @@ def test_triton_gchunk_columns():
         assert chunk_bytes(n, 512, 2, ck) <= 256 << 20 and -(-ck // 128) <= 65535, (n, ck)
     assert chunk_bytes(4096, 64, 4, K._gchunk_cols(4096, 1 << 20, 1000, 64, 4, 64)) <= 32 << 20   # floor
     assert K._gchunk_cols(1 << 20, 1 << 20, 1 << 20, 512, 2, 128) == 256     # at least 256 columns
-    assert K._gchunk_cols(100, 70, 70, 16, 4, 64) == 35                     # half of S, not N x C'
-    assert K._gchunk_cols(100, 7, 7, 16, 4, 64) == 4 and K._gchunk_cols(100, 1, 1, 16, 4, 64) == 1
+    # about half of S where the budget holds all of it (not the N x C' matrix): whole 256-column
+    # tiles, a multiple of 8 below 512 columns
+    assert K._gchunk_cols(100, 3001, 3001, 16, 4, 64) == 1536
+    assert K._gchunk_cols(100, 70, 70, 16, 4, 64) == 40
+    assert K._gchunk_cols(100, 1, 1, 16, 4, 64) == 1
+    assert K._gchunk_cols(100, 3001, 3001, 16, 4, 64, requested=5000) == 3001   # asked: at most C'
     assert K._gchunk_cols(100, 70, 70, 16, 4, 64, requested=9) == 9
     assert K._gchunk_cols(4, 1 << 30, 1 << 30, 16, 2, 128, requested=1 << 29) == 65535 * 128
     for bad in ("GCHUNK=2", "dx.GCHUNK=0", "dw.GCHUNK_COLS=4", "GCHUNK_COLS=-1"):
@@ -565,7 +576,7 @@ def test_triton_allocates_no_dense_logits(monkeypatch, spec):
     from pyssl.kernels import mlcd_loss as K
     monkeypatch.setenv("PYSSL_MLCD_TRITON_BWD", spec)
     n, c, d = 64, 300, 8
-    x, w, pos = make_problem(n=n, c=c, d=d, l=3)
+    x, w, pos = make_problem(n=n, c=c, d=d, l=3, device=device_for("triton"))
     sizes = []
 
     class Watch(TorchDispatchMode):
@@ -580,7 +591,8 @@ def test_triton_allocates_no_dense_logits(monkeypatch, spec):
     g = torch.Generator().manual_seed(1)
     lse_total = torch.rand(n, generator=g) * 3 + 8
     gneg = torch.rand(n, generator=g) / n
-    gpos = torch.where(pos >= 0, torch.randn(pos.shape, generator=g) / n, torch.zeros(()))
+    gpos = torch.where(pos.cpu() >= 0, torch.randn(pos.shape, generator=g) / n, torch.zeros(()))
+    lse_total, gneg, gpos = (t.to(x.device) for t in (lse_total, gneg, gpos))
     for run in (lambda: K.mlcd_lse(x, w, None, pos, 8.0),
                 lambda: K.mlcd_grad(x, w, None, pos, 8.0, lse_total, gneg, gpos, None)):
         sizes.clear()

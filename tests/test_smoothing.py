@@ -503,8 +503,8 @@ def test_bad_input():
         pyssl.Smooth(model, 3, SIGMA).predict(x, 10, 0.01)
     with pytest.raises(ValueError, match="image_ids"):
         s.predict(x, 10, 0.01, image_ids=torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="x is on cpu but the model's parameters and buffers are on meta"):
-        pyssl.Smooth(torch.nn.Linear(16, 2).to("meta"), 2, SIGMA).certify(x, 10, 10, 0.01)
+    with pytest.raises(ValueError, match="x is on meta but the model's parameters and buffers are on cpu"):
+        pyssl.Smooth(torch.nn.Linear(16, 2), 2, SIGMA).certify(x.to("meta"), 10, 10, 0.01)
     # an image beyond the element counter's 2^34 (an expanded view: no memory): refused before any
     # noise, as gaussian_noise refuses it (the counter would wrap and reuse noise)
     huge = torch.zeros(1, 1, 1, 1).expand(1, 1, 2 ** 17 + 1, 2 ** 17)

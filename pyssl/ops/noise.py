@@ -199,9 +199,10 @@ def _channels(fn, name, n: int, x: Tensor) -> int:
     return c
 
 
-def _channel_affine(fn, x: Tensor, mean, std, dtype: torch.dtype = torch.float32):
+def _channel_affine(fn, x: Tensor, mean, std, dtype: torch.dtype = torch.float32, blocking: bool = False):
     """(a, b) (C,) of dtype on x's device with y = a·v + b; None/None is the identity.
-    mean/std: as affine_values takes them (or its checked output)."""
+    mean/std: as affine_values takes them (or its checked output). blocking: copied to a GPU
+    with a wait for the copy (for a cache other streams read) rather than without one."""
     if mean is None and std is None:
         return None, None
     c = x.shape[1] if x.dim() > 1 else 0
@@ -214,9 +215,11 @@ def _channel_affine(fn, x: Tensor, mean, std, dtype: torch.dtype = torch.float32
         checked[name] = v * c if len(v) == 1 else v
     a = [1.0 / s_ for s_ in checked["std"]]
     b = [-m_ / s_ for m_, s_ in zip(checked["mean"], checked["std"])]
+    dev = x.device
+    if blocking:
+        return torch.tensor(a, dtype=dtype, device=dev), torch.tensor(b, dtype=dtype, device=dev)
     # through pinned memory: a plain torch.tensor(..., device="cuda") waits for the stream,
     # a host sync in every gaussian_noise call
-    dev = x.device
     return (_checks.host_to(torch.tensor(a, dtype=dtype), dev), _checks.host_to(torch.tensor(b, dtype=dtype), dev))
 
 
