@@ -360,13 +360,14 @@ def _compile_case(dtype: torch.dtype, k: int, has_bias: bool, D: int = 768,
 
 
 COMPILE_CASES = [
-    _compile_case(torch.bfloat16, 50, False),
-    _compile_case(torch.bfloat16, 256, False),
+    _compile_case(torch.bfloat16, 50, True),    # KNNScorer's default (its bank bias always on)
+    _compile_case(torch.bfloat16, 256, True),   # knn_gpu: k = 1000 as partitions of 256, with bias
     _compile_case(torch.float16, 128, False),
-    _compile_case(torch.bfloat16, 1, True),     # topk_assign: nearest centroid, L2 bias
     _compile_case(torch.bfloat16, 10, True, Q=48),   # few queries: BLOCK_Q = 64
     _compile_case(torch.float32, 50, True),
     _compile_case(torch.float32, 256, False),
+    _compile_case(torch.float32, 8, False),     # topk_assign: float32 unit rows, l = 8
+    _compile_case(torch.float32, 1, True),      # kmeans' nearest centroid (L2 bias when not spherical)
 ]
 
 __all__ = ["knn_topk", "MAX_K", "COMPILE_CASES"]

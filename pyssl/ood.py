@@ -80,7 +80,7 @@ class KNNScorer:
             raise ValueError(f"KNNScorer: x has D={x.shape[1]} but the bank has D={self.bank.shape[1]}")
         keep16 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
         if self.normalize:
-            y = _knn.unit_rows(x)
+            y = _knn.unit_rows(x, out_dtype=x.dtype if keep16 else None)
         else:
             center = _knn.row_mean(x) if center is None else center
             y = _knn.centered_rows(x, center, dtype=x.dtype if keep16 else torch.float32, device=x.device)

@@ -81,17 +81,19 @@ def as_float_tensor(name: str, fn: str, x, ndim: int = 2) -> Tensor:
     return x
 
 
-def unit_rows(x: Tensor, dtype: torch.dtype = torch.float32, device=None, block: int = 1 << 16) -> Tensor:
+def unit_rows(x: Tensor, dtype: torch.dtype = torch.float32, device=None, block: int = 1 << 16,
+              out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Rows scaled to unit L2 norm, in dtype, on device (default x's): each row first divided by
     its largest magnitude in its own dtype, so a float32 row of 1e20 (whose squared norm
     overflows) or a float64 row of 1e-50 (zero once cast) or below F.normalize's 1e-12 norm
     floor still comes out a unit vector. Zero rows stay zero; a row with inf or NaN comes out
     NaN. Blocks of rows at a time into one output: the only full-size allocation (x may stay
-    on the host while the output is on the GPU)."""
+    on the host while the output is on the GPU). out_dtype: the output's dtype when not dtype
+    (a 16-bit bank normalized in float32 block by block, stored 16-bit: no full float32 copy)."""
     device = x.device if device is None else torch.device(device)
     # computed on the GPU where either side is one (a CUDA x bound for host memory too)
     work = x.device if x.device.type == "cuda" else device
-    out = torch.empty(x.shape, dtype=dtype, device=device)
+    out = torch.empty(x.shape, dtype=dtype if out_dtype is None else out_dtype, device=device)
     for r0 in range(0, x.shape[0], block):
         xb = x[r0:r0 + block].to(work)
         top = xb.abs().amax(1, keepdim=True)
@@ -124,9 +126,14 @@ def centered_rows(x: Tensor, center: Tensor, dtype: torch.dtype = torch.float32,
     return out
 
 
-def l2_bias(bank: Tensor) -> Tensor:
-    """bank_bias that turns the inner-product search into a squared-L2 nearest search."""
-    return -0.5 * bank.float().pow(2).sum(1)
+def l2_bias(bank: Tensor, block: int = 1 << 16) -> Tensor:
+    """bank_bias that turns the inner-product search into a squared-L2 nearest search: −½‖b‖²
+    in float32, computed in row blocks (a 16-bit 1.28M × 768 bank's float32 copy and its
+    squares would be two 3.9 GB temporaries)."""
+    out = torch.empty(bank.shape[0], dtype=torch.float32, device=bank.device)
+    for r0 in range(0, bank.shape[0], block):
+        out[r0:r0 + block] = bank[r0:r0 + block].float().pow(2).sum(1)
+    return out.mul_(-0.5)
 
 
 def l2_from_scores(queries: Tensor, scores: Tensor) -> Tensor:
@@ -264,27 +271,29 @@ def _search_triton_large(queries, bank, k, bank_bias, part_k: Optional[int] = No
 def _search_triton_large_rows(queries, bank, k, bank_bias, part_k: int):
     """Exact top-k for k beyond the fused kernel's on-chip limit (MAX_K).
 
-    The bank is cut into P contiguous partitions, P = ceil(4k / part_k), so that a partition
-    holds about a quarter of part_k of the k best on average; the fused kernel returns each
-    partition's top part_k, the candidates are merged (ties to the lower index) and give the
+    The bank is cut into P interleaved partitions (rows p, p + P, p + 2P, ...: strided views,
+    no copies), P = ceil(4k / part_k), so that a partition holds about a quarter of part_k of the
+    k best on average; the fused kernel returns each partition's top part_k, the candidates are
+    merged (ties to the lower index: a partition's local order is the global one) and give the
     k-th score tau per query. The result is exact unless some partition returned a full list
     whose last score is >= tau — only then can it hide an entry that belongs (equal scores
-    included: a partition's unseen entries have lower indices than any later partition's). Those
-    queries, rare unless the best neighbours crowd into few partitions, are redone by the exact
-    chunked torch search."""
+    included). Those queries are redone by the exact chunked torch search. Interleaved rather
+    than contiguous: a bank stored class by class (ImageNet's 1,281 rows per class) put a query's
+    own class, often more than part_k of its k best, into one contiguous partition, and nearly
+    every query was redone; interleaved, the redo needs k best that fall on one residue mod P."""
     from pyssl.kernels import knn as K
     nb = bank.shape[0]
-    parts = _num_parts(k, part_k)
-    rows = -(-nb // parts)
+    parts = min(_num_parts(k, part_k), nb)
     cand_s, cand_i, full_last = [], [], []
-    for b0 in range(0, nb, rows):
-        b1 = min(nb, b0 + rows)
-        kp = min(part_k, b1 - b0)
-        bias = None if bank_bias is None else bank_bias[b0:b1]
-        s_p, i_p = K.knn_topk(queries, bank[b0:b1], kp, bank_bias=bias)
+    for p in range(parts):
+        sub = bank[p::parts]
+        n_p = sub.shape[0]
+        kp = min(part_k, n_p)
+        bias = None if bank_bias is None else bank_bias[p::parts]
+        s_p, i_p = K.knn_topk(queries, sub, kp, bank_bias=bias)
         cand_s.append(s_p)
-        cand_i.append(i_p + b0)
-        if kp == part_k and b1 - b0 > part_k:   # a full list: entries may hide below its last
+        cand_i.append(i_p * parts + p)
+        if kp == part_k and n_p > part_k:   # a full list: entries may hide below its last
             full_last.append(s_p[:, -1])
     s = torch.cat(cand_s, 1)
     i = torch.cat(cand_i, 1)
