@@ -102,7 +102,11 @@ class _ClassCenters(torch.nn.Module):
         w = state_dict.get(key)
         saved = local_metadata.get("pyssl_class_range")
         mine = (self.class_start, self.num_local, self.num_classes)
-        if saved is not None and tuple(saved) != mine and tuple(saved) != (0, self.num_classes, self.num_classes):
+        # all C rows is a full checkpoint whatever metadata came with it (a shard's state dict
+        # with its weight replaced by full_weight())
+        full = isinstance(w, Tensor) and w.dim() == 2 and w.shape[0] == self.num_classes
+        if (saved is not None and not full and tuple(saved) != mine
+                and tuple(saved) != (0, self.num_classes, self.num_classes)):
             error_msgs.append(f"{type(self).__name__}: the checkpoint's {key} holds classes "
                               f"[{saved[0]}, {saved[0] + saved[1]}) of {saved[2]}, this module classes "
                               f"[{mine[0]}, {mine[0] + mine[1]}) of {mine[2]}: load each rank's own shard, "
@@ -218,13 +222,15 @@ class MarginSoftmaxLoss(_ClassCenters):
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
         """Loss of features x (N, dim) with their labels (N,); mixed precision as MLCDLoss."""
         fn = "MarginSoftmaxLoss"
+        if self.process_group is not None:
+            # checked inside the op, together on every rank (a rank raising here alone would
+            # leave the others waiting in its first collective)
+            return self._sharded(margin_softmax_loss_parallel, x, labels, m1=self.m1, m2=self.m2, m3=self.m3,
+                                 reduction=self.reduction)
         _checks.tensor(fn, "x", x)
         if x.dim() != 2:
             raise ValueError(f"{fn}: x must be (N, {self.dim}), got shape {tuple(x.shape)}")
         _check_ids(fn, "labels", labels, x, 1)
-        if self.process_group is not None:
-            return self._sharded(margin_softmax_loss_parallel, x, labels, m1=self.m1, m2=self.m2, m3=self.m3,
-                                 reduction=self.reduction)
         try:
             w, pos, classes = self._candidates(x, labels[:, None])
         except ValueError as e:   # sample_classes' range check: say whose labels

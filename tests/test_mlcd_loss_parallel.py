@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 import pyssl
-from conftest import at_angles, spawn_gloo
+from conftest import at_angles, device_for, spawn_gloo
 from pyssl import reference
 from pyssl.ops import mlcd_loss as E
 from pyssl.ops.mlcd_loss_parallel import margin_softmax_loss_parallel, mlcd_loss_parallel, shard_range
@@ -283,6 +283,14 @@ def case_module(rank):
     single.load_state_dict({"weight": w.float()})
     other.load_state_dict(single.state_dict())
     assert torch.equal(other.weight.detach(), w[start:start + count].float())
+    # all C rows load whatever class range the state dict's metadata names (a shard's state dict
+    # whose weight was replaced by full_weight()), on every rank and into one process
+    sd = crit.state_dict()
+    sd["weight"] = w.float()
+    other.load_state_dict(sd)
+    assert torch.equal(other.weight.detach(), w[start:start + count].float())
+    single.load_state_dict(sd)
+    assert torch.equal(single.weight.detach(), w.float())
 
     head = pyssl.nn.MarginSoftmaxLoss(C, D, m2=0.4, process_group=dist.group.WORLD, backend="torch")
     with torch.no_grad():
@@ -432,6 +440,11 @@ def case_errors(rank):
         mlcd_loss_parallel(xo, wo.double(), po, class_start=start)
     with pytest.raises(ValueError, match="num_classes .* must be at least"):
         pyssl.nn.MLCDLoss(1, D, process_group=dist.group.WORLD)
+    # a module's bad labels on one rank: every rank raises (the sharded op checks them together)
+    head = pyssl.nn.MarginSoftmaxLoss(C, D, process_group=dist.group.WORLD, backend="torch")
+    with pytest.raises(ValueError, match="labels must be int64|arguments of rank"):
+        head(xo, po[:, 0].int() if rank == 1 else po[:, 0])
+
     # the group is still usable afterwards
     loss = mlcd_loss_parallel(xo, wo, po, class_start=start)
     assert torch.isfinite(loss)
@@ -496,3 +509,38 @@ def test_full_weight_without_a_group_is_the_weight():
     assert crit.full_weight().data_ptr() == crit.weight.data_ptr() and not crit.full_weight().requires_grad
     with pytest.raises(ValueError, match="feature_grad_scale applies to the model-parallel form only"):
         pyssl.nn.MLCDLoss(10, 4, feature_grad_scale=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("classes", [False, True])
+def test_shard_engine_rows_without_local_positives(classes):
+    """What a shard feeds the engine and the single-process op never does: rows whose positives
+    all live on other shards (pos_col all -1), beside rows with 1..8 local positives. Triton
+    against the torch engine on the same device, at a shard's size on a GPU (4096 rows, 12,500
+    centers of 512, bf16: several forward splits and G'' chunks) and a small one elsewhere."""
+    from pyssl.ops import mlcd_loss as E
+    dev = device_for("triton")
+    n, c, d, dt = (4096, 12_500, 512, torch.bfloat16) if dev == "cuda" else (40, 300, 32, torch.float32)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(n, d, generator=g).to(dev, dt)
+    w = torch.randn(c, d, generator=g).to(dev, dt)
+    cls = torch.randperm(c, generator=g)[: c // 2].sort().values.to(dev) if classes else None
+    cp = c // 2 if classes else c
+    pos = torch.stack([torch.randperm(cp, generator=g)[:8] for _ in range(n)])
+    keep = torch.randint(0, 9, (n, 1), generator=g)                  # 0..8 local positives per row
+    pos = torch.where(torch.arange(8)[None] < keep, pos, torch.full_like(pos, -1)).to(dev)
+    assert (keep == 0).any() and (keep == 8).any()
+    lse_t, pcos_t = E.engine_lse(x, w, cls, pos, 16.0, "torch")
+    lse_k, pcos_k = E.engine_lse(x, w, cls, pos, 16.0, "triton")
+    torch.testing.assert_close(lse_k.float(), lse_t.float(), rtol=1e-4, atol=1e-4)
+    valid = pos >= 0
+    torch.testing.assert_close(pcos_k.float()[valid], pcos_t.float()[valid], rtol=1e-4, atol=1e-4)
+    lse_total = lse_t.float() + 1.0
+    gneg = torch.rand(n, generator=g).to(dev) / n
+    gpos = torch.where(valid.cpu(), torch.randn(pos.shape, generator=g) / n, torch.zeros(())).to(dev)
+    dx_t, dw_t = E.engine_grad(x, w, cls, pos, 16.0, lse_total, gneg, gpos, "torch")
+    dx_k, dw_k = E.engine_grad(x, w, cls, pos, 16.0, lse_total, gneg, gpos, "triton")
+    tol = 2e-2 if dt == torch.bfloat16 else 1e-4
+    for got, want in ((dx_k, dx_t), (dw_k, dw_t)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+

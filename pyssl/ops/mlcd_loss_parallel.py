@@ -368,7 +368,10 @@ def _exchange(fn, group, x, weight, ids, class_start, local_error: str, exact: b
             int(torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)),
             int(torch.is_grad_enabled() and x.requires_grad), 0, int(exact), reduction,
             _BACKEND_CODES.index(backend)] if ok else [0] * 8 + [1, 0, 0, 0]
-    t = torch.tensor(meta, dtype=torch.int64, device=_meta_device(group, x if ok else None))[None]
+    # x's device whenever x is a CUDA tensor, also on a rank whose other arguments were bad: a
+    # rank that never called set_device would gather on cuda:0 while the others use cuda:r
+    t = torch.tensor(meta, dtype=torch.int64,
+                     device=_meta_device(group, x if isinstance(x, Tensor) else None))[None]
     metas = _gather_rows(t, [1] * dist.get_world_size(group), group).tolist()
     bad = [r for r, m in enumerate(metas) if m[8]]
     if bad:
@@ -414,6 +417,9 @@ def _run(fn, kind, x, weight, ids, class_start, process_group, classes, sample_r
             sample_ratio = _checks.real(fn, "sample_ratio", sample_ratio)
             if not 0.0 <= sample_ratio <= 1.0:
                 raise ValueError(f"{fn}: sample_ratio must be in [0, 1], got {sample_ratio!r}")
+            # the sampling draws on x's device: a CUDA generator of another GPU (made before
+            # set_device) would raise on this rank alone, after the others entered a collective
+            _checks.draw_device(fn, generator, x.device, "x")
         feature_grad_scale = _checks.real(fn, "feature_grad_scale", feature_grad_scale, positive=True)
         error = ""
     except (ValueError, TypeError) as e:
