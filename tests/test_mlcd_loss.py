@@ -1,6 +1,7 @@
 """MLCD loss and margin softmax: every backend against pyssl.reference, gradients, bad input."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyssl
 from pyssl import reference as R
@@ -567,27 +568,31 @@ def test_sample_classes():
     assert (p - 0.5).abs().max() < 0.1
 
 
+class _Allocations(TorchDispatchMode):
+    """Records (tensor, op) of every tensor the torch ops inside it return into `seen`."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.seen.append((t, str(func)))
+        return out
+
+
 @pytest.mark.parametrize("spec", ["GCHUNK=1", "GCHUNK=0"])
 def test_triton_allocates_no_dense_logits(monkeypatch, spec):
     """The Triton engine, forward statistics and both backward forms: no tensor of N×C' elements
     or more is created (the chunked backward's G'' buffer is at most half of S wide, also where
     its memory budget would hold every column)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     from pyssl.kernels import mlcd_loss as K
     monkeypatch.setenv("PYSSL_MLCD_TRITON_BWD", spec)
     n, c, d = 64, 300, 8
     x, w, pos = make_problem(n=n, c=c, d=d, l=3, device=device_for("triton"))
     sizes = []
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            # in bytes: the interpreter moves buffers through byte views of their storage
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    sizes.append((t.numel() * t.element_size(), str(func)))
-            return out
-
     g = torch.Generator().manual_seed(1)
     lse_total = torch.rand(n, generator=g) * 3 + 8
     gneg = torch.rand(n, generator=g) / n
@@ -596,8 +601,10 @@ def test_triton_allocates_no_dense_logits(monkeypatch, spec):
     for run in (lambda: K.mlcd_lse(x, w, None, pos, 8.0),
                 lambda: K.mlcd_grad(x, w, None, pos, 8.0, lse_total, gneg, gpos, None)):
         sizes.clear()
-        with Watch():
+        with _Allocations(sizes):
             run()
+        # in bytes: the interpreter moves buffers through byte views of their storage
+        sizes[:] = [(t.numel() * t.element_size(), f) for t, f in sizes]
         assert sizes and max(sizes)[0] < n * c * 4, max(sizes)     # float32 logits: 4 bytes each
 
 
@@ -606,19 +613,10 @@ def test_no_dense_logits_are_allocated(monkeypatch, chunk_elems):
     """No tensor of N×C' elements or more is created by the chunked engine, forward (with and
     without gradients) or backward, whether the row chunk is budget-bound or N-bound. The engine
     functions are watched directly: a dispatch mode does not see inside a custom op."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     monkeypatch.setattr(M, "CHUNK_ELEMS", chunk_elems)
     n, c, d = 64, 500, 4
     x, w, pos = make_problem(n=n, c=c, d=d)
     sizes = []
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    sizes.append(t.numel())
-            return out
 
     ones = torch.ones(n)
     runs = [lambda: M._chunked_forward(x, w, None, pos, M.MLCD, 8.0, 1.0, 0.3, 0.0, False, None, "torch"),
@@ -627,8 +625,9 @@ def test_no_dense_logits_are_allocated(monkeypatch, chunk_elems):
     for run in runs:
         sizes.clear()
         pyssl.empty_cache()                               # so the scratch buffer is allocated in view
-        with Watch():
+        with _Allocations(sizes):
             run()
+        sizes[:] = [t.numel() for t, _ in sizes]
         assert max(sizes) < n * c, max(sizes)
         assert max(sizes) >= M._chunk_rows(n, c, d) * c     # the watcher did see the row buffer
 

@@ -215,12 +215,11 @@ def _channel_affine(fn, x: Tensor, mean, std, dtype: torch.dtype = torch.float32
         checked[name] = v * c if len(v) == 1 else v
     a = [1.0 / s_ for s_ in checked["std"]]
     b = [-m_ / s_ for m_, s_ in zip(checked["mean"], checked["std"])]
-    dev = x.device
-    if blocking:
-        return torch.tensor(a, dtype=dtype, device=dev), torch.tensor(b, dtype=dtype, device=dev)
-    # through pinned memory: a plain torch.tensor(..., device="cuda") waits for the stream,
-    # a host sync in every gaussian_noise call
-    return (_checks.host_to(torch.tensor(a, dtype=dtype), dev), _checks.host_to(torch.tensor(b, dtype=dtype), dev))
+    ab = torch.tensor([a, b], dtype=dtype)
+    # otherwise through pinned memory: a plain copy to the GPU waits for the stream, a host sync
+    # in every gaussian_noise call
+    ab = ab.to(x.device) if blocking else _checks.host_to(ab, x.device)
+    return ab[0], ab[1]
 
 
 def _channel_affine_traced(fn, x: Tensor, mean, std, dtype: torch.dtype):
